@@ -1,0 +1,1 @@
+"""Shared code of the toolkit: the CLIP backbone factory and helpers used by pipeline, synth, train and eval."""

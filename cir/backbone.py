@@ -1,0 +1,149 @@
+"""The one home of the CLIP backbone: build an open_clip model, its transforms and tokenizer.
+
+Every package (pipeline, synth, train, eval) gets its CLIP through :func:`create_backbone`, so a model
+name means the same thing everywhere. Three sources are understood:
+
+* an open_clip built-in name with a pretrained tag or weights file (``ViT-B-32`` + ``laion2b_s34b_b79k``),
+  or an ``hf-hub:org/repo`` id: needs the network or a warm Hugging Face cache;
+* a local directory in open_clip's hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``),
+  which is also what :func:`save_backbone` writes, so stage exports load back the same way;
+* the tiny architectures shipped as JSON in ``cir/model_configs`` (``toy-clip-64``, ``tiny-clip-32``),
+  randomly initialised from a seed, for tests and the toy world where no weights exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+# open_clip's own search order for weights in a local directory (see open_clip.factory._find_checkpoint_in_dir).
+WEIGHT_FILE_NAMES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                     "model.safetensors", "pytorch_model.bin")
+
+# Registering the folder adds our tiny configs to open_clip's list of built-ins, so `open_clip.create_model`
+# and `open_clip.get_tokenizer` treat them like any other architecture name.
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be built; the message says which name or file is at fault."""
+
+
+@dataclass
+class Backbone:
+    """An open_clip model with everything needed to feed it."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable  # PIL image -> float tensor [3, H, W] (with augmentation)
+    preprocess: Callable  # PIL image -> float tensor [3, H, W] (eval transform)
+    tokenizer: Callable  # list[str] -> long tensor [B, context_length]
+    name: str  # how it was asked for: a model name, hf-hub id or directory
+    model_cfg: dict  # the architecture (open_clip's model_cfg), saved with every export
+    preprocess_cfg: dict  # mean/std/size/interpolation, saved with every export
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+
+def _resolve_local_dir(path: Path) -> tuple[dict, dict]:
+    """Check a local model directory before open_clip sees it.
+
+    open_clip only warns when the directory has a config but no weights and then returns a randomly
+    initialised model; for a user that is a silent substitute, so it is an error here.
+    """
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise BackboneError(f"model directory {path} has no {CONFIG_FILE} (missing file: {config_path})")
+    if not any((path / name).is_file() for name in WEIGHT_FILE_NAMES):
+        raise BackboneError(f"model directory {path} has no weights (missing file: {path / WEIGHTS_FILE})")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if "model_cfg" not in config:
+        raise BackboneError(f"{config_path} has no 'model_cfg' entry")
+    return config["model_cfg"], config.get("preprocess_cfg", {})
+
+
+def _open_clip_name(model: str) -> tuple[str, Optional[dict]]:
+    """Map a user's model string to open_clip's name; local directories get the 'local-dir:' schema."""
+    if model.startswith("local-dir:"):
+        model = model[len("local-dir:"):]
+    if model.startswith("hf-hub:"):
+        return model, None
+    if os.path.isdir(model) or os.sep in model or model.startswith("."):
+        path = Path(model)
+        if not path.is_dir():
+            raise BackboneError(f"model directory not found: {path}")
+        model_cfg, _ = _resolve_local_dir(path)
+        return f"local-dir:{path}", model_cfg
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise BackboneError(
+            f"unknown CLIP model '{model}': not a directory, not an hf-hub: id and not an open_clip "
+            f"architecture (tiny ones shipped here: {', '.join(TINY_MODELS)})")
+    return model, cfg
+
+
+def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu",
+                    precision: str = "fp32", seed: Optional[int] = None) -> Backbone:
+    """Build model + transforms + tokenizer.
+
+    model: an architecture name (open_clip built-in or tiny), 'hf-hub:org/repo', or a local directory.
+    pretrained: with an architecture name, an open_clip tag ('openai', 'laion2b_s34b_b79k') or a weights
+        file; None means random initialisation (seeded by `seed`, for the tiny architectures).
+    """
+    name, model_cfg = _open_clip_name(model)
+    if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags and not os.path.isfile(pretrained):
+            raise BackboneError(f"pretrained weights '{pretrained}' for {name}: no such file, and not one of "
+                                f"open_clip's tags for it ({', '.join(tags) or 'none'})")
+    if seed is not None:
+        # Random init must not depend on how much randomness was drawn before this call.
+        torch.manual_seed(seed)
+    try:
+        clip, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, precision=precision)
+    except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors for missing downloads
+        where = f"{name} with pretrained='{pretrained}'" if pretrained else name
+        raise BackboneError(
+            f"could not load CLIP {where}: {err}. Offline, pass a local directory "
+            f"({CONFIG_FILE} + {WEIGHTS_FILE}) or a weights file as pretrained") from err
+    tokenizer = open_clip.get_tokenizer(name)
+    if model_cfg is None:  # hf-hub: take the resolved config open_clip used
+        model_cfg = open_clip.get_model_config(name) or {}
+    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    return Backbone(model=clip, preprocess_train=preprocess_train, preprocess=preprocess, tokenizer=tokenizer,
+                    name=model, model_cfg=dict(model_cfg), preprocess_cfg=preprocess_cfg)
+
+
+def save_backbone(backbone: Backbone, out_dir: str | os.PathLike, extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write the backbone in open_clip's local-dir layout, loadable by `create_backbone(out_dir)`."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": backbone.model_cfg, "preprocess_cfg": backbone.preprocess_cfg}
+    if extra:
+        config.update(extra)
+    save_model(backbone.model, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: official-protocol scoring, model evaluation and ablation studies (`python -m eval`)."""

@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests run offline: no hub downloads, tiny models built from configs, the toy world."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Set before anything imports huggingface_hub: a test must never wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory) -> Path:
+    """A small toy world shared by the tests that only read it."""
+    from toyworld.cli import run
+
+    out = tmp_path_factory.mktemp("toy") / "world"
+    run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7"])
+    return out

@@ -1,0 +1,128 @@
+"""Edits of a toy scene and the modification texts that describe them.
+
+An `Edit` is data (kind + arguments); `apply_edit` gives the exact edited scene and `mod_texts` every
+phrasing of it. The benchmarks draw their queries from here and the synthesis job's toy editor applies
+them, so a modification text always names a change that the target really has.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from .scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOT_PHRASE, SLOT_WORD, Obj, Scene
+
+KINDS = ("colour", "shape", "size", "position", "background", "add", "remove")
+
+
+@dataclass(frozen=True)
+class Edit:
+    kind: str  # one of KINDS
+    target: str = ""  # the edited object's noun ("red circle"); empty for background and add
+    value: str = ""  # new colour / shape / size / slot / background; for add the new object's "slot:size:colour:shape"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "target": self.target, "value": self.value}
+
+
+def _added_object(edit: Edit) -> Obj:
+    slot, size, colour, shape = edit.value.split(":")
+    return Obj(slot, shape, colour, size)
+
+
+def apply_edit(scene: Scene, edit: Edit) -> Scene:
+    """The scene after the edit (exact: this is the toy world's perfect editor)."""
+    if edit.kind == "background":
+        return Scene(edit.value, scene.objects)
+    if edit.kind == "add":
+        return scene.with_objects(scene.objects + (_added_object(edit),))
+    obj = scene.find(edit.target)
+    others = [o for o in scene.objects if o is not obj]
+    if edit.kind == "remove":
+        return scene.with_objects(others)
+    field = {"colour": "colour", "shape": "shape", "size": "size", "position": "slot"}[edit.kind]
+    changed = Obj(**{**obj.__dict__, field: edit.value})
+    return scene.with_objects(others + [changed])
+
+
+def enumerate_edits(scene: Scene, kinds: tuple[str, ...] = KINDS) -> list[Edit]:
+    """Every edit of the given kinds whose result is a valid scene different from this one."""
+    edits: list[Edit] = []
+    for obj in scene.objects:
+        if "colour" in kinds:
+            edits += [Edit("colour", obj.noun, c) for c in COLOURS if c != obj.colour]
+        if "shape" in kinds:
+            edits += [Edit("shape", obj.noun, s) for s in SHAPES if s != obj.shape]
+        if "size" in kinds:
+            edits += [Edit("size", obj.noun, s) for s in SIZES if s != obj.size]
+        if "position" in kinds:
+            edits += [Edit("position", obj.noun, s) for s in scene.free_slots()]
+        if "remove" in kinds and len(scene.objects) > 1:
+            edits.append(Edit("remove", obj.noun))
+    if "background" in kinds:
+        edits += [Edit("background", "", b) for b in BACKGROUNDS if b != scene.background]
+    if "add" in kinds:
+        for slot in scene.free_slots():
+            for shape in SHAPES:
+                for colour in COLOURS:
+                    for size in SIZES:
+                        edits.append(Edit("add", "", f"{slot}:{size}:{colour}:{shape}"))
+    return [e for e in edits if apply_edit(scene, e).valid()]
+
+
+def random_edit(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = KINDS) -> Edit:
+    """Pick the kind first, then an edit of that kind, so rare kinds (remove) are not drowned by add."""
+    by_kind: dict[str, list[Edit]] = {}
+    for e in enumerate_edits(scene, kinds):
+        by_kind.setdefault(e.kind, []).append(e)
+    kind = rng.choice(sorted(by_kind))
+    return rng.choice(by_kind[kind])
+
+
+def mod_texts(scene: Scene, edit: Edit) -> list[str]:
+    """Every phrasing of the edit, as a person would write it looking at the reference scene."""
+    the = f"the {edit.target}"
+    v = edit.value
+    if edit.kind == "colour":
+        return [f"make {the} {v}", f"change the colour of {the} to {v}", f"{the} should be {v} instead",
+                f"turn {the} {v}"]
+    if edit.kind == "shape":
+        colour = scene.find(edit.target).colour
+        return [f"turn {the} into a {v}", f"replace {the} with a {colour} {v}", f"make {the} a {v}",
+                f"{the} should be a {v}"]
+    if edit.kind == "size":
+        if v == "large":
+            return [f"make {the} bigger", f"enlarge {the}", f"{the} should be large", f"increase the size of {the}"]
+        return [f"make {the} smaller", f"shrink {the}", f"{the} should be small", f"reduce the size of {the}"]
+    if edit.kind == "position":
+        return [f"move {the} to the {SLOT_WORD[v]}", f"put {the} {SLOT_PHRASE[v]}", f"{the} should be {SLOT_PHRASE[v]}",
+                f"shift {the} to the {SLOT_WORD[v]}"]
+    if edit.kind == "background":
+        return [f"change the background to {v}", f"make the background {v}", f"put it on a {v} background",
+                f"use a {v} background"]
+    if edit.kind == "add":
+        new = _added_object(edit)
+        what = f"a {new.size} {new.colour} {new.shape} {SLOT_PHRASE[new.slot]}"
+        return [f"add {what}", f"put {what}", f"also include {what}", f"insert {what}"]
+    if edit.kind == "remove":
+        return [f"remove {the}", f"take away {the}", f"delete {the}", f"get rid of {the}"]
+    raise ValueError(f"unknown edit kind {edit.kind!r}")
+
+
+def shared_concept(scene: Scene, edit: Edit) -> str:
+    """What reference and target have in common (CIRCO's `shared_concept`): an untouched object, or the
+    unchanged attribute of the edited object when it is the only one."""
+    untouched = [o for o in scene.objects if o.noun != edit.target]
+    if untouched:
+        return f"a {untouched[0].noun}"
+    obj = scene.objects[0]
+    if edit.kind == "colour":
+        return f"a {obj.shape}"
+    if edit.kind == "shape":
+        return f"a {obj.colour} object"
+    return f"a {obj.noun}"
+
+
+def describe_edit(scene: Scene, edit: Edit, rng: Optional[random.Random] = None) -> str:
+    texts = mod_texts(scene, edit)
+    return rng.choice(texts) if rng else texts[0]

@@ -1,0 +1,67 @@
+"""Draw a toy scene as a small RGB image.
+
+Drawing happens at SUPERSAMPLE times the output size and is downsampled with a box filter, which gives
+anti-aliased edges from PIL's aliased primitives while staying byte-for-byte deterministic.
+"""
+from __future__ import annotations
+
+import io
+import random
+
+from PIL import Image, ImageDraw
+
+from .scene import BACKGROUNDS, COLOURS, SLOTS, Scene
+
+SUPERSAMPLE = 4
+# Radii as a fraction of the image side; a slot is 1/3 of the width, so a large object still fits in its slot.
+RADIUS = {"small": 0.085, "large": 0.145}
+SLOT_X = {slot: (i + 0.5) / len(SLOTS) for i, slot in enumerate(SLOTS)}
+
+
+def layout(scene: Scene, rng: random.Random) -> list[dict]:
+    """Per-object centre and radius (fractions of the side), jittered so renderings of one scene differ."""
+    placed = []
+    for o in scene.objects:
+        r = RADIUS[o.size] * rng.uniform(0.9, 1.1)
+        x = SLOT_X[o.slot] + rng.uniform(-0.03, 0.03)
+        y = 0.5 + rng.uniform(-0.25, 0.25)
+        y = min(max(y, r + 0.02), 1 - r - 0.02)
+        placed.append({"x": round(x, 4), "y": round(y, 4), "r": round(r, 4)})
+    return placed
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.85  # a square of the same "radius" looks bigger than a circle; shrink to similar area
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    elif shape == "cross":
+        t = r * 0.38
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, placed: list[dict], size: int = 64) -> Image.Image:
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for o, p in zip(scene.objects, placed):
+        _draw_shape(draw, o.shape, p["x"] * big, p["y"] * big, p["r"] * big, COLOURS[o.colour])
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    """Image bytes; PNG and JPEG encoders here write no timestamps, so equal pixels give equal bytes."""
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buf, format="JPEG", quality=92)
+    elif fmt == "png":
+        img.save(buf, format="PNG")
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+    return buf.getvalue()

@@ -1,0 +1,124 @@
+"""Toy scenes: a background and up to three objects, each with a shape, colour, size and horizontal slot.
+
+A scene's *canonical key* names what it shows (the attributes), not how it was drawn (jitter), so two
+renderings of one canonical scene are the same answer to a query. The benchmarks and the exact editor use
+canonical keys as ground truth.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {  # name -> RGB; far apart so a tiny CLIP at 64 px can tell them
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {"gray": (128, 128, 128), "black": (20, 20, 20), "brown": (120, 85, 50)}
+SIZES = ("small", "large")
+SLOTS = ("left", "center", "right")  # left-to-right order is the object order in captions
+SLOT_PHRASE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
+SLOT_WORD = {"left": "left", "center": "middle", "right": "right"}
+MAX_OBJECTS = len(SLOTS)
+
+
+@dataclass(frozen=True, order=True)
+class Obj:
+    slot: str
+    shape: str
+    colour: str
+    size: str
+
+    @property
+    def noun(self) -> str:
+        """How an edit refers to it: colour + shape is unique within a scene (see `Scene.valid`)."""
+        return f"{self.colour} {self.shape}"
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {SLOT_PHRASE[self.slot]}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[Obj, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        # Keep objects in slot order so equal scenes compare (and hash) equal.
+        ordered = tuple(sorted(self.objects, key=lambda o: SLOTS.index(o.slot)))
+        object.__setattr__(self, "objects", ordered)
+
+    @property
+    def key(self) -> str:
+        """Canonical key: what is shown, independent of rendering jitter."""
+        objs = ";".join(f"{o.slot}:{o.size}:{o.colour}:{o.shape}" for o in self.objects)
+        return f"{self.background}|{objs}"
+
+    def valid(self) -> bool:
+        slots = [o.slot for o in self.objects]
+        nouns = [o.noun for o in self.objects]
+        return (1 <= len(self.objects) <= MAX_OBJECTS and len(set(slots)) == len(slots)
+                and len(set(nouns)) == len(nouns) and self.background in BACKGROUNDS
+                and all(o.shape in SHAPES and o.colour in COLOURS and o.size in SIZES and o.slot in SLOTS
+                        for o in self.objects))
+
+    def free_slots(self) -> list[str]:
+        used = {o.slot for o in self.objects}
+        return [s for s in SLOTS if s not in used]
+
+    def find(self, noun: str) -> Obj:
+        for o in self.objects:
+            if o.noun == noun:
+                return o
+        raise KeyError(noun)
+
+    def with_objects(self, objects: Iterable[Obj]) -> "Scene":
+        return replace(self, objects=tuple(objects))
+
+    def to_json(self) -> dict:
+        return {"background": self.background,
+                "objects": [{"slot": o.slot, "shape": o.shape, "colour": o.colour, "size": o.size}
+                            for o in self.objects],
+                "key": self.key}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scene":
+        return cls(d["background"], tuple(Obj(o["slot"], o["shape"], o["colour"], o["size"]) for o in d["objects"]))
+
+
+CAPTION_PREFIXES = ("", "a picture of ", "an image of ", "a photo of ")
+
+
+def caption(scene: Scene, rng: Optional[random.Random] = None) -> str:
+    """A sidecar caption listing every object left to right and the background.
+
+    With an rng the opening words vary (training captions); without one the caption is canonical.
+    """
+    phrases = [o.phrase() for o in scene.objects]
+    if len(phrases) == 1:
+        body = phrases[0]
+    else:
+        body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    prefix = rng.choice(CAPTION_PREFIXES) if rng else ""
+    return f"{prefix}{body} on a {scene.background} background"
+
+
+def random_object(rng: random.Random, slot: str, taken_nouns: set[str], shapes=SHAPES) -> Obj:
+    while True:
+        obj = Obj(slot, rng.choice(shapes), rng.choice(list(COLOURS)), rng.choice(SIZES))
+        if obj.noun not in taken_nouns:
+            return obj
+
+
+def random_scene(rng: random.Random, num_objects: Optional[int] = None, shapes=SHAPES) -> Scene:
+    n = num_objects or rng.randint(1, MAX_OBJECTS)
+    slots = rng.sample(SLOTS, n)
+    objs: list[Obj] = []
+    for slot in slots:
+        objs.append(random_object(rng, slot, {o.noun for o in objs}, shapes))
+    return Scene(rng.choice(list(BACKGROUNDS)), tuple(objs))

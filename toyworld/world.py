@@ -1,0 +1,78 @@
+"""The toy world on disk: training images with sidecars, and held-out benchmarks in official layouts.
+
+Every image is drawn from its own named random stream (`random.Random("{seed}:{stream}:{i}")`, which is
+seeded through SHA-512 of the string and so does not depend on PYTHONHASHSEED), so the same seed gives
+byte-identical files whatever order or process they are written in.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .edits import apply_edit, random_edit
+from .render import encode, layout, render
+from .scene import Scene, caption, random_scene
+
+PNG_SHARE = 0.2  # some training images are PNG so every reader handles both formats
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0  # root of every random stream
+    num_images: int = 2000  # training images under images/
+    image_size: int = 64  # side in pixels
+    family_size: int = 4  # training images come in families of edited variants, so pair mining finds pairs
+    bench_queries: int = 100  # queries per benchmark split (per category for FashionIQ)
+
+
+def stream(seed: int, name: str, i: int) -> random.Random:
+    return random.Random(f"{seed}:{name}:{i}")
+
+
+def dump_json(obj, path: Path) -> None:
+    """Sorted keys and a fixed layout: JSON files are part of the byte-identical output."""
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_image(path_stem: Path, scene: Scene, rng: random.Random, fmt: str, size: int) -> dict:
+    """Render one scene to `{path_stem}.{fmt}`; returns the scene json with its layout."""
+    placed = layout(scene, rng)
+    path_stem.with_name(f"{path_stem.name}.{fmt}").write_bytes(encode(render(scene, placed, size), fmt))
+    return {**scene.to_json(), "layout": placed}
+
+
+def family_scenes(rng: random.Random, n: int) -> list[Scene]:
+    """A base scene and n-1 variants, each one random edit of an earlier member."""
+    scenes = [random_scene(rng)]
+    while len(scenes) < n:
+        parent = rng.choice(scenes)
+        scenes.append(apply_edit(parent, random_edit(parent, rng)))
+    return scenes
+
+
+def write_training_images(out: Path, cfg: WorldConfig) -> int:
+    images = out / "images"
+    images.mkdir(parents=True)
+    i = 0
+    family = 0
+    with tqdm(total=cfg.num_images, desc="toy images", unit="img") as bar:
+        while i < cfg.num_images:
+            for scene in family_scenes(stream(cfg.seed, "train-family", family), cfg.family_size):
+                if i == cfg.num_images:
+                    break
+                rng = stream(cfg.seed, "train-image", i)
+                fmt = "png" if rng.random() < PNG_SHARE else "jpg"
+                stem = images / f"toy_{i:06d}"
+                text = caption(scene, rng)
+                meta = write_image(stem, scene, rng, fmt, cfg.image_size)
+                meta.update(caption=text, family=family, file=f"{stem.name}.{fmt}")
+                stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+                dump_json(meta, stem.with_suffix(".json"))
+                i += 1
+                bar.update(1)
+            family += 1
+    return i
