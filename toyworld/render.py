@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 from .scene import BACKGROUNDS, COLOURS, SLOTS, Scene
 
 SUPERSAMPLE = 4
-# Radii as a fraction of the image side; a slot is 1/3 of the width, so a large object still fits in its slot.
-RADIUS = {"small": 0.085, "large": 0.145}
+# Radii as a fraction of the image side. A slot is 1/3 of the width: with the x jitter below, two large objects
+# in neighbouring slots never overlap (2 * 0.13 * 1.1 < 1/3 - 2 * 0.02).
+RADIUS = {"small": 0.08, "large": 0.13}
 SLOT_X = {slot: (i + 0.5) / len(SLOTS) for i, slot in enumerate(SLOTS)}
 
 
@@ -23,7 +24,7 @@ def layout(scene: Scene, rng: random.Random) -> list[dict]:
     placed = []
     for o in scene.objects:
         r = RADIUS[o.size] * rng.uniform(0.9, 1.1)
-        x = SLOT_X[o.slot] + rng.uniform(-0.03, 0.03)
+        x = SLOT_X[o.slot] + rng.uniform(-0.02, 0.02)
         y = 0.5 + rng.uniform(-0.25, 0.25)
         y = min(max(y, r + 0.02), 1 - r - 0.02)
         placed.append({"x": round(x, 4), "y": round(y, 4), "r": round(r, 4)})

@@ -1,0 +1,223 @@
+"""The toy world: determinism, sidecars that match the pixels, and benchmarks whose answers are right."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from toyworld.cli import run
+from toyworld.edits import apply_edit, enumerate_edits, mod_texts
+from toyworld.scene import COLOURS, Scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def edits_matching(ref: Scene, text: str) -> list:
+    """Every edit of the reference that this modification text can describe."""
+    return [e for e in enumerate_edits(ref) if text in mod_texts(ref, e)]
+
+
+def assert_text_describes(ref: Scene, text: str, target: Scene) -> None:
+    results = {apply_edit(ref, e).key for e in edits_matching(ref, text)}
+    assert results == {target.key}, f"{text!r} on {ref.key} gives {results}, target is {target.key}"
+
+
+# ---------------------------------------------------------------- determinism and layout
+
+def test_same_seed_gives_byte_identical_tree(tmp_path, toy_world):
+    again = tmp_path / "again"
+    run(["--output", str(again), "--num-images", "48", "--bench-queries", "12", "--seed", "7"])
+    assert tree_hash(again) == tree_hash(toy_world)
+
+
+def test_other_seed_gives_other_world(tmp_path, toy_world):
+    other = tmp_path / "other"
+    run(["--output", str(other), "--num-images", "48", "--bench-queries", "12", "--seed", "8"])
+    assert tree_hash(other) != tree_hash(toy_world)
+
+
+def test_layout(toy_world):
+    card = load(toy_world / "world.json")
+    assert card["config"]["seed"] == 7 and card["counts"]["images"] == 48
+    images = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))
+    assert len(images) == 48
+    assert {p.suffix for p in images} == {".jpg", ".png"}  # both formats, so readers handle both
+    for p in images:
+        assert p.with_suffix(".txt").is_file() and p.with_suffix(".json").is_file()
+    for bench, files in {"cirr": ["captions/cap.rc2.val.json", "captions/cap.rc2.test1.json",
+                                  "image_splits/split.rc2.val.json", "image_splits/split.rc2.test1.json"],
+                         "circo": ["annotations/val.json", "annotations/test.json",
+                                   "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"],
+                         "fashioniq": [f"{kind}/{pre}.{cat}.val.json" for cat in ("dress", "shirt", "toptee")
+                                       for kind, pre in (("captions", "cap"), ("image_splits", "split"))]}.items():
+        for f in files:
+            assert (toy_world / "bench" / bench / f).is_file(), f"missing {bench}/{f}"
+
+
+# ---------------------------------------------------------------- training images
+
+def test_sidecars_describe_the_pixels(toy_world):
+    for meta_path in sorted((toy_world / "images").glob("*.json")):
+        meta = load(meta_path)
+        scene = Scene.from_json(meta)
+        assert scene.key == meta["key"] and scene.valid()
+        text = meta_path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        assert text == meta["caption"]
+        assert text.endswith(f"on a {scene.background} background")
+        for obj in scene.objects:
+            assert obj.phrase() in text
+        img = Image.open(toy_world / "images" / meta["file"])
+        assert img.size == (64, 64) and img.mode == "RGB"
+        # The object's centre pixel has the object's colour (JPEG may shift it a little).
+        for obj, place in zip(scene.objects, meta["layout"]):
+            px = img.getpixel((int(place["x"] * 64), int(place["y"] * 64)))
+            assert max(abs(a - b) for a, b in zip(px, COLOURS[obj.colour])) < 40, (meta["file"], obj, px)
+
+
+def test_training_images_come_in_families_of_edits(toy_world):
+    by_family: dict[int, list[Scene]] = {}
+    for meta_path in sorted((toy_world / "images").glob("*.json")):
+        meta = load(meta_path)
+        by_family.setdefault(meta["family"], []).append(Scene.from_json(meta))
+    assert len(by_family) == 12  # 48 images / family size 4
+    for scenes in by_family.values():
+        # every later member is one edit away from some earlier member
+        for i, scene in enumerate(scenes[1:], start=1):
+            assert any(scene.key in {apply_edit(p, e).key for e in enumerate_edits(p)} for p in scenes[:i])
+
+
+# ---------------------------------------------------------------- benchmarks
+
+def test_cirr_queries_are_consistent(toy_world):
+    root = toy_world / "bench" / "cirr"
+    scenes = load(root / "toy_scenes.json")
+    for split in ("val", "test1"):
+        queries = load(root / "captions" / f"cap.rc2.{split}.json")
+        image_split = load(root / "image_splits" / f"split.rc2.{split}.json")
+        assert len(queries) == 12
+        keys = [Scene.from_json(scenes[name]).key for name in image_split]
+        assert len(set(keys)) == len(keys), "a CIRR gallery shows each canonical scene once: one right answer"
+        for name, rel in image_split.items():
+            assert (root / rel).is_file()
+        for q in queries:
+            assert set(q) == {"pairid", "reference", "target_hard", "target_soft", "caption", "img_set"}
+            members = q["img_set"]["members"]
+            assert len(members) == 6 and len(set(members)) == 6
+            assert q["reference"] in members and q["target_hard"] in members
+            assert set(members) <= set(image_split)
+            assert q["target_soft"] == {q["target_hard"]: 1.0}
+            assert_text_describes(Scene.from_json(scenes[q["reference"]]), q["caption"],
+                                  Scene.from_json(scenes[q["target_hard"]]))
+    pairids = [q["pairid"] for s in ("val", "test1") for q in load(root / "captions" / f"cap.rc2.{s}.json")]
+    assert len(set(pairids)) == len(pairids)
+
+
+def test_circo_ground_truth_is_complete(toy_world):
+    root = toy_world / "bench" / "circo"
+    scenes = {int(k): Scene.from_json(v) for k, v in load(root / "toy_scenes.json").items()}
+    infos = load(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")["images"]
+    assert {i["id"] for i in infos} == set(scenes)
+    for info in infos:
+        assert (root / "COCO2017_unlabeled" / "unlabeled2017" / info["file_name"]).is_file()
+    multi = 0
+    for split in ("val", "test"):
+        for q in load(root / "annotations" / f"{split}.json"):
+            assert set(q) == {"id", "reference_img_id", "target_img_id", "relative_caption", "shared_concept",
+                              "gt_img_ids"}
+            target = scenes[q["target_img_id"]]
+            every_answer = sorted(i for i, s in scenes.items() if s.key == target.key)
+            assert q["gt_img_ids"][0] == q["target_img_id"]
+            assert sorted(q["gt_img_ids"]) == every_answer
+            assert q["reference_img_id"] not in q["gt_img_ids"]
+            assert q["shared_concept"]
+            assert_text_describes(scenes[q["reference_img_id"]], q["relative_caption"], target)
+            multi += len(q["gt_img_ids"]) > 1
+    assert multi > 0, "some queries have several correct images"
+
+
+def test_fashioniq_queries_are_consistent(toy_world):
+    root = toy_world / "bench" / "fashioniq"
+    scenes = load(root / "toy_scenes.json")
+    for cat in ("dress", "shirt", "toptee"):
+        names = load(root / "image_splits" / f"split.{cat}.val.json")
+        for name in names:
+            assert (root / "images" / f"{name}.png").is_file()
+        shapes = {Scene.from_json(scenes[n]).objects[0].shape for n in names}
+        assert len(shapes) == 1  # one category, one kind of object
+        for q in load(root / "captions" / f"cap.{cat}.val.json"):
+            assert set(q) == {"candidate", "target", "captions"}
+            assert q["candidate"] in names and q["target"] in names
+            assert len(q["captions"]) == 2 and q["captions"][0] != q["captions"][1]
+            for text in q["captions"]:
+                assert_text_describes(Scene.from_json(scenes[q["candidate"]]), text,
+                                      Scene.from_json(scenes[q["target"]]))
+
+
+def test_benchmark_images_are_disjoint_from_training_images(toy_world):
+    def digests(paths):
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    train = digests(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))
+    bench = digests(p for p in (toy_world / "bench").rglob("*") if p.suffix in (".jpg", ".png"))
+    assert len(bench) > 100 and not train & bench
+
+
+# ---------------------------------------------------------------- command line
+
+def toy_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "beam_runner.py", "toy", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--bench-queries", "-1"], "--bench-queries must be at least 1"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2(tmp_path, args, message):
+    result = toy_cli("--output", str(tmp_path / "w"), *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_non_empty_output_needs_overwrite_and_must_be_a_toy_world(tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = toy_cli("--output", str(out), "--num-images", "4", "--bench-queries", "2")
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    result = toy_cli("--output", str(out), "--num-images", "4", "--bench-queries", "2", "--overwrite")
+    assert result.returncode == 2 and "not a toy world" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_a_toy_world(tmp_path):
+    out = tmp_path / "w"
+    assert toy_cli("--output", str(out), "--num-images", "4", "--bench-queries", "2").returncode == 0
+    result = toy_cli("--output", str(out), "--num-images", "6", "--bench-queries", "2", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert len(list((out / "images").glob("*.txt"))) == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".w.tmp-")]  # no temp dir left behind
+
+
+def test_unknown_command_exits_2():
+    result = subprocess.run([sys.executable, "beam_runner.py", "frobnicate"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "unknown command" in result.stderr
