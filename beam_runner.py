@@ -12,6 +12,7 @@ import sys
 # pay for importing Beam and `--help` stays fast.
 COMMANDS = {
     "toy": ("toyworld.cli", "render the procedural toy world and its held-out benchmarks"),
+    "caption": ("pipeline.caption", "caption images into WebDataset shards (Beam)"),
 }
 
 

@@ -1,0 +1,149 @@
+"""The on-disk dataset contract (SPEC.md, "A dataset on disk"), shared by every writer and reader.
+
+A dataset directory holds `shards/{prefix}-{i:05d}.tar` plus, per shard, `{prefix}-{i:05d}.index.parquet`
+and `{prefix}-{i:05d}.failed.parquet` sidecars. A shard is committed by renaming its tar into place, after
+its sidecars: a tar that a reader can see is complete, and a rerun skips it. `finalize` merges the sidecars
+into `index.parquet` / `failed.parquet` and writes `stats.json` and `dataset.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import uuid
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+SCHEMA_VERSION = 1
+SHARD_DIR = "shards"
+TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes equal samples give byte-identical tars
+KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+FAILED_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+                           ("error", pa.string())])
+
+
+def content_key(data: bytes) -> str:
+    """Stable content hash used as `__key__`: hex, no dots or slashes (128 bits of sha256)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def join(*parts: str) -> str:
+    return FileSystems.join(*parts)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}"
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """Deterministic grouping: the shard depends only on the key and the number of shards."""
+    return int(key[:15], 16) % num_shards
+
+
+def num_shards_for(count: int, shard_size: int) -> int:
+    return max(1, -(-count // shard_size))
+
+
+def failed_row(source: str, stage: str, reason: str, error: str) -> dict:
+    """One dropped input: `reason` is a short code counted in stats.json, `error` the full message."""
+    return {"source": str(source), "stage": stage, "reason": reason, "error": str(error)[:2000]}
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    FileSystems.rename([tmp], [path])
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_table(path: str) -> pa.Table:
+    with FileSystems.open(path) as f:
+        return pq.read_table(io.BytesIO(f.read()))
+
+
+def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], index_rows: list[dict],
+                failed_rows: list[dict]) -> str:
+    """Write one shard: sidecars first, then the tar under a temp name, renamed into place (the commit).
+
+    samples: webdataset dicts ({"__key__": ..., "jpg": bytes, "txt": str, "json": dict, ...}), sorted here
+    by key so a retried bundle or a rerun writes the same bytes. A retried bundle writes its own temp file and
+    renames it over the same final name, so nothing is written twice.
+    """
+    import webdataset as wds
+
+    name = shard_name(prefix, index)
+    shard_dir = join(out_dir, SHARD_DIR)
+    index_rows = sorted(index_rows, key=lambda r: r["key"])
+    _write_atomic(join(shard_dir, f"{name}.index.parquet"), table_bytes(pa.Table.from_pylist(index_rows)))
+    _write_atomic(join(shard_dir, f"{name}.failed.parquet"),
+                  table_bytes(pa.Table.from_pylist(sorted(failed_rows, key=lambda r: r["source"]),
+                                                   schema=FAILED_SCHEMA)))
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=TAR_MTIME) as sink:
+        for sample in sorted(samples, key=lambda s: s["__key__"]):
+            sink.write(sample)
+    _write_atomic(join(shard_dir, f"{name}.tar"), buf.getvalue())
+    return name
+
+
+def complete_shards(out_dir: str) -> list[str]:
+    """Names of committed shards (their tar exists), sorted."""
+    pattern = join(out_dir, SHARD_DIR, "*.tar")
+    found = FileSystems.match([pattern])[0].metadata_list
+    return sorted(m.path.rsplit("/", 1)[-1][: -len(".tar")] for m in found)
+
+
+def remove_temp_files(out_dir: str) -> int:
+    """Temp files left by a killed run; readers never see them (no .tar suffix) but they take space."""
+    found = FileSystems.match([join(out_dir, SHARD_DIR, "*.tmp-*")])[0].metadata_list
+    if found:
+        FileSystems.delete([m.path for m in found])
+    return len(found)
+
+
+def merge_sidecars(out_dir: str, extra_failed: Iterable[dict] = ()) -> tuple[pa.Table, pa.Table]:
+    """index.parquet = the union of committed shards' index sidecars; failed.parquet likewise plus the
+    failures that happened before shard assignment (read/decode), given as `extra_failed`."""
+    names = complete_shards(out_dir)
+    shard_dir = join(out_dir, SHARD_DIR)
+    index_tables = [read_table(join(shard_dir, f"{n}.index.parquet")) for n in names]
+    index_tables = [t for t in index_tables if t.num_rows]
+    index = pa.concat_tables(index_tables, promote_options="default") if index_tables else pa.table(
+        {"key": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
+    failed = [read_table(join(shard_dir, f"{n}.failed.parquet")).to_pylist() for n in names]
+    rows = [r for part in failed for r in part] + list(extra_failed)
+    rows.sort(key=lambda r: (r["source"], r["stage"]))
+    _write_atomic(join(out_dir, "index.parquet"), table_bytes(index))
+    failed_table = pa.Table.from_pylist(rows, schema=FAILED_SCHEMA)
+    _write_atomic(join(out_dir, "failed.parquet"), table_bytes(failed_table))
+    return index, failed_table
+
+
+def write_json(path: str, obj: dict) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def versions() -> dict:
+    import apache_beam
+    import PIL
+    import webdataset
+
+    return {"apache_beam": apache_beam.__version__, "pillow": PIL.__version__, "pyarrow": pa.__version__,
+            "webdataset": getattr(webdataset, "__version__", "unknown"), "schema_version": SCHEMA_VERSION}

@@ -1,0 +1,275 @@
+"""`python beam_runner.py caption --input SRC --output DIR [options] [Beam options]`: the caption job.
+
+images --read--> records --decode/validate--> prepared --dedup by content key--> unique
+  --assign shard (skip shards already written)--> caption --> group by shard --> write shard (atomic)
+  --> finalize: index.parquet, failed.parquet, stats.json
+
+Rerunning the same command on the same input resumes: the shard of a key depends only on the key and the
+number of unique keys, committed shards are skipped before captioning, and a shard becomes visible only by
+an atomic rename, so every good input ends up written exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from cir import dataset as ds
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
+from pipeline.sources import FAILED, ReadInputs
+
+LOG = logging.getLogger("pipeline.caption")
+KIND = "caption"
+
+
+@dataclass
+class CaptionConfig:
+    input: str  # directory, glob, tar shards or parquet of paths
+    output: str  # dataset directory
+    captioner: str = "sidecar"  # 'sidecar' (existing text) or an HF image-to-text model id / directory
+    shard_size: int = 1000  # target samples per shard
+    shard_prefix: str = "part"  # shards/{prefix}-{00000}.tar
+    min_size: int = 1  # images with a side below this are dropped
+    max_size: Optional[int] = None  # longer side above this is resized down (bytes re-encoded)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    path_column: str = "path"  # parquet input: column with image paths
+    caption_column: str = "caption"  # parquet input: column with captions (optional)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="beam_runner.py caption",
+                                description="Caption images into WebDataset shards (SPEC.md caption dataset).",
+                                epilog="Other flags are Beam PipelineOptions (--runner, --direct_num_workers, ...).")
+    d = CaptionConfig("", "")
+    p.add_argument("--input", required=True, help="directory, glob, *.tar shards or a parquet of paths")
+    p.add_argument("--output", required=True, help="dataset directory (local path or gs://...)")
+    p.add_argument("--captioner", default=d.captioner, help="'sidecar' or an HF image-to-text model")
+    p.add_argument("--shard-size", type=int, default=d.shard_size)
+    p.add_argument("--shard-prefix", default=d.shard_prefix)
+    p.add_argument("--min-size", type=int, default=d.min_size)
+    p.add_argument("--max-size", type=int, default=d.max_size)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    p.add_argument("--path-column", default=d.path_column)
+    p.add_argument("--caption-column", default=d.caption_column)
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ DoFns
+
+class PrepareImage(beam.DoFn):
+    """record -> sample dict with the content key, or a failed row."""
+
+    def __init__(self, cfg: CaptionConfig):
+        self.cfg = cfg
+        self.rejected = Metrics.counter(KIND, "rejected")
+
+    def process(self, record: dict) -> Iterator:
+        try:
+            img = prepare_image(record["data"], min_size=self.cfg.min_size, max_size=self.cfg.max_size,
+                                max_pixels=self.cfg.max_pixels)
+        except ImageRejected as err:
+            self.rejected.inc()
+            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(record["source"], "decode", err.reason, str(err)))
+            return
+        yield {"key": ds.content_key(record["data"]), "sha256": _sha256(record["data"]),
+               "source": record["source"], "caption": record["caption"], "data": img.data, "ext": img.ext,
+               "width": img.width, "height": img.height, "reencoded": img.reencoded}
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+class KeepOne(beam.DoFn):
+    """(key, [samples]) -> the sample with the smallest source; the others are counted as duplicates."""
+
+    DUPLICATES = "duplicates"
+
+    def process(self, element) -> Iterator:
+        _, samples = element
+        samples = sorted(samples, key=lambda s: s["source"])
+        yield samples[0]
+        for dup in samples[1:]:
+            yield beam.pvalue.TaggedOutput(self.DUPLICATES, dup["source"])
+
+
+class AssignShard(beam.DoFn):
+    """Attach the shard index; drop samples whose shard is already committed (resume)."""
+
+    def __init__(self, output: str, shard_size: int, prefix: str):
+        self.output, self.shard_size, self.prefix = output, shard_size, prefix
+        self.skipped = Metrics.counter(KIND, "skipped_complete_shard")
+
+    def setup(self):
+        self.done = set(ds.complete_shards(self.output))
+
+    def process(self, sample: dict, unique_count: int) -> Iterator:
+        shard = ds.shard_of(sample["key"], ds.num_shards_for(unique_count, self.shard_size))
+        if ds.shard_name(self.prefix, shard) in self.done:
+            self.skipped.inc()
+            return
+        yield {**sample, "shard": shard}
+
+
+class SidecarCaptioner(beam.DoFn):
+    """Use the caption that came with the image; none (or blank) is a failed row, never an empty caption."""
+
+    name = "sidecar"
+
+    def process(self, sample: dict) -> Iterator:
+        caption = (sample.get("caption") or "").strip()
+        if not caption:
+            yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", "no_caption",
+                                                                    "no sidecar caption"), "shard": sample["shard"]})
+            return
+        yield {**sample, "caption": caption, "captioner": self.name}
+
+
+def to_webdataset(sample: dict) -> dict:
+    meta = {"key": sample["key"], "source": sample["source"], "width": sample["width"], "height": sample["height"],
+            "sha256": sample["sha256"], "caption": sample["caption"], "captioner": sample["captioner"]}
+    if sample.get("reencoded"):
+        meta["reencoded"] = sample["reencoded"]
+    return {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
+
+
+def index_row(sample: dict, shard_name: str) -> dict:
+    return {"key": sample["key"], "shard": shard_name, "source": sample["source"], "ext": sample["ext"],
+            "width": sample["width"], "height": sample["height"], "sha256": sample["sha256"],
+            "caption": sample["caption"], "captioner": sample["captioner"], "reencoded": sample.get("reencoded")}
+
+
+class WriteShard(beam.DoFn):
+    """(shard, [samples and failed rows]) -> one committed shard; yields its name."""
+
+    def __init__(self, output: str, prefix: str):
+        self.output, self.prefix = output, prefix
+        self.written = Metrics.counter(KIND, "written")
+
+    def process(self, element) -> Iterator[str]:
+        shard, items = element
+        samples = [i["sample"] for i in items if "sample" in i]
+        failed = [i["failed"] for i in items if "failed" in i]
+        name = ds.shard_name(self.prefix, shard)
+        ds.write_shard(self.output, self.prefix, shard, [to_webdataset(s) for s in samples],
+                       [index_row(s, name) for s in samples], failed)
+        self.written.inc(len(samples))
+        LOG.info("wrote shard %s: %d samples, %d failed", name, len(samples), len(failed))
+        yield name
+
+
+def _as_sample(sample: dict) -> tuple[int, dict]:
+    return sample["shard"], {"sample": sample}
+
+
+def _as_failed(row: dict) -> tuple[int, dict]:
+    row = dict(row)
+    return row.pop("shard"), {"failed": row}
+
+
+class Finalize(beam.DoFn):
+    """Runs once after every shard is written (its side inputs depend on them)."""
+
+    def __init__(self, cfg: CaptionConfig, started: float):
+        self.cfg, self.started = cfg, started
+
+    def process(self, _, written: list, early_failed: list, inputs: int, duplicates: int) -> Iterator[dict]:
+        ds.remove_temp_files(self.cfg.output)
+        index, failed = ds.merge_sidecars(self.cfg.output, early_failed)
+        by_reason: dict[str, int] = {}
+        for reason in failed.column("reason").to_pylist():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        stats = {"inputs": inputs, "written": index.num_rows, "failed": sum(by_reason.values()),
+                 "failed_by_reason": dict(sorted(by_reason.items())), "duplicates": duplicates,
+                 "shards": len(ds.complete_shards(self.cfg.output)), "shards_written_this_run": len(written),
+                 "seconds": round(time.time() - self.started, 2), "versions": ds.versions()}
+        ds.write_json(ds.join(self.cfg.output, "stats.json"), stats)
+        LOG.info("caption job: %s", {k: v for k, v in stats.items() if k != "versions"})
+        yield stats
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollection:
+    read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column)
+    prepared = read.records | "Prepare" >> beam.ParDo(PrepareImage(cfg)).with_outputs(FAILED, main="ok")
+    dedup = (prepared.ok | "ByKey" >> beam.Map(lambda s: (s["key"], s))
+             | "GroupByKey" >> beam.GroupByKey()
+             | "KeepOne" >> beam.ParDo(KeepOne()).with_outputs(KeepOne.DUPLICATES, main="unique"))
+    unique_count = dedup.unique | "CountUnique" >> beam.combiners.Count.Globally()
+    assigned = dedup.unique | "AssignShard" >> beam.ParDo(
+        AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix), beam.pvalue.AsSingleton(unique_count))
+    if cfg.captioner != "sidecar":
+        raise NotImplementedError("model captioners arrive in a later slice; use --captioner sidecar")
+    captioned = assigned | "Caption" >> beam.ParDo(SidecarCaptioner()).with_outputs(FAILED, main="ok")
+    shard_items = ((captioned.ok | "SampleItems" >> beam.Map(_as_sample),
+                    captioned[FAILED] | "FailedItems" >> beam.Map(_as_failed))
+                   | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey())
+    written = shard_items | "WriteShards" >> beam.ParDo(WriteShard(cfg.output, cfg.shard_prefix))
+    early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
+    inputs = ((read.records, read[FAILED]) | "AllInputs" >> beam.Flatten()
+              | "CountInputs" >> beam.combiners.Count.Globally())
+    duplicates = dedup[KeepOne.DUPLICATES] | "CountDuplicates" >> beam.combiners.Count.Globally()
+    return (p | "Once" >> beam.Create([None])
+            | "Finalize" >> beam.ParDo(Finalize(cfg, started), beam.pvalue.AsList(written),
+                                       beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),
+                                       beam.pvalue.AsSingleton(duplicates)))
+
+
+def prepare_output(cfg: CaptionConfig, argv: list[str], overwrite: bool) -> None:
+    """Refuse to mix two different jobs in one directory; record what this job is before it starts."""
+    card_path = ds.join(cfg.output, "dataset.json")
+    card = ds.read_json(card_path)
+    config = asdict(cfg)
+    if card is not None and card.get("config") != config:
+        if not overwrite:
+            raise SystemExit(f"error: {cfg.output} holds a dataset made with another configuration "
+                             f"({card.get('config')}); use a new --output or pass --overwrite")
+        from apache_beam.io.filesystems import FileSystems
+
+        FileSystems.delete([cfg.output])
+    ds.write_json(card_path, {"schema_version": ds.SCHEMA_VERSION, "kind": KIND, "config": config,
+                              "command": ["beam_runner.py", "caption", *argv],
+                              "models": {"captioner": cfg.captioner}})
+
+
+def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
+    parser = build_parser()
+    known, pipeline_args = parser.parse_known_args(argv)
+    if known.shard_size < 1:
+        parser.error("--shard-size must be at least 1")
+    cfg = CaptionConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
+    options = PipelineOptions(pipeline_args)
+    unknown = unknown_beam_flags(options)
+    if unknown:
+        parser.error(f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    prepare_output(cfg, argv if argv is not None else sys.argv[1:], known.overwrite)
+    if not LOG.handlers:  # progress lines on stderr without turning on Beam's own INFO chatter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+    started = time.time()
+    p = test_pipeline or beam.Pipeline(options=options)
+    build(p, cfg, started)
+    p.run().wait_until_finish()
+    return ds.read_json(ds.join(cfg.output, "stats.json")) or {}
+
+
+def unknown_beam_flags(options: PipelineOptions) -> list[str]:
+    """Flags that neither we nor any registered PipelineOptions know: a typo, not a pass-through."""
+    known = set(options.get_all_options())
+    return sorted(set(options.get_all_options(retain_unknown_options=True)) - known)

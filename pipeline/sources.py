@@ -1,0 +1,214 @@
+"""Reading images into records, from any path Beam's FileSystems reads (local, gs://, ...).
+
+A record is a dict `{"source": str, "data": bytes, "caption": str | None}`; inputs that cannot be read
+become `failed` rows instead. Supported inputs (`--input`):
+
+* a directory (recursive) or a glob: image files, with an optional sidecar `{stem}.txt` or `{stem}.json`
+  (its "caption" or "text" field) next to each; files are paired with their sidecars by a GroupByKey on the
+  path without its last extension, so one listing serves both and no per-file existence checks are made;
+* WebDataset / img2dataset tar shards (`*.tar`, brace patterns allowed): `key.jpg` + `key.txt`/`key.json`;
+* a parquet file (or glob) with a path column (`--path-column`) and an optional caption column
+  (`--caption-column`); relative paths are relative to the parquet file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+
+from cir.dataset import failed_row
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+SIDECAR_EXTS = ("txt", "json")
+FAILED = "failed"
+
+
+def input_kind(src: str) -> str:
+    if src.endswith(".parquet"):
+        return "parquet"
+    if src.endswith(".tar") or src.endswith(".tar}"):
+        return "tar"
+    return "files"
+
+
+def file_pattern(src: str) -> str:
+    """A directory means everything below it; anything else is taken as a glob."""
+    if any(ch in src for ch in "*?["):
+        return src
+    try:
+        is_dir = FileSystems.match([FileSystems.join(src, "*")])[0].metadata_list != [] or src.endswith("/")
+    except Exception:
+        is_dir = False
+    return FileSystems.join(src.rstrip("/"), "**") if is_dir else src
+
+
+def expand_braces(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def _split_ext(path: str) -> tuple[str, str]:
+    stem, dot, ext = path.rpartition(".")
+    if not dot or "/" in ext:
+        return path, ""
+    return stem, ext.lower()
+
+
+def caption_from_json(text: bytes | str) -> Optional[str]:
+    """The caption field of a sidecar or img2dataset json ("caption", else "text"); None when absent."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(meta, dict):
+        for field in ("caption", "text"):
+            if isinstance(meta.get(field), str):
+                return meta[field]
+    return None
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read()
+
+
+class ByStem(beam.DoFn):
+    """(stem, path) for image files and their sidecars; other files are not inputs."""
+
+    def process(self, meta) -> Iterator[tuple[str, str]]:
+        stem, ext = _split_ext(meta.path)
+        if ext in IMAGE_EXTS or ext in SIDECAR_EXTS:
+            yield stem, meta.path
+
+
+class ReadImageGroup(beam.DoFn):
+    """An image file (+ sidecar) -> record; a sidecar with no image is not an input."""
+
+    def process(self, element) -> Iterator:
+        stem, paths = element
+        paths = sorted(paths)
+        by_ext = {_split_ext(p)[1]: p for p in paths}
+        sidecar_caption = None
+        if "txt" in by_ext:
+            try:
+                sidecar_caption = _read(by_ext["txt"]).decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                sidecar_caption = None
+        elif "json" in by_ext:
+            try:
+                sidecar_caption = caption_from_json(_read(by_ext["json"]))
+            except OSError:
+                sidecar_caption = None
+        for path in paths:
+            if _split_ext(path)[1] not in IMAGE_EXTS:
+                continue
+            try:
+                data = _read(path)
+            except Exception as err:  # permission denied, vanished file, remote errors
+                yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
+                continue
+            yield {"source": path, "data": data, "caption": sidecar_caption}
+
+
+class ReadTarShard(beam.DoFn):
+    """A WebDataset tar -> one record per sample; a corrupt member or a truncated tar is a failed row and
+    the samples before it are kept."""
+
+    def process(self, meta) -> Iterator:
+        from webdataset import tariterators
+
+        path = meta.path if hasattr(meta, "path") else meta
+        errors: list[Exception] = []
+
+        def keep_going(err: Exception) -> bool:
+            errors.append(err)
+            return False  # webdataset: False stops the iterator (a tar stream cannot be resynchronised)
+
+        try:
+            stream = FileSystems.open(path, compression_type="uncompressed")
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
+            return
+        with stream:
+            files = tariterators.tar_file_iterator(stream, handler=keep_going)
+            for sample in tariterators.group_by_keys(files, handler=keep_going):
+                yield from self._record(path, sample)
+        for err in errors:
+            yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "corrupt_tar", repr(err)))
+
+    @staticmethod
+    def _record(path: str, sample: dict) -> Iterator:
+        source = f"{path}::{sample['__key__']}"
+        image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if image_ext is None:
+            yield beam.pvalue.TaggedOutput(FAILED, failed_row(source, "read", "no_image", "sample has no image member"))
+            return
+        caption = None
+        if "txt" in sample:
+            try:
+                caption = sample["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                caption = None
+        elif "json" in sample:
+            caption = caption_from_json(sample["json"])
+        yield {"source": source, "data": sample[image_ext], "caption": caption}
+
+
+class ReadParquetRow(beam.DoFn):
+    """(parquet file, row) -> record, reading the image the row points to."""
+
+    def __init__(self, path_column: str, caption_column: Optional[str]):
+        self.path_column = path_column
+        self.caption_column = caption_column
+
+    def process(self, element) -> Iterator:
+        parquet_path, row = element
+        path = row.get(self.path_column)
+        if not isinstance(path, str) or not path:
+            yield beam.pvalue.TaggedOutput(FAILED, failed_row(f"{parquet_path}:{row}", "read", "no_path",
+                                                              f"row has no '{self.path_column}' value"))
+            return
+        if "://" not in path and not posixpath.isabs(path):
+            path = FileSystems.join(posixpath.dirname(parquet_path), path)
+        try:
+            data = _read(path)
+        except Exception as err:
+            yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
+            return
+        caption = row.get(self.caption_column) if self.caption_column else None
+        yield {"source": path, "data": data, "caption": caption if isinstance(caption, str) else None}
+
+
+class ReadInputs(beam.PTransform):
+    """--input -> records (main output) and failed rows (tag 'failed')."""
+
+    def __init__(self, src: str, path_column: str = "path", caption_column: Optional[str] = "caption"):
+        super().__init__()
+        self.src = src
+        self.path_column = path_column
+        self.caption_column = caption_column
+
+    def expand(self, p):
+        kind = input_kind(self.src)
+        if kind == "tar":
+            return (p | "TarPatterns" >> beam.Create(expand_braces(self.src))
+                    | "MatchTars" >> fileio.MatchAll()
+                    | "Reshuffle" >> beam.Reshuffle()
+                    | "ReadTars" >> beam.ParDo(ReadTarShard()).with_outputs(FAILED, main="records"))
+        if kind == "parquet":
+            from apache_beam.io.parquetio import ReadAllFromParquet
+
+            return (p | "ParquetPatterns" >> beam.Create([self.src])
+                    | "ReadParquet" >> ReadAllFromParquet(with_filename=True)
+                    | "ReadRows" >> beam.ParDo(ReadParquetRow(self.path_column, self.caption_column))
+                    .with_outputs(FAILED, main="records"))
+        return (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
+                | "ByStem" >> beam.ParDo(ByStem())
+                | "GroupSidecars" >> beam.GroupByKey()
+                | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main="records"))
