@@ -233,7 +233,7 @@ def prepare_output(cfg: CaptionConfig, argv: list[str], overwrite: bool) -> None
     config = asdict(cfg)
     if card is not None and card.get("config") != config:
         if not overwrite:
-            raise SystemExit(f"error: {cfg.output} holds a dataset made with another configuration "
+            raise ValueError(f"{cfg.output} holds a dataset made with another configuration "
                              f"({card.get('config')}); use a new --output or pass --overwrite")
         from apache_beam.io.filesystems import FileSystems
 
@@ -256,12 +256,16 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
     options.view_as(SetupOptions).save_main_session = save_main_session
-    prepare_output(cfg, argv if argv is not None else sys.argv[1:], known.overwrite)
+    try:
+        prepare_output(cfg, argv if argv is not None else sys.argv[1:], known.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
     if not LOG.handlers:  # progress lines on stderr without turning on Beam's own INFO chatter
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         LOG.addHandler(handler)
         LOG.setLevel(logging.INFO)
+        LOG.propagate = False
     started = time.time()
     p = test_pipeline or beam.Pipeline(options=options)
     build(p, cfg, started)

@@ -116,6 +116,42 @@ class ReadImageGroup(beam.DoFn):
             yield {"source": path, "data": data, "caption": sidecar_caption}
 
 
+class TarIntegrity:
+    """A read-through wrapper that tells whether a tar stream really ended.
+
+    Python's tarfile, in the stream mode webdataset uses, stops *silently* at a damaged header after the
+    first one, and at a cut-off end: the samples after it would vanish without a failed row. A complete
+    tar is a whole number of 512-byte blocks that ends in two zero blocks, with only zeros after the last
+    member; `problem()` says which of these does not hold.
+    """
+
+    BLOCK = 512
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.total = 0
+        self.tail = b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-2 * self.BLOCK:]
+        return data
+
+    def problem(self) -> Optional[str]:
+        leftover_nonzero = False
+        while True:  # drain what tarfile did not read
+            chunk = self.read(1 << 20)
+            if not chunk:
+                break
+            leftover_nonzero |= chunk.count(0) != len(chunk)
+        if leftover_nonzero:
+            return "unreadable data after the last good member (damaged header?)"
+        if self.total % self.BLOCK or self.tail != bytes(2 * self.BLOCK):
+            return f"no end-of-archive marker after {self.total} bytes (truncated tar?)"
+        return None
+
+
 class ReadTarShard(beam.DoFn):
     """A WebDataset tar -> one record per sample; a corrupt member or a truncated tar is a failed row and
     the samples before it are kept."""
@@ -136,9 +172,12 @@ class ReadTarShard(beam.DoFn):
             yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
             return
         with stream:
-            files = tariterators.tar_file_iterator(stream, handler=keep_going)
+            checked = TarIntegrity(stream)
+            files = tariterators.tar_file_expander([{"url": path, "stream": checked}], handler=keep_going)
             for sample in tariterators.group_by_keys(files, handler=keep_going):
                 yield from self._record(path, sample)
+            if not errors and (problem := checked.problem()):
+                errors.append(ValueError(problem))
         for err in errors:
             yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "corrupt_tar", repr(err)))
 

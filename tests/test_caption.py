@@ -1,0 +1,249 @@
+"""The caption job: SPEC.md output, hostile inputs, tar and parquet inputs, resume and exactly-once."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from cir.dataset import KEY_RE, content_key
+from pipeline.caption import CaptionConfig, KeepOne, PrepareImage, run
+from pipeline.sources import FAILED
+from tests.zoo import jpeg, write_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+BEAM = ["--runner", "DirectRunner"]
+
+
+def read_dataset(out: Path) -> dict[str, dict]:
+    """Every sample of every shard, read back with webdataset (no decoding: raw bytes)."""
+    urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert sample["__key__"] not in samples, "a key written twice"
+        samples[sample["__key__"]] = sample
+    return samples
+
+
+def image_ext(sample: dict) -> str:
+    return next(e for e in ("jpg", "png", "webp") if e in sample)
+
+
+@pytest.fixture(scope="module")
+def toy_captions(toy_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cap") / "toy"
+    stats = run(["--input", str(toy_world / "images"), "--output", str(out), "--shard-size", "10", *BEAM])
+    return out, stats
+
+
+# ---------------------------------------------------------------- the toy world through the job
+
+def test_toy_world_captions_follow_the_spec(toy_world, toy_captions):
+    out, stats = toy_captions
+    assert stats["inputs"] == stats["written"] == 48 and stats["failed"] == 0
+    samples = read_dataset(out)
+    assert len(samples) == 48 and stats["shards"] == 5  # ceil(48 / 10)
+    sidecars = {}
+    for txt in (toy_world / "images").glob("*.txt"):
+        for ext in ("jpg", "png"):
+            img = txt.with_suffix(f".{ext}")
+            if img.exists():
+                sidecars[content_key(img.read_bytes())] = (img.read_bytes(), txt.read_text().strip())
+    for key, sample in samples.items():
+        assert KEY_RE.match(key)
+        ext = image_ext(sample)
+        data, caption = sidecars[key]
+        assert sample[ext] == data  # original bytes, not re-encoded
+        assert Image.open(io.BytesIO(sample[ext])).format == {"jpg": "JPEG", "png": "PNG"}[ext]
+        assert sample["txt"].decode() == caption
+        meta = json.loads(sample["json"])
+        assert {"key", "source", "width", "height", "sha256", "caption", "captioner"} <= set(meta)
+        assert meta["key"] == key and meta["caption"] == caption and meta["captioner"] == "sidecar"
+        assert meta["sha256"] == hashlib.sha256(data).hexdigest() and (meta["width"], meta["height"]) == (64, 64)
+
+
+def test_index_rows_equal_shard_samples(toy_captions):
+    out, _ = toy_captions
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    by_shard: dict[str, set] = {}
+    for row in index:
+        by_shard.setdefault(row["shard"], set()).add(row["key"])
+    for tar_path in (out / "shards").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+            assert all(m.mtime == tar.getmembers()[0].mtime for m in tar.getmembers())  # fixed mtime
+        assert keys == by_shard[tar_path.stem]
+    assert len(index) == sum(len(v) for v in by_shard.values())
+    assert pq.read_table(out / "failed.parquet").num_rows == 0
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["kind"] == "caption" and card["config"]["shard_size"] == 10
+
+
+def test_rerun_writes_nothing_twice(toy_world, toy_captions):
+    out, first = toy_captions
+    before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    stats = run(["--input", str(toy_world / "images"), "--output", str(out), "--shard-size", "10", *BEAM])
+    assert stats["shards_written_this_run"] == 0 and stats["written"] == first["written"]
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == before
+
+
+def test_same_input_gives_identical_shards(toy_world, toy_captions, tmp_path):
+    out, _ = toy_captions
+    run(["--input", str(toy_world / "images"), "--output", str(tmp_path / "again"), "--shard-size", "10", *BEAM])
+    for tar_path in (out / "shards").glob("*.tar"):
+        assert (tmp_path / "again" / "shards" / tar_path.name).read_bytes() == tar_path.read_bytes()
+
+
+def test_other_configuration_in_same_output_is_refused(toy_world, toy_captions, capsys):
+    out, _ = toy_captions
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(toy_world / "images"), "--output", str(out), "--shard-size", "7", *BEAM])
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard_sise", "3", *BEAM])
+    assert exc.value.code == 2 and "shard_sise" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+def test_hostile_inputs_become_failed_rows(tmp_path):
+    items = write_zoo(tmp_path / "zoo")
+    out = tmp_path / "out"
+    stats = run(["--input", str(tmp_path / "zoo"), "--output", str(out), "--min-size", "8", *BEAM])
+    failed = {Path(r["source"]).name: r for r in pq.read_table(out / "failed.parquet").to_pylist()}
+    samples = read_dataset(out)
+    written = {Path(json.loads(s["json"])["source"]).name: s for s in samples.values()}
+    for name, (_, _, outcome) in items.items():
+        if outcome == "ok":
+            assert name in written, f"{name} should be written"
+        elif outcome == "duplicate":
+            assert name not in written and name not in failed
+        else:
+            assert failed[name]["reason"] == outcome, (name, failed.get(name))
+            assert failed[name]["error"]
+    assert stats["duplicates"] == 1
+    assert stats["inputs"] == stats["written"] + stats["failed"] + stats["duplicates"] == len(items)
+    assert stats["failed_by_reason"]["corrupt"] == 1
+
+    # What was written is what a model should see: RGB, oriented, the first frame, 16 bits scaled not clipped.
+    def decoded(name):
+        s = written[name]
+        return Image.open(io.BytesIO(s[image_ext(s)]))
+
+    assert decoded("cmyk.jpg").mode == "RGB"
+    deep = decoded("deep.png").convert("L")
+    assert deep.getextrema()[0] < 20 and deep.getextrema()[1] > 230  # the gradient survives
+    assert decoded("rotated.jpg").size == (20, 40)
+    assert decoded("anim.gif").convert("RGB").getpixel((5, 5)) == (255, 0, 0)
+    assert image_ext(written["anim.gif"]) == "png" and decoded("palette alpha.png").mode == "RGB"
+    good = written["good.jpg"]
+    assert good["jpg"] == items["good.jpg"][0]  # untouched files keep their bytes
+    for s in samples.values():
+        assert "." not in s["__key__"] and "/" not in s["__key__"]
+
+
+def test_prepare_image_dofn_with_test_pipeline():
+    good = jpeg()
+    records = [{"source": "a.jpg", "data": good, "caption": "c"}, {"source": "b.jpg", "data": b"", "caption": "c"}]
+    with TestPipeline() as p:
+        out = p | beam.Create(records) | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED,
+                                                                                                       main="ok")
+        assert_that(out.ok | beam.Map(lambda s: (s["key"], s["ext"], s["width"])),
+                    equal_to([(content_key(good), "jpg", 40)]), label="ok")
+        assert_that(out[FAILED] | beam.Map(lambda r: (r["source"], r["reason"])), equal_to([("b.jpg", "empty")]),
+                    label="failed")
+
+
+def test_keep_one_dofn_keeps_the_smallest_source():
+    with TestPipeline() as p:
+        out = (p | beam.Create([("k", [{"source": "z"}, {"source": "a"}, {"source": "m"}])])
+               | beam.ParDo(KeepOne()).with_outputs(KeepOne.DUPLICATES, main="unique"))
+        assert_that(out.unique | beam.Map(lambda s: s["source"]), equal_to(["a"]), label="unique")
+        assert_that(out[KeepOne.DUPLICATES], equal_to(["m", "z"]), label="dups")
+
+
+# ---------------------------------------------------------------- other input kinds
+
+def test_tar_shards_input_with_a_corrupt_shard(toy_world, tmp_path):
+    images = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))[:12]
+    (tmp_path / "in").mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / "in" / f"src-{shard:03d}.tar")) as sink:
+            for img in images[shard * 6:(shard + 1) * 6]:
+                caption_field = {"txt": img.with_suffix(".txt").read_text()} if shard == 0 else {
+                    "json": {"caption": img.with_suffix(".txt").read_text()}}  # img2dataset style
+                sink.write({"__key__": img.stem, img.suffix[1:]: img.read_bytes(), **caption_field})
+    whole = (tmp_path / "in" / "src-001.tar").read_bytes()
+    (tmp_path / "in" / "src-001.tar").write_bytes(whole[: len(whole) // 2 + 100])  # cut mid-member
+    out = tmp_path / "out"
+    stats = run(["--input", str(tmp_path / "in" / "src-{000..001}.tar"), "--output", str(out), *BEAM])
+    failed = pq.read_table(out / "failed.parquet").to_pylist()
+    assert any(r["reason"] == "corrupt_tar" and r["source"].endswith("src-001.tar") for r in failed)
+    samples = read_dataset(out)
+    assert 6 <= len(samples) < 12  # shard 0 whole, shard 1 up to the cut
+    sources = [json.loads(s["json"])["source"] for s in samples.values()]
+    assert sum(s.split("::")[0].endswith("src-000.tar") for s in sources) == 6
+    assert all(s["txt"] for s in samples.values())
+    assert stats["written"] == len(samples)
+
+
+def test_parquet_input_with_relative_paths(toy_world, tmp_path):
+    images = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))[:5]
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for img in images:
+        (tmp_path / "imgs" / img.name).write_bytes(img.read_bytes())
+        rows.append({"path": f"imgs/{img.name}", "caption": f"caption of {img.stem}"})
+    rows.append({"path": "imgs/missing.jpg", "caption": "gone"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
+    out = tmp_path / "out"
+    stats = run(["--input", str(tmp_path / "list.parquet"), "--output", str(out), *BEAM])
+    assert stats["written"] == 5 and stats["failed_by_reason"] == {"unreadable": 1}
+    captions = sorted(s["txt"].decode() for s in read_dataset(out).values())
+    assert captions == sorted(f"caption of {img.stem}" for img in images)
+
+
+# ---------------------------------------------------------------- kill -9 and rerun
+
+def test_killed_job_rerun_writes_every_input_exactly_once(toy_world, tmp_path):
+    cmd = [sys.executable, "beam_runner.py", "caption", "--input", str(toy_world / "images"),
+           "--output", str(tmp_path / "out"), "--shard-size", "2", *BEAM]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    shards = tmp_path / "out" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.tar"))) < 3 and proc.poll() is None:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(shards.glob("*.tar")))
+    print(f"killed with {partial} shards committed")
+    for tar_path in shards.glob("*.tar"):  # whatever a reader can see is a whole shard
+        with tarfile.open(tar_path) as tar:
+            tar.getmembers()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    samples = read_dataset(tmp_path / "out")
+    assert len(samples) == 48
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["written"] == 48 and stats["shards_written_this_run"] == stats["shards"] - partial
+    assert 0 < partial < stats["shards"], "the kill must land while shards are being written"
+    assert not list(shards.glob("*.tmp-*"))
