@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "toy": ("toyworld.cli", "render the procedural toy world and its held-out benchmarks"),
     "caption": ("pipeline.caption", "caption images into WebDataset shards (Beam)"),
+    "inspect": ("pipeline.inspect", "validate a caption or triplet dataset against SPEC.md and summarise it"),
 }
 
 
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beam_runner.py: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    module.run(rest)
-    return 0
+    result = module.run(rest)
+    return result if isinstance(result, int) else 0  # inspect returns its exit status; jobs return stats
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ def toy_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy") / "world"
     run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7"])
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_captions(toy_world, tmp_path_factory):
+    """The toy world's images through the caption job (sidecar captions, shards of 10): (dir, stats)."""
+    from pipeline.caption import run
+
+    out = tmp_path_factory.mktemp("cap") / "toy"
+    stats = run(["--input", str(toy_world / "images"), "--output", str(out), "--shard-size", "10",
+                 "--runner", "DirectRunner"])
+    return out, stats

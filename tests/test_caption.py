@@ -44,13 +44,6 @@ def image_ext(sample: dict) -> str:
     return next(e for e in ("jpg", "png", "webp") if e in sample)
 
 
-@pytest.fixture(scope="module")
-def toy_captions(toy_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cap") / "toy"
-    stats = run(["--input", str(toy_world / "images"), "--output", str(out), "--shard-size", "10", *BEAM])
-    return out, stats
-
-
 # ---------------------------------------------------------------- the toy world through the job
 
 def test_toy_world_captions_follow_the_spec(toy_world, toy_captions):
