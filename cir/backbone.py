@@ -82,7 +82,7 @@ def _resolve_local_dir(path: Path) -> tuple[dict, dict]:
     return config["model_cfg"], config.get("preprocess_cfg", {})
 
 
-def _open_clip_name(model: str) -> tuple[str, Optional[dict]]:
+def resolve_model_name(model: str) -> tuple[str, Optional[dict]]:
     """Map a user's model string to open_clip's name; local directories get the 'local-dir:' schema."""
     if model.startswith("local-dir:"):
         model = model[len("local-dir:"):]
@@ -110,7 +110,7 @@ def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str
     pretrained: with an architecture name, an open_clip tag ('openai', 'laion2b_s34b_b79k') or a weights
         file; None means random initialisation (seeded by `seed`, for the tiny architectures).
     """
-    name, model_cfg = _open_clip_name(model)
+    name, model_cfg = resolve_model_name(model)
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags and not os.path.isfile(pretrained):

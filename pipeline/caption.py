@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from cir import dataset as ds
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
+from pipeline.models import check_model_reference, npy_bytes
 from pipeline.sources import FAILED, ReadInputs
 
 LOG = logging.getLogger("pipeline.caption")
@@ -34,6 +35,14 @@ class CaptionConfig:
     input: str  # directory, glob, tar shards or parquet of paths
     output: str  # dataset directory
     captioner: str = "sidecar"  # 'sidecar' (existing text) or an HF image-to-text model id / directory
+    prompt: str = ""  # text prompt for the captioner (BLIP: "a picture of")
+    max_new_tokens: int = 30  # generation length
+    num_beams: int = 1  # beam search width
+    num_captions: int = 1  # candidates per image; with --clip the one CLIP ranks highest is kept
+    clip: Optional[str] = None  # CLIP model for emb.npy (open_clip name, hf-hub: id, directory, tiny name)
+    clip_pretrained: Optional[str] = None  # open_clip pretrained tag or weights file for --clip
+    batch_size: int = 16  # RunInference max batch size
+    device: str = "cpu"  # torch device for the models
     shard_size: int = 1000  # target samples per shard
     shard_prefix: str = "part"  # shards/{prefix}-{00000}.tar
     min_size: int = 1  # images with a side below this are dropped
@@ -51,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="directory, glob, *.tar shards or a parquet of paths")
     p.add_argument("--output", required=True, help="dataset directory (local path or gs://...)")
     p.add_argument("--captioner", default=d.captioner, help="'sidecar' or an HF image-to-text model")
+    p.add_argument("--prompt", default=d.prompt, help="captioner text prompt")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--num-beams", type=int, default=d.num_beams)
+    p.add_argument("--num-captions", type=int, default=d.num_captions,
+                   help="caption candidates per image; with --clip the best-matching one is kept")
+    p.add_argument("--clip", default=d.clip, help="CLIP model for L2-normalised image embeddings (emb.npy)")
+    p.add_argument("--clip-pretrained", default=d.clip_pretrained, help="open_clip tag or weights for --clip")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="model batch size (RunInference)")
+    p.add_argument("--device", default=d.device, help="torch device for the models (cpu, cuda)")
     p.add_argument("--shard-size", type=int, default=d.shard_size)
     p.add_argument("--shard-prefix", default=d.shard_prefix)
     p.add_argument("--min-size", type=int, default=d.min_size)
@@ -121,18 +139,92 @@ class AssignShard(beam.DoFn):
         yield {**sample, "shard": shard}
 
 
-class SidecarCaptioner(beam.DoFn):
-    """Use the caption that came with the image; none (or blank) is a failed row, never an empty caption."""
+class SidecarCandidates(beam.DoFn):
+    """The caption that came with the image is the only candidate."""
 
-    name = "sidecar"
+    def process(self, sample: dict) -> Iterator[dict]:
+        caption = (sample.get("caption") or "").strip()
+        yield {**sample, "candidates": [caption] if caption else []}
+
+
+def _with_candidates(result) -> dict:
+    """RunInference(HFCaptionerHandler) output -> the sample with its caption candidates."""
+    return {**result.example, "candidates": [c for c in result.inference if c.strip()]}
+
+
+def _with_embedding(result) -> dict:
+    return {**result.example, "emb": result.inference}
+
+
+class ChooseCaption(beam.DoFn):
+    """Keep one caption per sample; none is a failed row (never an empty caption).
+
+    With several candidates and a CLIP embedding of the image, the candidate whose CLIP text embedding is
+    closest to the image embedding wins; otherwise the first (the most likely under beam search).
+    """
+
+    def __init__(self, captioner: str, clip: Optional[str], clip_pretrained: Optional[str], device: str):
+        self.captioner, self.clip, self.clip_pretrained, self.device = captioner, clip, clip_pretrained, device
+        self.backbone = None
+
+    def setup(self):
+        if self.clip:
+            from cir.backbone import create_backbone
+
+            self.backbone = create_backbone(self.clip, self.clip_pretrained, device=self.device)
+            self.backbone.model.eval()
 
     def process(self, sample: dict) -> Iterator:
-        caption = (sample.get("caption") or "").strip()
-        if not caption:
-            yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", "no_caption",
-                                                                    "no sidecar caption"), "shard": sample["shard"]})
+        candidates = sample.pop("candidates")
+        if not candidates:
+            reason, message = ("no_caption", "no sidecar caption") if self.captioner == "sidecar" else (
+                "empty_caption", f"{self.captioner} generated only empty text")
+            yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", reason, message),
+                                                    "shard": sample["shard"]})
             return
-        yield {**sample, "caption": caption, "captioner": self.name}
+        caption = candidates[0]
+        if len(candidates) > 1 and self.backbone is not None and "emb" in sample:
+            caption = candidates[self._best(candidates, sample["emb"])]
+        yield {**sample, "caption": caption, "captioner": self.captioner}
+
+    def _best(self, candidates: list[str], emb) -> int:
+        import torch
+
+        with torch.no_grad():
+            text = self.backbone.model.encode_text(self.backbone.tokenizer(candidates).to(self.device), normalize=True)
+        scores = text.float().cpu() @ torch.as_tensor(emb, dtype=torch.float32)  # [num_candidates]
+        return int(scores.argmax())
+
+
+class Caption(beam.PTransform):
+    """samples -> captioned samples (+ emb) and failed rows (tag 'failed', with their shard)."""
+
+    def __init__(self, cfg: CaptionConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, samples):
+        from apache_beam.ml.inference.base import RunInference
+
+        from pipeline.models import ClipImageEmbedHandler, HFCaptionerHandler
+
+        cfg = self.cfg
+        if cfg.captioner == "sidecar":
+            with_candidates = samples | "SidecarCaption" >> beam.ParDo(SidecarCandidates())
+        else:
+            handler = HFCaptionerHandler(cfg.captioner, prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                                         num_beams=cfg.num_beams, num_return_sequences=cfg.num_captions,
+                                         device=cfg.device, batch_size=cfg.batch_size)
+            with_candidates = (samples | "Captioner" >> RunInference(handler)
+                               | "Candidates" >> beam.Map(_with_candidates))
+        if cfg.clip:
+            handler = ClipImageEmbedHandler(cfg.clip, cfg.clip_pretrained, device=cfg.device,
+                                            batch_size=cfg.batch_size)
+            with_candidates = (with_candidates | "ClipEmbed" >> RunInference(handler)
+                               | "Embedding" >> beam.Map(_with_embedding))
+        return with_candidates | "Choose" >> beam.ParDo(
+            ChooseCaption(cfg.captioner, cfg.clip if cfg.num_captions > 1 else None, cfg.clip_pretrained,
+                          cfg.device)).with_outputs(FAILED, main="ok")
 
 
 def to_webdataset(sample: dict) -> dict:
@@ -140,7 +232,10 @@ def to_webdataset(sample: dict) -> dict:
             "sha256": sample["sha256"], "caption": sample["caption"], "captioner": sample["captioner"]}
     if sample.get("reencoded"):
         meta["reencoded"] = sample["reencoded"]
-    return {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
+    out = {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
+    if sample.get("emb") is not None:
+        out["emb.npy"] = npy_bytes(sample["emb"])
+    return out
 
 
 def index_row(sample: dict, shard_name: str) -> dict:
@@ -209,9 +304,7 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
     unique_count = dedup.unique | "CountUnique" >> beam.combiners.Count.Globally()
     assigned = dedup.unique | "AssignShard" >> beam.ParDo(
         AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix), beam.pvalue.AsSingleton(unique_count))
-    if cfg.captioner != "sidecar":
-        raise NotImplementedError("model captioners arrive in a later slice; use --captioner sidecar")
-    captioned = assigned | "Caption" >> beam.ParDo(SidecarCaptioner()).with_outputs(FAILED, main="ok")
+    captioned = assigned | "Caption" >> Caption(cfg)
     shard_items = ((captioned.ok | "SampleItems" >> beam.Map(_as_sample),
                     captioned[FAILED] | "FailedItems" >> beam.Map(_as_failed))
                    | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey())
@@ -240,14 +333,29 @@ def prepare_output(cfg: CaptionConfig, argv: list[str], overwrite: bool) -> None
         FileSystems.delete([cfg.output])
     ds.write_json(card_path, {"schema_version": ds.SCHEMA_VERSION, "kind": KIND, "config": config,
                               "command": ["beam_runner.py", "caption", *argv],
-                              "models": {"captioner": cfg.captioner}})
+                              "models": {"captioner": cfg.captioner, "clip": cfg.clip,
+                                         "clip_pretrained": cfg.clip_pretrained}})
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
-    if known.shard_size < 1:
-        parser.error("--shard-size must be at least 1")
+    for flag in ("shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams"):
+        if getattr(known, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    try:
+        if known.captioner != "sidecar":
+            check_model_reference(known.captioner, "captioner")
+        if known.clip:
+            check_model_reference(known.clip, "CLIP")
+            from cir.backbone import BackboneError, resolve_model_name
+
+            try:
+                resolve_model_name(known.clip)
+            except BackboneError as err:
+                raise ValueError(str(err)) from err
+    except ValueError as err:
+        parser.error(str(err))
     cfg = CaptionConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     options = PipelineOptions(pipeline_args)
     unknown = unknown_beam_flags(options)
