@@ -13,8 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def step(name: str, done_marker: Path, cmd: list[str]) -> None:
-    if done_marker.exists():
+def step(name: str, done_marker: Path | None, cmd: list[str]) -> None:
+    """Run `cmd` unless `done_marker` exists (None: a cheap check that always runs)."""
+    if done_marker is not None and done_marker.exists():
         print(f"[demo] {name}: done already ({done_marker})")
         return
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
@@ -33,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
          [sys.executable, "beam_runner.py", "toy", "--output", str(toy), "--num-images", str(args.num_images),
           "--seed", str(args.seed)])
     print(f"[demo] toy world: training images in {toy / 'images'}, benchmarks in {toy / 'bench'}")
-    print("[demo] next steps (caption, synthesis, training, eval) arrive with their issues; see README")
+    captions = out / "captions"
+    step("caption job (sidecar captions)", captions / "stats.json",
+         [sys.executable, "beam_runner.py", "caption", "--input", str(toy / "images"), "--output", str(captions),
+          "--shard-size", "500", "--runner", "DirectRunner", "--direct_num_workers", "2",
+          "--direct_running_mode", "multi_threading"])
+    step("inspect the caption dataset", None, [sys.executable, "beam_runner.py", "inspect", str(captions)])
+    print(f"[demo] caption dataset: {captions}")
+    print("[demo] next steps (synthesis, training, eval) arrive with their issues; see README")
     return 0
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import uuid
 from typing import Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -147,3 +149,17 @@ def versions() -> dict:
 
     return {"apache_beam": apache_beam.__version__, "pillow": PIL.__version__, "pyarrow": pa.__version__,
             "webdataset": getattr(webdataset, "__version__", "unknown"), "schema_version": SCHEMA_VERSION}
+
+
+def npy_bytes(vector: np.ndarray) -> bytes:
+    """`.npy` bytes, never pickled (SPEC: readers load with allow_pickle=False)."""
+    buf = io.BytesIO()
+    np.save(buf, vector, allow_pickle=False)
+    return buf.getvalue()
+
+
+def check_model_reference(name: str, what: str) -> None:
+    """Fail before the job starts when a model that looks like a local path is not there."""
+    # "org/name" is a hub id; only explicit paths are checked here (hub ids fail in load_model, offline).
+    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"{what} model not found: {name}")

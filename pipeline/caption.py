@@ -23,7 +23,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from cir import dataset as ds
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
-from pipeline.models import check_model_reference, npy_bytes
 from pipeline.sources import FAILED, ReadInputs
 
 LOG = logging.getLogger("pipeline.caption")
@@ -204,11 +203,11 @@ class Caption(beam.PTransform):
         self.cfg = cfg
 
     def expand(self, samples):
-        from apache_beam.ml.inference.base import RunInference
-
-        from pipeline.models import ClipImageEmbedHandler, HFCaptionerHandler
-
         cfg = self.cfg
+        if cfg.captioner != "sidecar" or cfg.clip:  # Beam's ml package is slow to import: only when needed
+            from apache_beam.ml.inference.base import RunInference
+
+            from pipeline.models import ClipImageEmbedHandler, HFCaptionerHandler
         if cfg.captioner == "sidecar":
             with_candidates = samples | "SidecarCaption" >> beam.ParDo(SidecarCandidates())
         else:
@@ -234,7 +233,7 @@ def to_webdataset(sample: dict) -> dict:
         meta["reencoded"] = sample["reencoded"]
     out = {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
     if sample.get("emb") is not None:
-        out["emb.npy"] = npy_bytes(sample["emb"])
+        out["emb.npy"] = ds.npy_bytes(sample["emb"])
     return out
 
 
@@ -345,9 +344,9 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         if known.captioner != "sidecar":
-            check_model_reference(known.captioner, "captioner")
+            ds.check_model_reference(known.captioner, "captioner")
         if known.clip:
-            check_model_reference(known.clip, "CLIP")
+            ds.check_model_reference(known.clip, "CLIP")
             from cir.backbone import BackboneError, resolve_model_name
 
             try:

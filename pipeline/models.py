@@ -8,12 +8,15 @@ bytes (`sample["data"]`) and returns one prediction per sample, so no join is ne
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Iterable, Optional, Sequence
+
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from PIL import Image
+
+# Importing apache_beam.ml costs seconds (it pulls in ML frameworks): jobs import this module only where a
+# model runs, so the sidecar path does not pay for it.
 
 
 def _images(batch: Sequence[dict]) -> list[Image.Image]:
@@ -22,13 +25,6 @@ def _images(batch: Sequence[dict]) -> list[Image.Image]:
 
 def _num_bytes(batch: Sequence[dict]) -> int:
     return sum(len(s["data"]) for s in batch)
-
-
-def npy_bytes(vector: np.ndarray) -> bytes:
-    """`.npy` bytes, never pickled (SPEC: readers load with allow_pickle=False)."""
-    buf = io.BytesIO()
-    np.save(buf, vector, allow_pickle=False)
-    return buf.getvalue()
 
 
 class HFCaptionerHandler(ModelHandler[dict, list, Any]):
@@ -115,10 +111,3 @@ class ClipImageEmbedHandler(ModelHandler[dict, np.ndarray, Any]):
 
     def get_metrics_namespace(self) -> str:
         return "clip_embed"
-
-
-def check_model_reference(name: str, what: str) -> None:
-    """Fail before the job starts when a model that looks like a local path is not there."""
-    # "org/name" is a hub id; only explicit paths are checked here (hub ids fail in load_model, offline).
-    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
-        raise ValueError(f"{what} model not found: {name}")

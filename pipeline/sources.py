@@ -40,11 +40,16 @@ def file_pattern(src: str) -> str:
     """A directory means everything below it; anything else is taken as a glob."""
     if any(ch in src for ch in "*?["):
         return src
-    try:
-        is_dir = FileSystems.match([FileSystems.join(src, "*")])[0].metadata_list != [] or src.endswith("/")
-    except Exception:
-        is_dir = False
-    return FileSystems.join(src.rstrip("/"), "**") if is_dir else src
+    is_dir = src.endswith("/")  # the only way to say "directory" for object stores without listing them
+    if not is_dir:
+        try:
+            is_dir = FileSystems.match([FileSystems.join(src, "*")])[0].metadata_list != []
+        except Exception:  # no such path or a filesystem that cannot list here: take it as a glob
+            is_dir = False
+    if not is_dir:
+        return src
+    # Plain string join for URLs: building the job must not need the remote filesystem's client library.
+    return src.rstrip("/") + "/**" if "://" in src else FileSystems.join(src, "**")
 
 
 def expand_braces(pattern: str) -> list[str]:

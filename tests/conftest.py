@@ -40,13 +40,13 @@ def toy_captions(toy_world, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
-    from tests.tiny_models import make_tiny_blip
+    from cir.tiny_models import make_tiny_blip
 
     return make_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from tests.tiny_models import make_tiny_clip
+    from cir.tiny_models import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")

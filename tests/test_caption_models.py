@@ -12,7 +12,7 @@ from PIL import Image
 
 from cir.backbone import create_backbone
 from pipeline.caption import run
-from tests.tiny_models import TINY_BLIP_WORDS
+from cir.tiny_models import TINY_BLIP_WORDS
 
 BEAM = ["--runner", "DirectRunner"]
 
