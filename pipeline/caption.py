@@ -19,9 +19,9 @@ from typing import Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from cir import dataset as ds
+from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
 from pipeline.sources import FAILED, ReadInputs
 
@@ -118,24 +118,6 @@ class KeepOne(beam.DoFn):
         yield samples[0]
         for dup in samples[1:]:
             yield beam.pvalue.TaggedOutput(self.DUPLICATES, dup["source"])
-
-
-class AssignShard(beam.DoFn):
-    """Attach the shard index; drop samples whose shard is already committed (resume)."""
-
-    def __init__(self, output: str, shard_size: int, prefix: str):
-        self.output, self.shard_size, self.prefix = output, shard_size, prefix
-        self.skipped = Metrics.counter(KIND, "skipped_complete_shard")
-
-    def setup(self):
-        self.done = set(ds.complete_shards(self.output))
-
-    def process(self, sample: dict, unique_count: int) -> Iterator:
-        shard = ds.shard_of(sample["key"], ds.num_shards_for(unique_count, self.shard_size))
-        if ds.shard_name(self.prefix, shard) in self.done:
-            self.skipped.inc()
-            return
-        yield {**sample, "shard": shard}
 
 
 class SidecarCandidates(beam.DoFn):
@@ -243,53 +225,15 @@ def index_row(sample: dict, shard_name: str) -> dict:
             "caption": sample["caption"], "captioner": sample["captioner"], "reencoded": sample.get("reencoded")}
 
 
-class WriteShard(beam.DoFn):
-    """(shard, [samples and failed rows]) -> one committed shard; yields its name."""
-
-    def __init__(self, output: str, prefix: str):
-        self.output, self.prefix = output, prefix
-        self.written = Metrics.counter(KIND, "written")
-
-    def process(self, element) -> Iterator[str]:
-        shard, items = element
-        samples = [i["sample"] for i in items if "sample" in i]
-        failed = [i["failed"] for i in items if "failed" in i]
-        name = ds.shard_name(self.prefix, shard)
-        ds.write_shard(self.output, self.prefix, shard, [to_webdataset(s) for s in samples],
-                       [index_row(s, name) for s in samples], failed)
-        self.written.inc(len(samples))
-        LOG.info("wrote shard %s: %d samples, %d failed", name, len(samples), len(failed))
-        yield name
-
-
-def _as_sample(sample: dict) -> tuple[int, dict]:
-    return sample["shard"], {"sample": sample}
-
-
-def _as_failed(row: dict) -> tuple[int, dict]:
-    row = dict(row)
-    return row.pop("shard"), {"failed": row}
-
-
 class Finalize(beam.DoFn):
     """Runs once after every shard is written (its side inputs depend on them)."""
 
-    def __init__(self, cfg: CaptionConfig, started: float):
-        self.cfg, self.started = cfg, started
+    def __init__(self, output: str, started: float):
+        self.output, self.started = output, started
 
     def process(self, _, written: list, early_failed: list, inputs: int, duplicates: int) -> Iterator[dict]:
-        ds.remove_temp_files(self.cfg.output)
-        index, failed = ds.merge_sidecars(self.cfg.output, early_failed)
-        by_reason: dict[str, int] = {}
-        for reason in failed.column("reason").to_pylist():
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-        stats = {"inputs": inputs, "written": index.num_rows, "failed": sum(by_reason.values()),
-                 "failed_by_reason": dict(sorted(by_reason.items())), "duplicates": duplicates,
-                 "shards": len(ds.complete_shards(self.cfg.output)), "shards_written_this_run": len(written),
-                 "seconds": round(time.time() - self.started, 2), "versions": ds.versions()}
-        ds.write_json(ds.join(self.cfg.output, "stats.json"), stats)
-        LOG.info("caption job: %s", {k: v for k, v in stats.items() if k != "versions"})
-        yield stats
+        yield jobs.finalize(self.output, self.started, written, early_failed,
+                            {"inputs": inputs, "duplicates": duplicates}, LOG.name)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -302,46 +246,24 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
              | "KeepOne" >> beam.ParDo(KeepOne()).with_outputs(KeepOne.DUPLICATES, main="unique"))
     unique_count = dedup.unique | "CountUnique" >> beam.combiners.Count.Globally()
     assigned = dedup.unique | "AssignShard" >> beam.ParDo(
-        AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix), beam.pvalue.AsSingleton(unique_count))
+        jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND), beam.pvalue.AsSingleton(unique_count))
     captioned = assigned | "Caption" >> Caption(cfg)
-    shard_items = ((captioned.ok | "SampleItems" >> beam.Map(_as_sample),
-                    captioned[FAILED] | "FailedItems" >> beam.Map(_as_failed))
-                   | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey())
-    written = shard_items | "WriteShards" >> beam.ParDo(WriteShard(cfg.output, cfg.shard_prefix))
+    written = jobs.write_shards(captioned.ok, captioned[FAILED], cfg.output, cfg.shard_prefix, to_webdataset,
+                                index_row, LOG.name)
     early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
     inputs = ((read.records, read[FAILED]) | "AllInputs" >> beam.Flatten()
               | "CountInputs" >> beam.combiners.Count.Globally())
     duplicates = dedup[KeepOne.DUPLICATES] | "CountDuplicates" >> beam.combiners.Count.Globally()
     return (p | "Once" >> beam.Create([None])
-            | "Finalize" >> beam.ParDo(Finalize(cfg, started), beam.pvalue.AsList(written),
+            | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                        beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),
                                        beam.pvalue.AsSingleton(duplicates)))
-
-
-def prepare_output(cfg: CaptionConfig, argv: list[str], overwrite: bool) -> None:
-    """Refuse to mix two different jobs in one directory; record what this job is before it starts."""
-    card_path = ds.join(cfg.output, "dataset.json")
-    card = ds.read_json(card_path)
-    config = asdict(cfg)
-    if card is not None and card.get("config") != config:
-        if not overwrite:
-            raise ValueError(f"{cfg.output} holds a dataset made with another configuration "
-                             f"({card.get('config')}); use a new --output or pass --overwrite")
-        from apache_beam.io.filesystems import FileSystems
-
-        FileSystems.delete([cfg.output])
-    ds.write_json(card_path, {"schema_version": ds.SCHEMA_VERSION, "kind": KIND, "config": config,
-                              "command": ["beam_runner.py", "caption", *argv],
-                              "models": {"captioner": cfg.captioner, "clip": cfg.clip,
-                                         "clip_pretrained": cfg.clip_pretrained}})
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
-    for flag in ("shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams"):
-        if getattr(known, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    jobs.check_positive(parser, known, "shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams")
     try:
         if known.captioner != "sidecar":
             ds.check_model_reference(known.captioner, "captioner")
@@ -356,31 +278,15 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     except ValueError as err:
         parser.error(str(err))
     cfg = CaptionConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
-    options = PipelineOptions(pipeline_args)
-    unknown = unknown_beam_flags(options)
-    if unknown:
-        parser.error(f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
-    options.view_as(SetupOptions).save_main_session = save_main_session
+    options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
+    card = {"kind": KIND, "config": asdict(cfg),
+            "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
+            "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}}
     try:
-        prepare_output(cfg, argv if argv is not None else sys.argv[1:], known.overwrite)
+        jobs.prepare_output(cfg.output, card, known.overwrite)
     except ValueError as err:
         parser.error(str(err))
-    if not LOG.handlers:  # progress lines on stderr without turning on Beam's own INFO chatter
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        LOG.addHandler(handler)
-        LOG.setLevel(logging.INFO)
-        LOG.propagate = False
-    started = time.time()
+    jobs.progress_logger(LOG.name)
     p = test_pipeline or beam.Pipeline(options=options)
-    build(p, cfg, started)
-    p.run().wait_until_finish()
-    return ds.read_json(ds.join(cfg.output, "stats.json")) or {}
-
-
-def unknown_beam_flags(options: PipelineOptions) -> list[str]:
-    """Flags that neither we nor any registered PipelineOptions know: a typo, not a pass-through."""
-    known = set(options.get_all_options())
-    return sorted(set(options.get_all_options(retain_unknown_options=True)) - known)
+    build(p, cfg, time.time())
+    return jobs.run_and_read_stats(p, cfg.output)

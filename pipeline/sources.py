@@ -12,7 +12,6 @@ become `failed` rows instead. Supported inputs (`--input`):
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from typing import Iterator, Optional

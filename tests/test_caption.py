@@ -240,3 +240,22 @@ def test_killed_job_rerun_writes_every_input_exactly_once(toy_world, tmp_path):
     assert stats["written"] == 48 and stats["shards_written_this_run"] == stats["shards"] - partial
     assert 0 < partial < stats["shards"], "the kill must land while shards are being written"
     assert not list(shards.glob("*.tmp-*"))
+
+
+def test_damaged_header_in_the_middle_of_a_tar_is_reported(toy_world, tmp_path):
+    images = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))[:6]
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "src.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for img in images:
+            sink.write({"__key__": img.stem, img.suffix[1:]: img.read_bytes(), "txt": "a caption"})
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        fourth = [m for m in tar.getmembers()][6]  # header of the 4th sample's first member
+    data[fourth.offset:fourth.offset + 100] = b"\xff" * 100  # garbage name field: the checksum fails
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), *BEAM])
+    failed = pq.read_table(out / "failed.parquet").to_pylist()
+    assert [r["reason"] for r in failed] == ["corrupt_tar"] and "damaged header" in failed[0]["error"]
+    assert stats["written"] == 3  # the samples before the damage are kept

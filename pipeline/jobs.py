@@ -1,0 +1,154 @@
+"""Plumbing shared by the Beam jobs that write datasets (caption, synth): options, shard assignment with
+resume, atomic shard writing, the dataset card and the final stats.
+
+The dataset itself is specified in `cir.dataset`; this module is the Beam side of it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Callable, Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from cir import dataset as ds
+
+
+def pipeline_options(parser: argparse.ArgumentParser, pipeline_args: list[str],
+                     save_main_session: bool) -> PipelineOptions:
+    """Beam options from the flags we did not parse; DirectRunner unless told otherwise; typos are errors."""
+    options = PipelineOptions(pipeline_args)
+    known = set(options.get_all_options())
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - known)
+    if unknown:
+        parser.error(f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    return options
+
+
+def progress_logger(name: str) -> logging.Logger:
+    """Progress lines on stderr without turning on Beam's own INFO chatter."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def prepare_output(output: str, card: dict, overwrite: bool) -> None:
+    """Refuse to mix two different jobs in one directory; write the dataset card before the job starts.
+
+    A rerun with the same `card["config"]` resumes; another config needs `overwrite`, which deletes the
+    old dataset first.
+    """
+    card_path = ds.join(output, "dataset.json")
+    old = ds.read_json(card_path)
+    if old is not None and (old.get("config") != card["config"] or old.get("kind") != card["kind"]):
+        if not overwrite:
+            raise ValueError(f"{output} holds a {old.get('kind')} dataset made with another configuration "
+                             f"({old.get('config')}); use a new --output or pass --overwrite")
+        from apache_beam.io.filesystems import FileSystems
+
+        FileSystems.delete([output])
+    ds.write_json(card_path, {"schema_version": ds.SCHEMA_VERSION, **card})
+
+
+class AssignShard(beam.DoFn):
+    """Attach the shard index to each item; drop items whose shard is already committed (resume).
+
+    The shard depends only on the item's key and the total count, so a rerun on the same input assigns
+    the same shards and skips the finished ones *before* any expensive step downstream.
+    """
+
+    def __init__(self, output: str, shard_size: int, prefix: str, namespace: str):
+        self.output, self.shard_size, self.prefix = output, shard_size, prefix
+        self.skipped = Metrics.counter(namespace, "skipped_complete_shard")
+
+    def setup(self):
+        self.done = set(ds.complete_shards(self.output))
+
+    def process(self, item: dict, count: int) -> Iterator[dict]:
+        shard = ds.shard_of(item["key"], ds.num_shards_for(count, self.shard_size))
+        if ds.shard_name(self.prefix, shard) in self.done:
+            self.skipped.inc()
+            return
+        yield {**item, "shard": shard}
+
+
+def as_sample(sample: dict) -> tuple[int, dict]:
+    return sample["shard"], {"sample": sample}
+
+
+def as_failed(row: dict) -> tuple[int, dict]:
+    row = dict(row)
+    return row.pop("shard"), {"failed": row}
+
+
+class WriteShard(beam.DoFn):
+    """(shard, [{"sample": ...} | {"failed": ...}]) -> one committed shard; yields its name.
+
+    to_webdataset(sample) -> webdataset dict and index_row(sample, shard_name) -> index row are
+    module-level functions of the job (picklable).
+    """
+
+    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str):
+        self.output, self.prefix, self.log_name = output, prefix, log_name
+        self.to_webdataset, self.index_row = to_webdataset, index_row
+        self.written = Metrics.counter(log_name, "written")
+
+    def process(self, element) -> Iterator[str]:
+        shard, items = element
+        samples = [i["sample"] for i in items if "sample" in i]
+        failed = [i["failed"] for i in items if "failed" in i]
+        name = ds.shard_name(self.prefix, shard)
+        ds.write_shard(self.output, self.prefix, shard, [self.to_webdataset(s) for s in samples],
+                       [self.index_row(s, name) for s in samples], failed)
+        self.written.inc(len(samples))
+        logging.getLogger(self.log_name).info("wrote shard %s: %d samples, %d failed", name, len(samples),
+                                              len(failed))
+        yield name
+
+
+def write_shards(good, failed, output: str, prefix: str, to_webdataset: Callable, index_row: Callable,
+                 log_name: str):
+    """Group samples and their shard's failed rows by shard and write each shard once."""
+    return ((good | "SampleItems" >> beam.Map(as_sample), failed | "FailedItems" >> beam.Map(as_failed))
+            | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShard(output, prefix, to_webdataset, index_row, log_name)))
+
+
+def finalize(output: str, started: float, written_now: list, early_failed: list, extra: dict,
+             log_name: str) -> dict:
+    """Merge the shards' sidecars into index.parquet / failed.parquet and write stats.json."""
+    ds.remove_temp_files(output)
+    index, failed = ds.merge_sidecars(output, early_failed)
+    by_reason: dict[str, int] = {}
+    for reason in failed.column("reason").to_pylist():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    stats = {"written": index.num_rows, "failed": sum(by_reason.values()),
+             "failed_by_reason": dict(sorted(by_reason.items())), **extra,
+             "shards": len(ds.complete_shards(output)), "shards_written_this_run": len(written_now),
+             "seconds": round(time.time() - started, 2), "versions": ds.versions()}
+    ds.write_json(ds.join(output, "stats.json"), stats)
+    logging.getLogger(log_name).info("%s: %s", log_name, {k: v for k, v in stats.items() if k != "versions"})
+    return stats
+
+
+def run_and_read_stats(p: beam.Pipeline, output: str) -> dict:
+    p.run().wait_until_finish()
+    return ds.read_json(ds.join(output, "stats.json")) or {}
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        value: Optional[int] = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")

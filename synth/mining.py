@@ -1,0 +1,128 @@
+"""Pair mining: nearest neighbours by CLIP image embedding and caption similarity, kept in a band.
+
+Pure numpy (+ faiss when installed and the set is large), so the Beam job and `bench/` call the same code.
+Features are L2-normalised; the combined vector [sqrt(w) * image, sqrt(1 - w) * text] has inner product
+w * cos_image + (1 - w) * cos_text, so one k-NN search serves any weighting.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+WORD_RE = re.compile(r"[a-z0-9]+")
+EXACT_BUDGET_FLOATS = 32 * 1024 * 1024  # similarity block of the exact search: 128 MB of float32
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def hashed_tfidf(captions: list[str], dim: int = 1024) -> np.ndarray:
+    """TF-IDF of unigrams and bigrams, hashed into `dim` buckets (crc32: stable across processes, unlike
+    Python's salted hash), L2-normalised: [N, dim] float32. IDF comes from these captions, so words every
+    caption shares ("a photo of", "background") weigh little and the words that differ decide."""
+    counts = np.zeros((len(captions), dim), dtype=np.float32)
+    for i, text in enumerate(captions):
+        words = WORD_RE.findall(text.lower())
+        for g in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+            counts[i, zlib.crc32(g.encode()) % dim] += 1.0
+    df = (counts > 0).sum(axis=0)
+    idf = np.log((1.0 + len(captions)) / (1.0 + df)) + 1.0
+    return normalise(np.sqrt(counts) * idf)
+
+
+def combine(image: Optional[np.ndarray], text: Optional[np.ndarray], image_weight: float) -> np.ndarray:
+    parts = []
+    if image is not None and image_weight > 0:
+        parts.append(np.sqrt(image_weight) * normalise(image))
+    if text is not None and image_weight < 1:
+        parts.append(np.sqrt(1.0 - image_weight) * normalise(text))
+    if not parts:
+        raise ValueError("nothing to mine with: no image embeddings and no captions")
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def knn(x: np.ndarray, k: int, *, exact_max: int = 200_000, nprobe: int = 16, seed: int = 0
+        ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-k neighbours of every row by inner product, self excluded: (indices [N, k], sims [N, k], method).
+
+    Exact blocked search up to `exact_max` rows (memory: one block of at most EXACT_BUDGET_FLOATS
+    similarities); above it faiss IVF (approximate; recall measured by bench/mining_scale.py).
+    """
+    n = x.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError(f"need at least two items to mine pairs, got {n}")
+    if n <= exact_max:
+        return (*_exact_knn(x, k), "exact")
+    return (*_faiss_knn(x, k, nprobe=nprobe, seed=seed), "faiss-ivf")
+
+
+def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    block = max(1, EXACT_BUDGET_FLOATS // n)
+    idx = np.empty((n, k), dtype=np.int64)
+    sims = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        s = x[start:stop] @ x.T  # [block, N]
+        s[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not your own neighbour
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        part_s = np.take_along_axis(s, part, axis=1)
+        # Ties broken by index so results do not depend on argpartition's internals.
+        order = np.lexsort((part, -part_s), axis=1)
+        idx[start:stop] = np.take_along_axis(part, order, axis=1)
+        sims[start:stop] = np.take_along_axis(part_s, order, axis=1)
+    return idx, sims
+
+
+def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import faiss
+    except ImportError as err:
+        raise RuntimeError(f"{x.shape[0]} items need the approximate index: pip install -e '.[faiss]'") from err
+    n, d = x.shape
+    nlist = int(min(4096, max(16, 4 * np.sqrt(n))))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = x[rng.choice(n, size=min(n, nlist * 64), replace=False)]
+    index.train(train)
+    index.add(x)
+    index.nprobe = nprobe
+    sims, idx = index.search(x, k + 1)
+    # Drop self (wherever it landed); rows where it did not appear lose their last neighbour instead.
+    keep = idx != np.arange(n)[:, None]
+    out_i = np.empty((n, k), dtype=np.int64)
+    out_s = np.empty((n, k), dtype=np.float32)
+    for r in range(n):
+        ii, ss = idx[r][keep[r]][:k], sims[r][keep[r]][:k]
+        out_i[r], out_s[r] = ii, ss
+    return out_i, out_s
+
+
+@dataclass
+class Pair:
+    ref: int  # row of the reference
+    tgt: int  # row of the target
+    sim: float  # combined similarity
+    hard_negatives: list[int]  # other neighbours of the reference
+
+
+def select_pairs(idx: np.ndarray, sims: np.ndarray, *, low: float, high: float, per_reference: int,
+                 hard_negatives: int) -> list[Pair]:
+    """For each reference, its most similar neighbours inside [low, high] become targets; the remaining
+    neighbours (any similarity) are its hard negatives."""
+    pairs = []
+    for ref in range(idx.shape[0]):
+        in_band = [(j, s) for j, s in zip(idx[ref], sims[ref]) if low <= s <= high]
+        for tgt, sim in in_band[:per_reference]:
+            negatives = [int(j) for j in idx[ref] if j != tgt][:hard_negatives]
+            pairs.append(Pair(ref, int(tgt), float(sim), negatives))
+    return pairs
