@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "toy": ("toyworld.cli", "render the procedural toy world and its held-out benchmarks"),
     "caption": ("pipeline.caption", "caption images into WebDataset shards (Beam)"),
+    "synth": ("synth.job", "synthesize low- or high-quality CIR triplets from a caption dataset (Beam)"),
     "inspect": ("pipeline.inspect", "validate a caption or triplet dataset against SPEC.md and summarise it"),
 }
 

@@ -41,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
           "--direct_running_mode", "multi_threading"])
     step("inspect the caption dataset", None, [sys.executable, "beam_runner.py", "inspect", str(captions)])
     print(f"[demo] caption dataset: {captions}")
-    print("[demo] next steps (synthesis, training, eval) arrive with their issues; see README")
+    beam = ["--runner", "DirectRunner", "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]
+    low, high = out / "triplets_low", out / "triplets_high"
+    # No CLIP is trained yet at this point of the demo, so low-quality pairs are mined by captions alone.
+    step("low-quality triplets (mined)", low / "stats.json",
+         [sys.executable, "beam_runner.py", "synth", "--input", str(captions), "--output", str(low),
+          "--quality", "low", "--image-weight", "0", "--seed", str(args.seed), *beam])
+    step("high-quality triplets (toy editor)", high / "stats.json",
+         [sys.executable, "beam_runner.py", "synth", "--input", str(captions), "--output", str(high),
+          "--quality", "high", "--num-triplets", "1000", "--seed", str(args.seed), *beam])
+    mix = out / "mix.yaml"
+    mix.write_text(f"datasets:\n  - {{path: {low}, weight: 1.0}}\n  - {{path: {high}, weight: 1.0}}\n")
+    print(f"[demo] triplets: {low} (LQ), {high} (HQ), mix manifest {mix}")
+    print("[demo] next steps (training, eval) arrive with their issues; see README")
     return 0
 
 

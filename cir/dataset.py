@@ -13,7 +13,7 @@ import json
 import os
 import re
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -163,3 +163,68 @@ def check_model_reference(name: str, what: str) -> None:
     # "org/name" is a hub id; only explicit paths are checked here (hub ids fail in load_model, offline).
     if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise ValueError(f"{what} model not found: {name}")
+
+
+def iter_shard(path: str) -> Iterator[dict]:
+    """The samples of one committed shard as raw webdataset dicts ({"__key__", "jpg": bytes, ...})."""
+    from webdataset import tariterators
+
+    with FileSystems.open(path, compression_type="uncompressed") as stream:
+        files = tariterators.tar_file_expander([{"url": path, "stream": stream}])
+        for sample in tariterators.group_by_keys(files):
+            yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def image_field(sample: dict, prefix: str = "") -> Optional[str]:
+    """The name of the sample's image member (`jpg`/`png`/`webp`, or `ref.jpg` ... with a prefix)."""
+    return next((f"{prefix}{e}" for e in ("jpg", "png", "webp") if f"{prefix}{e}" in sample), None)
+
+
+def shard_urls(path: str) -> list[str]:
+    """Committed shard files of a dataset directory, sorted."""
+    return [join(path, SHARD_DIR, f"{n}.tar") for n in complete_shards(path)]
+
+
+def load_mix(manifest: str) -> list[dict]:
+    """A mix manifest (YAML or JSON): which datasets to train on and with what weight.
+
+        datasets:
+          - {path: runs/demo/triplets_low, weight: 1.0}
+          - {path: runs/demo/triplets_high, weight: 2.0}
+
+    Relative paths are relative to the manifest. Returns [{"path", "weight", "kind", "shards": [urls]}]
+    with the weights normalised to sum to 1; a missing or empty dataset, or a mix of kinds, is an error.
+    """
+    import yaml
+
+    with FileSystems.open(manifest) as f:
+        spec = yaml.safe_load(f.read().decode("utf-8"))
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not entries:
+        raise ValueError(f"{manifest}: expected a 'datasets' list of {{path, weight}}")
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    out = []
+    for entry in entries:
+        path, weight = entry.get("path"), float(entry.get("weight", 1.0))
+        if not path or weight <= 0:
+            raise ValueError(f"{manifest}: each dataset needs a path and a positive weight, got {entry}")
+        if "://" not in path and not os.path.isabs(path):
+            path = join(base, path)
+        card = read_json(join(path, "dataset.json"))
+        if card is None:
+            raise ValueError(f"{manifest}: {path} is not a dataset (no dataset.json)")
+        urls = shard_urls(path)
+        if not urls:
+            raise ValueError(f"{manifest}: {path} has no shards")
+        out.append({"path": path, "weight": weight, "kind": card.get("kind"), "shards": urls})
+    kinds = {e["kind"] for e in out}
+    if len(kinds) > 1:
+        raise ValueError(f"{manifest}: mixes dataset kinds {sorted(kinds)}")
+    total = sum(e["weight"] for e in out)
+    for e in out:
+        e["weight"] /= total
+    return out

@@ -248,8 +248,8 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
     assigned = dedup.unique | "AssignShard" >> beam.ParDo(
         jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND), beam.pvalue.AsSingleton(unique_count))
     captioned = assigned | "Caption" >> Caption(cfg)
-    written = jobs.write_shards(captioned.ok, captioned[FAILED], cfg.output, cfg.shard_prefix, to_webdataset,
-                                index_row, LOG.name)
+    written = (captioned.ok, captioned[FAILED]) | "WriteShards" >> jobs.WriteShards(
+        cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name)
     early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
     inputs = ((read.records, read[FAILED]) | "AllInputs" >> beam.Flatten()
               | "CountInputs" >> beam.combiners.Count.Globally())

@@ -117,12 +117,18 @@ class WriteShard(beam.DoFn):
         yield name
 
 
-def write_shards(good, failed, output: str, prefix: str, to_webdataset: Callable, index_row: Callable,
-                 log_name: str):
-    """Group samples and their shard's failed rows by shard and write each shard once."""
-    return ((good | "SampleItems" >> beam.Map(as_sample), failed | "FailedItems" >> beam.Map(as_failed))
-            | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShard(output, prefix, to_webdataset, index_row, log_name)))
+class WriteShards(beam.PTransform):
+    """(samples, failed rows), each with its "shard" -> one committed shard per shard index; yields names."""
+
+    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str):
+        super().__init__()
+        self.args = (output, prefix, to_webdataset, index_row, log_name)
+
+    def expand(self, pcolls):
+        good, failed = pcolls
+        return ((good | "SampleItems" >> beam.Map(as_sample), failed | "FailedItems" >> beam.Map(as_failed))
+                | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(WriteShard(*self.args)))
 
 
 def finalize(output: str, started: float, written_now: list, early_failed: list, extra: dict,

@@ -1,0 +1,370 @@
+"""`python beam_runner.py synth --input CAPTION_DIR --output DIR --quality low|high [...]`: CIR triplets.
+
+low  (mined, real targets): k-NN over CLIP image embeddings (`emb.npy`) and/or caption TF-IDF, pairs kept in
+     a similarity band, modification text from the caption word diff, other neighbours as hard negatives.
+high (edited targets): the reference is edited and the result becomes the target; `--editor toy` is the toy
+     world's exact editor (re-renders the edited scene: the one place that knows the toy world).
+
+caption shards --read--> samples --(low) mine pairs | (high) pick sources + edit--> triplet specs
+  --assign shard (skip committed shards)--> join reference/target images --> write shards --> stats
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import apache_beam as beam
+import numpy as np
+
+from cir import dataset as ds
+from pipeline import jobs
+from synth import mining
+from synth.modtext import modification_text
+
+LOG = logging.getLogger("synth")
+KIND = "triplet"
+FAILED = "failed"
+REJECTED = "rejected"
+
+
+@dataclass
+class SynthConfig:
+    input: str  # caption dataset directory
+    output: str  # triplet dataset directory
+    quality: str  # low | high
+    num_triplets: Optional[int] = None  # keep at most this many (chosen by seed); None = all candidates
+    seed: int = 0  # drives selection, phrasings and edits
+    shard_size: int = 1000  # target triplets per shard
+    shard_prefix: str = "part"
+    # low quality: mining
+    image_weight: float = 0.5  # similarity = w * cos(image emb) + (1 - w) * cos(caption tf-idf)
+    band_low: float = 0.5  # keep pairs with similarity >= this (not unrelated) ...
+    band_high: float = 0.98  # ... and <= this (not near-duplicates)
+    neighbours: int = 8  # k of the k-NN search
+    pairs_per_image: int = 1  # targets per reference
+    hard_negatives: int = 3  # other neighbours stored as hard negative keys
+    max_changes: int = 2  # caption diffs with more changed spans are rejected
+    text_dim: int = 1024  # hashed TF-IDF size
+    exact_max: int = 200_000  # exact k-NN up to this many images, faiss IVF above
+    # high quality: editing
+    editor: str = "toy"  # 'toy' (exact toy-world editor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SynthConfig("", "", "low")
+    p = argparse.ArgumentParser(prog="beam_runner.py synth", description="Synthesize CIR triplets (SPEC.md).",
+                                epilog="Other flags are Beam PipelineOptions (--runner, --direct_num_workers, ...).")
+    p.add_argument("--input", required=True, help="caption dataset directory")
+    p.add_argument("--output", required=True, help="triplet dataset directory")
+    p.add_argument("--quality", required=True, choices=("low", "high"))
+    p.add_argument("--num-triplets", type=int, default=d.num_triplets)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--shard-size", type=int, default=d.shard_size)
+    p.add_argument("--shard-prefix", default=d.shard_prefix)
+    p.add_argument("--image-weight", type=float, default=d.image_weight,
+                   help="mining similarity: weight of the image embedding (rest: caption tf-idf)")
+    p.add_argument("--band-low", type=float, default=d.band_low)
+    p.add_argument("--band-high", type=float, default=d.band_high)
+    p.add_argument("--neighbours", type=int, default=d.neighbours)
+    p.add_argument("--pairs-per-image", type=int, default=d.pairs_per_image)
+    p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
+    p.add_argument("--max-changes", type=int, default=d.max_changes)
+    p.add_argument("--text-dim", type=int, default=d.text_dim)
+    p.add_argument("--exact-max", type=int, default=d.exact_max)
+    p.add_argument("--editor", default=d.editor, choices=("toy",), help="high quality: how targets are made")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
+    return p
+
+
+def triplet_key(*parts: str) -> str:
+    return ds.content_key("|".join(parts).encode())
+
+
+def pick_order(seed: int, key: str) -> str:
+    """Seeded, uniform order for choosing `--num-triplets` of the candidates."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+class ReadCaptionShard(beam.DoFn):
+    """A caption shard -> (key, sample) with the image bytes, caption and embedding (if any)."""
+
+    def process(self, path: str) -> Iterator[tuple[str, dict]]:
+        for raw in ds.iter_shard(path):
+            field = ds.image_field(raw)
+            caption = raw.get("txt", b"").decode("utf-8").strip()
+            if field is None or not caption:
+                yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(f"{path}::{raw['__key__']}", "read",
+                                                                     "incomplete_sample", "no image or caption"))
+                continue
+            emb = ds.load_npy(raw["emb.npy"]) if "emb.npy" in raw else None
+            yield raw["__key__"], {"key": raw["__key__"], "image": raw[field], "ext": field, "caption": caption,
+                                   "emb": emb}
+
+
+def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
+    key, sample = item
+    return key, sample["caption"], sample["emb"]
+
+
+# ------------------------------------------------------------------------------------------ low quality
+
+class MinePairs(beam.DoFn):
+    """All (key, caption, emb) at once -> triplet specs; rejected candidates as (reason) on a tag.
+
+    The one global step of the job: a k-NN graph needs every item. Memory is the feature matrix plus one
+    block of similarities (exact) or the faiss index (approximate, above `exact_max`).
+    """
+
+    def __init__(self, cfg: SynthConfig):
+        self.cfg = cfg
+
+    def process(self, items: list) -> Iterator:
+        cfg = self.cfg
+        items = sorted(items, key=lambda t: t[0])  # input order must not change the result
+        keys = [k for k, _, _ in items]
+        captions = [c for _, c, _ in items]
+        if cfg.image_weight > 0:  # check_input made sure the dataset has embeddings; samples without fail
+            missing = [k for k, _, e in items if e is None]
+            for key in missing:
+                yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "mine", "no_embedding", "no emb.npy"))
+            items = [t for t in items if t[2] is not None]
+            keys = [k for k, _, _ in items]
+            captions = [c for _, c, _ in items]
+        image = mining.normalise(np.stack([e for _, _, e in items])) if cfg.image_weight > 0 else None
+        text = mining.hashed_tfidf(captions, cfg.text_dim) if cfg.image_weight < 1 else None
+        features = mining.combine(image, text, cfg.image_weight)
+        idx, sims, method = mining.knn(features, cfg.neighbours, exact_max=cfg.exact_max, seed=cfg.seed)
+        LOG.info("mined %d x %d neighbours (%s)", len(keys), idx.shape[1], method)
+        pairs = mining.select_pairs(idx, sims, low=cfg.band_low, high=cfg.band_high,
+                                    per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives)
+        in_band = {(p.ref, p.tgt) for p in pairs}
+        for r in range(len(keys)):
+            if not any((r, int(t)) in in_band for t in idx[r]):
+                yield beam.pvalue.TaggedOutput(REJECTED, "no_neighbour_in_band")
+        for pair in pairs:
+            rng = random.Random(f"{cfg.seed}:{keys[pair.ref]}:{keys[pair.tgt]}")
+            mod, changes, reason = modification_text(captions[pair.ref], captions[pair.tgt], rng, cfg.max_changes)
+            if mod is None:
+                yield beam.pvalue.TaggedOutput(REJECTED, reason)
+                continue
+            scores = {"similarity": round(pair.sim, 4)}
+            if image is not None:
+                scores["image_similarity"] = round(float(image[pair.ref] @ image[pair.tgt]), 4)
+            if text is not None:
+                scores["caption_similarity"] = round(float(text[pair.ref] @ text[pair.tgt]), 4)
+            ref_key, tgt_key = keys[pair.ref], keys[pair.tgt]
+            yield {"key": triplet_key(ref_key, tgt_key, "mined"), "ref_key": ref_key, "tgt_key": tgt_key,
+                   "ref_caption": captions[pair.ref], "tgt_caption": captions[pair.tgt], "mod": mod,
+                   "quality": "low", "method": "mined-template", "scores": scores,
+                   "hard_negatives": [keys[j] for j in pair.hard_negatives], "seed": cfg.seed,
+                   "changes": [asdict(c) for c in changes],
+                   "provenance": {"knn": method, "neighbours": cfg.neighbours, "band": [cfg.band_low, cfg.band_high],
+                                  "image_weight": cfg.image_weight, "text": f"hashed-tfidf-{cfg.text_dim}"}}
+
+
+# ------------------------------------------------------------------------------------------ high quality
+
+class ToyEditor(beam.DoFn):
+    """The toy world's exact editor: parse the caption into its scene, apply a random edit, re-render.
+
+    The labelled exception to "no toy special cases": it exists so the offline demo has a truly
+    high-quality set. Captions the toy grammar did not write are failed rows.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def process(self, item: tuple[str, dict]) -> Iterator:
+        from PIL import Image
+
+        from toyworld.edits import apply_edit, describe_edit, random_edit
+        from toyworld.parse import parse_caption
+        from toyworld.render import encode, layout, render
+        from toyworld.scene import caption
+
+        key, sample = item
+        scene = parse_caption(sample["caption"])
+        if scene is None:
+            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "edit", "not_a_toy_caption",
+                                                                 f"the toy editor cannot read {sample['caption']!r}"))
+            return
+        rng = random.Random(f"{self.seed}:toy-edit:{key}")
+        edit = random_edit(scene, rng)
+        target = apply_edit(scene, edit)
+        size = Image.open(io.BytesIO(sample["image"])).size[0]
+        tgt_image = encode(render(target, layout(target, rng), size), "png")
+        tgt_key = ds.content_key(tgt_image)
+        yield {"key": triplet_key(key, tgt_key, "toy-edit"), "ref_key": key, "tgt_key": tgt_key,
+               "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": describe_edit(scene, edit, rng),
+               "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
+               "seed": self.seed, "edit": edit.to_json(), "tgt_image": tgt_image, "tgt_ext": "png",
+               "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
+
+
+def _pick_sources(items: list, cfg: SynthConfig) -> Iterator[tuple[str, dict]]:
+    """Seeded choice of `num_triplets` source images (all of them when not set)."""
+    items = sorted(items, key=lambda kv: pick_order(cfg.seed, kv[0]))
+    yield from items[: cfg.num_triplets] if cfg.num_triplets else items
+
+
+# ------------------------------------------------------------------------------------------ assembly
+
+def _take(specs: list, cfg: SynthConfig) -> Iterator[dict]:
+    """Seeded choice of `num_triplets` among the candidate specs (all when not set)."""
+    specs = sorted(specs, key=lambda s: pick_order(cfg.seed, s["key"]))
+    yield from specs[: cfg.num_triplets] if cfg.num_triplets else specs
+
+
+def _needs(spec: dict) -> Iterator[tuple[str, tuple[str, str]]]:
+    yield spec["ref_key"], (spec["key"], "ref")
+    if "tgt_image" not in spec:  # mined: the target is another image of the dataset
+        yield spec["tgt_key"], (spec["key"], "tgt")
+
+
+def _route_images(element) -> Iterator[tuple[str, tuple[str, dict]]]:
+    _, grouped = element
+    images, needs = list(grouped["image"]), list(grouped["need"])
+    if not images:
+        return
+    for triplet, role in needs:
+        yield triplet, (role, images[0])
+
+
+def _assemble(element) -> Iterator[dict]:
+    _, grouped = element
+    specs, parts = list(grouped["spec"]), dict(grouped["part"])
+    if not specs:
+        return
+    spec = dict(specs[0])
+    ref = parts["ref"]
+    spec["ref_image"], spec["ref_ext"], spec["ref_emb"] = ref["image"], ref["ext"], ref["emb"]
+    if "tgt_image" not in spec:
+        tgt = parts["tgt"]
+        spec["tgt_image"], spec["tgt_ext"], spec["tgt_emb"] = tgt["image"], tgt["ext"], tgt["emb"]
+    yield spec
+
+
+def to_webdataset(t: dict) -> dict:
+    meta = {k: t[k] for k in ("ref_key", "tgt_key", "ref_caption", "tgt_caption", "quality", "method", "scores",
+                              "hard_negatives", "seed")}
+    meta.update({k: t[k] for k in ("changes", "edit", "provenance") if k in t})
+    out = {"__key__": t["key"], f"ref.{t['ref_ext']}": t["ref_image"], f"tgt.{t['tgt_ext']}": t["tgt_image"],
+           "mod.txt": t["mod"], "json": meta}
+    for role in ("ref", "tgt"):
+        if t.get(f"{role}_emb") is not None:
+            out[f"{role}.emb.npy"] = ds.npy_bytes(np.asarray(t[f"{role}_emb"], dtype=np.float16))
+    return out
+
+
+def index_row(t: dict, shard_name: str) -> dict:
+    return {"key": t["key"], "shard": shard_name, "ref_key": t["ref_key"], "tgt_key": t["tgt_key"], "mod": t["mod"],
+            "quality": t["quality"], "method": t["method"], "ref_caption": t["ref_caption"],
+            "tgt_caption": t["tgt_caption"]}
+
+
+class Finalize(beam.DoFn):
+    def __init__(self, output: str, started: float):
+        self.output, self.started = output, started
+
+    def process(self, _, written: list, failed: list, rejected: list, sources: int, candidates: int
+                ) -> Iterator[dict]:
+        by_reason: dict[str, int] = {}
+        for reason in rejected:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        yield jobs.finalize(self.output, self.started, written, failed,
+                            {"inputs": sources, "candidates": candidates,
+                             "rejected_by_reason": dict(sorted(by_reason.items()))}, LOG.name)
+
+
+def build(p: beam.Pipeline, cfg: SynthConfig, started: float) -> None:
+    shard_paths = [ds.join(cfg.input, ds.SHARD_DIR, f"{n}.tar") for n in ds.complete_shards(cfg.input)]
+    read = (p | "ShardPaths" >> beam.Create(shard_paths) | "Reshuffle" >> beam.Reshuffle()
+            | "ReadShards" >> beam.ParDo(ReadCaptionShard()).with_outputs(FAILED, main="samples"))
+    samples = read.samples
+    if cfg.quality == "low":
+        mined = (samples | "Summaries" >> beam.Map(_summary) | "AllItems" >> beam.combiners.ToList()
+                 | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, FAILED, main="specs"))
+        candidates, rejected, edit_failed = mined.specs, mined[REJECTED], mined[FAILED]
+    else:
+        chosen = samples | "AllSources" >> beam.combiners.ToList() | "PickSources" >> beam.FlatMap(_pick_sources, cfg)
+        edited = chosen | "Edit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
+        candidates, edit_failed = edited.specs, edited[FAILED]
+        rejected = p | "NoRejections" >> beam.Create([])
+    specs = candidates | "AllSpecs" >> beam.combiners.ToList() | "Take" >> beam.FlatMap(_take, cfg)
+    count = specs | "CountSpecs" >> beam.combiners.Count.Globally()
+    assigned = specs | "AssignShard" >> beam.ParDo(
+        jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND), beam.pvalue.AsSingleton(count))
+    needs = assigned | "Needs" >> beam.FlatMap(_needs)
+    parts = ({"image": samples, "need": needs} | "JoinImages" >> beam.CoGroupByKey()
+             | "Route" >> beam.FlatMap(_route_images))
+    triplets = ({"spec": assigned | "BySpecKey" >> beam.Map(lambda s: (s["key"], s)), "part": parts}
+                | "JoinParts" >> beam.CoGroupByKey() | "Assemble" >> beam.FlatMap(_assemble))
+    no_failed = p | "NoShardFailures" >> beam.Create([])
+    written = (triplets, no_failed) | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset,
+                                                                       index_row, LOG.name)
+    failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()
+    sources = samples | "CountSources" >> beam.combiners.Count.Globally()
+    n_candidates = candidates | "CountCandidates" >> beam.combiners.Count.Globally()
+    _ = (p | "Once" >> beam.Create([None])
+         | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
+                                    beam.pvalue.AsList(failed), beam.pvalue.AsList(rejected),
+                                    beam.pvalue.AsSingleton(sources), beam.pvalue.AsSingleton(n_candidates)))
+
+
+def check_input(cfg: SynthConfig) -> None:
+    """Bad input is a clear error before the job starts."""
+    card = ds.read_json(ds.join(cfg.input, "dataset.json"))
+    if card is None:
+        raise ValueError(f"{cfg.input} is not a dataset (no dataset.json)")
+    if card.get("kind") != "caption":
+        raise ValueError(f"{cfg.input} is a {card.get('kind')!r} dataset; synth reads caption datasets")
+    if card.get("schema_version") != ds.SCHEMA_VERSION:
+        raise ValueError(f"{cfg.input} has schema version {card.get('schema_version')}; this synth reads "
+                         f"version {ds.SCHEMA_VERSION}: rerun the caption job")
+    index = ds.read_table(ds.join(cfg.input, "index.parquet")) if ds.read_json(
+        ds.join(cfg.input, "stats.json")) else None
+    if index is None:
+        raise ValueError(f"{cfg.input} is incomplete (no stats.json): rerun its caption job")
+    if index.num_rows < 2:
+        raise ValueError(f"{cfg.input} has {index.num_rows} image(s); synthesis needs at least two")
+    if not 0.0 <= cfg.image_weight <= 1.0:
+        raise ValueError(f"--image-weight must be in [0, 1], got {cfg.image_weight}")
+    if cfg.quality == "low" and cfg.image_weight > 0 and not (card.get("models") or {}).get("clip"):
+        raise ValueError(f"--image-weight {cfg.image_weight} mines by CLIP image embeddings, but {cfg.input} has "
+                         f"none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0")
+    if not cfg.band_low <= cfg.band_high:
+        raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
+
+
+def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
+    parser = build_parser()
+    known, pipeline_args = parser.parse_known_args(argv)
+    jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
+                        "max_changes", "text_dim", "exact_max")
+    cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
+    try:
+        check_input(cfg)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
+    card = {"kind": KIND, "config": asdict(cfg), "quality": cfg.quality, "seed": cfg.seed,
+            "command": ["beam_runner.py", "synth", *(argv if argv is not None else sys.argv[1:])],
+            "source": ds.read_json(ds.join(cfg.input, "dataset.json")),
+            "models": {"editor": cfg.editor} if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}}
+    try:
+        jobs.prepare_output(cfg.output, card, known.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
+    jobs.progress_logger(LOG.name)
+    p = test_pipeline or beam.Pipeline(options=options)
+    build(p, cfg, time.time())
+    return jobs.run_and_read_stats(p, cfg.output)

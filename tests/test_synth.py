@@ -1,0 +1,241 @@
+"""Triplet synthesis: mined (low quality) and toy-edited (high quality) triplets, bad input, determinism."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from synth import mining
+from synth.job import run
+from synth.modtext import caption_diff, modification_text
+from toyworld.edits import Edit, apply_edit, mod_texts
+from toyworld.parse import parse_caption
+from toyworld.scene import caption as toy_caption
+
+BEAM = ["--runner", "DirectRunner"]
+
+
+def triplets(out: Path) -> list[dict]:
+    urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def caption_samples(out: Path) -> dict[str, dict]:
+    return {s["__key__"]: s for s in triplets(out)}
+
+
+@pytest.fixture(scope="module")
+def low(toy_captions, tmp_path_factory):
+    src, _ = toy_captions
+    out = tmp_path_factory.mktemp("lq") / "low"
+    stats = run(["--input", str(src), "--output", str(out), "--quality", "low", "--image-weight", "0",
+                 "--band-low", "0.3", "--seed", "1", *BEAM])
+    return out, stats
+
+
+# ---------------------------------------------------------------- low quality
+
+def test_mined_triplets_are_consistent(low, toy_captions):
+    out, stats = low
+    source = caption_samples(toy_captions[0])
+    rows = triplets(out)
+    assert len(rows) == stats["written"] > 10
+    assert stats["inputs"] == 48 and stats["candidates"] >= stats["written"]
+    for t in rows:
+        meta = json.loads(t["json"])
+        assert meta["quality"] == "low" and meta["method"] == "mined-template" and meta["seed"] == 1
+        ref, tgt = source[meta["ref_key"]], source[meta["tgt_key"]]
+        assert meta["ref_key"] != meta["tgt_key"]
+        assert meta["tgt_key"] not in meta["hard_negatives"] and meta["ref_key"] not in meta["hard_negatives"]
+        assert set(meta["hard_negatives"]) <= set(source)
+        ref_field = next(f for f in t if f.startswith("ref.") and not f.endswith("npy"))
+        assert t[ref_field] == ref.get("jpg", ref.get("png"))  # the real images, untouched
+        tgt_field = next(f for f in t if f.startswith("tgt.") and not f.endswith("npy"))
+        assert t[tgt_field] == tgt.get("jpg", tgt.get("png"))
+        assert meta["ref_caption"] == ref["txt"].decode() and meta["tgt_caption"] == tgt["txt"].decode()
+        # the modification text says exactly what differs between the captions
+        changes = caption_diff(meta["ref_caption"], meta["tgt_caption"])
+        assert [c.__dict__ for c in changes] == meta["changes"] and 1 <= len(changes) <= 2
+        mod = t["mod.txt"].decode()
+        for c in changes:
+            assert c.before in mod and c.after in mod
+        assert 0.3 <= meta["scores"]["similarity"] <= 0.98
+
+
+def test_same_seed_same_triplets_other_seed_other_choice(low, toy_captions, tmp_path):
+    out, stats = low
+    src = toy_captions[0]
+    again = tmp_path / "again"
+    run(["--input", str(src), "--output", str(again), "--quality", "low", "--image-weight", "0",
+         "--band-low", "0.3", "--seed", "1", *BEAM])
+    for tar in (out / "shards").glob("*.tar"):
+        assert (again / "shards" / tar.name).read_bytes() == tar.read_bytes()
+    n = stats["written"] // 2
+    picks = []
+    for seed in (1, 2):
+        dst = tmp_path / f"seed{seed}"
+        run(["--input", str(src), "--output", str(dst), "--quality", "low", "--image-weight", "0", "--band-low", "0.3",
+             "--seed", str(seed), "--num-triplets", str(n), *BEAM])
+        picks.append({r["key"] for r in pq.read_table(dst / "index.parquet").to_pylist()})
+    assert len(picks[0]) == len(picks[1]) == n and picks[0] != picks[1]
+
+
+def test_rerun_writes_nothing_twice(low, toy_captions):
+    out, first = low
+    stats = run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "low", "--image-weight", "0",
+                 "--band-low", "0.3", "--seed", "1", *BEAM])
+    assert stats["shards_written_this_run"] == 0 and stats["written"] == first["written"]
+
+
+def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_path):
+    from pipeline.caption import run as caption
+
+    cap = tmp_path / "cap"
+    caption(["--input", str(toy_world / "images"), "--output", str(cap), "--clip", str(tiny_clip_dir), *BEAM])
+    out = tmp_path / "low"
+    stats = run(["--input", str(cap), "--output", str(out), "--quality", "low", "--image-weight", "0.5",
+                 "--band-low", "0", "--band-high", "1", "--max-changes", "10", *BEAM])
+    assert stats["written"] > 0
+    for t in triplets(out):
+        scores = json.loads(t["json"])["scores"]
+        expected = 0.5 * scores["image_similarity"] + 0.5 * scores["caption_similarity"]
+        assert abs(scores["similarity"] - expected) < 2e-3
+        for role in ("ref", "tgt"):
+            emb = np.load(io.BytesIO(t[f"{role}.emb.npy"]), allow_pickle=False)
+            assert emb.dtype == np.float16 and abs(np.linalg.norm(emb.astype(np.float32)) - 1) < 1e-2
+
+
+# ---------------------------------------------------------------- high quality (toy editor)
+
+def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
+    out = tmp_path / "high"
+    stats = run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "high", "--num-triplets", "20",
+                 *BEAM])
+    assert stats["written"] == 20
+    for t in triplets(out):
+        meta = json.loads(t["json"])
+        assert meta["quality"] == "high" and meta["method"] == "toy-exact-edit"
+        ref_scene = parse_caption(meta["ref_caption"])
+        edit = Edit(**meta["edit"])
+        target = apply_edit(ref_scene, edit)
+        assert parse_caption(meta["tgt_caption"]) == target and meta["tgt_caption"] == toy_caption(target)
+        assert t["mod.txt"].decode() in mod_texts(ref_scene, edit)
+        ref_img = Image.open(io.BytesIO(t.get("ref.jpg") or t["ref.png"]))
+        tgt_img = Image.open(io.BytesIO(t["tgt.png"]))
+        assert tgt_img.size == ref_img.size and tgt_img.mode == "RGB"
+
+
+def test_toy_editor_rejects_captions_it_did_not_write(tmp_path):
+    from pipeline.caption import run as caption
+
+    (tmp_path / "imgs").mkdir()
+    for i, text in enumerate(["a dog on a beach", "a small red circle on the left on a gray background"]):
+        Image.new("RGB", (32, 32), (i * 100, 50, 50)).save(tmp_path / "imgs" / f"{i}.png")
+        (tmp_path / "imgs" / f"{i}.txt").write_text(text)
+    caption(["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "cap"), *BEAM])
+    stats = run(["--input", str(tmp_path / "cap"), "--output", str(tmp_path / "high"), "--quality", "high", *BEAM])
+    assert stats["written"] == 1 and stats["failed_by_reason"] == {"not_a_toy_caption": 1}
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_clear_errors(toy_captions, tmp_path, capsys):
+    src = toy_captions[0]
+
+    def refused(args, message):
+        with pytest.raises(SystemExit) as exc:
+            run(["--output", str(tmp_path / "out"), *args, *BEAM])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+    refused(["--input", str(src), "--quality", "low"], "rerun the caption job with --clip")
+    refused(["--input", str(tmp_path / "nothing"), "--quality", "low"], "not a dataset")
+    refused(["--input", str(src), "--quality", "medium"], "invalid choice")
+    bad_version = tmp_path / "old"
+    bad_version.mkdir()
+    card = json.loads((src / "dataset.json").read_text())
+    (bad_version / "dataset.json").write_text(json.dumps({**card, "schema_version": 0}))
+    refused(["--input", str(bad_version), "--quality", "low"], "schema version 0")
+
+
+def test_fewer_than_two_images_is_an_error(tmp_path, capsys):
+    from pipeline.caption import run as caption
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "only.png")
+    (tmp_path / "imgs" / "only.txt").write_text("a lonely image")
+    caption(["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "cap"), *BEAM])
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(tmp_path / "cap"), "--output", str(tmp_path / "o"), "--quality", "low",
+             "--image-weight", "0", *BEAM])
+    assert exc.value.code == 2 and "needs at least two" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- units
+
+def test_exact_knn_equals_brute_force():
+    rng = np.random.default_rng(0)
+    x = mining.normalise(rng.normal(size=(300, 16)))
+    idx, sims, method = mining.knn(x, 5)
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :5]
+    assert method == "exact" and np.array_equal(idx, expected)
+    assert np.allclose(sims, np.take_along_axis(full, expected, axis=1))
+
+
+def test_faiss_knn_recall_against_exact():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(20, 32))
+    x = mining.normalise(centres[rng.integers(0, 20, 4000)] + 0.3 * rng.normal(size=(4000, 32)))
+    exact, _, _ = mining.knn(x, 10)
+    approx, _, method = mining.knn(x, 10, exact_max=1000, nprobe=16)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert method == "faiss-ivf" and recall >= 0.9
+    assert not (approx == np.arange(4000)[:, None]).any()  # never your own neighbour
+
+
+def test_select_pairs_keeps_the_band():
+    idx = np.array([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
+    sims = np.array([[0.99, 0.8, 0.2], [0.99, 0.7, 0.1], [0.8, 0.8, 0.3], [0.3, 0.2, 0.2]])
+    pairs = mining.select_pairs(idx, sims, low=0.5, high=0.95, per_reference=1, hard_negatives=2)
+    assert [(p.ref, p.tgt) for p in pairs] == [(0, 2), (1, 2), (2, 1)]
+    assert pairs[0].hard_negatives == [1, 3]
+
+
+def test_modification_text_from_caption_diff():
+    rng = random.Random(0)
+    text, changes, _ = modification_text("a photo of a red car on a street", "a blue car on a street", rng)
+    assert [(c.op, c.before, c.after) for c in changes] == [("replace", "red", "blue")]  # "a photo of" ignored
+    assert "red" in text and "blue" in text
+    _, changes, _ = modification_text("a dog on the grass", "a dog and a ball on the grass", rng)
+    assert [(c.op, c.after) for c in changes] == [("insert", "a ball")]  # the dangling "and" trimmed
+    _, changes, _ = modification_text("a cat and a dog", "a cat", rng)
+    assert [(c.op, c.before) for c in changes] == [("delete", "a dog")]
+    assert modification_text("a cat", "A cat", rng)[2] == "same_caption"
+    assert modification_text("one two three four five", "uno two tres four cinco", rng, max_ops=2)[2] == "too_different"
+
+
+def test_mix_manifest(low, toy_captions, tmp_path):
+    from cir.dataset import load_mix
+
+    low_dir, _ = low
+    manifest = tmp_path / "mix.yaml"
+    manifest.write_text(f"datasets:\n  - {{path: {low_dir}, weight: 3}}\n  - {{path: {low_dir}, weight: 1}}\n")
+    mix = load_mix(str(manifest))
+    assert [m["weight"] for m in mix] == [0.75, 0.25] and mix[0]["kind"] == "triplet"
+    assert mix[0]["shards"] and all(Path(u).is_file() for u in mix[0]["shards"])
+    manifest.write_text(f"datasets:\n  - {{path: {low_dir}}}\n  - {{path: {toy_captions[0]}}}\n")
+    with pytest.raises(ValueError, match="mixes dataset kinds"):
+        load_mix(str(manifest))
+    manifest.write_text("datasets:\n  - {path: nowhere}\n")
+    with pytest.raises(ValueError, match="not a dataset"):
+        load_mix(str(manifest))
