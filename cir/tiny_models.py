@@ -39,3 +39,50 @@ def make_tiny_clip(out: Path, seed: int = 0) -> Path:
     from cir.backbone import create_backbone, save_backbone
 
     return save_backbone(create_backbone("tiny-clip-32", seed=seed), out)
+
+
+def clip_tokenizer_files(out: Path) -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, made from open_clip's bundled BPE (offline)."""
+    import gzip
+    import json
+
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = dict(SimpleTokenizer().encoder)
+    # open_clip and transformers name the two special tokens differently; the ids are the same.
+    encoder["<|startoftext|>"] = encoder.pop("<start_of_text>")
+    encoder["<|endoftext|>"] = encoder.pop("<end_of_text>")
+    (out / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+    merges = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out
+
+
+def make_tiny_instruct_pix2pix(out: Path, seed: int = 0) -> Path:
+    """A tiny random StableDiffusionInstructPix2PixPipeline (UNet with 8 input channels), saved locally."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = clip_tokenizer_files(out.parent / f"{out.name}-tokenizer")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=77))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=8, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionInstructPix2PixPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out

@@ -52,9 +52,21 @@ class SynthConfig:
     hard_negatives: int = 3  # other neighbours stored as hard negative keys
     max_changes: int = 2  # caption diffs with more changed spans are rejected
     text_dim: int = 1024  # hashed TF-IDF size
-    exact_max: int = 200_000  # exact k-NN up to this many images, faiss IVF above
+    exact_max: int = 50_000  # exact k-NN (quadratic) up to this many images, faiss IVF (near-linear) above
     # high quality: editing
-    editor: str = "toy"  # 'toy' (exact toy-world editor)
+    editor: str = "toy"  # 'toy' (exact toy-world editor) or a diffusers InstructPix2Pix model id / directory
+    clip: Optional[str] = None  # CLIP for keyword swaps and filters (required by the diffusers editor)
+    clip_pretrained: Optional[str] = None  # open_clip tag or weights file for --clip
+    samples_per_source: int = 2  # edited candidates per source image (seeds and guidance scales differ)
+    keep_per_source: int = 1  # best candidates kept per source (by directional similarity)
+    swap_low: float = 0.5  # keyword swaps need CLIP text similarity in [swap_low, swap_high]
+    swap_high: float = 0.7
+    min_image_image: float = 0.70  # filters (InstructPix2Pix / CompoDiff defaults)
+    min_caption_image: float = 0.2
+    min_directional: float = 0.2
+    steps: int = 20  # diffusion steps
+    device: str = "cpu"  # torch device for the editor
+    batch_size: int = 4  # editor batch size (RunInference)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-changes", type=int, default=d.max_changes)
     p.add_argument("--text-dim", type=int, default=d.text_dim)
     p.add_argument("--exact-max", type=int, default=d.exact_max)
-    p.add_argument("--editor", default=d.editor, choices=("toy",), help="high quality: how targets are made")
+    p.add_argument("--editor", default=d.editor,
+                   help="high quality: 'toy' (exact toy-world editor) or an InstructPix2Pix model id / directory")
+    p.add_argument("--clip", default=d.clip, help="CLIP model for keyword swaps and filters (diffusers editor)")
+    p.add_argument("--clip-pretrained", default=d.clip_pretrained)
+    p.add_argument("--samples-per-source", type=int, default=d.samples_per_source)
+    p.add_argument("--keep-per-source", type=int, default=d.keep_per_source)
+    p.add_argument("--swap-low", type=float, default=d.swap_low)
+    p.add_argument("--swap-high", type=float, default=d.swap_high)
+    p.add_argument("--min-image-image", type=float, default=d.min_image_image)
+    p.add_argument("--min-caption-image", type=float, default=d.min_caption_image)
+    p.add_argument("--min-directional", type=float, default=d.min_directional)
+    p.add_argument("--steps", type=int, default=d.steps, help="diffusion steps")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
     return p
 
@@ -207,13 +232,57 @@ class ToyEditor(beam.DoFn):
                "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": describe_edit(scene, edit, rng),
                "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
                "seed": self.seed, "edit": edit.to_json(), "tgt_image": tgt_image, "tgt_ext": "png",
+               "shard": sample["shard"],
                "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
 
 
-def _pick_sources(items: list, cfg: SynthConfig) -> Iterator[tuple[str, dict]]:
+def _pick_sources(items: list, cfg: SynthConfig) -> Iterator[dict]:
     """Seeded choice of `num_triplets` source images (all of them when not set)."""
     items = sorted(items, key=lambda kv: pick_order(cfg.seed, kv[0]))
-    yield from items[: cfg.num_triplets] if cfg.num_triplets else items
+    for _, sample in items[: cfg.num_triplets] if cfg.num_triplets else items:
+        yield sample
+
+
+def _keyed(sample: dict) -> tuple[str, dict]:
+    return sample["key"], sample
+
+
+def _by_source(candidate: dict) -> tuple[str, dict]:
+    return candidate["source_key"], candidate
+
+
+class EditSources(beam.PTransform):
+    """Chosen sources (with their shard) -> high-quality specs, plus rejected reasons and failed rows."""
+
+    def __init__(self, cfg: SynthConfig, vocab: list[str]):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+
+    def expand(self, sources):
+        cfg = self.cfg
+        keyed = sources | "Keyed" >> beam.Map(_keyed)
+        if cfg.editor == "toy":
+            edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
+            return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
+        from apache_beam.ml.inference.base import RunInference
+
+        from synth.editing import REJECTED as EDIT_REJECTED
+        from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
+
+        thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
+                      "directional": cfg.min_directional}
+        candidates = keyed | "CaptionEdit" >> beam.ParDo(
+            CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
+                        cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
+        handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
+        filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
+                    | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
+                    | "GroupBySource" >> beam.GroupByKey()
+                    | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
+                                                            cfg.keep_per_source, cfg.seed, cfg.editor))
+                    .with_outputs(EDIT_REJECTED, main="specs"))
+        rejected = (candidates[EDIT_REJECTED], filtered[EDIT_REJECTED]) | "AllRejected" >> beam.Flatten()
+        return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected
 
 
 # ------------------------------------------------------------------------------------------ assembly
@@ -285,24 +354,32 @@ class Finalize(beam.DoFn):
                              "rejected_by_reason": dict(sorted(by_reason.items()))}, LOG.name)
 
 
-def build(p: beam.Pipeline, cfg: SynthConfig, started: float) -> None:
+def _times(n: int, k: int) -> int:
+    return n * k
+
+
+def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[list[str]] = None) -> None:
     shard_paths = [ds.join(cfg.input, ds.SHARD_DIR, f"{n}.tar") for n in ds.complete_shards(cfg.input)]
     read = (p | "ShardPaths" >> beam.Create(shard_paths) | "Reshuffle" >> beam.Reshuffle()
             | "ReadShards" >> beam.ParDo(ReadCaptionShard()).with_outputs(FAILED, main="samples"))
     samples = read.samples
+    shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
     if cfg.quality == "low":
         mined = (samples | "Summaries" >> beam.Map(_summary) | "AllItems" >> beam.combiners.ToList()
                  | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, FAILED, main="specs"))
         candidates, rejected, edit_failed = mined.specs, mined[REJECTED], mined[FAILED]
+        specs = candidates | "AllSpecs" >> beam.combiners.ToList() | "Take" >> beam.FlatMap(_take, cfg)
+        count = specs | "CountSpecs" >> beam.combiners.Count.Globally()
+        assigned = specs | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(count))
     else:
+        # Shards are assigned to *sources* before editing, so a rerun skips the expensive edits of
+        # committed shards; each source's triplets land in its shard.
         chosen = samples | "AllSources" >> beam.combiners.ToList() | "PickSources" >> beam.FlatMap(_pick_sources, cfg)
-        edited = chosen | "Edit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
-        candidates, edit_failed = edited.specs, edited[FAILED]
-        rejected = p | "NoRejections" >> beam.Create([])
-    specs = candidates | "AllSpecs" >> beam.combiners.ToList() | "Take" >> beam.FlatMap(_take, cfg)
-    count = specs | "CountSpecs" >> beam.combiners.Count.Globally()
-    assigned = specs | "AssignShard" >> beam.ParDo(
-        jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND), beam.pvalue.AsSingleton(count))
+        expected = (chosen | "CountSources" >> beam.combiners.Count.Globally()
+                    | "TimesKeep" >> beam.Map(_times, cfg.keep_per_source if cfg.editor != "toy" else 1))
+        sources = chosen | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(expected))
+        candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
+        assigned = candidates
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
     parts = ({"image": samples, "need": needs} | "JoinImages" >> beam.CoGroupByKey()
              | "Route" >> beam.FlatMap(_route_images))
@@ -312,12 +389,12 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float) -> None:
     written = (triplets, no_failed) | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset,
                                                                        index_row, LOG.name)
     failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()
-    sources = samples | "CountSources" >> beam.combiners.Count.Globally()
+    n_sources = samples | "CountInputs" >> beam.combiners.Count.Globally()
     n_candidates = candidates | "CountCandidates" >> beam.combiners.Count.Globally()
     _ = (p | "Once" >> beam.Create([None])
          | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                     beam.pvalue.AsList(failed), beam.pvalue.AsList(rejected),
-                                    beam.pvalue.AsSingleton(sources), beam.pvalue.AsSingleton(n_candidates)))
+                                    beam.pvalue.AsSingleton(n_sources), beam.pvalue.AsSingleton(n_candidates)))
 
 
 def check_input(cfg: SynthConfig) -> None:
@@ -343,13 +420,19 @@ def check_input(cfg: SynthConfig) -> None:
                          f"none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0")
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
+    if cfg.quality == "high" and cfg.editor != "toy":
+        ds.check_model_reference(cfg.editor, "editor")
+        if not cfg.clip:
+            raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
+        ds.check_model_reference(cfg.clip, "CLIP")
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
-                        "max_changes", "text_dim", "exact_max")
+                        "max_changes", "text_dim", "exact_max", "samples_per_source", "keep_per_source", "steps",
+                        "batch_size")
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
         check_input(cfg)
@@ -359,12 +442,18 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     card = {"kind": KIND, "config": asdict(cfg), "quality": cfg.quality, "seed": cfg.seed,
             "command": ["beam_runner.py", "synth", *(argv if argv is not None else sys.argv[1:])],
             "source": ds.read_json(ds.join(cfg.input, "dataset.json")),
-            "models": {"editor": cfg.editor} if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}}
+            "models": ({"editor": cfg.editor, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}
+                       if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"})}
     try:
         jobs.prepare_output(cfg.output, card, known.overwrite)
     except ValueError as err:
         parser.error(str(err))
     jobs.progress_logger(LOG.name)
+    vocab = None
+    if cfg.quality == "high" and cfg.editor != "toy":
+        from synth.editing import vocabulary
+
+        vocab = vocabulary(ds.read_table(ds.join(cfg.input, "index.parquet")).column("caption").to_pylist())
     p = test_pipeline or beam.Pipeline(options=options)
-    build(p, cfg, time.time())
+    build(p, cfg, time.time(), vocab)
     return jobs.run_and_read_stats(p, cfg.output)

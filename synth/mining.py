@@ -48,7 +48,7 @@ def combine(image: Optional[np.ndarray], text: Optional[np.ndarray], image_weigh
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def knn(x: np.ndarray, k: int, *, exact_max: int = 200_000, nprobe: int = 16, seed: int = 0
+def knn(x: np.ndarray, k: int, *, exact_max: int = 50_000, nprobe: int = 16, seed: int = 0
         ) -> tuple[np.ndarray, np.ndarray, str]:
     """Top-k neighbours of every row by inner product, self excluded: (indices [N, k], sims [N, k], method).
 

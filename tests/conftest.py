@@ -50,3 +50,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from cir.tiny_models import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip2p(tmp_path_factory) -> Path:
+    from cir.tiny_models import make_tiny_instruct_pix2pix
+
+    return make_tiny_instruct_pix2pix(tmp_path_factory.mktemp("models") / "tiny-ip2p")
