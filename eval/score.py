@@ -1,0 +1,207 @@
+"""`python -m eval score`: metrics from a predictions file, checked against the annotations first.
+
+A predictions file that is malformed, incomplete (a query missing), over-complete (an unknown query),
+has duplicates, the wrong length, or (CIRR) still contains the reference raises `PredictionError`, which
+the command line turns into a message and exit code 2: a wrong file must never score quietly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from eval.metrics import mean_ap_at_k, recall_at_k
+
+TOP = 50  # every benchmark's server takes top-50 lists
+CIRR_KS = (1, 5, 10, 50)
+CIRR_SUBSET_KS = (1, 2, 3)
+CIRCO_KS = (5, 10, 25, 50)
+FASHIONIQ_KS = (10, 50)
+
+
+class PredictionError(ValueError):
+    """The predictions (or annotations) do not fit the protocol; the message says where."""
+
+
+def load_json(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PredictionError(f"{what} not found: {path}") from err
+    except ValueError as err:
+        raise PredictionError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def _check_list(name: str, ranked: Any, length: int, *, item_type: type) -> list:
+    if not isinstance(ranked, list):
+        raise PredictionError(f"{name}: expected a list of {length} items, got {type(ranked).__name__}")
+    if len(ranked) != length:
+        raise PredictionError(f"{name}: expected {length} items, got {len(ranked)}")
+    if item_type is int:
+        try:
+            ranked = [int(c) for c in ranked]
+        except (TypeError, ValueError) as err:
+            raise PredictionError(f"{name}: ids must be integers ({err})") from err
+    elif not all(isinstance(c, str) for c in ranked):
+        raise PredictionError(f"{name}: items must be image names (strings)")
+    if len(set(ranked)) != len(ranked):
+        dup = next(c for c in ranked if ranked.count(c) > 1)
+        raise PredictionError(f"{name}: {dup!r} appears more than once")
+    return ranked
+
+
+def _check_keys(what: str, got: set[str], expected: set[str]) -> None:
+    missing, extra = expected - got, got - expected
+    if missing:
+        raise PredictionError(f"{what}: {len(missing)} queries have no prediction (e.g. {sorted(missing)[:3]})")
+    if extra:
+        raise PredictionError(f"{what}: {len(extra)} predictions for unknown queries (e.g. {sorted(extra)[:3]})")
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------ CIRR
+
+def _cirr_gallery_size(annotations: Path) -> Optional[int]:
+    """CIRR layout: captions/cap.rc2.{split}.json beside image_splits/split.rc2.{split}.json."""
+    split_file = annotations.parent.parent / "image_splits" / annotations.name.replace("cap.", "split.", 1)
+    if split_file.is_file():
+        return len(load_json(split_file, "CIRR image split"))
+    return None
+
+
+def score_cirr(annotations: str | Path, predictions: dict, subset_predictions: Optional[dict] = None) -> dict:
+    annotations = Path(annotations)
+    queries = load_json(annotations, "CIRR annotations")
+    if not isinstance(queries, list) or not queries:
+        raise PredictionError(f"{annotations}: expected a list of CIRR queries")
+    if any("target_hard" not in q for q in queries):
+        raise PredictionError(f"{annotations} has no target_hard (a test split): submit to the CIRR server instead")
+    gallery = _cirr_gallery_size(annotations)
+    length = min(TOP, gallery - 1) if gallery else TOP  # the reference is removed from the gallery ranking
+    out = _rounded({f"recall@{k}": v for k, v in _cirr_recall(queries, predictions, length).items()})
+    if subset_predictions is not None:
+        out.update(_rounded({f"recall_subset@{k}": v
+                             for k, v in _cirr_subset_recall(queries, subset_predictions).items()}))
+        # The field's headline number for CIRR (Baldrati et al.): the mean of R@5 and R_subset@1.
+        out["avg"] = round((out["recall@5"] + out["recall_subset@1"]) / 2, 4)
+    return out
+
+
+def _check_header(predictions: Any, metric: str) -> dict:
+    if not isinstance(predictions, dict):
+        raise PredictionError("CIRR predictions must be a JSON object")
+    if predictions.get("version") != "rc2":
+        raise PredictionError(f'CIRR predictions need "version": "rc2", got {predictions.get("version")!r}')
+    if predictions.get("metric") != metric:
+        raise PredictionError(f'expected "metric": "{metric}", got {predictions.get("metric")!r}')
+    return {k: v for k, v in predictions.items() if k not in ("version", "metric")}
+
+
+def _cirr_recall(queries: list, predictions: dict, length: int) -> dict[int, float]:
+    ranked_by_id = _check_header(predictions, "recall")
+    _check_keys("CIRR recall predictions", set(ranked_by_id), {str(q["pairid"]) for q in queries})
+    ranked, targets = [], []
+    for q in queries:
+        name = f"pairid {q['pairid']}"
+        r = _check_list(name, ranked_by_id[str(q["pairid"])], length, item_type=str)
+        if q["reference"] in r:
+            raise PredictionError(f"{name}: the reference {q['reference']} must be removed from the ranking")
+        ranked.append(r)
+        targets.append(q["target_hard"])
+    return recall_at_k(ranked, targets, CIRR_KS)
+
+
+def _cirr_subset_recall(queries: list, predictions: dict) -> dict[int, float]:
+    ranked_by_id = _check_header(predictions, "recall_subset")
+    _check_keys("CIRR recall_subset predictions", set(ranked_by_id), {str(q["pairid"]) for q in queries})
+    ranked, targets = [], []
+    for q in queries:
+        name = f"pairid {q['pairid']} (subset)"
+        members = [m for m in q["img_set"]["members"] if m != q["reference"]]
+        r = _check_list(name, ranked_by_id[str(q["pairid"])], min(3, len(members)), item_type=str)
+        outside = [c for c in r if c not in members]
+        if outside:
+            raise PredictionError(f"{name}: {outside[0]} is not a member of the image set (reference excluded)")
+        ranked.append(r)
+        targets.append(q["target_hard"])
+    return recall_at_k(ranked, targets, CIRR_SUBSET_KS)
+
+
+# ------------------------------------------------------------------------------------------ CIRCO
+
+def _circo_gallery_size(annotations: Path) -> Optional[int]:
+    info = annotations.parent.parent / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    if info.is_file():
+        return len(load_json(info, "CIRCO image info")["images"])
+    return None
+
+
+def score_circo(annotations: str | Path, predictions: Any) -> dict:
+    annotations = Path(annotations)
+    queries = load_json(annotations, "CIRCO annotations")
+    if not isinstance(queries, list) or not queries:
+        raise PredictionError(f"{annotations}: expected a list of CIRCO queries")
+    if any("gt_img_ids" not in q for q in queries):
+        raise PredictionError(f"{annotations} has no gt_img_ids (the test split): submit to the CIRCO server")
+    if not isinstance(predictions, dict):
+        raise PredictionError("CIRCO predictions must be a JSON object {query id: [image ids]}")
+    _check_keys("CIRCO predictions", set(predictions), {str(q["id"]) for q in queries})
+    gallery = _circo_gallery_size(annotations)
+    length = min(TOP, gallery) if gallery else TOP
+    ranked = [_check_list(f"query {q['id']}", predictions[str(q["id"])], length, item_type=int) for q in queries]
+    gts = [[int(g) for g in q["gt_img_ids"]] for q in queries]
+    return _rounded({f"map@{k}": v for k, v in mean_ap_at_k(ranked, gts, CIRCO_KS).items()})
+
+
+# ------------------------------------------------------------------------------------------ FashionIQ
+
+def fashioniq_files(annotations: str | Path, split: str = "val") -> dict[str, Path]:
+    """category -> caption file, from the dataset root, its captions/ folder, or one cap.{cat}.{split}.json."""
+    path = Path(annotations)
+    if path.is_file():
+        return {path.name.split(".")[1]: path}
+    folder = path / "captions" if (path / "captions").is_dir() else path
+    files = {p.name.split(".")[1]: p for p in sorted(folder.glob(f"cap.*.{split}.json"))}
+    if not files:
+        raise PredictionError(f"no FashionIQ caption files cap.*.{split}.json under {folder}")
+    return files
+
+
+def _fashioniq_gallery_size(caption_file: Path, category: str, split: str) -> Optional[int]:
+    split_file = caption_file.parent.parent / "image_splits" / f"split.{category}.{split}.json"
+    return len(load_json(split_file, "FashionIQ image split")) if split_file.is_file() else None
+
+
+def score_fashioniq(annotations: str | Path, predictions: Any, categories: Optional[list[str]] = None,
+                    split: str = "val") -> dict:
+    files = fashioniq_files(annotations, split)
+    categories = categories or sorted(files)
+    unknown = [c for c in categories if c not in files]
+    if unknown:
+        raise PredictionError(f"no annotations for FashionIQ categories {unknown} (have {sorted(files)})")
+    if not isinstance(predictions, dict):
+        raise PredictionError('FashionIQ predictions must be {"dress": {"<index>": [names]}, ...}')
+    missing = [c for c in categories if c not in predictions]
+    if missing:
+        raise PredictionError(f"FashionIQ predictions lack categories {missing}")
+    out: dict[str, float] = {}
+    for cat in categories:
+        queries = load_json(files[cat], f"FashionIQ {cat} annotations")
+        by_index = predictions[cat]
+        if not isinstance(by_index, dict):
+            raise PredictionError(f"{cat}: expected {{index: [names]}}")
+        _check_keys(f"FashionIQ {cat} predictions", set(by_index), {str(i) for i in range(len(queries))})
+        gallery = _fashioniq_gallery_size(files[cat], cat, split)
+        length = min(TOP, gallery) if gallery else TOP
+        ranked = [_check_list(f"{cat} query {i}", by_index[str(i)], length, item_type=str)
+                  for i in range(len(queries))]
+        recalls = recall_at_k(ranked, [q["target"] for q in queries], FASHIONIQ_KS)  # reference not excluded
+        for k, v in recalls.items():
+            out[f"{cat}/recall@{k}"] = v
+    for k in FASHIONIQ_KS:
+        out[f"avg/recall@{k}"] = sum(out[f"{c}/recall@{k}"] for c in categories) / len(categories)
+    out["avg"] = (out["avg/recall@10"] + out["avg/recall@50"]) / 2
+    return _rounded(out)
