@@ -1,0 +1,111 @@
+"""The trainer core through stage 0: configs, the stream, loss going down, resume, two ranks, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.config import ConfigError, load_config
+from train.stage0 import Stage0Config, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "data.batch_size=8",
+            "data.shuffle_buffer=16", "optim.warmup_steps=2", "log_every=1", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "final" / "open_clip_model.safetensors"))
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(Stage0Config, str(ROOT / "train/configs/toy_stage0.yaml"),
+                      ["max_steps=7", "data.batch_size=3", "optim.betas=[0.8, 0.9]", "init_from=null"])
+    assert cfg.max_steps == 7 and cfg.data.batch_size == 3 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.clip.model == "toy-clip-64" and cfg.init_from is None
+    with pytest.raises(ConfigError, match="unknown key.*max_stepz"):
+        load_config(Stage0Config, None, ["max_stepz=3"])
+    with pytest.raises(ConfigError, match="data.batch_size: expected an integer"):
+        load_config(Stage0Config, None, ["data.batch_size=2.5"])
+
+
+def test_loss_decreases_and_export_loads(toy_captions, tmp_path):
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    assert main(tiny_args(data, out, "max_steps=40", "optim.lr=5e-4", "save_every=100")) == 0
+    curve = losses(out)
+    assert len(curve) == 40 and sum(curve[-5:]) / 5 < 0.85 * sum(curve[:5]) / 5
+    from cir.backbone import create_backbone
+
+    trained = create_backbone(str(out / "final"))  # the next stage loads the export by its path
+    assert set(weights(out)) == set(trained.model.state_dict())
+    assert json.loads((out / "final" / "train_config.json").read_text())["max_steps"] == 40
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+
+
+def test_resume_equals_uninterrupted(toy_captions, tmp_path):
+    data, _ = toy_captions
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ["max_steps=6", "save_every=3"]
+    assert main(tiny_args(data, whole, *args)) == 0
+    assert main(tiny_args(data, broken, *args)) == 0
+    # What a kill right after the step-3 checkpoint leaves behind: later checkpoints and the export gone.
+    shutil.rmtree(broken / "checkpoints" / "checkpoint_1")
+    shutil.rmtree(broken / "final")
+    log = (broken / "train_log.jsonl").read_text().splitlines()[:3]
+    (broken / "train_log.jsonl").write_text("\n".join(log) + "\n")
+    assert main(tiny_args(data, broken, *args, "resume=latest")) == 0
+    assert losses(broken) == pytest.approx(losses(whole), rel=1e-5)
+    a, b = weights(whole), weights(broken)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_ranks_read_disjoint_shards_without_hanging(toy_captions, tmp_path):
+    data, _ = toy_captions  # 5 shards: 3 for one rank, 2 for the other, and more steps than one epoch
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train" / "stage0.py"), *tiny_args(data, out, "max_steps=8", "save_every=4")]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reads = {}
+    for rank in (0, 1):
+        lines = (out / "data_log" / f"rank{rank}-worker0.txt").read_text().split("\n")
+        reads[rank] = [line.split() for line in lines if line]
+    epoch0 = {rank: {u for e, u in r if e == "0"} for rank, r in reads.items()}
+    assert epoch0[0] and epoch0[1] and not epoch0[0] & epoch0[1]
+    assert len(epoch0[0] | epoch0[1]) == 5
+    assert any(e != "0" for r in reads.values() for e, _ in r), "some rank went past its first epoch"
+    assert (out / "final" / "open_clip_model.safetensors").is_file()
+
+
+def test_bad_data_is_an_error_before_training(toy_captions, tmp_path, capsys):
+    data, _ = toy_captions
+    assert main(tiny_args(tmp_path / "none-{000..002}.tar", tmp_path / "o", "max_steps=1")) == 2
+    assert "missing shard" in capsys.readouterr().err
+    assert main([f"output_dir={tmp_path / 'o'}", "max_steps=1"]) == 2
+    assert "data.train is empty" in capsys.readouterr().err
+    triplets = tmp_path / "t.tar"
+    import webdataset as wds
+
+    with wds.TarWriter(str(triplets)) as sink:
+        sink.write({"__key__": "k", "mod.txt": "x", "json": {"a": 1}})
+    assert main(tiny_args(triplets, tmp_path / "o", "max_steps=1")) == 2
+    assert "samples lack jpg or png or webp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["no_such_key=1"])
+    assert exc.value.code == 2

@@ -1,0 +1,215 @@
+"""The training stream: an explicit list of webdataset stages, seeded, split by rank and worker.
+
+Per source (a list of shard urls):
+
+    shard list (seed + epoch shuffle) -> split_by_node -> split_by_worker -> tarfile_to_samples
+    -> shuffle (seed + epoch) -> [sources mixed by weight] -> skip (resume) -> batched raw samples -> decode
+
+Epochs repeat forever; the trainer stops at max_steps, so every rank runs the same number of steps whatever
+its share of shards (no DDP hang on uneven counts). With fewer shards than rank x worker slots, shards are
+*resampled* per slot instead (seeded by slot), since a slot without a shard would never produce a batch.
+Decoding happens after batching, so skipping consumed batches on resume is cheap. Members are decoded by
+extension only: images with PIL, text, json, `.npy` with allow_pickle=False; anything else (`.pyd`, `.pth`,
+...) is dropped undecoded, so nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import random
+from typing import Callable, Iterator, Optional
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from cir import dataset as ds
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; raised before training starts."""
+
+
+def expand_sources(entries: list[str]) -> list[list[str]]:
+    """Each `data.train` entry -> its shard urls. An entry is a dataset directory, a mix manifest (its
+    datasets become separate sources, in order), or a brace/glob pattern of tar files."""
+    sources: list[list[str]] = []
+    for entry in entries:
+        if entry.endswith((".yaml", ".yml", ".json")) and os.path.isfile(entry):
+            try:
+                sources += [m["shards"] for m in ds.load_mix(entry)]
+            except ValueError as err:
+                raise DataError(str(err)) from err
+            continue
+        if os.path.isdir(entry):
+            urls = ds.shard_urls(entry)
+        else:
+            urls = sorted(u for pattern in braceexpand.braceexpand(entry) for u in (glob.glob(pattern) or [pattern]))
+            missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+            if missing:
+                raise DataError(f"data.train {entry!r}: missing shard(s) {missing[:3]}")
+        if not urls:
+            raise DataError(f"data.train {entry!r}: no shards")
+        sources.append(urls)
+    if not sources:
+        raise DataError("data.train is empty: give shard patterns, dataset directories or a mix manifest")
+    return sources
+
+
+def check_schema(urls: list[str], required: tuple[str, ...]) -> None:
+    """The first sample of the first shard must have the fields this stage needs."""
+    try:
+        first = next(iter(ds.iter_shard(urls[0])))
+    except StopIteration:
+        raise DataError(f"{urls[0]} is empty") from None
+    except Exception as err:
+        raise DataError(f"{urls[0]} is not a readable WebDataset shard: {err}") from err
+    for need in required:
+        options = need.split("|")
+        if not any(o in first for o in options):
+            raise DataError(f"{urls[0]}: samples lack {' or '.join(options)} (have {sorted(first)}); "
+                            f"is this the right kind of dataset for this stage?")
+
+
+def decode_member(key: str, value: bytes):
+    ext = key.rsplit(".", 1)[-1].lower()
+    if ext in IMAGE_EXTS:
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if ext == "txt":
+        return value.decode("utf-8")
+    if ext == "json":
+        return json.loads(value)
+    if ext == "npy":
+        return np.load(io.BytesIO(value), allow_pickle=False)
+    return None  # never decoded (pickles included)
+
+
+def decode_sample(sample: dict) -> dict:
+    out = {"__key__": sample["__key__"]}
+    for key, value in sample.items():
+        if key.startswith("__"):
+            continue
+        decoded = decode_member(key, value)
+        if decoded is not None:
+            out[key] = decoded
+    return out
+
+
+class CountingHandler:
+    """webdataset error handler: a corrupt member or tar is skipped and counted, never fatal."""
+
+    def __init__(self):
+        self.errors = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors += 1
+        return True
+
+
+def _slot() -> tuple[int, int, int, int]:
+    """(rank, world, worker, workers) of the code running now."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    info = torch.utils.data.get_worker_info()
+    return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+
+
+def _shards_for_epoch(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """This slot's shards: the epoch's seeded permutation, split by node then worker (or resampled)."""
+    rank, world, worker, workers = _slot()
+    slots = world * workers
+    slot = rank * workers + worker
+    if len(urls) < slots:
+        rng = random.Random(f"{seed}:{epoch}:{slot}")
+        return [rng.choice(urls) for _ in range(len(urls))]
+    order = list(urls)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order[rank::world][worker::workers]  # what split_by_node + split_by_worker do, on this order
+
+
+def _samples(urls: list[str], seed: int, epoch: int, buffer: int, handler: CountingHandler,
+             log_dir: Optional[str]) -> Iterator[dict]:
+    shards = _shards_for_epoch(urls, seed, epoch)
+    if log_dir:  # which rank read which shard, per epoch: the way to check the split
+        rank, _, worker, _ = _slot()
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, f"rank{rank}-worker{worker}.txt"), "a", encoding="utf-8") as f:
+            f.writelines(f"{epoch} {u}\n" for u in shards)
+    stream = wds.tarfile_to_samples(handler=handler)([{"url": u} for u in shards])
+    rank, _, worker, _ = _slot()
+    rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}:shuffle")
+    yield from wds.shuffle(buffer, min(buffer, 100), rng=rng)(stream) if buffer > 1 else stream
+
+
+def _forever(urls: list[str], seed: int, buffer: int, handler: CountingHandler, source: int,
+             log_dir: Optional[str]) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        got = False
+        for sample in _samples(urls, seed + 1000 * source, epoch, buffer, handler, log_dir):
+            got = True
+            yield sample
+        if not got:
+            raise DataError(f"no readable samples in {urls[:3]}...")
+        epoch += 1
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Batches of decoded samples, endless; `skip_batches` resumes mid-stream (counted in global batches)."""
+
+    def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
+                 shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
+                 log_dir: Optional[str] = None):
+        super().__init__()
+        if weights is not None and len(weights) != len(sources):
+            raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
+        self.sources, self.batch_size, self.seed = sources, batch_size, seed
+        self.weights = weights or [1.0] * len(sources)
+        self.buffer, self.collate, self.skip_batches = shuffle_buffer, collate, skip_batches
+        self.handler = CountingHandler()
+        self.log_dir = log_dir
+
+    def _mixed(self) -> Iterator[dict]:
+        streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir)
+                   for i, u in enumerate(self.sources)]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rank, _, worker, _ = _slot()
+        rng = random.Random(f"{self.seed}:mix:{rank}:{worker}")
+        while True:
+            yield next(streams[rng.choices(range(len(streams)), weights=self.weights)[0]])
+
+    def __iter__(self) -> Iterator[dict]:
+        _, _, worker, workers = _slot()
+        # The DataLoader takes batches from workers in turn: global batch b is worker (b % W)'s (b // W)-th.
+        skip = len(range(worker, self.skip_batches, workers))
+        batch: list[dict] = []
+        for sample in self._mixed():
+            batch.append(sample)
+            if len(batch) < self.batch_size:
+                continue
+            if skip:
+                skip -= 1
+            else:
+                yield self.collate([decode_sample(s) for s in batch])
+            batch = []
+
+
+def loader(stream: TrainStream, workers: int) -> torch.utils.data.DataLoader:
+    """Not passed to accelerator.prepare: every rank reads its own split (no dispatch from rank 0)."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                       persistent_workers=False, in_order=True)
+
+
+def image_of(sample: dict, prefix: str = "") -> Image.Image:
+    for ext in IMAGE_EXTS:
+        if f"{prefix}{ext}" in sample:
+            return sample[f"{prefix}{ext}"]
+    raise DataError(f"sample {sample.get('__key__')} has no {prefix}image")

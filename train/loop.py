@@ -1,0 +1,199 @@
+"""The shared training loop (stages 0, I, II) on Accelerate.
+
+A stage supplies: `build()` -> trainable module, `collate(samples)` -> batch of tensors, `loss(model, batch)`
+-> (loss, scalars), `export(model, dir)`, and `required_fields` for the schema check. The loop owns the
+rest: data stream, AdamW with warmup + cosine, gradient accumulation and clipping, mixed precision,
+TensorBoard, tqdm, `save_state` checkpoints (automatic naming, total limit) and `resume=latest`.
+
+Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
+optimizer step (Accelerate's prepared scheduler steps once per process), and saved via
+`register_for_checkpointing`. The data loader is not prepared: each rank reads its own split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import torch
+from tqdm import tqdm
+
+from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from train.data import DataError, TrainStream, check_schema, expand_sources, loader
+
+
+class Stage(Protocol):
+    name: str
+    required_fields: tuple[str, ...]
+
+    def build(self) -> torch.nn.Module: ...
+
+    def collate(self, samples: list[dict]) -> dict: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict, accelerator) -> tuple[torch.Tensor, dict]: ...
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """What `save_state` does not know about: the optimizer step (also the data position)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases, embeddings and the logit scale (open_clip's exclusion rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    return found[-1] if found else None
+
+
+def parse_args(cls, argv: Optional[list[str]]):
+    """`--config FILE [key=value ...]` -> config dataclass; errors exit with status 2 before training."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train a stage (see train/configs/*.yaml).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 data.batch_size=32")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def train(stage: Stage, cfg: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(cfg.output_dir)
+    sources = expand_sources(cfg.data.train)
+    for urls in sources:
+        check_schema(urls, stage.required_fields)
+    accelerator = Accelerator(
+        # Without a GPU, ask for CPU explicitly: only then do several launched processes form gloo ranks
+        # (MULTI_CPU) instead of each training alone.
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
+                                            automatic_checkpoint_naming=True, total_limit=cfg.save_total_limit))
+    set_seed(cfg.seed)
+    model = stage.build()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.max_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if cfg.resume:
+        path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+        if path is None:
+            raise DataError(f"resume=latest: no checkpoint under {out / 'checkpoints'}")
+        accelerator.load_state(str(path))
+        accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
+        accelerator.print(f"resumed from {path} at step {state.step}")
+    stream = TrainStream(sources, cfg.data.weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
+                         stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"))
+    batches = iter(loader(stream, cfg.data.workers))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.json")
+    accelerator.init_trackers(stage.name, config=_flat(to_dict(cfg)))
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
+    model.train()
+    while state.step < cfg.max_steps:
+        batch = _to_device(next(batches), accelerator.device)
+        with accelerator.accumulate(model):
+            loss, scalars = stage.loss(model, batch, accelerator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        state.step += 1
+        progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0],
+                    **{k: float(v) for k, v in scalars.items()}}
+            accelerator.log(logs, step=state.step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if accelerator.is_main_process:
+                with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.step, **logs}) + "\n")
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
+            accelerator.save_state()
+            if accelerator.is_main_process:
+                save_config(cfg, latest_checkpoint(out) / "config.json")
+    progress.close()
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
+        final.mkdir(parents=True, exist_ok=True)
+        stage.export(accelerator.unwrap_model(model), final)
+        save_config(cfg, final / "train_config.json")
+    accelerator.end_training()
+    return final
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """TensorBoard hparams take scalars only."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def main(stage_factory: Callable[[TrainConfig], Stage], config_cls, argv: Optional[list[str]] = None) -> int:
+    cfg = parse_args(config_cls, argv)
+    try:
+        stage = stage_factory(cfg)
+        final = train(stage, cfg)
+    except (DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"export: {final}")
+    return 0

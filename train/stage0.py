@@ -1,0 +1,73 @@
+"""Stage 0: CLIP contrastive image-text training on caption shards (`accelerate launch train/stage0.py`).
+
+With real weights this is the open-domain -> domain step of progressive training; on the toy world it trains
+the tiny CLIP from scratch. Symmetric InfoNCE over the global batch (features gathered across ranks with
+gradients, open_clip's ClipLoss). The export `{output_dir}/final/` is an open_clip local directory that
+`cir.backbone.create_backbone` (and so every later stage and eval) loads by its path.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from train.config import TrainConfig
+from train.data import image_of
+from train.loop import main as loop_main
+
+
+@dataclass
+class Stage0Config(TrainConfig):
+    augment: bool = False  # open_clip's train transform (random resized crop); off keeps positions intact
+    local_loss: bool = False  # ClipLoss local_loss: logits of local features against the global batch only
+
+
+class Stage0:
+    name = "stage0"
+    required_fields = ("jpg|png|webp", "txt")
+
+    def __init__(self, cfg: Stage0Config):
+        self.cfg = cfg
+        self.backbone = None
+
+    def build(self) -> torch.nn.Module:
+        from cir.backbone import create_backbone
+
+        source = self.cfg.init_from or self.cfg.clip.model
+        self.backbone = create_backbone(source, None if self.cfg.init_from else self.cfg.clip.pretrained,
+                                        seed=self.cfg.seed)
+        return self.backbone.model
+
+    def collate(self, samples: list[dict]) -> dict:
+        transform = self.backbone.preprocess_train if self.cfg.augment else self.backbone.preprocess
+        images = torch.stack([transform(image_of(s)) for s in samples])  # [B, 3, H, W]
+        tokens = self.backbone.tokenizer([s["txt"] for s in samples])  # [B, L]
+        return {"images": images, "tokens": tokens}
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        from open_clip.loss import ClipLoss
+
+        if not hasattr(self, "_loss"):
+            self._loss = ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, cache_labels=True,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+        out = model(batch["images"], batch["tokens"])
+        image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(
+            out, dict) else out[:3]
+        return self._loss(image, text, scale), {"logit_scale": scale.detach()}
+
+    def export(self, model, out_dir: Path) -> None:
+        from cir.backbone import save_backbone
+
+        self.backbone.model = model
+        save_backbone(self.backbone, out_dir, extra={"trained_by": "stage0"})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return loop_main(Stage0, Stage0Config, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
