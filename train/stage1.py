@@ -1,0 +1,136 @@
+"""Stage I: image -> K pseudo-word tokens, CLIP frozen (`accelerate launch train/stage1.py`).
+
+For images v_i with captions c_i: S_i = mapping(v_i, P_i); t_i = E_T("a photo of $" with $ := S_i);
+L = InfoNCE(t, v) + lambda_sta * KL(q || p), q_i = softmax_j(cos(v_i, E_T(c_j)) / tau_s) (frozen CLIP, the
+teacher), p_i = softmax_j(cos(t_i, E_T(c_j)) / tau_s): the pseudo-prompt learns to sit where its image's
+captions sit, softly. Features are gathered over ranks so the negatives are the global batch.
+
+With `data.use_cached_embeddings` and `mapping.use_patches: false`, `emb.npy` replaces the image tower.
+The export `{output_dir}/final/` holds `clip/` (the frozen CLIP, open_clip layout), `mapping.safetensors`
+and `cir_config.json`; `cir.model.load_cir_model` loads it (stage II, eval).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cir.mapping import MappingConfig
+from train.config import TrainConfig
+from train.data import image_of
+from train.loop import main as loop_main
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    prompt: str = "a photo of $"  # the pseudo-prompt; "$" is replaced by the K pseudo tokens
+    temperature: float = 0.07  # InfoNCE temperature between pseudo-prompt and image features
+    sta_weight: float = 1.0  # lambda of the soft text alignment loss (0: off)
+    sta_temperature: float = 0.05  # tau_s of the similarity distributions over the batch's captions
+
+
+def gather(x: torch.Tensor, accelerator, with_grad: bool) -> torch.Tensor:
+    """[B, d] on each rank -> [world * B, d]; with_grad keeps this rank's slice in the graph."""
+    if accelerator.num_processes == 1:
+        return x
+    if with_grad:
+        import torch.distributed.nn
+
+        return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
+    return accelerator.gather(x.detach())
+
+
+class StageOneModel(torch.nn.Module):
+    """The trainable mapping beside the frozen CLIP. The pseudo-prompt is computed in `forward`, so that
+    under DDP it runs through the wrapper (gradient synchronisation hooks on the wrapper's forward)."""
+
+    def __init__(self, clip: torch.nn.Module, mapping: torch.nn.Module, placeholder: int):
+        super().__init__()
+        self.clip = clip
+        self.mapping = mapping
+        self.placeholder = placeholder
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, v: torch.Tensor, patches: Optional[torch.Tensor], prompts: torch.Tensor) -> torch.Tensor:
+        from cir.mapping import encode_text_with_pseudo
+
+        return encode_text_with_pseudo(self.clip, prompts, self.placeholder, self.mapping(v, patches))  # [B, d]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen: no dropout, no norm statistics updates
+        return self
+
+
+class Stage1:
+    name = "stage1"
+    required_fields = ("jpg|png|webp", "txt")
+
+    def __init__(self, cfg: Stage1Config):
+        self.cfg = cfg
+        self.cached = cfg.data.use_cached_embeddings and not cfg.mapping.use_patches
+
+    def build(self) -> torch.nn.Module:
+        from cir.backbone import create_backbone
+        from cir.model import new_mapping
+
+        source = self.cfg.init_from or self.cfg.clip.model
+        self.backbone = create_backbone(source, None if self.cfg.init_from else self.cfg.clip.pretrained,
+                                        seed=self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        mapping, self.placeholder = new_mapping(self.backbone, self.cfg.mapping)
+        self.prompt_tokens = self.backbone.tokenizer([self.cfg.prompt])  # [1, L]
+        return StageOneModel(self.backbone.model, mapping, self.placeholder)
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]
+        if self.cached and all("emb.npy" in s for s in samples):
+            batch["emb"] = torch.from_numpy(np.stack([s["emb.npy"] for s in samples]).astype(np.float32))
+        else:
+            batch["images"] = torch.stack([self.backbone.preprocess(image_of(s)) for s in samples])
+        return batch
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        from cir.mapping import image_features
+
+        clip = accelerator.unwrap_model(model).clip
+        with torch.no_grad():
+            if "emb" in batch:
+                v, patches = F.normalize(batch["emb"], dim=-1), None
+            else:
+                v, patches = image_features(clip, batch["images"], self.cfg.mapping.use_patches)
+            c = clip.encode_text(batch["captions"], normalize=True)  # [B, d] frozen teacher side
+        prompts = self.prompt_tokens.to(v.device).expand(v.shape[0], -1)
+        t = model(v, patches, prompts)  # [B, d] pseudo-prompt features
+        t_all, v_all, c_all = gather(t, accelerator, True), gather(v, accelerator, False), gather(c, accelerator, False)
+        labels = torch.arange(t_all.shape[0], device=t.device)
+        logits = t_all @ v_all.T / self.cfg.temperature
+        contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss, scalars = contrastive, {"contrastive": contrastive.detach()}
+        if self.cfg.sta_weight > 0:
+            teacher = F.softmax(v_all @ c_all.T / self.cfg.sta_temperature, dim=-1)
+            student = F.log_softmax(t_all @ c_all.T / self.cfg.sta_temperature, dim=-1)
+            sta = F.kl_div(student, teacher, reduction="batchmean")
+            loss = loss + self.cfg.sta_weight * sta
+            scalars["soft_text_alignment"] = sta.detach()
+        return loss, scalars
+
+    def export(self, model, out_dir: Path) -> None:
+        from cir.model import save_cir_model
+
+        save_cir_model(out_dir, self.backbone, model.mapping, self.cfg.mapping, self.cfg.prompt, stage=1)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return loop_main(Stage1, Stage1Config, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
