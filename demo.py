@@ -53,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     mix = out / "mix.yaml"
     mix.write_text(f"datasets:\n  - {{path: {low}, weight: 1.0}}\n  - {{path: {high}, weight: 1.0}}\n")
     print(f"[demo] triplets: {low} (LQ), {high} (HQ), mix manifest {mix}")
-    print("[demo] next steps (training, eval) arrive with their issues; see README")
+    stage0, stage1 = out / "stage0", out / "stage1"
+    step("stage 0: train the toy CLIP from scratch", stage0 / "final" / "open_clip_model.safetensors",
+         [sys.executable, "train/stage0.py", "--config", "train/configs/toy_stage0.yaml", f"output_dir={stage0}",
+          f"data.train=['{captions}']", f"seed={args.seed}"])
+    step("stage I: image -> pseudo-word tokens", stage1 / "final" / "mapping.safetensors",
+         [sys.executable, "train/stage1.py", "--config", "train/configs/toy_stage1.yaml", f"output_dir={stage1}",
+          f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}"])
+    print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
+          f"tensorboard --logdir {out}")
+    print("[demo] next steps (stage II, eval, ablation) arrive with their issues; see README")
     return 0
 
 

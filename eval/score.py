@@ -72,13 +72,19 @@ def _cirr_gallery_size(annotations: Path) -> Optional[int]:
     return None
 
 
+def _queries_with_ground_truth(annotations: Path, benchmark: str, gt_field: str) -> list:
+    """The annotation list; a test split (no ground truth) is scored by the benchmark's server, not here."""
+    queries = load_json(annotations, f"{benchmark} annotations")
+    if not isinstance(queries, list) or not queries:
+        raise PredictionError(f"{annotations}: expected a list of {benchmark} queries")
+    if any(gt_field not in q for q in queries):
+        raise PredictionError(f"{annotations} has no {gt_field} (a test split): submit to the {benchmark} server")
+    return queries
+
+
 def score_cirr(annotations: str | Path, predictions: dict, subset_predictions: Optional[dict] = None) -> dict:
     annotations = Path(annotations)
-    queries = load_json(annotations, "CIRR annotations")
-    if not isinstance(queries, list) or not queries:
-        raise PredictionError(f"{annotations}: expected a list of CIRR queries")
-    if any("target_hard" not in q for q in queries):
-        raise PredictionError(f"{annotations} has no target_hard (a test split): submit to the CIRR server instead")
+    queries = _queries_with_ground_truth(annotations, "CIRR", "target_hard")
     gallery = _cirr_gallery_size(annotations)
     length = min(TOP, gallery - 1) if gallery else TOP  # the reference is removed from the gallery ranking
     out = _rounded({f"recall@{k}": v for k, v in _cirr_recall(queries, predictions, length).items()})
@@ -141,11 +147,7 @@ def _circo_gallery_size(annotations: Path) -> Optional[int]:
 
 def score_circo(annotations: str | Path, predictions: Any) -> dict:
     annotations = Path(annotations)
-    queries = load_json(annotations, "CIRCO annotations")
-    if not isinstance(queries, list) or not queries:
-        raise PredictionError(f"{annotations}: expected a list of CIRCO queries")
-    if any("gt_img_ids" not in q for q in queries):
-        raise PredictionError(f"{annotations} has no gt_img_ids (the test split): submit to the CIRCO server")
+    queries = _queries_with_ground_truth(annotations, "CIRCO", "gt_img_ids")
     if not isinstance(predictions, dict):
         raise PredictionError("CIRCO predictions must be a JSON object {query id: [image ids]}")
     _check_keys("CIRCO predictions", set(predictions), {str(q["id"]) for q in queries})

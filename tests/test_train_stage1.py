@@ -70,3 +70,23 @@ def test_cached_embeddings_and_pic2word_baseline(toy_world, tiny_clip_dir, tmp_p
     model = load_cir_model(out / "final")
     assert model.mapping.cfg == MappingConfig(num_tokens=1, depth=1, heads=2, use_patches=False)
     assert model.mapping.patch_proj is None
+
+
+def test_stage1_on_two_ranks(toy_captions, tmp_path):
+    """The pseudo-prompt runs through the DDP wrapper's forward, so gradients synchronise across gloo ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data, _ = toy_captions
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "train" / "stage1.py"),
+           f"output_dir={out}", f"data.train=['{data}']", "max_steps=4", *BASE]
+    result = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_cir_model(out / "final").stage == 1
+    assert sorted(p.name for p in (out / "data_log").iterdir()) == ["rank0-worker0.txt", "rank1-worker0.txt"]
