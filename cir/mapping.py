@@ -99,8 +99,12 @@ def encode_text_with_pseudo(clip, tokens: torch.Tensor, placeholder: int, pseudo
         rows.append(torch.cat([x[i, :p], pseudo[i].to(cast), x[i, p + 1:]], dim=0)[:length])
     x = torch.stack(rows)  # [B, L, w]
     eot = (tokens.argmax(dim=-1) + (k - 1)).clamp(max=length - 1)  # <end_of_text> has the largest id
-    x = x + clip.positional_embedding.to(cast)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    # The attention is causal and features are pooled at <end_of_text>: positions after the last one in the
+    # batch cannot change the result, so they are cut ("a photo of $" needs ~7 of 77 positions).
+    n = int(eot.max()) + 1
+    x = x[:, :n] + clip.positional_embedding[:n].to(cast)
+    mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+    x = clip.transformer(x, attn_mask=mask)
     x = clip.ln_final(x)
     x = x[torch.arange(b, device=x.device), eot]
     x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection

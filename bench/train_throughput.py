@@ -1,0 +1,136 @@
+"""Training data path and stage I cost (issue: trainer core, "Performance"), printed as ratios.
+
+1. Stage 0 steps/s fed by the streaming loader vs the same steps fed from batches already decoded in
+   memory (target >= 0.9: the loader keeps up).
+2. Loader samples/s vs a plain webdataset pipeline with open_clip's stage list (shard list ->
+   split_by_worker -> tarfile_to_samples -> shuffle -> decode -> preprocess + tokenize -> batched) on the same
+   shards with the same workers (target >= 1).
+3. Stage I step time recomputing the image tower vs cached `emb.npy` (target >= 3x at toy sizes).
+
+    python bench/train_throughput.py --captions runs/demo/captions [--clip-captions DIR_WITH_EMB] [--workers 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def stage0_steps(stage, model, batches, steps: int) -> float:
+    from open_clip.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    it = iter(batches)
+    next(it)  # warm-up: first batch and allocator
+    start = time.time()
+    for _ in range(steps):
+        b = next(it)
+        img, txt, scale = model(b["images"], b["tokens"])[:3]
+        loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return steps / (time.time() - start)
+
+
+def loader_rate(batches, n_batches: int, batch_size: int) -> float:
+    it = iter(batches)
+    next(it)
+    start = time.time()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch_size / (time.time() - start)
+
+
+def openclip_style(urls, backbone, batch_size: int, workers: int):
+    """open_clip_train's webdataset stage list (its data.py itself fails with webdataset 1.0.x)."""
+    import webdataset as wds
+
+    def preprocess(sample):
+        return backbone.preprocess(sample[0]), backbone.tokenizer([sample[1]])[0]
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(), wds.shuffle(500),
+        wds.decode("pilrgb"), wds.to_tuple("jpg;png;webp", "txt"), wds.map(preprocess),
+        wds.batched(batch_size, partial=False))
+    loader = torch.utils.data.DataLoader(pipeline.repeat(), batch_size=None, num_workers=workers)
+    return loader
+
+
+def main(argv=None) -> int:
+    from cir.dataset import shard_urls
+    from train.data import TrainStream, loader
+    from train.stage0 import Stage0, Stage0Config
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--captions", default="runs/demo/captions")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+    cfg = Stage0Config()
+    cfg.data.train = [args.captions]
+    stage = Stage0(cfg)
+    model = stage.build()
+    urls = shard_urls(args.captions)
+    stream = loader(TrainStream([urls], None, args.batch_size, 0, 500, stage.collate), args.workers)
+    in_memory = []
+    it = iter(stream)
+    for _ in range(args.steps + 1):
+        in_memory.append(next(it))
+    streamed = stage0_steps(stage, model, loader(TrainStream([urls], None, args.batch_size, 1, 500, stage.collate),
+                                                 args.workers), args.steps)
+    memory = stage0_steps(stage, model, in_memory, args.steps)
+    print(json.dumps({"stage0_steps_per_s_streamed": round(streamed, 3), "stage0_steps_per_s_in_memory":
+                      round(memory, 3), "ratio": round(streamed / memory, 3), "target": 0.9}), flush=True)
+
+    ours = loader_rate(loader(TrainStream([urls], None, args.batch_size, 2, 500, stage.collate), args.workers),
+                       args.steps, args.batch_size)
+    theirs = loader_rate(openclip_style(urls, stage.backbone, args.batch_size, args.workers), args.steps,
+                         args.batch_size)
+    print(json.dumps({"loader_samples_per_s": round(ours, 1), "openclip_stage_list_samples_per_s": round(theirs, 1),
+                      "ratio": round(ours / theirs, 3), "target": 1.0}), flush=True)
+
+    from cir.mapping import MappingConfig, image_features
+    from cir.model import new_mapping
+    from cir.mapping import encode_text_with_pseudo
+
+    backbone = stage.backbone
+    mapping, placeholder = new_mapping(backbone, MappingConfig(num_tokens=1, use_patches=False))
+    opt = torch.optim.AdamW(mapping.parameters(), lr=1e-4)
+    batch = in_memory[0]
+    with torch.no_grad():
+        cached = image_features(backbone.model, batch["images"], False)[0]
+    prompts = backbone.tokenizer(["a photo of $"] * batch["images"].shape[0])
+
+    def step(use_cache: bool) -> None:
+        with torch.no_grad():
+            v = cached if use_cache else image_features(backbone.model, batch["images"], False)[0]
+        t = encode_text_with_pseudo(backbone.model, prompts, placeholder, mapping(v))
+        loss = -(t * v).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    times = {}
+    for use_cache in (False, True):
+        step(use_cache)
+        start = time.time()
+        for _ in range(args.steps):
+            step(use_cache)
+        times[use_cache] = (time.time() - start) / args.steps
+    print(json.dumps({"stage1_step_s_tower": round(times[False], 4), "stage1_step_s_cached": round(times[True], 4),
+                      "speedup": round(times[False] / times[True], 2), "target": 3.0}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

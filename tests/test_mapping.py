@@ -1,0 +1,38 @@
+"""Pseudo-word tokens inside the CLIP text encoder: exact against open_clip's own encode_text."""
+from __future__ import annotations
+
+import torch
+
+from cir.backbone import create_backbone
+from cir.mapping import MappingConfig, MappingNetwork, encode_text_with_pseudo, placeholder_id
+
+
+def test_placeholder_filled_with_its_own_embedding_equals_encode_text():
+    bb = create_backbone("tiny-clip-32", seed=0)
+    clip = bb.model.eval()
+    ph = placeholder_id(bb.tokenizer)
+    tokens = bb.tokenizer(["a photo of $", "a photo of $ that is a large red circle on the left"])
+    own = clip.token_embedding(torch.tensor([[ph]])).expand(2, 1, -1)  # K = 1: "$" itself
+    with torch.no_grad():
+        assert torch.allclose(encode_text_with_pseudo(clip, tokens, ph, own), clip.encode_text(tokens, normalize=True),
+                              atol=1e-5)
+
+
+def test_more_pseudo_tokens_shift_the_pooling_position():
+    bb = create_backbone("tiny-clip-32", seed=0)
+    clip = bb.model.eval()
+    ph = placeholder_id(bb.tokenizer)
+    tokens = bb.tokenizer(["a photo of $"])
+    word = clip.token_embedding(bb.tokenizer(["red circle"])[0, 1:3])[None]  # [1, 2, w]: two real words
+    with torch.no_grad():
+        got = encode_text_with_pseudo(clip, tokens, ph, word)
+        expected = clip.encode_text(bb.tokenizer(["a photo of red circle"]), normalize=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_mapping_shapes_with_and_without_patches():
+    v, patches = torch.randn(3, 32), torch.randn(3, 16, 64)
+    with_patches = MappingNetwork(MappingConfig(num_tokens=4, depth=2, heads=2), 32, 64, 48)
+    assert with_patches(v, patches).shape == (3, 4, 48)
+    pic2word = MappingNetwork(MappingConfig(num_tokens=1, use_patches=False), 32, 64, 48)
+    assert pic2word(v).shape == (3, 1, 48) and pic2word.patch_proj is None
