@@ -207,3 +207,92 @@ def score_fashioniq(annotations: str | Path, predictions: Any, categories: Optio
         out[f"avg/recall@{k}"] = sum(out[f"{c}/recall@{k}"] for c in categories) / len(categories)
     out["avg"] = (out["avg/recall@10"] + out["avg/recall@50"]) / 2
     return _rounded(out)
+
+
+# ------------------------------------------------------------------------------------------ Shoes, Fashion200k
+
+RECALL_KS = (1, 10, 50)
+
+
+def _ranked_without_reference(name: str, ranked: Any, reference: str, length: int) -> list:
+    r = _check_list(name, ranked, length, item_type=str)
+    if reference in r:
+        raise PredictionError(f"{name}: the reference {reference} must be excluded from the ranking")
+    return r
+
+
+def shoes_queries(root: str | Path) -> tuple[list[dict], list[str]]:
+    """Shoes layout: relative_captions_shoes.json + eval_im_names.txt. The evaluation queries are the caption
+    entries whose reference and target are both evaluation images, in file order; the gallery is those images."""
+    root = Path(root)
+    captions = load_json(root / "relative_captions_shoes.json", "Shoes captions")
+    names_file = root / "eval_im_names.txt"
+    if not names_file.is_file():
+        raise PredictionError(f"Shoes split not found: {names_file}")
+    gallery = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    in_split = set(gallery)
+    queries = [c for c in captions if c["ImageName"] in in_split and c["ReferenceImageName"] in in_split]
+    return queries, gallery
+
+
+def score_shoes(root: str | Path, predictions: Any) -> dict:
+    """Shoes: Recall@1/10/50 of the target, the reference excluded from the gallery ranking."""
+    queries, gallery = shoes_queries(root)
+    if not isinstance(predictions, dict):
+        raise PredictionError('Shoes predictions must be {"<query index>": [image names]}')
+    _check_keys("Shoes predictions", set(predictions), {str(i) for i in range(len(queries))})
+    length = min(TOP, len(gallery) - 1)
+    ranked = [_ranked_without_reference(f"query {i}", predictions[str(i)], q["ReferenceImageName"], length)
+              for i, q in enumerate(queries)]
+    return _rounded({f"recall@{k}": v for k, v in recall_at_k(ranked, [q["ImageName"] for q in queries],
+                                                               RECALL_KS).items()})
+
+
+def fashion200k_queries(root: str | Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Fashion200k (TIRG protocol): labels/*_test_detect_all.txt ("path<TAB>score<TAB>caption") give the test
+    gallery and captions; test_queries.txt lists "source target" paths, one query a line."""
+    root = Path(root)
+    captions: dict[str, str] = {}
+    for label_file in sorted((root / "labels").glob("*_test_detect_all.txt")):
+        for line in label_file.read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                captions[parts[0]] = parts[2].strip()
+    if not captions:
+        raise PredictionError(f"no Fashion200k test labels under {root / 'labels'}")
+    queries_file = root / "test_queries.txt"
+    if not queries_file.is_file():
+        raise PredictionError(f"Fashion200k queries not found: {queries_file}")
+    queries = [tuple(line.split()[:2]) for line in queries_file.read_text().splitlines() if line.strip()]
+    unknown = [p for q in queries for p in q if p not in captions]
+    if unknown:
+        raise PredictionError(f"test_queries.txt names images without a test caption, e.g. {unknown[0]}")
+    return queries, captions
+
+
+def score_fashion200k(root: str | Path, predictions: Any) -> dict:
+    """Fashion200k: a hit is any retrieved image whose caption equals the target's; reference excluded."""
+    from eval.metrics import recall_at_k_any
+
+    queries, captions = fashion200k_queries(root)
+    if not isinstance(predictions, dict):
+        raise PredictionError('Fashion200k predictions must be {"<query index>": [image paths]}')
+    _check_keys("Fashion200k predictions", set(predictions), {str(i) for i in range(len(queries))})
+    length = min(TOP, len(captions) - 1)
+    ranked, hits = [], []
+    for i, (source, target) in enumerate(queries):
+        r = _ranked_without_reference(f"query {i}", predictions[str(i)], source, length)
+        outside = [c for c in r if c not in captions]
+        if outside:
+            raise PredictionError(f"query {i}: {outside[0]} is not a test image")
+        ranked.append(r)
+        hits.append(_CaptionIs(captions, captions[target]))
+    return _rounded({f"recall@{k}": v for k, v in recall_at_k_any(ranked, hits, RECALL_KS).items()})
+
+
+class _CaptionIs:
+    def __init__(self, captions: dict[str, str], caption: str):
+        self.captions, self.caption = captions, caption
+
+    def __call__(self, image: str) -> bool:
+        return self.captions[image] == self.caption

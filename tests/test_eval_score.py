@@ -225,3 +225,42 @@ def test_oracle_predictions_on_the_toy_benchmarks_score_100(toy_world):
         preds[cat] = {str(i): ([q["target"]] + [n for n in names if n != q["target"]])[:50]
                       for i, q in enumerate(queries)}
     assert score_fashioniq(bench / "fashioniq", preds)["avg"] == 100.0
+
+
+# ---------------------------------------------------------------- Shoes and Fashion200k
+
+def test_shoes_recall_by_hand(tmp_path):
+    from eval.score import score_shoes
+
+    names = [f"img_{i}.jpg" for i in range(60)]
+    (tmp_path / "eval_im_names.txt").write_text("\n".join(names[:55]) + "\n")
+    write(tmp_path / "relative_captions_shoes.json", [
+        {"ImageName": "img_1.jpg", "ReferenceImageName": "img_0.jpg", "RelativeCaption": "is red"},
+        {"ImageName": "img_58.jpg", "ReferenceImageName": "img_0.jpg", "RelativeCaption": "train pair"},  # not eval
+        {"ImageName": "img_3.jpg", "ReferenceImageName": "img_2.jpg", "RelativeCaption": "is taller"}])
+    gallery = names[:55]
+
+    def ranking(ref, head):
+        return head + [n for n in gallery if n not in head and n != ref][: 50 - len(head)]
+
+    preds = {"0": ranking("img_0.jpg", ["img_1.jpg"]),  # target first
+             "1": ranking("img_2.jpg", [n for n in gallery if n not in ("img_2.jpg", "img_3.jpg")][:20] + ["img_3.jpg"])}
+    assert score_shoes(tmp_path, preds) == {"recall@1": 50.0, "recall@10": 50.0, "recall@50": 100.0}
+    preds["0"][5] = "img_0.jpg"
+    with pytest.raises(PredictionError, match="reference img_0.jpg must be excluded"):
+        score_shoes(tmp_path, preds)
+
+
+def test_fashion200k_hit_is_any_image_with_the_target_caption(tmp_path):
+    from eval.score import score_fashion200k
+
+    (tmp_path / "labels").mkdir()
+    rows = [f"women/dresses/{i}.jpg\t0.9\t{'red dress' if i in (5, 7) else f'caption {i}'}" for i in range(60)]
+    (tmp_path / "labels" / "dress_test_detect_all.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test_queries.txt").write_text("women/dresses/0.jpg women/dresses/5.jpg\n")
+    gallery = [f"women/dresses/{i}.jpg" for i in range(1, 60)]
+    # image 7 has the same caption as the target 5: ranked first, it is a hit at 1 (TIRG protocol)
+    preds = {"0": ["women/dresses/7.jpg"] + [g for g in gallery if g != "women/dresses/7.jpg"][:49]}
+    assert score_fashion200k(tmp_path, preds) == {"recall@1": 100.0, "recall@10": 100.0, "recall@50": 100.0}
+    preds = {"0": [g for g in gallery if g not in ("women/dresses/5.jpg", "women/dresses/7.jpg")][:50]}
+    assert score_fashion200k(tmp_path, preds)["recall@50"] == 0.0
