@@ -1,4 +1,4 @@
-"""`python -m eval COMMAND ...`: score predictions files (more commands land with their issues)."""
+"""`python -m eval COMMAND ...`: score predictions files; run a checkpoint on a benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subset-predictions", help="CIRR: the recall_subset predictions file")
     s.add_argument("--categories", help="FashionIQ: comma-separated subset of categories (default: all)")
     s.add_argument("--split", default="val", help="FashionIQ split of the caption files")
+    r = sub.add_parser("run", help="encode, rank and score a benchmark with a checkpoint")
+    r.add_argument("--benchmark", required=True, choices=("cirr", "circo", "fashioniq"))
+    r.add_argument("--data", required=True, help="the benchmark's root in its official layout")
+    r.add_argument("--checkpoint", required=True, help="a stage I/II export (or any CLIP for the baselines)")
+    r.add_argument("--split", default="val")
+    r.add_argument("--method", default="model", choices=("model", "image_only", "text_only", "sum"))
+    r.add_argument("--output", help="where predictions, submission files and metrics go "
+                                    "(default: CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD)")
+    r.add_argument("--template", default="a photo of $ that {}", help="query prompt; $ = the pseudo tokens")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--shared-concept", action="store_true", help="CIRCO: prepend the shared concept to the caption")
     return p
 
 
@@ -44,7 +56,13 @@ def score(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = score(args)
+        if args.command == "run":
+            from eval.run import run
+
+            result = run(args.benchmark, args.data, args.checkpoint, args.split, args.method, args.output,
+                         args.template, args.batch_size, args.device, args.shared_concept)
+        else:
+            result = score(args)
     except PredictionError as err:
         print(f"python -m eval {args.command}: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,239 @@
+"""`python -m eval run`: encode a benchmark's gallery and queries with a checkpoint, rank, write the
+predictions / test-server files, score them with `eval score` and print the metrics (last line of stdout).
+
+Methods: `model` (a stage I/II export: query "a photo of $ that {caption}" with $ := the reference's pseudo
+tokens), and the baselines every table shows: `image_only` (v_ref), `text_only` (E_T(caption)) and `sum`
+(normalize(v_ref + E_T(caption))), which need only a CLIP (a stage export or any CLIP directory / name).
+Query building follows each benchmark's protocol: FashionIQ joins its two captions in both orders and
+averages; CIRR removes the reference from the ranking and also ranks the image set (recall_subset).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from eval import score as scoring
+from eval.score import TOP, PredictionError, load_json
+
+METHODS = ("model", "image_only", "text_only", "sum")
+
+
+@dataclass
+class Query:
+    qid: str  # key in the predictions file
+    reference: str  # gallery name of the reference image
+    texts: list[str]  # one caption, or several whose features are averaged (FashionIQ's two orders)
+    exclude_reference: bool  # CIRR / Shoes remove the reference from the ranking
+    subset: Optional[list[str]] = None  # CIRR: the image set members other than the reference
+
+
+@dataclass
+class Benchmark:
+    gallery: dict[str, Path]  # name -> image file (names as the predictions file uses them)
+    queries: dict[str, list[Query]]  # group (FashionIQ category, else "") -> queries
+    ids: Callable[[str], object]  # gallery name -> what the predictions file lists (CIRCO: int ids)
+    group_gallery: Optional[dict[str, list[str]]] = None  # FashionIQ: each category ranks its own gallery
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+def load_cirr(root: Path, split: str) -> Benchmark:
+    split_name = {"val": "val", "test": "test1", "test1": "test1"}[split]
+    names = load_json(root / "image_splits" / f"split.rc2.{split_name}.json", "CIRR image split")
+    gallery = {n: root / rel for n, rel in names.items()}
+    queries = [Query(str(q["pairid"]), q["reference"], [q["caption"]], True,
+                     [m for m in q["img_set"]["members"] if m != q["reference"]])
+               for q in load_json(root / "captions" / f"cap.rc2.{split_name}.json", "CIRR captions")]
+    return Benchmark(gallery, {"": queries}, str)
+
+
+def load_circo(root: Path, split: str, shared_concept: bool) -> Benchmark:
+    info = load_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json", "CIRCO images")
+    image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
+    gallery = {str(i["id"]): image_dir / i["file_name"] for i in info["images"]}
+    queries = []
+    for q in load_json(root / "annotations" / f"{split}.json", "CIRCO annotations"):
+        text = f"{q['shared_concept']} that {q['relative_caption']}" if shared_concept else q["relative_caption"]
+        queries.append(Query(str(q["id"]), str(q["reference_img_id"]), [text], False))
+    return Benchmark(gallery, {"": queries}, int)
+
+
+def load_fashioniq(root: Path, split: str) -> Benchmark:
+    gallery, groups, group_gallery = {}, {}, {}
+    for cat, caption_file in scoring.fashioniq_files(root, split).items():
+        group_gallery[cat] = load_json(root / "image_splits" / f"split.{cat}.{split}.json", "FashionIQ split")
+        for name in group_gallery[cat]:
+            gallery[name] = next((root / "images" / f"{name}.{e}" for e in ("png", "jpg")
+                                  if (root / "images" / f"{name}.{e}").is_file()), root / "images" / f"{name}.png")
+        groups[cat] = [Query(str(i), q["candidate"], [f"{q['captions'][0]} and {q['captions'][1]}",
+                                                      f"{q['captions'][1]} and {q['captions'][0]}"], False)
+                       for i, q in enumerate(load_json(caption_file, "FashionIQ captions"))]
+    return Benchmark(gallery, groups, str, group_gallery)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+class Encoder:
+    """Image and query features for one method; CLIP from a stage export (`clip/`) or any CLIP."""
+
+    def __init__(self, checkpoint: str, method: str, template: str, device: str):
+        from cir.backbone import create_backbone
+
+        self.method, self.template, self.device = method, template, device
+        path = Path(checkpoint)
+        if (path / "cir_config.json").is_file():
+            from cir.model import load_cir_model
+
+            self.cir = load_cir_model(path, device)
+            self.backbone = self.cir.backbone
+        else:
+            if method == "model":
+                raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
+                                      f"(baselines image_only, text_only, sum take any CLIP)")
+            self.cir = None
+            self.backbone = create_backbone(checkpoint, device=device)
+        self.backbone.model.eval()
+        self.fingerprint = hashlib.sha256(
+            b"".join(p.read_bytes() for p in sorted(path.rglob("*.safetensors"))) if path.is_dir() else
+            checkpoint.encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def images(self, paths: list[Path], batch_size: int) -> torch.Tensor:
+        feats = []
+        for start in tqdm(range(0, len(paths), batch_size), desc="gallery", unit="batch", file=sys.stderr):
+            pixels = torch.stack([self.backbone.preprocess(Image.open(p).convert("RGB"))
+                                  for p in paths[start:start + batch_size]]).to(self.device)
+            feats.append(self.backbone.model.encode_image(pixels, normalize=True).float().cpu())
+        return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
+
+    @torch.no_grad()
+    def queries(self, ref_images: torch.Tensor, ref_feats: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
+        """[Q, d] normalised query features; ref_images [Q, 3, H, W] (model method), ref_feats [Q, d]."""
+        from cir.mapping import encode_text_with_pseudo, image_features
+
+        clip, tok = self.backbone.model, self.backbone.tokenizer
+        out = []
+        for i, variants in enumerate(texts):
+            if self.method == "image_only":
+                out.append(ref_feats[i])
+                continue
+            if self.method == "model":
+                v, patches = image_features(clip, ref_images[i:i + 1].to(self.device), self.cir.mapping.cfg.use_patches)
+                pseudo = self.cir.mapping(v, patches).expand(len(variants), -1, -1)
+                prompts = tok([self.template.format(t) for t in variants]).to(self.device)
+                f = encode_text_with_pseudo(clip, prompts, self.cir.placeholder, pseudo)
+            else:
+                f = clip.encode_text(tok(variants).to(self.device), normalize=True)
+                if self.method == "sum":
+                    f = F.normalize(f + ref_feats[i].to(f.device), dim=-1)
+            out.append(F.normalize(f.float().mean(dim=0), dim=-1).cpu())
+        return torch.stack(out)
+
+
+def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 65536
+          ) -> torch.Tensor:
+    """Indices [Q, k] of the best gallery rows per query, scanning the gallery in chunks: memory is the
+    features plus one [Q, chunk] block. `exclude[q]` (>= 0) is a row query q must not return."""
+    best_s = torch.full((queries.shape[0], 0), -float("inf"))
+    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
+    excl = torch.tensor(exclude)
+    for start in range(0, gallery.shape[0], chunk):
+        s = queries @ gallery[start:start + chunk].T  # [Q, chunk]
+        rows = (excl >= start) & (excl < start + s.shape[1])
+        s[rows.nonzero().squeeze(1), excl[rows] - start] = -float("inf")
+        cand_s = torch.cat([best_s, s], dim=1)
+        cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand(s.shape[0], -1)], dim=1)
+        best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_i = torch.gather(cand_i, 1, pos)
+    return best_i
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: str = "model",
+        output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
+        device: str = "cpu", shared_concept: bool = False) -> dict:
+    root = Path(data)
+    bench = {"cirr": lambda: load_cirr(root, split), "circo": lambda: load_circo(root, split, shared_concept),
+             "fashioniq": lambda: load_fashioniq(root, split)}[benchmark]()
+    out = Path(output) if output else Path(checkpoint) / "eval" / f"{benchmark}-{split}-{method}"
+    out.mkdir(parents=True, exist_ok=True)
+    missing = sorted(n for n, p in bench.gallery.items() if not p.is_file())
+    names = [n for n in bench.gallery if n not in set(missing)]
+    if missing:
+        print(f"eval run: {len(missing)} of {len(bench.gallery)} gallery images are missing and left out "
+              f"(e.g. {missing[:3]})", file=sys.stderr)
+    encoder = Encoder(checkpoint, method, template, device)
+    gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], out, batch_size)
+    row = {n: i for i, n in enumerate(names)}
+    predictions: dict = {}
+    subset_predictions: dict = {}
+    for group, queries in bench.queries.items():
+        queries = [q for q in queries if q.reference in row]
+        refs = [row[q.reference] for q in queries]
+        ref_images = torch.stack([encoder.backbone.preprocess(Image.open(bench.gallery[q.reference]).convert("RGB"))
+                                  for q in queries]) if method == "model" else None
+        feats = encoder.queries(ref_images, gallery_feats[refs], [q.texts for q in queries])
+        # the rows this group ranks: its own gallery (FashionIQ categories) or everything
+        rows = [row[n] for n in bench.group_gallery[group] if n in row] if bench.group_gallery else list(range(len(names)))
+        local = {r: i for i, r in enumerate(rows)}
+        exclude = [local.get(r, -1) if q.exclude_reference else -1 for q, r in zip(queries, refs)]
+        k = min(TOP, len(rows) - (1 if any(e >= 0 for e in exclude) else 0))  # an excluded row is never returned
+        ranked = top_k(feats, gallery_feats[rows], k, exclude)
+        ranked_names = {q.qid: [bench.ids(names[rows[i]]) for i in r.tolist()] for q, r in zip(queries, ranked)}
+        (predictions.setdefault(group, {}) if group else predictions).update(ranked_names)
+        for q, f in zip(queries, feats):
+            if q.subset is not None:
+                members = [m for m in q.subset if m in row]
+                scores = gallery_feats[[row[m] for m in members]] @ f
+                subset_predictions[q.qid] = [members[i] for i in scores.argsort(descending=True)[:3].tolist()]
+    return _write_and_score(benchmark, split, root, out, predictions, subset_predictions, len(missing))
+
+
+def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: int) -> torch.Tensor:
+    """Gallery features are cached on disk, keyed by the model weights and the image list."""
+    key = hashlib.sha256((encoder.fingerprint + "\n".join(map(str, paths))).encode()).hexdigest()[:16]
+    cache = out / f"gallery-{key}.npy"
+    if cache.is_file():
+        return torch.from_numpy(np.load(cache, allow_pickle=False))
+    feats = encoder.images(paths, batch_size)
+    np.save(cache, feats.numpy(), allow_pickle=False)
+    return feats
+
+
+def _write_and_score(benchmark: str, split: str, root: Path, out: Path, predictions: dict, subset: dict,
+                     missing: int) -> dict:
+    if benchmark == "cirr":
+        predictions = {"version": "rc2", "metric": "recall", **predictions}
+        subset = {"version": "rc2", "metric": "recall_subset", **subset}
+        (out / "recall_submission.json").write_text(json.dumps(predictions))
+        (out / "recall_subset_submission.json").write_text(json.dumps(subset))
+    else:
+        (out / "predictions.json").write_text(json.dumps(predictions))
+    metrics: dict = {}
+    try:
+        if benchmark == "cirr":
+            split_name = "test1" if split.startswith("test") else "val"
+            metrics = scoring.score_cirr(root / "captions" / f"cap.rc2.{split_name}.json", predictions, subset)
+        elif benchmark == "circo":
+            metrics = scoring.score_circo(root / "annotations" / f"{split}.json", predictions)
+        else:
+            metrics = scoring.score_fashioniq(root, predictions, split=split)
+    except PredictionError as err:
+        if "server" not in str(err):
+            raise
+        print(f"eval run: {err}; the submission files are in {out}", file=sys.stderr)
+    if missing:
+        metrics["missing_gallery_images"] = missing
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
