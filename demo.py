@@ -62,7 +62,45 @@ def main(argv: list[str] | None = None) -> int:
           f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}"])
     print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
           f"tensorboard --logdir {out}")
-    print("[demo] next steps (stage II, eval, ablation) arrive with their issues; see README")
+    results = evaluate(out, toy / "bench", stage1 / "final")
+    print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
+    print(report_table(results))
+    print("[demo] next steps (stage II, ablation) arrive with their issues; see README")
+    return 0
+
+
+# method name in results.json -> `python -m eval run --method` and the checkpoint it reads
+METHODS = {"image_only": ("image_only", "clip"), "text_only": ("text_only", "clip"), "sum": ("sum", "clip"),
+           "stage1": ("model", "")}
+BENCHMARKS = {"toy-cirr": "cirr", "toy-circo": "circo"}
+
+
+def evaluate(out: Path, bench: Path, stage1: Path) -> dict:
+    """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations)."""
+    import json
+
+    results: dict = {}
+    for name, benchmark in BENCHMARKS.items():
+        for method, (flag, sub) in METHODS.items():
+            target = out / "eval" / f"{name}-{method}"
+            step(f"eval {method} on {name}", target / "metrics.json",
+                 [sys.executable, "-m", "eval", "run", "--benchmark", benchmark, "--data", str(bench / benchmark),
+                  "--checkpoint", str(stage1 / sub if sub else stage1), "--method", flag, "--output", str(target)])
+            results.setdefault(name, {})[method] = json.loads((target / "metrics.json").read_text())
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "report.md").write_text("# Toy-world demo results\n\n" + report_table(results) + "\n")
+    return results
+
+
+def report_table(results: dict) -> str:
+    headline = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy-circo": ["map@5", "map@25"]}
+    lines = []
+    for name, by_method in results.items():
+        keys = headline[name]
+        lines += [f"\n{name}\n", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in keys) + " |"
+                  for m, r in by_method.items()]
+    return "\n".join(lines)
     return 0
 
 
