@@ -3,6 +3,7 @@
     {export}/clip/              the (frozen) CLIP in open_clip's local-dir layout
     {export}/mapping.safetensors
     {export}/cir_config.json    stage, prompt, mapping config and sizes (what is needed to rebuild)
+    {export}/adapters.safetensors, fusion.safetensors   stage II only (config in cir_config.json)
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cir.backbone import Backbone, create_backbone, save_backbone
-from cir.mapping import MappingConfig, MappingNetwork, placeholder_id
+from cir.composer import AdapterConfig, AdaptiveFusion, ComposingAdapters
+from cir.mapping import MappingConfig, MappingNetwork, encode_text_with_pseudo, placeholder_id
 
 CONFIG_FILE = "cir_config.json"
 MAPPING_FILE = "mapping.safetensors"
@@ -30,13 +32,32 @@ def new_mapping(backbone: Backbone, cfg: MappingConfig) -> tuple[MappingNetwork,
     return MappingNetwork(cfg, **mapping_sizes(backbone)), placeholder_id(backbone.tokenizer)
 
 
+def _save_module(module: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def text_encoder_shape(backbone: Backbone) -> tuple[int, int]:
+    """(width, number of blocks) of the CLIP text transformer."""
+    clip = backbone.model
+    return int(clip.token_embedding.embedding_dim), len(clip.transformer.resblocks)
+
+
 def save_cir_model(out_dir: str | Path, backbone: Backbone, mapping: MappingNetwork, mapping_cfg: MappingConfig,
-                   prompt: str, stage: int) -> Path:
+                   prompt: str, stage: int, adapters: Optional[ComposingAdapters] = None,
+                   fusion: Optional[AdaptiveFusion] = None, template: Optional[str] = None) -> Path:
     out = Path(out_dir)
     save_backbone(backbone, out / "clip")
-    save_file({k: v.detach().cpu().contiguous() for k, v in mapping.state_dict().items()}, str(out / MAPPING_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"stage": stage, "prompt": prompt, "mapping": asdict(mapping_cfg),
-                                               "sizes": mapping_sizes(backbone)}, indent=2, sort_keys=True))
+    _save_module(mapping, out / MAPPING_FILE)
+    config = {"stage": stage, "prompt": prompt, "mapping": asdict(mapping_cfg), "sizes": mapping_sizes(backbone)}
+    if adapters is not None:
+        _save_module(adapters, out / "adapters.safetensors")
+        config["adapters"] = asdict(adapters.cfg)
+    if fusion is not None:
+        _save_module(fusion, out / "fusion.safetensors")
+        config["fusion"] = {"hidden": fusion.mlp[0].out_features}
+    if template is not None:
+        config["template"] = template
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return out
 
 
@@ -47,6 +68,9 @@ class CIRModel:
     placeholder: int
     prompt: str
     stage: int
+    adapters: Optional[ComposingAdapters] = None
+    fusion: Optional[AdaptiveFusion] = None
+    template: str = "a photo of $ that {}"
 
 
 def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
@@ -63,7 +87,34 @@ def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
     mapping.load_state_dict(load_file(str(path / MAPPING_FILE)))
     mapping.to(device).eval()
     backbone.model.eval()
-    return CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]))
+    adapters = fusion = None
+    if "adapters" in config:
+        width, blocks = text_encoder_shape(backbone)
+        adapters = ComposingAdapters(AdapterConfig(**config["adapters"]), width, blocks)
+        adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
+        adapters.to(device).eval()
+    if "fusion" in config:
+        fusion = AdaptiveFusion(backbone.embed_dim, hidden=config["fusion"]["hidden"])
+        fusion.load_state_dict(load_file(str(path / "fusion.safetensors")))
+        fusion.to(device).eval()
+    return CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]), adapters, fusion,
+                    config.get("template", "a photo of $ that {}"))
+
+
+def compose(clip, mapping: MappingNetwork, placeholder: int, v: torch.Tensor, patches: Optional[torch.Tensor],
+            prompts: torch.Tensor, adapters: Optional[ComposingAdapters] = None,
+            fusion: Optional[AdaptiveFusion] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Composed query features [B, d] (and the fusion weight w [B] when adaptive) from reference features
+    v [B, d] / patches and prompt tokens [B, L] with the placeholder: stage I without adapters/fusion."""
+    pseudo = mapping(v, patches)
+    if adapters is not None:
+        with adapters.active(clip):
+            q = encode_text_with_pseudo(clip, prompts, placeholder, pseudo)
+    else:
+        q = encode_text_with_pseudo(clip, prompts, placeholder, pseudo)
+    if fusion is not None:
+        return fusion(v, q)
+    return q, None
 
 
 def pseudo_prompt_features(model: CIRModel, images: torch.Tensor, prompt: Optional[str] = None) -> torch.Tensor:

@@ -119,7 +119,8 @@ class Encoder:
     @torch.no_grad()
     def queries(self, ref_images: torch.Tensor, ref_feats: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
         """[Q, d] normalised query features; ref_images [Q, 3, H, W] (model method), ref_feats [Q, d]."""
-        from cir.mapping import encode_text_with_pseudo, image_features
+        from cir.mapping import image_features
+        from cir.model import compose
 
         clip, tok = self.backbone.model, self.backbone.tokenizer
         out = []
@@ -129,9 +130,11 @@ class Encoder:
                 continue
             if self.method == "model":
                 v, patches = image_features(clip, ref_images[i:i + 1].to(self.device), self.cir.mapping.cfg.use_patches)
-                pseudo = self.cir.mapping(v, patches).expand(len(variants), -1, -1)
+                n = len(variants)
                 prompts = tok([self.template.format(t) for t in variants]).to(self.device)
-                f = encode_text_with_pseudo(clip, prompts, self.cir.placeholder, pseudo)
+                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v.expand(n, -1),
+                               None if patches is None else patches.expand(n, -1, -1), prompts,
+                               self.cir.adapters, self.cir.fusion)
             else:
                 f = clip.encode_text(tok(variants).to(self.device), normalize=True)
                 if self.method == "sum":

@@ -1,0 +1,123 @@
+"""Stage II's modules (METHODS.md): composing adapters inside the CLIP text encoder, the adaptive
+image/text fusion of the query, and the uncertainty augmenter of target features.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AdapterConfig:
+    blocks: Optional[list[int]] = None  # text-encoder blocks followed by an adapter (None: every block)
+    bottleneck: int = 64  # hidden size of each residual bottleneck MLP
+
+
+class Adapter(nn.Module):
+    """h <- h + W_up gelu(W_down LN(h)); W_up starts at zero, so training starts from stage I exactly."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(self.ln(h))))
+
+
+class ComposingAdapters(nn.Module):
+    """Adapters keyed by text-encoder block; `active(clip)` puts them after their blocks with forward hooks,
+    so the CLIP module itself is unchanged (and plain `encode_text` outside the context is stage I's)."""
+
+    def __init__(self, cfg: AdapterConfig, width: int, num_blocks: int):
+        super().__init__()
+        self.cfg = cfg
+        self.block_ids = list(cfg.blocks) if cfg.blocks is not None else list(range(num_blocks))
+        bad = [b for b in self.block_ids if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"adapter blocks {bad} do not exist: the text encoder has {num_blocks} blocks")
+        self.adapters = nn.ModuleDict({str(b): Adapter(width, cfg.bottleneck) for b in self.block_ids})
+
+    @contextmanager
+    def active(self, clip) -> Iterator[None]:
+        handles = [clip.transformer.resblocks[b].register_forward_hook(self._hook(str(b))) for b in self.block_ids]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):  # output: [B, L, w]
+            return self.adapters[key](output)
+        return hook
+
+
+class AdaptiveFusion(nn.Module):
+    """w = sigmoid(MLP([v_ref ; q])) in (0, 1); query = normalize(w * v_ref + (1 - w) * q).
+
+    No label for w: it is learned through the retrieval loss. The last layer starts at zero with a bias of
+    `init_logit` (w = sigmoid(init_logit) for every query at the start).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, init_logit: float = -1.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.constant_(self.mlp[2].bias, init_logit)
+
+    def forward(self, v_ref: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.sigmoid(self.mlp(torch.cat([v_ref, q], dim=-1)))  # [B, 1]
+        return F.normalize(w * v_ref + (1 - w) * q, dim=-1), w.squeeze(-1)
+
+
+@dataclass
+class MURConfig:
+    sigma: float = 0.1  # std of the multiplicative noise alpha ~ N(1, sigma)
+    beta_scale: float = 1.0  # beta ~ N(mu_B, sigma_B) * beta_scale, from the batch's per-dimension statistics
+    weight: float = 0.5  # lambda_ur of the coarse (uncertainty) term
+    fine_start: float = 1.0  # lambda_fine(t) goes linearly from fine_start ...
+    fine_end: float = 0.5  # ... to fine_end at max_steps: coarse matching matters more as training goes on
+
+
+def augment_targets(f: torch.Tensor, cfg: MURConfig, generator: Optional[torch.Generator] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_hat = alpha * f + beta with alpha ~ N(1, sigma) and beta ~ N(mu_B, sigma_B) * beta_scale, where
+    mu_B / sigma_B are the batch's per-dimension mean / std of f ([B, d]). Returns (f_hat, s2) with s2 [B]
+    the sample's perturbation variance mean_d((f_hat - f)^2)."""
+    alpha = 1 + cfg.sigma * torch.randn(f.shape, generator=generator, device=f.device)
+    mu, std = f.mean(dim=0, keepdim=True), f.std(dim=0, keepdim=True, unbiased=False)
+    beta = (mu + std * torch.randn(f.shape, generator=generator, device=f.device)) * cfg.beta_scale
+    f_hat = alpha * f + beta
+    return f_hat, ((f_hat - f) ** 2).mean(dim=-1)
+
+
+def uncertainty_loss(q: torch.Tensor, f_hat: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Coarse one-to-many matching: ||q - normalize(f_hat)||^2 / (2 s^2) + log(s^2) / 2, mean over the batch.
+    A large perturbation (large s^2) is penalised less: a coarse query may match any of several targets."""
+    s2 = s2.detach().clamp_min(1e-6)
+    return ((q - F.normalize(f_hat, dim=-1)).pow(2).sum(dim=-1) / (2 * s2) + 0.5 * s2.log()).mean()
+
+
+def hard_negative_infonce(q: torch.Tensor, targets: torch.Tensor, refs: torch.Tensor, temperature: float,
+                          ref_weight: float, offset: int = 0) -> torch.Tensor:
+    """-log exp(q.v_t/tau) / (exp(q.v_t/tau) + sum_{n in batch targets} exp(q.v_n/tau) + w_ref exp(q.v_ref/tau)).
+
+    q: [B, d] local queries; targets: [N, d] the global batch of targets (row offset + i is query i's);
+    refs: [B, d] each query's own reference, the negative that stops "return the reference". A weight w
+    enters as log(w) added to the logit.
+    """
+    logits = q @ targets.T / temperature  # [B, N]
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    if ref_weight > 0:
+        ref_logit = (q * refs).sum(dim=-1, keepdim=True) / temperature + torch.log(torch.tensor(ref_weight))
+        logits = torch.cat([logits, ref_logit], dim=1)
+    return F.cross_entropy(logits, labels)

@@ -1,0 +1,126 @@
+"""Stage II: composing adapters start from stage I exactly, hard negatives push the reference away, each
+option trains on toy triplets, the export composes queries in eval."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cir.composer import (AdaptiveFusion, AdapterConfig, ComposingAdapters, MURConfig, augment_targets,
+                          hard_negative_infonce)
+from cir.model import compose, load_cir_model, text_encoder_shape
+from train.stage2 import main
+
+BASE = ["data.batch_size=8", "data.shuffle_buffer=16", "optim.warmup_steps=2", "log_every=1", "save_every=100",
+        "optim.lr=2e-3", "adapters.bottleneck=16"]
+
+
+@pytest.fixture(scope="module")
+def stage1(toy_captions, tmp_path_factory):
+    from train.stage1 import main as stage1_main
+
+    data, _ = toy_captions
+    out = tmp_path_factory.mktemp("s1") / "run"
+    assert stage1_main([f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "max_steps=20",
+                        "data.batch_size=8", "save_every=100", "mapping.num_tokens=1", "mapping.depth=1",
+                        "mapping.heads=2", "optim.lr=1e-3"]) == 0
+    return out / "final"
+
+
+@pytest.fixture(scope="module")
+def triplets(toy_captions, tmp_path_factory):
+    from synth.job import run
+
+    out = tmp_path_factory.mktemp("hq") / "high"
+    run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "high", "--runner", "DirectRunner"])
+    return out
+
+
+def test_adapters_start_as_stage1_exactly(stage1):
+    model = load_cir_model(stage1)
+    clip = model.backbone.model
+    width, blocks = text_encoder_shape(model.backbone)
+    adapters = ComposingAdapters(AdapterConfig(bottleneck=8), width, blocks)
+    v, prompts = F.normalize(torch.randn(3, model.backbone.embed_dim), dim=-1), model.backbone.tokenizer(
+        ["a photo of $ that is red"] * 3)
+    with torch.no_grad():
+        plain, _ = compose(clip, model.mapping, model.placeholder, v, None, prompts)
+        with_adapters, _ = compose(clip, model.mapping, model.placeholder, v, None, prompts, adapters)
+    assert torch.allclose(plain, with_adapters, atol=1e-6)  # W_up = 0 at the start
+    with pytest.raises(ValueError, match="do not exist"):
+        ComposingAdapters(AdapterConfig(blocks=[0, 99]), width, blocks)
+
+
+def test_reference_as_negative_pushes_the_reference_away():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    targets, refs = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    grads = {}
+    for w in (0.0, 1.0):
+        q.grad = None
+        hard_negative_infonce(q, targets, refs, 0.07, w).backward()
+        grads[w] = q.grad.clone()
+    # descending the loss moves q away from its reference only when the reference is a negative
+    push = {w: float((-g * refs).sum()) for w, g in grads.items()}
+    assert push[1.0] < push[0.0]
+
+
+def test_augmenter_statistics_match_the_formula():
+    torch.manual_seed(0)
+    f = torch.randn(20000, 4) * torch.tensor([1.0, 2.0, 0.5, 1.0]) + torch.tensor([0.5, -1.0, 0.0, 2.0])
+    cfg = MURConfig(sigma=0.2, beta_scale=0.5)
+    f_hat, s2 = augment_targets(f, cfg, torch.Generator().manual_seed(1))
+    mu, std = f.mean(0), f.std(0, unbiased=False)
+    # E[f_hat] = E[alpha] E[f] + beta_scale * mu = (1 + beta_scale) * mu
+    assert torch.allclose(f_hat.mean(0), (1 + cfg.beta_scale) * mu, atol=0.05)
+    # Var[f_hat] = Var[alpha f] + Var[beta] = (1 + sigma^2) E[f^2] - mu^2 + beta_scale^2 std^2
+    expected_var = (1 + cfg.sigma ** 2) * (f ** 2).mean(0) - mu ** 2 + cfg.beta_scale ** 2 * std ** 2
+    assert torch.allclose(f_hat.var(0), expected_var, rtol=0.05)
+    assert torch.allclose(s2, ((f_hat - f) ** 2).mean(-1))
+
+
+def test_fusion_weight_starts_at_its_init_and_stays_in_0_1():
+    fusion = AdaptiveFusion(8, hidden=4, init_logit=-1.0)
+    q, v = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    out, w = fusion(v, q)
+    assert torch.allclose(w, torch.sigmoid(torch.tensor(-1.0)).expand(5))
+    assert torch.allclose(out.norm(dim=-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"]])
+def test_each_option_trains_and_lowers_its_loss(stage1, triplets, tmp_path, option):
+    out = tmp_path / "s2"
+    assert main([f"output_dir={out}", f"init_from={stage1}", f"data.train=['{triplets}']", "max_steps=30",
+                 *BASE, *option]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first, (first, last)
+    model = load_cir_model(out / "final")
+    assert model.stage == 2 and model.adapters is not None
+    if option == ["fusion=adaptive"]:
+        ws = [r["fusion_w_mean"] for r in log]
+        assert all(0 < w < 1 for w in ws) and abs(ws[-1] - ws[0]) > 1e-3  # it moved, inside (0, 1)
+        assert model.fusion is not None
+    if option == ["loss=mur"]:
+        assert {"coarse", "lambda_fine"} <= set(log[-1]) and log[-1]["lambda_fine"] < log[0]["lambda_fine"]
+
+
+def test_stage2_export_runs_in_eval(stage1, triplets, toy_world, tmp_path):
+    from eval.run import run
+
+    out = tmp_path / "s2"
+    assert main([f"output_dir={out}", f"init_from={stage1}", f"data.train=['{triplets}']", "max_steps=3",
+                 *BASE]) == 0
+    metrics = run("cirr", str(toy_world / "bench" / "cirr"), str(out / "final"), output=str(tmp_path / "eval"))
+    assert "recall@1" in metrics
+
+
+def test_bad_options_are_errors(stage1, triplets, tmp_path, capsys):
+    args = [f"output_dir={tmp_path / 'o'}", f"data.train=['{triplets}']", "max_steps=1", *BASE]
+    assert main([*args, f"init_from={stage1}", "loss=triplet"]) == 2
+    assert "loss must be one of" in capsys.readouterr().err
+    assert main([*args, f"init_from={stage1}", "fusion=concat"]) == 2
+    assert main([*args, f"init_from={tmp_path}"]) == 2
+    assert "not a stage I/II export" in capsys.readouterr().err

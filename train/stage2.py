@@ -1,0 +1,155 @@
+"""Stage II: composing adapters + hard negatives on (few) triplets (`accelerate launch train/stage2.py`).
+
+The stage I export (`init_from`) gives the frozen CLIP and mapping; the composing adapters inside the text
+encoder (and, with `fusion=adaptive`, the fusion network) are trained. Query q = E_T^A(template with $ :=
+S(ref)); target = the frozen image feature of the target (cached `tgt.emb.npy` or computed).
+
+loss=infonce: InfoNCE over the global batch of targets plus each query's own reference as a weighted
+    negative (`ref_negative_weight`), which stops the cheap answer "return the reference".
+loss=mur: the same fine-grained term, weighted lambda_fine(t) (linear from mur.fine_start to mur.fine_end),
+    plus mur.weight x the uncertainty-regularised coarse term on augmented targets
+    f_hat = alpha * f + beta (cir.composer.augment_targets / uncertainty_loss).
+fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
+    the retrieval loss; mean and std of w are logged.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cir.composer import AdapterConfig, MURConfig
+from train.config import ConfigError, TrainConfig
+from train.data import DataError, image_of
+from train.loop import main as loop_main
+from train.stage1 import gather
+
+LOSSES = ("infonce", "mur")
+FUSIONS = ("text", "adaptive")
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    template: str = "a photo of $ that {}"  # the composed query; "$" = the reference's pseudo tokens
+    temperature: float = 0.07  # InfoNCE temperature
+    ref_negative_weight: float = 1.0  # w of the reference as an extra negative (0: not a negative)
+    loss: str = "infonce"  # infonce | mur (multi-grained uncertainty regularization)
+    mur: MURConfig = field(default_factory=MURConfig)
+    fusion: str = "text"  # text | adaptive (learned image/text weighting of the query)
+    fusion_hidden: int = 128  # hidden size of the adaptive fusion MLP
+    train_mapping: bool = False  # also fine-tune the stage I mapping
+
+
+class StageTwoModel(torch.nn.Module):
+    def __init__(self, clip, mapping, adapters, fusion, placeholder: int, train_mapping: bool):
+        super().__init__()
+        self.clip, self.mapping, self.adapters, self.fusion = clip, mapping, adapters, fusion
+        self.placeholder = placeholder
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        for p in self.mapping.parameters():
+            p.requires_grad_(train_mapping)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def forward(self, v_ref, patches, prompts):
+        from cir.model import compose
+
+        return compose(self.clip, self.mapping, self.placeholder, v_ref, patches, prompts, self.adapters, self.fusion)
+
+
+class Stage2:
+    name = "stage2"
+    required_fields = ("ref.jpg|ref.png|ref.webp", "tgt.jpg|tgt.png|tgt.webp", "mod.txt")
+
+    def __init__(self, cfg: Stage2Config):
+        if cfg.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+        if cfg.fusion not in FUSIONS:
+            raise ConfigError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
+        if not cfg.init_from:
+            raise ConfigError("stage II needs init_from=<stage I export>/final")
+        if "$" not in cfg.template or "{}" not in cfg.template:
+            raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
+        self.cfg = cfg
+
+    def build(self) -> torch.nn.Module:
+        from cir.composer import AdaptiveFusion, ComposingAdapters
+        from cir.model import load_cir_model, text_encoder_shape
+
+        try:
+            self.cir = load_cir_model(self.cfg.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"init_from: {err}") from err
+        torch.manual_seed(self.cfg.seed)
+        width, blocks = text_encoder_shape(self.cir.backbone)
+        try:
+            adapters = ComposingAdapters(self.cfg.adapters, width, blocks)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        fusion = AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden) if self.cfg.fusion == "adaptive" else None
+        self.step = 0
+        return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
+                             self.cfg.train_mapping)
+
+    def collate(self, samples: list[dict]) -> dict:
+        bb = self.cir.backbone
+        batch = {"refs": torch.stack([bb.preprocess(image_of(s, "ref.")) for s in samples]),
+                 "prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples])}
+        if self.cfg.data.use_cached_embeddings and all("tgt.emb.npy" in s for s in samples):
+            batch["tgt_emb"] = torch.from_numpy(np.stack([s["tgt.emb.npy"] for s in samples]).astype(np.float32))
+        else:
+            batch["tgts"] = torch.stack([bb.preprocess(image_of(s, "tgt.")) for s in samples])
+        return batch
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        from cir.composer import augment_targets, hard_negative_infonce, uncertainty_loss
+        from cir.mapping import image_features
+
+        clip = accelerator.unwrap_model(model).clip
+        with torch.no_grad():
+            v_ref, patches = image_features(clip, batch["refs"], self.cir.mapping.cfg.use_patches)
+            v_tgt = F.normalize(batch["tgt_emb"], dim=-1) if "tgt_emb" in batch else image_features(
+                clip, batch["tgts"], False)[0]
+        q, w = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None
+        targets = gather(v_tgt, accelerator, False)
+        offset = accelerator.process_index * q.shape[0]
+        fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset)
+        scalars = {"fine": fine.detach()}
+        loss = fine
+        if self.cfg.loss == "mur":
+            mur = self.cfg.mur
+            progress = min(1.0, self.step / max(1, self.cfg.max_steps))
+            lam_fine = mur.fine_start + (mur.fine_end - mur.fine_start) * progress
+            f_hat, s2 = augment_targets(v_tgt, mur)
+            coarse = uncertainty_loss(q, f_hat, s2)
+            loss = lam_fine * fine + mur.weight * coarse
+            scalars.update(coarse=coarse.detach(), lambda_fine=torch.tensor(lam_fine))
+        if w is not None:
+            scalars.update(fusion_w_mean=w.detach().mean(), fusion_w_std=w.detach().std())
+        if accelerator.sync_gradients:
+            self.step += 1
+        return loss, scalars
+
+    def export(self, model, out_dir: Path) -> None:
+        from cir.model import save_cir_model
+
+        save_cir_model(out_dir, self.cir.backbone, model.mapping, self.cir.mapping.cfg, self.cir.prompt, stage=2,
+                       adapters=model.adapters, fusion=model.fusion, template=self.cfg.template)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return loop_main(Stage2, Stage2Config, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
