@@ -62,10 +62,17 @@ def main(argv: list[str] | None = None) -> int:
           f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}"])
     print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
           f"tensorboard --logdir {out}")
-    results = evaluate(out, toy / "bench", stage1 / "final")
+    stage2 = {}
+    for name, data in (("low", [low]), ("high", [high]), ("mix", [mix])):
+        stage2[name] = out / f"stage2_{name}"
+        step(f"stage II on {name} triplets", stage2[name] / "final" / "adapters.safetensors",
+             [sys.executable, "train/stage2.py", "--config", "train/configs/toy_stage2.yaml",
+              f"output_dir={stage2[name]}", f"data.train={[str(d) for d in data]}", f"init_from={stage1 / 'final'}",
+              f"seed={args.seed}"])
+    results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
     print(report_table(results))
-    print("[demo] next steps (stage II, ablation) arrive with their issues; see README")
+    print("[demo] next step (the ablation over data mixes) arrives with its issue; see README")
     return 0
 
 
@@ -75,17 +82,19 @@ METHODS = {"image_only": ("image_only", "clip"), "text_only": ("text_only", "cli
 BENCHMARKS = {"toy-cirr": "cirr", "toy-circo": "circo"}
 
 
-def evaluate(out: Path, bench: Path, stage1: Path) -> dict:
+def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> dict:
     """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations)."""
     import json
 
+    runs = {m: (flag, stage1 / sub if sub else stage1) for m, (flag, sub) in METHODS.items()}
+    runs.update({f"stage2_{name}": ("model", path) for name, path in stage2.items()})
     results: dict = {}
     for name, benchmark in BENCHMARKS.items():
-        for method, (flag, sub) in METHODS.items():
+        for method, (flag, checkpoint) in runs.items():
             target = out / "eval" / f"{name}-{method}"
             step(f"eval {method} on {name}", target / "metrics.json",
                  [sys.executable, "-m", "eval", "run", "--benchmark", benchmark, "--data", str(bench / benchmark),
-                  "--checkpoint", str(stage1 / sub if sub else stage1), "--method", flag, "--output", str(target)])
+                  "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)])
             results.setdefault(name, {})[method] = json.loads((target / "metrics.json").read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text("# Toy-world demo results\n\n" + report_table(results) + "\n")

@@ -109,3 +109,14 @@ def test_bad_data_is_an_error_before_training(toy_captions, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no_such_key=1"])
     assert exc.value.code == 2
+
+
+def test_mix_manifest_weights_reach_the_stream(toy_captions, tmp_path):
+    from train.data import expand_weighted_sources
+
+    data, _ = toy_captions
+    manifest = tmp_path / "mix.yaml"
+    manifest.write_text(f"datasets:\n  - {{path: {data}, weight: 3}}\n  - {{path: {data}, weight: 1}}\n")
+    weighted = expand_weighted_sources([str(manifest), str(data)])
+    assert [w for _, w in weighted] == [0.75, 0.25, 1.0]
+    assert all(len(urls) == 5 for urls, _ in weighted)

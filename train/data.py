@@ -36,14 +36,15 @@ class DataError(ValueError):
     """Training data that cannot be used; raised before training starts."""
 
 
-def expand_sources(entries: list[str]) -> list[list[str]]:
-    """Each `data.train` entry -> its shard urls. An entry is a dataset directory, a mix manifest (its
-    datasets become separate sources, in order), or a brace/glob pattern of tar files."""
-    sources: list[list[str]] = []
+def expand_weighted_sources(entries: list[str]) -> list[tuple[list[str], float]]:
+    """Each `data.train` entry -> (its shard urls, its mixing weight). An entry is a dataset directory, a mix
+    manifest (its datasets become separate sources, in order, with the manifest's normalised weights), or a
+    brace/glob pattern of tar files (weight 1.0). To weigh a manifest against other entries, set data.weights."""
+    sources: list[tuple[list[str], float]] = []
     for entry in entries:
         if entry.endswith((".yaml", ".yml", ".json")) and os.path.isfile(entry):
             try:
-                sources += [m["shards"] for m in ds.load_mix(entry)]
+                sources += [(m["shards"], m["weight"]) for m in ds.load_mix(entry)]
             except ValueError as err:
                 raise DataError(str(err)) from err
             continue
@@ -56,7 +57,7 @@ def expand_sources(entries: list[str]) -> list[list[str]]:
                 raise DataError(f"data.train {entry!r}: missing shard(s) {missing[:3]}")
         if not urls:
             raise DataError(f"data.train {entry!r}: no shards")
-        sources.append(urls)
+        sources.append((urls, 1.0))
     if not sources:
         raise DataError("data.train is empty: give shard patterns, dataset directories or a mix manifest")
     return sources

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
-from train.data import DataError, TrainStream, check_schema, expand_sources, loader
+from train.data import DataError, TrainStream, check_schema, expand_weighted_sources, loader
 
 
 class Stage(Protocol):
@@ -98,7 +98,9 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(cfg.output_dir)
-    sources = expand_sources(cfg.data.train)
+    weighted = expand_weighted_sources(cfg.data.train)
+    sources = [urls for urls, _ in weighted]
+    weights = cfg.data.weights or [w for _, w in weighted]  # data.weights overrides the manifests' weights
     for urls in sources:
         check_schema(urls, stage.required_fields)
     accelerator = Accelerator(
@@ -122,7 +124,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         accelerator.load_state(str(path))
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
-    stream = TrainStream(sources, cfg.data.weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
+    stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"))
     batches = iter(loader(stream, cfg.data.workers))
     if accelerator.is_main_process:
