@@ -11,6 +11,7 @@ an atomic rename, so every good input ends up written exactly once.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -96,15 +97,10 @@ class PrepareImage(beam.DoFn):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(record["source"], "decode", err.reason, str(err)))
             return
-        yield {"key": ds.content_key(record["data"]), "sha256": _sha256(record["data"]),
+        sha256 = hashlib.sha256(record["data"]).hexdigest()
+        yield {"key": sha256[: len(ds.content_key(b""))], "sha256": sha256,  # the key is the hash's prefix
                "source": record["source"], "caption": record["caption"], "data": img.data, "ext": img.ext,
                "width": img.width, "height": img.height, "reencoded": img.reencoded}
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 class KeepOne(beam.DoFn):
@@ -264,6 +260,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams")
+    jobs.check_prefix(parser, known.shard_prefix)
     try:
         if known.captioner != "sidecar":
             ds.check_model_reference(known.captioner, "captioner")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from typing import Callable, Iterator, Optional
 
@@ -158,3 +159,9 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *f
         value: Optional[int] = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+
+
+def check_prefix(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Shard names come from the command line: letters, digits, '-' and '_' only, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", prefix):
+        parser.error(f"--shard-prefix {prefix!r}: use letters, digits, '-' and '_' only")

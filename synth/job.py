@@ -433,6 +433,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
                         "max_changes", "text_dim", "exact_max", "samples_per_source", "keep_per_source", "steps",
                         "batch_size")
+    jobs.check_prefix(parser, known.shard_prefix)
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
         check_input(cfg)

@@ -259,3 +259,9 @@ def test_damaged_header_in_the_middle_of_a_tar_is_reported(toy_world, tmp_path):
     failed = pq.read_table(out / "failed.parquet").to_pylist()
     assert [r["reason"] for r in failed] == ["corrupt_tar"] and "damaged header" in failed[0]["error"]
     assert stats["written"] == 3  # the samples before the damage are kept
+
+
+def test_shard_prefix_cannot_be_a_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard-prefix", "../../etc/x", *BEAM])
+    assert exc.value.code == 2 and "--shard-prefix" in capsys.readouterr().err
