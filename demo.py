@@ -6,6 +6,7 @@ re-running the demo reuses finished steps. Steps are added here as each stage of
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
     print(report_table(results))
-    print("[demo] next step (the ablation over data mixes) arrives with its issue; see README")
+    ablation = out / "ablation"
+    config = out / "ablation.yaml"
+    config.write_text(json.dumps({
+        "output_dir": str(ablation), "stage1": str(stage1 / "final"), "stage2_config": "train/configs/toy_stage2.yaml",
+        "sources": {"low": str(low), "high": str(high)}, "counts": [300, 1000], "seeds": [0, 1], "max_steps": 60,
+        "benchmarks": {"toy-cirr": {"benchmark": "cirr", "data": str(toy / "bench" / "cirr"), "metric": "avg"},
+                       "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},
+        indent=1))  # JSON is YAML
+    step("ablation: LQ vs HQ x number of triplets x seeds", None,
+         [sys.executable, "-m", "eval", "ablate", "--config", str(config)])
+    print(f"[demo] ablation: {ablation / 'ablation.md'}, {ablation / 'ablation.png'}")
     return 0
 
 
@@ -84,8 +95,6 @@ BENCHMARKS = {"toy-cirr": "cirr", "toy-circo": "circo"}
 
 def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> dict:
     """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations)."""
-    import json
-
     runs = {m: (flag, stage1 / sub if sub else stage1) for m, (flag, sub) in METHODS.items()}
     runs.update({f"stage2_{name}": ("model", path) for name, path in stage2.items()})
     results: dict = {}

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--device", default="cpu")
     r.add_argument("--shared-concept", action="store_true", help="CIRCO: prepend the shared concept to the caption")
+    a = sub.add_parser("ablate", help="train + evaluate a grid of data mixes; table and plot")
+    a.add_argument("--config", required=True, help="ablation YAML (see eval/ablate.py)")
     return p
 
 
@@ -56,7 +58,18 @@ def score(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command == "ablate":
+            from eval.ablate import ablate, load
+
+            try:
+                cfg = load(args.config)
+            except (ValueError, FileNotFoundError) as err:
+                raise PredictionError(str(err)) from err
+            rows = ablate(cfg)
+            print(f"ablation: {len(rows)} rows in {cfg.output_dir}/ablation.csv, ablation.md, ablation.png",
+                  file=sys.stderr)
+            result = {"rows": len(rows), "output_dir": cfg.output_dir}
+        elif args.command == "run":
             from eval.run import run
 
             result = run(args.benchmark, args.data, args.checkpoint, args.split, args.method, args.output,

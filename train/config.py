@@ -34,6 +34,7 @@ class DataConfig:
     workers: int = 0  # DataLoader workers per process
     shuffle_buffer: int = 500  # samples in the (seeded) shuffle buffer
     use_cached_embeddings: bool = True  # use emb.npy / ref.emb.npy / tgt.emb.npy instead of the image tower
+    subset_fraction: float = 1.0  # keep only samples whose key hashes below this fraction (same for every seed)
 
 
 @dataclass

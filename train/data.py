@@ -15,6 +15,7 @@ extension only: images with PIL, text, json, `.npy` with allow_pickle=False; any
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -148,12 +149,21 @@ def _samples(urls: list[str], seed: int, epoch: int, buffer: int, handler: Count
     yield from wds.shuffle(buffer, min(buffer, 100), rng=rng)(stream) if buffer > 1 else stream
 
 
+def in_subset(key: str, fraction: float) -> bool:
+    """A fixed subset of a dataset (for data-size ablations): the same samples whatever the training seed."""
+    if fraction >= 1.0:
+        return True
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) < fraction * 16 ** 12
+
+
 def _forever(urls: list[str], seed: int, buffer: int, handler: CountingHandler, source: int,
-             log_dir: Optional[str]) -> Iterator[dict]:
+             log_dir: Optional[str], fraction: float = 1.0) -> Iterator[dict]:
     epoch = 0
     while True:
         got = False
         for sample in _samples(urls, seed + 1000 * source, epoch, buffer, handler, log_dir):
+            if not in_subset(sample["__key__"], fraction):
+                continue
             got = True
             yield sample
         if not got:
@@ -166,7 +176,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
-                 log_dir: Optional[str] = None):
+                 log_dir: Optional[str] = None, subset_fraction: float = 1.0):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
@@ -175,9 +185,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.buffer, self.collate, self.skip_batches = shuffle_buffer, collate, skip_batches
         self.handler = CountingHandler()
         self.log_dir = log_dir
+        self.subset_fraction = subset_fraction
 
     def _mixed(self) -> Iterator[dict]:
-        streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir)
+        streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir, self.subset_fraction)
                    for i, u in enumerate(self.sources)]
         if len(streams) == 1:
             yield from streams[0]

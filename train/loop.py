@@ -125,7 +125,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
-                         stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"))
+                         stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
+                         subset_fraction=cfg.data.subset_fraction)
     batches = iter(loader(stream, cfg.data.workers))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,161 @@
+"""`python -m eval ablate --config FILE`: a grid of triplet sources x counts x seeds -> stage II runs from one
+stage I export -> `eval run` -> ablation.csv, ablation.md (mean ± std over seeds) and ablation.png (the
+headline metric vs number of triplets, one line per source, error bars over seeds).
+
+Counts take a fixed subset of each source (`data.subset_fraction`, hashed on the sample key, so every seed
+trains on the same triplets). Finished cells (export + metrics present) are reused on rerun.
+
+    output_dir: runs/demo/ablation
+    stage1: runs/demo/stage1/final
+    stage2_config: train/configs/toy_stage2.yaml
+    sources: {low: runs/demo/triplets_low, high: runs/demo/triplets_high, mix: runs/demo/mix.yaml}
+    counts: [300, 1000]
+    seeds: [0, 1]
+    max_steps: 60
+    benchmarks: {toy-cirr: {benchmark: cirr, data: runs/demo/toy/bench/cirr, metric: avg}}
+    overrides: []          # more key=value for train/stage2.py
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from cir import dataset as ds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AblationConfig:
+    output_dir: str  # cells/, ablation.csv, ablation.md, ablation.png
+    stage1: str  # the stage I export every cell starts from
+    sources: dict[str, str]  # name -> triplet dataset directory or mix manifest
+    counts: list[int]  # triplets per source (a fixed subset)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    benchmarks: dict[str, dict] = field(default_factory=dict)  # name -> {benchmark, data, metric, split?}
+    stage2_config: Optional[str] = None  # YAML for train/stage2.py
+    max_steps: int = 100  # stage II steps per cell
+    overrides: list[str] = field(default_factory=list)  # more key=value for train/stage2.py
+
+
+def load(path: str) -> AblationConfig:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    known = set(AblationConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} (known: {sorted(known)})")
+    cfg = AblationConfig(**data)
+    if not cfg.benchmarks:
+        raise ValueError(f"{path}: no benchmarks")
+    return cfg
+
+
+def source_size(path: str) -> int:
+    """Triplets in a dataset (its index), or in all datasets of a mix manifest."""
+    if path.endswith((".yaml", ".yml", ".json")):
+        return sum(source_size(m["path"]) for m in ds.load_mix(path))
+    return ds.read_table(ds.join(path, "index.parquet")).num_rows
+
+
+def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
+    cell = Path(cfg.output_dir) / "cells" / f"{source}-{count}-seed{seed}"
+    fraction = min(1.0, count / max(1, source_size(cfg.sources[source])))
+    final = cell / "train" / "final"
+    if not (final / "cir_config.json").is_file():
+        cmd = [sys.executable, str(ROOT / "train" / "stage2.py")]
+        if cfg.stage2_config:
+            cmd += ["--config", cfg.stage2_config]
+        cmd += [f"output_dir={cell / 'train'}", f"init_from={cfg.stage1}", f"data.train=['{cfg.sources[source]}']",
+                f"data.subset_fraction={fraction}", f"seed={seed}", f"max_steps={cfg.max_steps}", *cfg.overrides]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    from eval.run import run
+
+    metrics = {}
+    for name, bench in cfg.benchmarks.items():
+        target = cell / "eval" / name
+        if (target / "metrics.json").is_file():
+            metrics[name] = json.loads((target / "metrics.json").read_text())
+        else:
+            metrics[name] = run(bench["benchmark"], bench["data"], str(final), bench.get("split", "val"),
+                                output=str(target))
+    return metrics
+
+
+def ablate(cfg: AblationConfig) -> list[dict]:
+    rows = []
+    for source in cfg.sources:
+        for count in cfg.counts:
+            for seed in cfg.seeds:
+                metrics = run_cell(cfg, source, count, seed)
+                for bench, values in metrics.items():
+                    rows.append({"source": source, "count": count, "seed": seed, "benchmark": bench, **values})
+    out = Path(cfg.output_dir)
+    write_csv(rows, out / "ablation.csv")
+    (out / "ablation.md").write_text(table(rows, cfg), encoding="utf-8")
+    plot(rows, cfg, out / "ablation.png")
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = ["source", "count", "seed", "benchmark"]
+    keys += sorted({k for r in rows for k in r} - set(keys))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(rows: list[dict], cfg: AblationConfig) -> str:
+    lines = ["# Ablation: triplet source x number of triplets", ""]
+    for bench, spec in cfg.benchmarks.items():
+        metric = spec.get("metric", "avg")
+        lines += [f"## {bench}: {metric} (mean ± std over seeds {cfg.seeds})", "",
+                  "| source | " + " | ".join(str(c) for c in cfg.counts) + " |",
+                  "|---" * (len(cfg.counts) + 1) + "|"]
+        for source in cfg.sources:
+            cells = []
+            for count in cfg.counts:
+                vals = [r[metric] for r in rows if r["source"] == source and r["count"] == count
+                        and r["benchmark"] == bench]
+                m, s = _mean_std(vals)
+                cells.append(f"{m:.1f} ± {s:.1f}")
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], cfg: AblationConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(cfg.benchmarks)
+    fig, axes = plt.subplots(1, len(benches), figsize=(5 * len(benches), 4), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        metric = cfg.benchmarks[bench].get("metric", "avg")
+        for source in cfg.sources:
+            stats = [_mean_std([r[metric] for r in rows if r["source"] == source and r["count"] == c
+                                and r["benchmark"] == bench]) for c in cfg.counts]
+            ax.errorbar(cfg.counts, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                        label=source)
+        ax.set_xscale("log")
+        ax.set_xlabel("triplets")
+        ax.set_ylabel(metric)
+        ax.set_title(bench)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
