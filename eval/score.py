@@ -235,12 +235,17 @@ def shoes_queries(root: str | Path) -> tuple[list[dict], list[str]]:
     return queries, gallery
 
 
+def _check_indexed(benchmark: str, predictions: Any, n_queries: int) -> None:
+    """Predictions keyed by the query's index in the annotation order: every index once, nothing else."""
+    if not isinstance(predictions, dict):
+        raise PredictionError(f'{benchmark} predictions must be {{"<query index>": [image names]}}')
+    _check_keys(f"{benchmark} predictions", set(predictions), {str(i) for i in range(n_queries)})
+
+
 def score_shoes(root: str | Path, predictions: Any) -> dict:
     """Shoes: Recall@1/10/50 of the target, the reference excluded from the gallery ranking."""
     queries, gallery = shoes_queries(root)
-    if not isinstance(predictions, dict):
-        raise PredictionError('Shoes predictions must be {"<query index>": [image names]}')
-    _check_keys("Shoes predictions", set(predictions), {str(i) for i in range(len(queries))})
+    _check_indexed("Shoes", predictions, len(queries))
     length = min(TOP, len(gallery) - 1)
     ranked = [_ranked_without_reference(f"query {i}", predictions[str(i)], q["ReferenceImageName"], length)
               for i, q in enumerate(queries)]
@@ -275,9 +280,7 @@ def score_fashion200k(root: str | Path, predictions: Any) -> dict:
     from eval.metrics import recall_at_k_any
 
     queries, captions = fashion200k_queries(root)
-    if not isinstance(predictions, dict):
-        raise PredictionError('Fashion200k predictions must be {"<query index>": [image paths]}')
-    _check_keys("Fashion200k predictions", set(predictions), {str(i) for i in range(len(queries))})
+    _check_indexed("Fashion200k", predictions, len(queries))
     length = min(TOP, len(captions) - 1)
     ranked, hits = [], []
     for i, (source, target) in enumerate(queries):

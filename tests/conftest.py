@@ -57,3 +57,16 @@ def tiny_ip2p(tmp_path_factory) -> Path:
     from cir.tiny_models import make_tiny_instruct_pix2pix
 
     return make_tiny_instruct_pix2pix(tmp_path_factory.mktemp("models") / "tiny-ip2p")
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_export(toy_captions, tmp_path_factory) -> Path:
+    """A stage I export (tiny CLIP, K=1) trained briefly on the toy captions."""
+    from train.stage1 import main
+
+    data, _ = toy_captions
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    assert main([f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "max_steps=20",
+                 "data.batch_size=8", "save_every=100", "mapping.num_tokens=1", "mapping.depth=1",
+                 "mapping.heads=2", "optim.lr=1e-3"]) == 0
+    return out / "final"

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from train.data import in_subset
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_subset_is_fixed_and_about_the_right_size():

@@ -7,24 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from eval.run import run, top_k
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def stage1_export(toy_captions, tmp_path_factory):
-    from train.stage1 import main
-
-    data, _ = toy_captions
-    out = tmp_path_factory.mktemp("s1") / "run"
-    assert main([f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "max_steps=2",
-                 "data.batch_size=8", "save_every=100", "mapping.num_tokens=1", "mapping.depth=1",
-                 "mapping.heads=2"]) == 0
-    return out / "final"
 
 
 def test_top_k_matches_brute_force_in_chunks_with_exclusions():
@@ -39,10 +26,10 @@ def test_top_k_matches_brute_force_in_chunks_with_exclusions():
     assert torch.equal(got, full.topk(10, dim=1).indices)
 
 
-def test_cirr_round_trip(toy_world, stage1_export, tmp_path):
+def test_cirr_round_trip(toy_world, tiny_stage1_export, tmp_path):
     bench = toy_world / "bench" / "cirr"
     out = tmp_path / "cirr"
-    metrics = run("cirr", str(bench), str(stage1_export), output=str(out))
+    metrics = run("cirr", str(bench), str(tiny_stage1_export), output=str(out))
     assert set(metrics) == {"recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2",
                             "recall_subset@3", "avg"}
     assert all(0 <= v <= 100 for v in metrics.values())
@@ -57,22 +44,22 @@ def test_cirr_round_trip(toy_world, stage1_export, tmp_path):
     cache = list(out.glob("gallery-*.npy"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
-    assert run("cirr", str(bench), str(stage1_export), output=str(out)) == metrics  # same numbers again
+    assert run("cirr", str(bench), str(tiny_stage1_export), output=str(out)) == metrics  # same numbers again
     assert cache[0].stat().st_mtime_ns == stamp  # the gallery was not encoded twice
 
 
-def test_circo_and_fashioniq_and_baselines(toy_world, stage1_export, tmp_path):
-    circo = run("circo", str(toy_world / "bench" / "circo"), str(stage1_export), output=str(tmp_path / "c"))
+def test_circo_and_fashioniq_and_baselines(toy_world, tiny_stage1_export, tmp_path):
+    circo = run("circo", str(toy_world / "bench" / "circo"), str(tiny_stage1_export), output=str(tmp_path / "c"))
     assert set(circo) == {"map@5", "map@10", "map@25", "map@50"}
     preds = json.loads((tmp_path / "c" / "predictions.json").read_text())
     assert all(isinstance(i, int) for ranked in preds.values() for i in ranked)
     for method in ("image_only", "text_only", "sum"):
-        got = run("fashioniq", str(toy_world / "bench" / "fashioniq"), str(stage1_export / "clip"), method=method,
+        got = run("fashioniq", str(toy_world / "bench" / "fashioniq"), str(tiny_stage1_export / "clip"), method=method,
                   output=str(tmp_path / method))
         assert {"dress/recall@10", "avg/recall@50", "avg"} <= set(got)
 
 
-def test_missing_gallery_images_are_reported(toy_world, stage1_export, tmp_path):
+def test_missing_gallery_images_are_reported(toy_world, tiny_stage1_export, tmp_path):
     bench = tmp_path / "fiq"
     shutil.copytree(toy_world / "bench" / "fashioniq", bench)
     names = json.loads((bench / "image_splits" / "split.dress.val.json").read_text())
@@ -80,12 +67,12 @@ def test_missing_gallery_images_are_reported(toy_world, stage1_export, tmp_path)
     used = {q["candidate"] for q in queries} | {q["target"] for q in queries}
     unused = next(n for n in names if n not in used)
     (bench / "images" / f"{unused}.png").unlink()
-    metrics = run("fashioniq", str(bench), str(stage1_export), output=str(tmp_path / "o"))
+    metrics = run("fashioniq", str(bench), str(tiny_stage1_export), output=str(tmp_path / "o"))
     assert metrics["missing_gallery_images"] == 1
 
 
-def test_cli_needs_an_export_for_the_model_method(toy_world, stage1_export):
+def test_cli_needs_an_export_for_the_model_method(toy_world, tiny_stage1_export):
     args = [sys.executable, "-m", "eval", "run", "--benchmark", "cirr", "--data", str(toy_world / "bench" / "cirr")]
-    bad = subprocess.run([*args, "--checkpoint", str(stage1_export / "clip")], cwd=ROOT, capture_output=True,
+    bad = subprocess.run([*args, "--checkpoint", str(tiny_stage1_export / "clip")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "not a stage I/II export" in bad.stderr

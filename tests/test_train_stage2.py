@@ -18,18 +18,6 @@ BASE = ["data.batch_size=8", "data.shuffle_buffer=16", "optim.warmup_steps=2", "
 
 
 @pytest.fixture(scope="module")
-def stage1(toy_captions, tmp_path_factory):
-    from train.stage1 import main as stage1_main
-
-    data, _ = toy_captions
-    out = tmp_path_factory.mktemp("s1") / "run"
-    assert stage1_main([f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "max_steps=20",
-                        "data.batch_size=8", "save_every=100", "mapping.num_tokens=1", "mapping.depth=1",
-                        "mapping.heads=2", "optim.lr=1e-3"]) == 0
-    return out / "final"
-
-
-@pytest.fixture(scope="module")
 def triplets(toy_captions, tmp_path_factory):
     from synth.job import run
 
@@ -38,8 +26,8 @@ def triplets(toy_captions, tmp_path_factory):
     return out
 
 
-def test_adapters_start_as_stage1_exactly(stage1):
-    model = load_cir_model(stage1)
+def test_adapters_start_as_stage1_exactly(tiny_stage1_export):
+    model = load_cir_model(tiny_stage1_export)
     clip = model.backbone.model
     width, blocks = text_encoder_shape(model.backbone)
     adapters = ComposingAdapters(AdapterConfig(bottleneck=8), width, blocks)
@@ -90,9 +78,9 @@ def test_fusion_weight_starts_at_its_init_and_stays_in_0_1():
 
 
 @pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"]])
-def test_each_option_trains_and_lowers_its_loss(stage1, triplets, tmp_path, option):
+def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tmp_path, option):
     out = tmp_path / "s2"
-    assert main([f"output_dir={out}", f"init_from={stage1}", f"data.train=['{triplets}']", "max_steps=30",
+    assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']", "max_steps=30",
                  *BASE, *option]) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
@@ -107,20 +95,20 @@ def test_each_option_trains_and_lowers_its_loss(stage1, triplets, tmp_path, opti
         assert {"coarse", "lambda_fine"} <= set(log[-1]) and log[-1]["lambda_fine"] < log[0]["lambda_fine"]
 
 
-def test_stage2_export_runs_in_eval(stage1, triplets, toy_world, tmp_path):
+def test_stage2_export_runs_in_eval(tiny_stage1_export, triplets, toy_world, tmp_path):
     from eval.run import run
 
     out = tmp_path / "s2"
-    assert main([f"output_dir={out}", f"init_from={stage1}", f"data.train=['{triplets}']", "max_steps=3",
+    assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']", "max_steps=3",
                  *BASE]) == 0
     metrics = run("cirr", str(toy_world / "bench" / "cirr"), str(out / "final"), output=str(tmp_path / "eval"))
     assert "recall@1" in metrics
 
 
-def test_bad_options_are_errors(stage1, triplets, tmp_path, capsys):
+def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     args = [f"output_dir={tmp_path / 'o'}", f"data.train=['{triplets}']", "max_steps=1", *BASE]
-    assert main([*args, f"init_from={stage1}", "loss=triplet"]) == 2
+    assert main([*args, f"init_from={tiny_stage1_export}", "loss=triplet"]) == 2
     assert "loss must be one of" in capsys.readouterr().err
-    assert main([*args, f"init_from={stage1}", "fusion=concat"]) == 2
+    assert main([*args, f"init_from={tiny_stage1_export}", "fusion=concat"]) == 2
     assert main([*args, f"init_from={tmp_path}"]) == 2
     assert "not a stage I/II export" in capsys.readouterr().err
