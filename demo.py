@@ -28,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="where everything goes")
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a few training steps and a one-cell-per-source ablation: checks the wiring in minutes "
+                        "(the numbers mean nothing)")
     args = p.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    quick = ["max_steps=3", "data.batch_size=16", "save_every=100", "log_every=1"] if args.quick else []
     toy = out / "toy"
     step("toy world", toy / "world.json",
          [sys.executable, "beam_runner.py", "toy", "--output", str(toy), "--num-images", str(args.num_images),
+          *(["--bench-queries", "10"] if args.quick else []),
           "--seed", str(args.seed)])
     print(f"[demo] toy world: training images in {toy / 'images'}, benchmarks in {toy / 'bench'}")
     captions = out / "captions"
@@ -57,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     stage0, stage1 = out / "stage0", out / "stage1"
     step("stage 0: train the toy CLIP from scratch", stage0 / "final" / "open_clip_model.safetensors",
          [sys.executable, "train/stage0.py", "--config", "train/configs/toy_stage0.yaml", f"output_dir={stage0}",
-          f"data.train=['{captions}']", f"seed={args.seed}"])
+          f"data.train=['{captions}']", f"seed={args.seed}", *quick])
     step("stage I: image -> pseudo-word tokens", stage1 / "final" / "mapping.safetensors",
          [sys.executable, "train/stage1.py", "--config", "train/configs/toy_stage1.yaml", f"output_dir={stage1}",
-          f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}"])
+          f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}", *quick])
     print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
           f"tensorboard --logdir {out}")
     stage2 = {}
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         step(f"stage II on {name} triplets", stage2[name] / "final" / "adapters.safetensors",
              [sys.executable, "train/stage2.py", "--config", "train/configs/toy_stage2.yaml",
               f"output_dir={stage2[name]}", f"data.train={[str(d) for d in data]}", f"init_from={stage1 / 'final'}",
-              f"seed={args.seed}"])
+              f"seed={args.seed}", *quick])
     results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
     print(report_table(results))
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     config = out / "ablation.yaml"
     config.write_text(json.dumps({
         "output_dir": str(ablation), "stage1": str(stage1 / "final"), "stage2_config": "train/configs/toy_stage2.yaml",
-        "sources": {"low": str(low), "high": str(high)}, "counts": [300, 1000], "seeds": [0, 1], "max_steps": 60,
+        "sources": {"low": str(low), "high": str(high)}, "counts": [20] if args.quick else [300, 1000],
+        "seeds": [0] if args.quick else [0, 1], "max_steps": 3 if args.quick else 60, "overrides": quick,
         "benchmarks": {"toy-cirr": {"benchmark": "cirr", "data": str(toy / "bench" / "cirr"), "metric": "avg"},
                        "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},
         indent=1))  # JSON is YAML

@@ -1,0 +1,29 @@
+"""The whole flow, wired as the README's demo runs it, on a tiny world with a few steps per stage."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"image_only", "text_only", "sum", "stage1", "stage2_low", "stage2_high", "stage2_mix"}
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "demo.py", "--out", str(out), "--quick", "--num-images", "48"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"toy-cirr", "toy-circo"}
+    for bench, keys in (("toy-cirr", {"recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "avg"}),
+                        ("toy-circo", {"map@5", "map@10", "map@25", "map@50"})):
+        assert set(results[bench]) == METHODS
+        assert all(keys <= set(metrics) for metrics in results[bench].values())
+    assert "stage2_mix" in (out / "report.md").read_text()
+    for name in ("ablation.csv", "ablation.md", "ablation.png"):
+        assert (out / "ablation" / name).is_file()
+    # a rerun reuses every finished step
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done already") >= 10
