@@ -29,6 +29,7 @@ from train.data import DataError, TrainStream, check_schema, expand_weighted_sou
 class Stage(Protocol):
     name: str
     required_fields: tuple[str, ...]
+    step: int  # set by the loop before each micro-batch: optimizer steps done so far (resumes included)
 
     def build(self) -> torch.nn.Module: ...
 
@@ -136,6 +137,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     model.train()
     while state.step < cfg.max_steps:
         batch = _to_device(next(batches), accelerator.device)
+        stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
         with accelerator.accumulate(model):
             loss, scalars = stage.loss(model, batch, accelerator)
             accelerator.backward(loss)

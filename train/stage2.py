@@ -81,6 +81,7 @@ class Stage2:
         if "$" not in cfg.template or "{}" not in cfg.template:
             raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
         self.cfg = cfg
+        self.step = 0  # set by the loop: optimizer steps so far
 
     def build(self) -> torch.nn.Module:
         from cir.composer import AdaptiveFusion, ComposingAdapters
@@ -97,7 +98,6 @@ class Stage2:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         fusion = AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden) if self.cfg.fusion == "adaptive" else None
-        self.step = 0
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
                              self.cfg.train_mapping)
 
@@ -136,8 +136,6 @@ class Stage2:
             scalars.update(coarse=coarse.detach(), lambda_fine=torch.tensor(lam_fine))
         if w is not None:
             scalars.update(fusion_w_mean=w.detach().mean(), fusion_w_std=w.detach().std())
-        if accelerator.sync_gradients:
-            self.step += 1
         return loss, scalars
 
     def export(self, model, out_dir: Path) -> None:
