@@ -80,3 +80,25 @@ def test_missing_model_directory_is_a_clear_error(toy_world, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(["--input", str(toy_world / "images"), "--output", str(tmp_path / "o"), "--clip", "no-such-clip", *BEAM])
     assert exc.value.code == 2 and "unknown CLIP model" in capsys.readouterr().err
+
+
+def test_model_outputs_do_not_depend_on_the_batch_around_them(toy_world, tiny_blip, tiny_clip_dir):
+    """RunInference batches by timing: an image's caption and embedding must not change with its neighbours."""
+    from pipeline.models import ClipImageEmbedHandler, HFCaptionerHandler
+
+    paths = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))[:5]
+    samples = [{"data": p.read_bytes()} for p in paths]
+    clip = ClipImageEmbedHandler(str(tiny_clip_dir), batch_size=4)
+    model = clip.load_model()
+    shapes = []
+    encode = model.model.encode_image
+    model.model.encode_image = lambda pixels, **kw: shapes.append(tuple(pixels.shape)) or encode(pixels, **kw)
+    alone = list(clip.run_inference(samples[:1], model))[0].inference
+    crowded = list(clip.run_inference([samples[0], *samples[2:5]], model))[0].inference
+    assert alone.tobytes() == crowded.tobytes()
+    # the mechanism: every batch reaches the model at one fixed shape, so no kernel sees a different batch size
+    assert [s[0] for s in shapes] == [4, 4]
+    blip = HFCaptionerHandler(str(tiny_blip), max_new_tokens=6, num_return_sequences=2, batch_size=3)
+    pipe = blip.load_model()
+    assert (list(blip.run_inference(samples[:1], pipe))[0].inference ==
+            list(blip.run_inference([samples[0], samples[3], samples[4]], pipe))[0].inference)
