@@ -23,14 +23,15 @@ from apache_beam.io.filesystems import FileSystems
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes equal samples give byte-identical tars
-KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+KEY_HEX = 32  # hex digits of sha256 kept in a key (128 bits)
+KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
 FAILED_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 
 
 def content_key(data: bytes) -> str:
     """Stable content hash used as `__key__`: hex, no dots or slashes (128 bits of sha256)."""
-    return hashlib.sha256(data).hexdigest()[:32]
+    return hashlib.sha256(data).hexdigest()[:KEY_HEX]
 
 
 def join(*parts: str) -> str:

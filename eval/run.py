@@ -103,9 +103,12 @@ class Encoder:
             self.cir = None
             self.backbone = create_backbone(checkpoint, device=device)
         self.backbone.model.eval()
-        self.fingerprint = hashlib.sha256(
-            b"".join(p.read_bytes() for p in sorted(path.rglob("*.safetensors"))) if path.is_dir() else
-            checkpoint.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
+        for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
+            with open(weights, "rb") as f:  # streamed: exports can be gigabytes
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        self.fingerprint = digest.hexdigest()[:16]
 
     @torch.no_grad()
     def images(self, paths: list[Path], batch_size: int) -> torch.Tensor:
@@ -117,30 +120,34 @@ class Encoder:
         return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
 
     @torch.no_grad()
-    def queries(self, ref_images: torch.Tensor, ref_feats: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
-        """[Q, d] normalised query features; ref_images [Q, 3, H, W] (model method), ref_feats [Q, d]."""
+    def queries(self, ref_paths: list[Path], ref_feats: torch.Tensor, texts: list[list[str]],
+                batch_size: int) -> torch.Tensor:
+        """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
+        features are averaged); ref_feats [Q, d] are the references' gallery features."""
         from cir.mapping import image_features
         from cir.model import compose
 
+        if self.method == "image_only":
+            return ref_feats
         clip, tok = self.backbone.model, self.backbone.tokenizer
-        out = []
-        for i, variants in enumerate(texts):
-            if self.method == "image_only":
-                out.append(ref_feats[i])
-                continue
-            if self.method == "model":
-                v, patches = image_features(clip, ref_images[i:i + 1].to(self.device), self.cir.mapping.cfg.use_patches)
-                n = len(variants)
-                prompts = tok([self.template.format(t) for t in variants]).to(self.device)
-                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v.expand(n, -1),
-                               None if patches is None else patches.expand(n, -1, -1), prompts,
+        owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
+        flat = [t for variants in texts for t in variants]
+        out = torch.zeros(len(texts), ref_feats.shape[1])
+        for start in range(0, len(flat), batch_size):
+            idx = owner[start:start + batch_size]
+            chunk = flat[start:start + batch_size]
+            if self.method == "model":  # the pseudo tokens need the references' patch tokens: image tower again
+                pixels = torch.stack([self.backbone.preprocess(Image.open(ref_paths[i]).convert("RGB")) for i in idx])
+                v, patches = image_features(clip, pixels.to(self.device), self.cir.mapping.cfg.use_patches)
+                prompts = tok([self.template.format(t) for t in chunk]).to(self.device)
+                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v, patches, prompts,
                                self.cir.adapters, self.cir.fusion)
             else:
-                f = clip.encode_text(tok(variants).to(self.device), normalize=True)
+                f = clip.encode_text(tok(chunk).to(self.device), normalize=True)
                 if self.method == "sum":
-                    f = F.normalize(f + ref_feats[i].to(f.device), dim=-1)
-            out.append(F.normalize(f.float().mean(dim=0), dim=-1).cpu())
-        return torch.stack(out)
+                    f = F.normalize(f + ref_feats[idx].to(f.device), dim=-1)
+            out.index_add_(0, torch.tensor(idx), f.float().cpu())
+        return F.normalize(out, dim=-1)  # the mean of a query's variants, normalised
 
 
 def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 65536
@@ -184,9 +191,8 @@ def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: 
     for group, queries in bench.queries.items():
         queries = [q for q in queries if q.reference in row]
         refs = [row[q.reference] for q in queries]
-        ref_images = torch.stack([encoder.backbone.preprocess(Image.open(bench.gallery[q.reference]).convert("RGB"))
-                                  for q in queries]) if method == "model" else None
-        feats = encoder.queries(ref_images, gallery_feats[refs], [q.texts for q in queries])
+        feats = encoder.queries([bench.gallery[q.reference] for q in queries], gallery_feats[refs],
+                                [q.texts for q in queries], batch_size)
         # the rows this group ranks: its own gallery (FashionIQ categories) or everything
         rows = [row[n] for n in bench.group_gallery[group] if n in row] if bench.group_gallery else list(range(len(names)))
         local = {r: i for i, r in enumerate(rows)}

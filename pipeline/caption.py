@@ -98,7 +98,7 @@ class PrepareImage(beam.DoFn):
             yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(record["source"], "decode", err.reason, str(err)))
             return
         sha256 = hashlib.sha256(record["data"]).hexdigest()
-        yield {"key": sha256[: len(ds.content_key(b""))], "sha256": sha256,  # the key is the hash's prefix
+        yield {"key": sha256[:ds.KEY_HEX], "sha256": sha256,  # the content key is this hash's prefix
                "source": record["source"], "caption": record["caption"], "data": img.data, "ext": img.ext,
                "width": img.width, "height": img.height, "reencoded": img.reencoded}
 
