@@ -18,14 +18,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 from eval import score as scoring
+from eval.encoder import Encoder, top_k
 from eval.score import TOP, PredictionError, load_json
-
-METHODS = ("model", "image_only", "text_only", "sum")
 
 
 @dataclass
@@ -35,6 +31,7 @@ class Query:
     texts: list[str]  # one caption, or several whose features are averaged (FashionIQ's two orders)
     exclude_reference: bool  # CIRR / Shoes remove the reference from the ranking
     subset: Optional[list[str]] = None  # CIRR: the image set members other than the reference
+    targets: tuple[str, ...] = ()  # gallery names of the known target(s), for the example grids
 
 
 @dataclass
@@ -52,7 +49,8 @@ def load_cirr(root: Path, split: str) -> Benchmark:
     names = load_json(root / "image_splits" / f"split.rc2.{split_name}.json", "CIRR image split")
     gallery = {n: root / rel for n, rel in names.items()}
     queries = [Query(str(q["pairid"]), q["reference"], [q["caption"]], True,
-                     [m for m in q["img_set"]["members"] if m != q["reference"]])
+                     [m for m in q["img_set"]["members"] if m != q["reference"]],
+                     (q["target_hard"],) if "target_hard" in q else ())
                for q in load_json(root / "captions" / f"cap.rc2.{split_name}.json", "CIRR captions")]
     return Benchmark(gallery, {"": queries}, str)
 
@@ -64,7 +62,8 @@ def load_circo(root: Path, split: str, shared_concept: bool) -> Benchmark:
     queries = []
     for q in load_json(root / "annotations" / f"{split}.json", "CIRCO annotations"):
         text = f"{q['shared_concept']} that {q['relative_caption']}" if shared_concept else q["relative_caption"]
-        queries.append(Query(str(q["id"]), str(q["reference_img_id"]), [text], False))
+        queries.append(Query(str(q["id"]), str(q["reference_img_id"]), [text], False,
+                             targets=tuple(str(t) for t in q.get("gt_img_ids", ()))))
     return Benchmark(gallery, {"": queries}, int)
 
 
@@ -76,103 +75,17 @@ def load_fashioniq(root: Path, split: str) -> Benchmark:
             gallery[name] = next((root / "images" / f"{name}.{e}" for e in ("png", "jpg")
                                   if (root / "images" / f"{name}.{e}").is_file()), root / "images" / f"{name}.png")
         groups[cat] = [Query(str(i), q["candidate"], [f"{q['captions'][0]} and {q['captions'][1]}",
-                                                      f"{q['captions'][1]} and {q['captions'][0]}"], False)
+                                                      f"{q['captions'][1]} and {q['captions'][0]}"], False,
+                                  targets=(q["target"],) if "target" in q else ())
                        for i, q in enumerate(load_json(caption_file, "FashionIQ captions"))]
     return Benchmark(gallery, groups, str, group_gallery)
-
-
-# ------------------------------------------------------------------------------------------ encoding
-
-class Encoder:
-    """Image and query features for one method; CLIP from a stage export (`clip/`) or any CLIP."""
-
-    def __init__(self, checkpoint: str, method: str, template: str, device: str):
-        from cir.backbone import create_backbone
-
-        self.method, self.template, self.device = method, template, device
-        path = Path(checkpoint)
-        if (path / "cir_config.json").is_file():
-            from cir.model import load_cir_model
-
-            self.cir = load_cir_model(path, device)
-            self.backbone = self.cir.backbone
-        else:
-            if method == "model":
-                raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
-                                      f"(baselines image_only, text_only, sum take any CLIP)")
-            self.cir = None
-            self.backbone = create_backbone(checkpoint, device=device)
-        self.backbone.model.eval()
-        digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
-        for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
-            with open(weights, "rb") as f:  # streamed: exports can be gigabytes
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        self.fingerprint = digest.hexdigest()[:16]
-
-    @torch.no_grad()
-    def images(self, paths: list[Path], batch_size: int) -> torch.Tensor:
-        feats = []
-        for start in tqdm(range(0, len(paths), batch_size), desc="gallery", unit="batch", file=sys.stderr):
-            pixels = torch.stack([self.backbone.preprocess(Image.open(p).convert("RGB"))
-                                  for p in paths[start:start + batch_size]]).to(self.device)
-            feats.append(self.backbone.model.encode_image(pixels, normalize=True).float().cpu())
-        return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
-
-    @torch.no_grad()
-    def queries(self, ref_paths: list[Path], ref_feats: torch.Tensor, texts: list[list[str]],
-                batch_size: int) -> torch.Tensor:
-        """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
-        features are averaged); ref_feats [Q, d] are the references' gallery features."""
-        from cir.mapping import image_features
-        from cir.model import compose
-
-        if self.method == "image_only":
-            return ref_feats
-        clip, tok = self.backbone.model, self.backbone.tokenizer
-        owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
-        flat = [t for variants in texts for t in variants]
-        out = torch.zeros(len(texts), ref_feats.shape[1])
-        for start in range(0, len(flat), batch_size):
-            idx = owner[start:start + batch_size]
-            chunk = flat[start:start + batch_size]
-            if self.method == "model":  # the pseudo tokens need the references' patch tokens: image tower again
-                pixels = torch.stack([self.backbone.preprocess(Image.open(ref_paths[i]).convert("RGB")) for i in idx])
-                v, patches = image_features(clip, pixels.to(self.device), self.cir.mapping.cfg.use_patches)
-                prompts = tok([self.template.format(t) for t in chunk]).to(self.device)
-                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v, patches, prompts,
-                               self.cir.adapters, self.cir.fusion)
-            else:
-                f = clip.encode_text(tok(chunk).to(self.device), normalize=True)
-                if self.method == "sum":
-                    f = F.normalize(f + ref_feats[idx].to(f.device), dim=-1)
-            out.index_add_(0, torch.tensor(idx), f.float().cpu())
-        return F.normalize(out, dim=-1)  # the mean of a query's variants, normalised
-
-
-def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 65536
-          ) -> torch.Tensor:
-    """Indices [Q, k] of the best gallery rows per query, scanning the gallery in chunks: memory is the
-    features plus one [Q, chunk] block. `exclude[q]` (>= 0) is a row query q must not return."""
-    best_s = torch.full((queries.shape[0], 0), -float("inf"))
-    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    excl = torch.tensor(exclude)
-    for start in range(0, gallery.shape[0], chunk):
-        s = queries @ gallery[start:start + chunk].T  # [Q, chunk]
-        rows = (excl >= start) & (excl < start + s.shape[1])
-        s[rows.nonzero().squeeze(1), excl[rows] - start] = -float("inf")
-        cand_s = torch.cat([best_s, s], dim=1)
-        cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand(s.shape[0], -1)], dim=1)
-        best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-        best_i = torch.gather(cand_i, 1, pos)
-    return best_i
 
 
 # ------------------------------------------------------------------------------------------ the command
 
 def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: str = "model",
         output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
-        device: str = "cpu", shared_concept: bool = False) -> dict:
+        device: str = "cpu", shared_concept: bool = False, grids: int = 6) -> dict:
     root = Path(data)
     bench = {"cirr": lambda: load_cirr(root, split), "circo": lambda: load_circo(root, split, shared_concept),
              "fashioniq": lambda: load_fashioniq(root, split)}[benchmark]()
@@ -188,6 +101,8 @@ def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: 
     row = {n: i for i, n in enumerate(names)}
     predictions: dict = {}
     subset_predictions: dict = {}
+    shown = _grid_sample(bench, grids)
+    examples = []
     for group, queries in bench.queries.items():
         queries = [q for q in queries if q.reference in row]
         refs = [row[q.reference] for q in queries]
@@ -198,20 +113,44 @@ def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: 
         local = {r: i for i, r in enumerate(rows)}
         exclude = [local.get(r, -1) if q.exclude_reference else -1 for q, r in zip(queries, refs)]
         k = min(TOP, len(rows) - (1 if any(e >= 0 for e in exclude) else 0))  # an excluded row is never returned
-        ranked = top_k(feats, gallery_feats[rows], k, exclude)
+        top_scores, ranked = top_k(feats, gallery_feats[rows], k, exclude)
         ranked_names = {q.qid: [bench.ids(names[rows[i]]) for i in r.tolist()] for q, r in zip(queries, ranked)}
+        examples += [(shown[(group, q.qid)], q, [(names[rows[i]], s) for i, s in zip(r[:5].tolist(),
+                                                                                      top_s[:5].tolist())])
+                     for q, r, top_s in zip(queries, ranked, top_scores) if (group, q.qid) in shown]
         (predictions.setdefault(group, {}) if group else predictions).update(ranked_names)
         for q, f in zip(queries, feats):
             if q.subset is not None:
                 members = [m for m in q.subset if m in row]
                 scores = gallery_feats[[row[m] for m in members]] @ f
                 subset_predictions[q.qid] = [members[i] for i in scores.argsort(descending=True)[:3].tolist()]
+    if examples:
+        _write_grid(bench, [e[1:] for e in sorted(examples, key=lambda e: e[0])], out / "examples.png")
     return _write_and_score(benchmark, split, root, out, predictions, subset_predictions, len(missing))
+
+
+def _grid_sample(bench: Benchmark, n: int) -> dict[tuple[str, str], int]:
+    """A fixed sample of n queries for the example grid (by hash: the same queries for every method, so
+    grids of two checkpoints compare row by row) -> their order in the grid."""
+    keys = sorted(((g, q.qid) for g, qs in bench.queries.items() for q in qs),
+                  key=lambda key: hashlib.sha256("/".join(key).encode()).hexdigest())
+    return {key: i for i, key in enumerate(keys[:max(0, n)])}
+
+
+def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
+    """reference | text | top 5 for the sampled queries, the known targets outlined."""
+    from eval.encoder import rgb
+    from eval.grids import GridRow, render_grid
+
+    rows = [GridRow(rgb(bench.gallery[q.reference]), q.texts[0],
+                    [(rgb(bench.gallery[name]), name, score) for name, score in top], set(q.targets))
+            for q, top in examples]
+    render_grid(rows).save(path)
 
 
 def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: int) -> torch.Tensor:
     """Gallery features are cached on disk, keyed by the model weights and the image list."""
-    key = hashlib.sha256((encoder.fingerprint + "\n".join(map(str, paths))).encode()).hexdigest()[:16]
+    key = hashlib.sha256((encoder.gallery_fingerprint + "\n".join(map(str, paths))).encode()).hexdigest()[:16]
     cache = out / f"gallery-{key}.npy"
     if cache.is_file():
         return torch.from_numpy(np.load(cache, allow_pickle=False))

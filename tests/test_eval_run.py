@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from eval.run import run, top_k
+from eval.encoder import top_k
+from eval.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,12 +19,13 @@ def test_top_k_matches_brute_force_in_chunks_with_exclusions():
     torch.manual_seed(0)
     q, g = torch.randn(7, 16), torch.randn(103, 16)
     exclude = [5, -1, 102, 0, -1, 50, 64]
-    got = top_k(q, g, 10, exclude, chunk=17)
+    scores, got = top_k(q, g, 10, exclude, chunk=17)
     full = q @ g.T
     for i, e in enumerate(exclude):
         if e >= 0:
             full[i, e] = -float("inf")
     assert torch.equal(got, full.topk(10, dim=1).indices)
+    assert torch.allclose(scores, full.topk(10, dim=1).values)
 
 
 def test_cirr_round_trip(toy_world, tiny_stage1_export, tmp_path):
@@ -41,11 +43,29 @@ def test_cirr_round_trip(toy_world, tiny_stage1_export, tmp_path):
         assert q["reference"] not in recall[str(q["pairid"])]  # removed, as the protocol says
         assert set(subset[str(q["pairid"])]) <= set(q["img_set"]["members"]) - {q["reference"]}
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    _check_example_grid(out / "examples.png", bench, queries, recall)
     cache = list(out.glob("gallery-*.npy"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
     assert run("cirr", str(bench), str(tiny_stage1_export), output=str(out)) == metrics  # same numbers again
     assert cache[0].stat().st_mtime_ns == stamp  # the gallery was not encoded twice
+
+
+def _check_example_grid(path, bench, queries, recall):
+    """examples.png: the sampled queries' top 5, each row's target outlined exactly where it was ranked."""
+    from PIL import Image
+
+    from eval.grids import TARGET_COLOUR, grid_size, panel_box
+    from eval.run import _grid_sample, load_cirr
+
+    sample = _grid_sample(load_cirr(bench, "val"), 6)
+    sheet = Image.open(path).convert("RGB")
+    assert sheet.size == grid_size(len(sample), 5, 160)
+    target = {str(q["pairid"]): q["target_hard"] for q in queries}
+    for (_, qid), row in sample.items():
+        top5 = recall[qid][:5]
+        outlined = [sheet.getpixel(panel_box(row, c + 2, 160)[:2]) == TARGET_COLOUR for c in range(5)]
+        assert outlined == [name == target[qid] for name in top5]
 
 
 def test_circo_and_fashioniq_and_baselines(toy_world, tiny_stage1_export, tmp_path):

@@ -1,0 +1,139 @@
+"""Image and query features of a checkpoint, and exact top-k over a gallery: shared by `eval run`,
+`eval index`, `eval search` and `eval serve`.
+
+Methods: `model` (a stage I/II export: "a photo of $ that {text}" with $ := the reference's pseudo tokens),
+`image_only` (v_ref), `text_only` (E_T(text)) and `sum` (normalize(v_ref + E_T(text))); the baselines need only
+a CLIP (a stage export or any CLIP directory / name).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from eval.score import PredictionError
+
+METHODS = ("model", "image_only", "text_only", "sum")
+ImageLike = Union[str, Path, Image.Image]
+
+
+def rgb(image: ImageLike) -> Image.Image:
+    """A decoded RGB image from a path or an already opened image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as img:
+        return img.convert("RGB")
+
+
+def weights_fingerprint(checkpoint: str) -> str:
+    """A short hash of a checkpoint's weights (its *.safetensors, streamed: exports can be gigabytes), or of
+    its name for a built-in / hub CLIP."""
+    path = Path(checkpoint)
+    digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
+    for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def image_tower(checkpoint: str) -> str:
+    """The CLIP that makes gallery features: a stage export's `clip/` (stage I and II exports of one run
+    share it, so one gallery index serves both), else the checkpoint itself."""
+    path = Path(checkpoint)
+    return str(path / "clip") if (path / "cir_config.json").is_file() else checkpoint
+
+
+class Encoder:
+    """Image and query features for one method; CLIP from a stage export (`clip/`) or any CLIP."""
+
+    def __init__(self, checkpoint: str, method: str, template: Optional[str], device: str):
+        from cir.backbone import create_backbone
+
+        self.method, self.device = method, device
+        path = Path(checkpoint)
+        if (path / "cir_config.json").is_file():
+            from cir.model import load_cir_model
+
+            self.cir = load_cir_model(path, device)
+            self.backbone = self.cir.backbone
+        else:
+            if method == "model":
+                raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
+                                      f"(baselines image_only, text_only, sum take any CLIP)")
+            self.cir = None
+            self.backbone = create_backbone(checkpoint, device=device)
+        self.template = template or (self.cir.template if self.cir else "a photo of $ that {}")
+        self.backbone.model.eval()
+        self.fingerprint = weights_fingerprint(checkpoint)
+        self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
+
+    def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        return torch.stack([self.backbone.preprocess(rgb(x)) for x in images]).to(self.device)
+
+    @torch.no_grad()
+    def images(self, images: Sequence[ImageLike], batch_size: int, progress: bool = True) -> torch.Tensor:
+        """[N, d] normalised image features, in batches."""
+        feats = []
+        for start in tqdm(range(0, len(images), batch_size), desc="gallery", unit="batch", file=sys.stderr,
+                          disable=not progress):
+            pixels = self.pixels(images[start:start + batch_size])
+            feats.append(self.backbone.model.encode_image(pixels, normalize=True).float().cpu())
+        return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
+
+    @torch.no_grad()
+    def queries(self, refs: Sequence[ImageLike], ref_feats: torch.Tensor, texts: list[list[str]],
+                batch_size: int, method: Optional[str] = None) -> torch.Tensor:
+        """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
+        features are averaged); ref_feats [Q, d] are the references' image features."""
+        from cir.mapping import image_features
+        from cir.model import compose
+
+        method = method or self.method
+        if method == "image_only":
+            return ref_feats
+        if method == "model" and self.cir is None:
+            raise PredictionError("method 'model' needs a stage I/II export")
+        clip, tok = self.backbone.model, self.backbone.tokenizer
+        owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
+        flat = [t for variants in texts for t in variants]
+        out = torch.zeros(len(texts), ref_feats.shape[1])
+        for start in range(0, len(flat), batch_size):
+            idx = owner[start:start + batch_size]
+            chunk = flat[start:start + batch_size]
+            if method == "model":  # the pseudo tokens need the references' patch tokens: image tower again
+                v, patches = image_features(clip, self.pixels([refs[i] for i in idx]),
+                                            self.cir.mapping.cfg.use_patches)
+                prompts = tok([self.template.format(t) for t in chunk]).to(self.device)
+                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v, patches, prompts,
+                               self.cir.adapters, self.cir.fusion)
+            else:
+                f = clip.encode_text(tok(chunk).to(self.device), normalize=True)
+                if method == "sum":
+                    f = F.normalize(f + ref_feats[idx].to(f.device), dim=-1)
+            out.index_add_(0, torch.tensor(idx), f.float().cpu())
+        return F.normalize(out, dim=-1)  # the mean of a query's variants, normalised
+
+
+def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 65536
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) [Q, k] of the best gallery rows per query, scanning the gallery in chunks: memory is
+    the features plus one [Q, chunk] block. `exclude[q]` (>= 0) is a row query q must not return."""
+    best_s = torch.full((queries.shape[0], 0), -float("inf"))
+    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
+    excl = torch.tensor(exclude, dtype=torch.long)
+    for start in range(0, gallery.shape[0], chunk):
+        s = queries @ gallery[start:start + chunk].T  # [Q, chunk]
+        rows = (excl >= start) & (excl < start + s.shape[1])
+        s[rows.nonzero().squeeze(1), excl[rows] - start] = -float("inf")
+        cand_s = torch.cat([best_s, s], dim=1)
+        cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand(s.shape[0], -1)], dim=1)
+        best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_i = torch.gather(cand_i, 1, pos)
+    return best_s, best_i
