@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
               f"output_dir={stage2[name]}", f"data.train={[str(d) for d in data]}", f"init_from={stage1 / 'final'}",
               f"seed={args.seed}", *quick])
     results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
+    search_example(out, toy / "bench" / "cirr", stage2["mix"] / "final")
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
     print(report_table(results))
     ablation = out / "ablation"
@@ -112,8 +113,28 @@ def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> d
                   "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)])
             results.setdefault(name, {})[method] = json.loads((target / "metrics.json").read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out / "report.md").write_text("# Toy-world demo results\n\n" + report_table(results) + "\n")
+    grids = [f"![{name} {method}](eval/{name}-{method}/examples.png)" for name in BENCHMARKS
+             for method in ("stage1", "stage2_mix") if (out / "eval" / f"{name}-{method}" / "examples.png").is_file()]
+    (out / "report.md").write_text(
+        "# Toy-world demo results\n\n" + report_table(results) + "\n\n## Example queries\n\nReference | "
+        "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
+        + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "
+        "`search_example.png`; browse: `python -m eval serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
     return results
+
+
+def search_example(out: Path, cirr: Path, checkpoint: Path) -> None:
+    """Index the toy CIRR gallery with the stage II export and run one of its queries through `eval search`."""
+    index = out / "index"
+    step("index the toy CIRR gallery", index / "index.json",
+         [sys.executable, "-m", "eval", "index", "--checkpoint", str(checkpoint), "--images", str(cirr / "dev"),
+          "--output", str(index)])
+    query = json.loads((cirr / "captions" / "cap.rc2.val.json").read_text())[0]
+    print(f"[demo] search: {query['reference']} + \"{query['caption']}\" (target {query['target_hard']})")
+    step("search the index", None,
+         [sys.executable, "-m", "eval", "search", "--index", str(index), "--reference", f"{query['reference']}.png",
+          "--text", query["caption"], "--k", "5", "--grid", str(out / "search_example.png")])
+    print(f"[demo] browse the gallery: python -m eval serve --index {index}  (http://127.0.0.1:7860/)")
 
 
 def report_table(results: dict) -> str:
@@ -125,7 +146,6 @@ def report_table(results: dict) -> str:
         lines += [f"| {m} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in keys) + " |"
                   for m, r in by_method.items()]
     return "\n".join(lines)
-    return 0
 
 
 if __name__ == "__main__":

@@ -132,8 +132,10 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[in
         s = queries @ gallery[start:start + chunk].T  # [Q, chunk]
         rows = (excl >= start) & (excl < start + s.shape[1])
         s[rows.nonzero().squeeze(1), excl[rows] - start] = -float("inf")
-        cand_s = torch.cat([best_s, s], dim=1)
-        cand_i = torch.cat([best_i, torch.arange(start, start + s.shape[1]).expand(s.shape[0], -1)], dim=1)
+        # the chunk's own top-k first: merging k-wide candidates, not copying the [Q, chunk] block
+        chunk_s, chunk_i = s.topk(min(k, s.shape[1]), dim=1)
+        cand_s = torch.cat([best_s, chunk_s], dim=1)
+        cand_i = torch.cat([best_i, chunk_i + start], dim=1)
         best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
         best_i = torch.gather(cand_i, 1, pos)
     return best_s, best_i

@@ -21,7 +21,13 @@ def test_quick_demo_end_to_end(tmp_path):
                         ("toy-circo", {"map@5", "map@10", "map@25", "map@50"})):
         assert set(results[bench]) == METHODS
         assert all(keys <= set(metrics) for metrics in results[bench].values())
-    assert "stage2_mix" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "stage2_mix" in report
+    for grid in ("eval/toy-cirr-stage2_mix/examples.png", "eval/toy-circo-stage1/examples.png"):
+        assert f"]({grid})" in report and (out / grid).is_file()
+    # the stage II export answers a toy query from its gallery index
+    assert json.loads((out / "index" / "index.json").read_text())["checkpoint"] == str(out / "stage2_mix" / "final")
+    assert (out / "search_example.png").is_file()
     for name in ("ablation.csv", "ablation.md", "ablation.png"):
         assert (out / "ablation" / name).is_file()
     # a rerun reuses every finished step

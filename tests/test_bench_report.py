@@ -1,0 +1,35 @@
+"""bench/run_all.py turns each script's JSON lines into ratios against their targets (no timing here: the
+figures are made-up lines in the scripts' formats)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+run_all = importlib.util.module_from_spec(spec)
+sys.modules["run_all"] = run_all  # dataclasses look their module up there
+spec.loader.exec_module(run_all)
+
+
+def test_figures_are_higher_is_better_ratios_with_their_targets():
+    mining = run_all._mining([{"n": 1_000_000, "method": "faiss-ivf", "seconds": 400.0, "recall_at_10": 0.95,
+                               "peak_rss_gb_mining": 5.2, "features_gb": 1.9},
+                              {"n": 10_000, "method": "exact", "seconds": 12.0, "recall_at_10": 1.0,
+                               "peak_rss_gb_mining": 1.0, "features_gb": 0.02}])
+    assert [(f.ratio, f.met) for f in mining] == [(1.5, True), (0.95, True), (0.5, False), (1.0, True)]
+    topk = run_all._topk([{"gallery": 1000, "queries": 10, "dim": 8, "k": 5, "faiss_over_chunked": 0.8,
+                           "rows": {"chunked": {"seconds": 2.0, "above_features_mib": 3},
+                                    "faiss_flat": {"seconds": 1.6}}}])
+    assert (topk[0].ratio, topk[0].target, topk[0].met) == (0.8, 1.0, False)
+    train = run_all._train([{"ratio": 0.95, "target": 0.9}, {"ratio": 1.5, "target": 1.0},
+                            {"speedup": 1.4, "target": 3.0, "stage1_step_s_tower": 0.1}])
+    assert [f.met for f in train] == [True, True, False] and "stage1_step_s_tower 0.1" in train[2].detail
+    caption = run_all._caption([{"ratio_job_over_loop": 0.94, "target_ratio": 0.7, "job_images_per_s": 372,
+                                 "loop_images_per_s": 394},
+                                {"model_images_per_s_by_batch_size": {"1": 32, "32": 46},
+                                 "ratio_largest_over_batch_1": 1.44}])
+    assert [f.ratio for f in caption] == [0.94, 1.44]
+    text = run_all.table(mining + topk)
+    assert text.count("\n") == len(mining + topk) + 1 and "**no**" in text
