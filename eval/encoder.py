@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -121,15 +122,46 @@ class Encoder:
         return F.normalize(out, dim=-1)  # the mean of a query's variants, normalised
 
 
-def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 65536
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices) [Q, k] of the best gallery rows per query, scanning the gallery in chunks: memory is
-    the features plus one [Q, chunk] block. `exclude[q]` (>= 0) is a row query q must not return."""
+def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int = 16384,
+          use_faiss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (scores, indices) [Q, k] of the best gallery rows per query; `exclude[q]` (>= 0) is a row query q
+    must not return. With faiss installed, its brute-force kNN on the features as they are (no index, no copy:
+    BLAS blocks plus heaps, the fastest exact search on CPU); otherwise a chunked scan in torch. Either way
+    memory is the features plus fixed-size blocks, whatever the gallery size."""
+    if use_faiss and queries.shape[0]:
+        try:
+            import faiss
+        except ImportError:
+            faiss = None
+        if faiss is not None:
+            return _top_k_faiss(faiss, queries, gallery, k, exclude)
+    return _top_k_chunked(queries, gallery, k, exclude, chunk)
+
+
+def _top_k_faiss(faiss, queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = 1 if any(e >= 0 for e in exclude) else 0  # one more, in case the excluded row is among them
+    q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+    g = np.ascontiguousarray(gallery.numpy(), dtype=np.float32)
+    scores, idx = faiss.knn(q, g, min(k + extra, g.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+    if extra:
+        keep = idx != np.asarray(exclude, dtype=idx.dtype)[:, None]
+        keep &= np.cumsum(keep, axis=1) <= k  # the first k that are not excluded
+        scores = scores[keep].reshape(len(q), -1)
+        idx = idx[keep].reshape(len(q), -1)
+    return torch.from_numpy(scores[:, :k]), torch.from_numpy(idx[:, :k].astype(np.int64))
+
+
+def _top_k_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     best_s = torch.full((queries.shape[0], 0), -float("inf"))
     best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
     excl = torch.tensor(exclude, dtype=torch.long)
+    block = torch.empty(queries.shape[0], min(chunk, gallery.shape[0]))  # reused: no page faults per chunk
     for start in range(0, gallery.shape[0], chunk):
-        s = queries @ gallery[start:start + chunk].T  # [Q, chunk]
+        rows_g = gallery[start:start + chunk]
+        s = block.view(-1)[:block.shape[0] * rows_g.shape[0]].view(block.shape[0], -1)  # contiguous
+        torch.mm(queries, rows_g.T, out=s)
         rows = (excl >= start) & (excl < start + s.shape[1])
         s[rows.nonzero().squeeze(1), excl[rows] - start] = -float("inf")
         # the chunk's own top-k first: merging k-wide candidates, not copying the [Q, chunk] block

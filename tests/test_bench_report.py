@@ -19,8 +19,8 @@ def test_figures_are_higher_is_better_ratios_with_their_targets():
                               {"n": 10_000, "method": "exact", "seconds": 12.0, "recall_at_10": 1.0,
                                "peak_rss_gb_mining": 1.0, "features_gb": 0.02}])
     assert [(f.ratio, f.met) for f in mining] == [(1.5, True), (0.95, True), (0.5, False), (1.0, True)]
-    topk = run_all._topk([{"gallery": 1000, "queries": 10, "dim": 8, "k": 5, "faiss_over_chunked": 0.8,
-                           "rows": {"chunked": {"seconds": 2.0, "above_features_mib": 3},
+    topk = run_all._topk([{"gallery": 1000, "queries": 10, "dim": 8, "k": 5, "faiss_over_ours": 0.8,
+                           "rows": {"ours": {"seconds": 2.0, "above_features_mib": 3},
                                     "faiss_flat": {"seconds": 1.6}}}])
     assert (topk[0].ratio, topk[0].target, topk[0].met) == (0.8, 1.0, False)
     train = run_all._train([{"ratio": 0.95, "target": 0.9}, {"ratio": 1.5, "target": 1.0},
