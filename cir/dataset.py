@@ -56,7 +56,7 @@ def failed_row(source: str, stage: str, reason: str, error: str) -> dict:
     return {"source": str(source), "stage": stage, "reason": reason, "error": str(error)[:2000]}
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(tmp) as f:
         f.write(data)
@@ -87,15 +87,15 @@ def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], inde
     name = shard_name(prefix, index)
     shard_dir = join(out_dir, SHARD_DIR)
     index_rows = sorted(index_rows, key=lambda r: r["key"])
-    _write_atomic(join(shard_dir, f"{name}.index.parquet"), table_bytes(pa.Table.from_pylist(index_rows)))
-    _write_atomic(join(shard_dir, f"{name}.failed.parquet"),
+    write_atomic(join(shard_dir, f"{name}.index.parquet"), table_bytes(pa.Table.from_pylist(index_rows)))
+    write_atomic(join(shard_dir, f"{name}.failed.parquet"),
                   table_bytes(pa.Table.from_pylist(sorted(failed_rows, key=lambda r: r["source"]),
                                                    schema=FAILED_SCHEMA)))
     buf = io.BytesIO()
     with wds.TarWriter(buf, mtime=TAR_MTIME) as sink:
         for sample in sorted(samples, key=lambda s: s["__key__"]):
             sink.write(sample)
-    _write_atomic(join(shard_dir, f"{name}.tar"), buf.getvalue())
+    write_atomic(join(shard_dir, f"{name}.tar"), buf.getvalue())
     return name
 
 
@@ -126,14 +126,14 @@ def merge_sidecars(out_dir: str, extra_failed: Iterable[dict] = ()) -> tuple[pa.
     failed = [read_table(join(shard_dir, f"{n}.failed.parquet")).to_pylist() for n in names]
     rows = [r for part in failed for r in part] + list(extra_failed)
     rows.sort(key=lambda r: (r["source"], r["stage"]))
-    _write_atomic(join(out_dir, "index.parquet"), table_bytes(index))
+    write_atomic(join(out_dir, "index.parquet"), table_bytes(index))
     failed_table = pa.Table.from_pylist(rows, schema=FAILED_SCHEMA)
-    _write_atomic(join(out_dir, "failed.parquet"), table_bytes(failed_table))
+    write_atomic(join(out_dir, "failed.parquet"), table_bytes(failed_table))
     return index, failed_table
 
 
 def write_json(path: str, obj: dict) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 def read_json(path: str) -> Optional[dict]:

@@ -72,7 +72,7 @@ class Encoder:
             self.backbone = create_backbone(checkpoint, device=device)
         self.template = template or (self.cir.template if self.cir else "a photo of $ that {}")
         self.backbone.model.eval()
-        self.fingerprint = weights_fingerprint(checkpoint)
+        # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone
         self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:

@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eval.encoder import Encoder, image_tower, top_k, weights_fingerprint
+from cir.dataset import write_atomic, write_json
+from eval.encoder import Encoder, top_k
 from eval.score import PredictionError
 
 INDEX_FILE = "index.json"
@@ -125,12 +126,6 @@ def thumbnail(img: Image.Image, size: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ the index
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 def read_manifest(index_dir: Path) -> Optional[dict]:
     path = index_dir / INDEX_FILE
@@ -282,11 +277,11 @@ class _PartWriter:
         pq.write_table(pa.Table.from_pylist(self.rows, schema=PART_SCHEMA), buf, row_group_size=THUMB_ROWS)
         npy = io.BytesIO()
         np.save(npy, np.concatenate(self.feats).astype(np.float32), allow_pickle=False)
-        _write_atomic(self.dir / PART_DIR / f"{part}.npy", npy.getvalue())
-        _write_atomic(self.dir / PART_DIR / f"{part}.parquet", buf.getvalue())
+        write_atomic(str(self.dir / PART_DIR / f"{part}.npy"), npy.getvalue())
+        write_atomic(str(self.dir / PART_DIR / f"{part}.parquet"), buf.getvalue())
         self.manifest["parts"].append(part)
         self.manifest.pop("faiss", None)  # stale until rebuilt at the end of the run
-        _write_atomic(self.dir / INDEX_FILE, json.dumps(self.manifest, indent=2).encode())
+        write_json(str(self.dir / INDEX_FILE), self.manifest)
         self.written += len(self.rows)
         self.rows, self.feats = [], []
 
@@ -360,7 +355,7 @@ def _build_faiss(out: Path, manifest: dict, index: GalleryIndex, cfg: IndexConfi
         ivf.add(feats)
         faiss.write_index(ivf, str(out / FAISS_FILE))
         manifest["faiss"] = {"kind": "IVFFlat", "nlist": nlist, "nprobe": cfg.faiss_nprobe, "rows": n}
-    _write_atomic(out / INDEX_FILE, json.dumps(manifest, indent=2).encode())
+    write_json(str(out / INDEX_FILE), manifest)
 
 
 # ------------------------------------------------------------------------------------------ searching
@@ -375,7 +370,7 @@ class Searcher:
             raise GalleryError(f"checkpoint {checkpoint} (recorded in the index) does not exist: pass --checkpoint")
         is_export = (Path(checkpoint) / "cir_config.json").is_file()
         self.encoder = Encoder(checkpoint, "model" if is_export else "sum", None, device)
-        if weights_fingerprint(image_tower(checkpoint)) != index.manifest["gallery_fingerprint"]:
+        if self.encoder.gallery_fingerprint != index.manifest["gallery_fingerprint"]:
             raise GalleryError(f"{index.dir} was built with another CLIP ({index.manifest['checkpoint']}) than "
                               f"{checkpoint}'s: rebuild the index with this checkpoint, or search with that one")
         self.checkpoint = checkpoint
@@ -402,28 +397,35 @@ class Searcher:
         if text is not None and not text.strip():
             raise GalleryError("the modification text is empty: give a text, or leave it out for an "
                               "image-only query")
-        if reference_row is not None:
-            if not 0 <= reference_row < len(self.index):
-                raise GalleryError(f"no gallery row {reference_row} (the index has {len(self.index)})")
-            image = self.index.image_bytes(reference_row)
-        if image is None and text is None:
+        if reference_row is not None and not 0 <= reference_row < len(self.index):
+            raise GalleryError(f"no gallery row {reference_row} (the index has {len(self.index)})")
+        has_reference = image is not None or reference_row is not None
+        if not has_reference and text is None:
             raise GalleryError("a query needs a reference image, a text, or both")
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         enc = self.encoder
-        img = data = None
-        if image is not None:
-            img, data = self.query_image(image)
-            method = ("model" if enc.cir is not None else "sum") if text is not None else "image_only"
-            ref = enc.images([img], 1, progress=False)
+        if not has_reference:
+            method = "text_only"
         else:
-            method, ref = "text_only", torch.zeros(1, enc.backbone.embed_dim)
+            method = ("model" if enc.cir is not None else "sum") if text is not None else "image_only"
+        img, exclude = None, -1
+        if reference_row is not None:
+            # a gallery row's features are in the index already; its pixels are read (from its source) only
+            # when the mapping needs their patch tokens, for the composed model
+            ref, exclude = self.index.features[reference_row:reference_row + 1], reference_row
+            if method == "model":
+                img = self.query_image(self.index.image_bytes(reference_row))[0]
+        elif image is not None:
+            img, data = self.query_image(image)
+            ref = enc.images([img], 1, progress=False)
+            exclude = self.index.row_of_sha.get(hashlib.sha256(data).hexdigest(), -1)
+        else:
+            ref = torch.zeros(1, enc.backbone.embed_dim)
         with torch.no_grad():
             q = enc.queries([img], ref, [[text or ""]], 1, method)
-        exclude = -1
-        if data is not None and not keep_reference:
-            exclude = reference_row if reference_row is not None else self.index.row_of_sha.get(
-                hashlib.sha256(data).hexdigest(), -1)
+        if keep_reference:
+            exclude = -1
         scores, rows = self.index.top(q, k, [exclude])
         results = [{"rank": i + 1, "row": r, "name": self.index.names[r], "score": round(s, 6),
                     "source": self.index.sources[r]} for i, (s, r) in enumerate(zip(scores[0].tolist(),
