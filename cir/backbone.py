@@ -12,6 +12,7 @@ name means the same thing everywhere. Three sources are understood:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -147,3 +148,15 @@ def save_backbone(backbone: Backbone, out_dir: str | os.PathLike, extra: Optiona
     save_model(backbone.model, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     return out
+
+
+def weights_fingerprint(checkpoint: str) -> str:
+    """A short hash of a checkpoint's weights (its *.safetensors, streamed: exports can be gigabytes), or of
+    its name for a built-in / hub CLIP."""
+    path = Path(checkpoint)
+    digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
+    for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

@@ -3,6 +3,7 @@ image/text fusion of the query, and the uncertainty augmenter of target features
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -108,16 +109,25 @@ def uncertainty_loss(q: torch.Tensor, f_hat: torch.Tensor, s2: torch.Tensor) -> 
 
 
 def hard_negative_infonce(q: torch.Tensor, targets: torch.Tensor, refs: torch.Tensor, temperature: float,
-                          ref_weight: float, offset: int = 0) -> torch.Tensor:
-    """-log exp(q.v_t/tau) / (exp(q.v_t/tau) + sum_{n in batch targets} exp(q.v_n/tau) + w_ref exp(q.v_ref/tau)).
+                          ref_weight: float, offset: int = 0, negatives: Optional[torch.Tensor] = None,
+                          negative_mask: Optional[torch.Tensor] = None, negative_weight: float = 0.0
+                          ) -> torch.Tensor:
+    """-log exp(q.v_t/tau) / (exp(q.v_t/tau) + sum_{n in batch targets} exp(q.v_n/tau) + w_ref exp(q.v_ref/tau)
+    + w_hn sum_{h in the triplet's mined hard negatives} exp(q.v_h/tau)).
 
     q: [B, d] local queries; targets: [N, d] the global batch of targets (row offset + i is query i's);
-    refs: [B, d] each query's own reference, the negative that stops "return the reference". A weight w
+    refs: [B, d] each query's own reference, the negative that stops "return the reference"; negatives:
+    [B, H, d] each query's own mined hard negatives, negative_mask [B, H] which of them exist. A weight w
     enters as log(w) added to the logit.
     """
     logits = q @ targets.T / temperature  # [B, N]
     labels = torch.arange(q.shape[0], device=q.device) + offset
     if ref_weight > 0:
-        ref_logit = (q * refs).sum(dim=-1, keepdim=True) / temperature + torch.log(torch.tensor(ref_weight))
+        ref_logit = (q * refs).sum(dim=-1, keepdim=True) / temperature + math.log(ref_weight)
         logits = torch.cat([logits, ref_logit], dim=1)
+    if negatives is not None and negative_weight > 0 and negatives.shape[1] > 0:
+        hn_logits = torch.einsum("bd,bhd->bh", q, negatives) / temperature + math.log(negative_weight)  # [B, H]
+        if negative_mask is not None:
+            hn_logits = hn_logits.masked_fill(~negative_mask, float("-inf"))
+        logits = torch.cat([logits, hn_logits], dim=1)
     return F.cross_entropy(logits, labels)

@@ -7,7 +7,6 @@ a CLIP (a stage export or any CLIP directory / name).
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cir.backbone import weights_fingerprint
 from eval.score import PredictionError
 
 METHODS = ("model", "image_only", "text_only", "sum")
@@ -30,18 +30,6 @@ def rgb(image: ImageLike) -> Image.Image:
         return image.convert("RGB")
     with Image.open(image) as img:
         return img.convert("RGB")
-
-
-def weights_fingerprint(checkpoint: str) -> str:
-    """A short hash of a checkpoint's weights (its *.safetensors, streamed: exports can be gigabytes), or of
-    its name for a built-in / hub CLIP."""
-    path = Path(checkpoint)
-    digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
-    for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def image_tower(checkpoint: str) -> str:

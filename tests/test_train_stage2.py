@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,64 @@ def test_reference_as_negative_pushes_the_reference_away():
     # descending the loss moves q away from its reference only when the reference is a negative
     push = {w: float((-g * refs).sum()) for w, g in grads.items()}
     assert push[1.0] < push[0.0]
+
+
+def test_mined_hard_negatives_push_away_and_masked_ones_do_nothing():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    targets, refs = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    negs = F.normalize(torch.randn(4, 2, 8), dim=-1)
+    mask = torch.tensor([[True, True], [True, False], [False, False], [True, True]])
+
+    def grad(weight, m):
+        q.grad = None
+        hard_negative_infonce(q, targets, refs, 0.07, 1.0, 0, negs, m, weight).backward()
+        return q.grad.clone()
+
+    plain = grad(0.0, mask)
+    with_hn = grad(2.0, mask)
+    # descending moves q away from its real hard negatives; a query with none keeps the plain gradient
+    push = [float((-(with_hn[i] - plain[i]) * negs[i, 0]).sum()) for i in (0, 1, 3)]
+    assert all(p < 0 for p in push), push
+    assert torch.allclose(with_hn[2], plain[2])
+    assert torch.allclose(grad(2.0, torch.zeros_like(mask)), plain)
+
+
+@pytest.fixture(scope="module")
+def low_triplets(toy_captions, tmp_path_factory):
+    from synth.job import run
+
+    out = tmp_path_factory.mktemp("lq") / "low"
+    run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "low", "--image-weight", "0",
+         "--runner", "DirectRunner"])
+    return out
+
+
+def test_hard_negative_bank_holds_the_caption_dataset_encoded(tiny_stage1_export, low_triplets, toy_captions,
+                                                              tmp_path):
+    from cir import dataset as ds
+    from cir.mapping import image_features
+    from train.data import decode_sample, image_of
+
+    out = tmp_path / "s2"
+    args = [f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", "max_steps=3",
+            *BASE, "hard_negatives.weight=1.0", "hard_negatives.per_query=2"]
+    assert main(args) == 0
+    meta = json.loads((out / "negative_bank" / "bank.json").read_text())
+    feats = np.load(out / "negative_bank" / "features.npy")
+    assert meta["datasets"] == [str(toy_captions[0])]  # found through the triplet dataset's card
+    samples = [decode_sample(s) for u in ds.shard_urls(str(toy_captions[0])) for s in ds.iter_shard(u)]
+    assert sorted(meta["keys"]) == sorted(s["__key__"] for s in samples)
+    model = load_cir_model(tiny_stage1_export)
+    row = meta["keys"].index(samples[5]["__key__"])
+    with torch.no_grad():
+        direct = image_features(model.backbone.model, model.backbone.preprocess(image_of(samples[5]))[None], False)[0]
+    assert torch.allclose(torch.from_numpy(feats[row]).float(), direct[0], atol=2e-3)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < r["hard_negatives_per_query"] <= 2 for r in log)
+    stamp = (out / "negative_bank" / "features.npy").stat().st_mtime_ns
+    assert main([*args, "max_steps=4", "resume=latest"]) == 0  # the same CLIP and data: the bank is reused
+    assert (out / "negative_bank" / "features.npy").stat().st_mtime_ns == stamp
 
 
 def test_augmenter_statistics_match_the_formula():

@@ -116,6 +116,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.max_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if hasattr(stage, "setup"):  # work a stage does once its model is on the device (stage II's negative bank)
+        stage.setup(model, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     if cfg.resume:

@@ -5,7 +5,9 @@ encoder (and, with `fusion=adaptive`, the fusion network) are trained. Query q =
 S(ref)); target = the frozen image feature of the target (cached `tgt.emb.npy` or computed).
 
 loss=infonce: InfoNCE over the global batch of targets plus each query's own reference as a weighted
-    negative (`ref_negative_weight`), which stops the cheap answer "return the reference".
+    negative (`ref_negative_weight`), which stops the cheap answer "return the reference", plus (with
+    `hard_negatives.weight` > 0) the triplet's mined hard negatives, looked up by key in a feature bank of
+    the caption dataset they were mined from (train.negatives).
 loss=mur: the same fine-grained term, weighted lambda_fine(t) (linear from mur.fine_start to mur.fine_end),
     plus mur.weight x the uncertainty-regularised coarse term on augmented targets
     f_hat = alpha * f + beta (cir.composer.augment_targets / uncertainty_loss).
@@ -27,6 +29,7 @@ from cir.composer import AdapterConfig, MURConfig
 from train.config import ConfigError, TrainConfig
 from train.data import DataError, image_of
 from train.loop import main as loop_main
+from train.negatives import HardNegativeConfig
 from train.stage1 import gather
 
 LOSSES = ("infonce", "mur")
@@ -39,6 +42,7 @@ class Stage2Config(TrainConfig):
     template: str = "a photo of $ that {}"  # the composed query; "$" = the reference's pseudo tokens
     temperature: float = 0.07  # InfoNCE temperature
     ref_negative_weight: float = 1.0  # w of the reference as an extra negative (0: not a negative)
+    hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)  # the triplets' mined ones
     loss: str = "infonce"  # infonce | mur (multi-grained uncertainty regularization)
     mur: MURConfig = field(default_factory=MURConfig)
     fusion: str = "text"  # text | adaptive (learned image/text weighting of the query)
@@ -80,8 +84,11 @@ class Stage2:
             raise ConfigError("stage II needs init_from=<stage I export>/final")
         if "$" not in cfg.template or "{}" not in cfg.template:
             raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
+        if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
+            raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
         self.cfg = cfg
         self.step = 0  # set by the loop: optimizer steps so far
+        self.bank = None  # NegativeBank when hard_negatives.weight > 0 (built in setup)
 
     def build(self) -> torch.nn.Module:
         from cir.composer import AdaptiveFusion, ComposingAdapters
@@ -101,6 +108,31 @@ class Stage2:
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
                              self.cfg.train_mapping)
 
+    def setup(self, model, accelerator) -> None:
+        """Encode the caption datasets the mined hard negatives come from (once; see train.negatives)."""
+        from cir.backbone import weights_fingerprint
+        from cir.mapping import image_features
+        from train.negatives import bank_datasets, encode_datasets, load_or_build
+
+        hn = self.cfg.hard_negatives
+        if hn.weight <= 0 or hn.per_query == 0:
+            return
+        datasets = bank_datasets(hn, self.cfg.data.train)
+        clip = accelerator.unwrap_model(model).clip
+
+        def encode(images: list) -> torch.Tensor:
+            with torch.no_grad():
+                return image_features(clip, torch.stack(images).to(accelerator.device), False)[0]
+
+        def build():
+            return encode_datasets(datasets, encode, self.cir.backbone.preprocess, hn.batch_size,
+                                   self.cfg.data.use_cached_embeddings, accelerator.is_main_process)
+
+        clip_id = weights_fingerprint(str(Path(self.cfg.init_from) / "clip"))
+        self.bank = load_or_build(Path(self.cfg.output_dir), datasets, clip_id,
+                                  self.cfg.data.use_cached_embeddings, build, accelerator)
+        accelerator.print(f"hard negatives: a bank of {len(self.bank)} images from {datasets}")
+
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
         batch = {"refs": torch.stack([bb.preprocess(image_of(s, "ref.")) for s in samples]),
@@ -109,6 +141,8 @@ class Stage2:
             batch["tgt_emb"] = torch.from_numpy(np.stack([s["tgt.emb.npy"] for s in samples]).astype(np.float32))
         else:
             batch["tgts"] = torch.stack([bb.preprocess(image_of(s, "tgt.")) for s in samples])
+        if self.bank is not None:
+            batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
 
     def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
@@ -123,8 +157,14 @@ class Stage2:
         q, w = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None
         targets = gather(v_tgt, accelerator, False)
         offset = accelerator.process_index * q.shape[0]
-        fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset)
+        negatives = mask = None
+        if "hn_rows" in batch:
+            negatives, mask = self.bank.lookup(batch["hn_rows"], q.device)  # [B, H, d], [B, H]
+        fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset,
+                                     negatives, mask, self.cfg.hard_negatives.weight)
         scalars = {"fine": fine.detach()}
+        if mask is not None:
+            scalars["hard_negatives_per_query"] = mask.float().sum(dim=1).mean()
         loss = fine
         if self.cfg.loss == "mur":
             mur = self.cfg.mur

@@ -1,0 +1,142 @@
+"""Mined hard negatives for stage II: the keys a triplet lists (json "hard_negatives") -> frozen CLIP features.
+
+A triplet names its hard negatives by the keys of the caption dataset it was mined from; it does not carry
+their images (k more images per triplet). Before training, the bank encodes that caption dataset once with
+the frozen CLIP (or takes its cached `emb.npy`), on the main process, into `{output_dir}/negative_bank/`
+(reused by `resume` and by a rerun with the same CLIP and datasets); the other ranks wait and load it.
+A batch then carries, per query, the bank rows of its hard negatives ([B, H], -1 where there is none), and
+the loss adds them as weighted negatives beside the in-batch targets and the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cir import dataset as ds
+from train.data import DataError, decode_member, image_of
+
+BANK_DIR = "negative_bank"
+
+
+@dataclass
+class HardNegativeConfig:
+    weight: float = 0.0  # w of each mined hard negative in the InfoNCE denominator (0: unused, no bank built)
+    per_query: int = 3  # at most this many of a triplet's hard negatives (in their stored order) are used
+    bank: list[str] = field(default_factory=list)  # caption dataset dirs the keys come from ([]: each triplet
+    # dataset's own input, as recorded in its dataset.json)
+    batch_size: int = 256  # images per forward pass while encoding the bank
+
+
+def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str]:
+    """The caption datasets whose keys the triplets' hard negatives name."""
+    if cfg.bank:
+        return list(cfg.bank)
+    found: list[str] = []
+    for entry in train_entries:
+        paths = [m["path"] for m in ds.load_mix(entry)] if entry.endswith((".yaml", ".yml", ".json")) else [entry]
+        for path in paths:
+            card = ds.read_json(ds.join(path, "dataset.json")) if os.path.isdir(path) else None
+            source = ((card or {}).get("config") or {}).get("input")
+            if source and source not in found:
+                found.append(source)
+    if not found:
+        raise DataError("hard_negatives.weight > 0 needs the caption dataset(s) the hard negative keys refer to: "
+                        "set hard_negatives.bank=[DIR] (data.train gave no dataset.json with an input)")
+    return found
+
+
+class NegativeBank:
+    """keys -> rows of a float16 [M, d] feature table, kept on the CPU (gathered per batch)."""
+
+    def __init__(self, keys: list[str], features: np.ndarray):
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float16))
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def rows(self, metas: list[dict], per_query: int) -> torch.Tensor:
+        """[B, per_query] bank rows of each triplet's hard negatives (not its target), -1 padded."""
+        out = torch.full((len(metas), per_query), -1, dtype=torch.long)
+        for i, meta in enumerate(metas):
+            keys = [k for k in meta.get("hard_negatives", []) if k != meta.get("tgt_key") and k in self.row]
+            for j, key in enumerate(keys[:per_query]):
+                out[i, j] = self.row[key]
+        return out
+
+    def lookup(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, H, d] (float32, on device) and the mask [B, H] of real entries."""
+        mask = rows >= 0
+        feats = self.features[rows.clamp_min(0).cpu()].to(device=device, dtype=torch.float32)
+        return feats, mask.to(device)
+
+
+def _fingerprint(datasets: list[str], clip_id: str, use_cached: bool) -> str:
+    shards = [u for d in datasets for u in ds.shard_urls(d)]
+    return hashlib.sha256(json.dumps([clip_id, use_cached, shards]).encode()).hexdigest()[:16]
+
+
+def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor], preprocess,
+                    batch_size: int, use_cached: bool, show: bool) -> tuple[list[str], np.ndarray]:
+    """Every sample of the caption datasets -> (keys, L2-normalised features [M, d] float16). A sample whose
+    image does not decode is left out (its key is then simply not a negative)."""
+    keys: list[str] = []
+    feats: list[np.ndarray] = []
+    pending_keys, pending = [], []
+
+    def flush():
+        if pending:
+            keys.extend(pending_keys)
+            feats.append(encode(pending).cpu().numpy().astype(np.float16))
+            pending_keys.clear()
+            pending.clear()
+
+    urls = [u for d in datasets for u in ds.shard_urls(d)]
+    if not urls:
+        raise DataError(f"hard negative bank: no shards in {datasets}")
+    for url in tqdm(urls, desc="negative bank", unit="shard", disable=not show, file=sys.stderr):
+        for sample in ds.iter_shard(url):
+            if use_cached and "emb.npy" in sample:
+                keys.append(sample["__key__"])
+                feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
+                continue
+            try:
+                image = image_of({k: decode_member(k, v) for k, v in sample.items()
+                                  if k in ("jpg", "jpeg", "png", "webp")})
+            except Exception:  # noqa: BLE001 - an undecodable image is not a negative; the caption job logged it
+                continue
+            pending_keys.append(sample["__key__"])
+            pending.append(preprocess(image))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    return keys, (np.concatenate(feats) if feats else np.zeros((0, 1), np.float16))
+
+
+def load_or_build(out_dir: Path, datasets: list[str], clip_id: str, use_cached: bool, build: Callable[[], tuple],
+                  accelerator) -> NegativeBank:
+    """The main process builds (or reuses) the bank on disk; every rank loads it."""
+    where = out_dir / BANK_DIR
+    fingerprint = _fingerprint(datasets, clip_id, use_cached)
+    if accelerator.is_main_process:
+        meta = ds.read_json(str(where / "bank.json")) or {}
+        if meta.get("fingerprint") != fingerprint:
+            keys, feats = build()
+            where.mkdir(parents=True, exist_ok=True)
+            ds.write_atomic(str(where / "features.npy"), ds.npy_bytes(feats))
+            ds.write_json(str(where / "bank.json"), {"fingerprint": fingerprint, "datasets": datasets,
+                                                      "keys": keys})
+    accelerator.wait_for_everyone()
+    meta = ds.read_json(str(where / "bank.json"))
+    feats = np.load(where / "features.npy", allow_pickle=False)
+    return NegativeBank(meta["keys"], feats)
+
