@@ -37,12 +37,23 @@ class DataError(ValueError):
     """Training data that cannot be used; raised before training starts."""
 
 
-def expand_weighted_sources(entries: list[str]) -> list[tuple[list[str], float]]:
+def expand_weighted_sources(entries: list[str]) -> list[tuple[list, float]]:
     """Each `data.train` entry -> (its shard urls, its mixing weight). An entry is a dataset directory, a mix
-    manifest (its datasets become separate sources, in order, with the manifest's normalised weights), or a
-    brace/glob pattern of tar files (weight 1.0). To weigh a manifest against other entries, set data.weights."""
-    sources: list[tuple[list[str], float]] = []
+    manifest (its datasets become separate sources, in order, with the manifest's normalised weights), a
+    brace/glob pattern of tar files (weight 1.0), or `FORMAT:ROOT[#SPLIT]`, an annotated triplet set read
+    from its official layout (a train.supervised.TripletSource instead of urls). To weigh a manifest against
+    other entries, set data.weights."""
+    from train.supervised import SupervisedError, TripletSource, parse_entry
+
+    sources: list[tuple[list[str] | TripletSource, float]] = []
     for entry in entries:
+        annotated = parse_entry(entry)
+        if annotated is not None:  # FORMAT:ROOT, an annotated triplet set in its official layout
+            try:
+                sources.append((TripletSource(*annotated), 1.0))
+            except SupervisedError as err:
+                raise DataError(str(err)) from err
+            continue
         if entry.endswith((".yaml", ".yml", ".json")) and os.path.isfile(entry):
             try:
                 sources += [(m["shards"], m["weight"]) for m in ds.load_mix(entry)]
@@ -64,18 +75,22 @@ def expand_weighted_sources(entries: list[str]) -> list[tuple[list[str], float]]
     return sources
 
 
-def check_schema(urls: list[str], required: tuple[str, ...]) -> None:
-    """The first sample of the first shard must have the fields this stage needs."""
+def check_schema(source, required: tuple[str, ...]) -> None:
+    """The first sample of the first shard (or of an annotated set) must have the fields this stage needs."""
+    from train.supervised import TripletSource
+
+    where = source if isinstance(source, TripletSource) else source[0]
     try:
-        first = next(iter(ds.iter_shard(urls[0])))
+        first = source.sample(0, random.Random(0)) if isinstance(source, TripletSource) else next(
+            iter(ds.iter_shard(source[0])))
     except StopIteration:
-        raise DataError(f"{urls[0]} is empty") from None
+        raise DataError(f"{where} is empty") from None
     except Exception as err:
-        raise DataError(f"{urls[0]} is not a readable WebDataset shard: {err}") from err
+        raise DataError(f"{where} is not a readable WebDataset shard: {err}") from err
     for need in required:
         options = need.split("|")
         if not any(o in first for o in options):
-            raise DataError(f"{urls[0]}: samples lack {' or '.join(options)} (have {sorted(first)}); "
+            raise DataError(f"{where}: samples lack {' or '.join(options)} (have {sorted(first)}); "
                             f"is this the right kind of dataset for this stage?")
 
 
@@ -122,8 +137,9 @@ def _slot() -> tuple[int, int, int, int]:
     return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
 
-def _shards_for_epoch(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """This slot's shards: the epoch's seeded permutation, split by node then worker (or resampled)."""
+def _shards_for_epoch(urls: list, seed: int, epoch: int) -> list:
+    """This slot's shards (or record indices): the epoch's seeded permutation, split by node then worker (or
+    resampled when there are fewer than slots)."""
     rank, world, worker, workers = _slot()
     slots = world * workers
     slot = rank * workers + worker
@@ -135,8 +151,22 @@ def _shards_for_epoch(urls: list[str], seed: int, epoch: int) -> list[str]:
     return order[rank::world][worker::workers]  # what split_by_node + split_by_worker do, on this order
 
 
+def _annotated_samples(source, seed: int, epoch: int, handler: CountingHandler) -> Iterator[dict]:
+    """An annotated triplet set: this slot's records of the epoch's permutation (the permutation is the
+    shuffle), each with its target/text drawn by a generator seeded by (seed, epoch, record). An image that
+    cannot be read any more is skipped and counted, like a corrupt tar member."""
+    for index in _shards_for_epoch(range(len(source)), seed, epoch):
+        try:
+            yield source.sample(index, random.Random(f"{seed}:{epoch}:{index}"))
+        except OSError as err:
+            handler(err)
+
+
 def _samples(urls: list[str], seed: int, epoch: int, buffer: int, handler: CountingHandler,
              log_dir: Optional[str]) -> Iterator[dict]:
+    if not isinstance(urls, list):
+        yield from _annotated_samples(urls, seed, epoch, handler)
+        return
     shards = _shards_for_epoch(urls, seed, epoch)
     if log_dir:  # which rank read which shard, per epoch: the way to check the split
         rank, _, worker, _ = _slot()
@@ -167,7 +197,7 @@ def _forever(urls: list[str], seed: int, buffer: int, handler: CountingHandler, 
             got = True
             yield sample
         if not got:
-            raise DataError(f"no readable samples in {urls[:3]}...")
+            raise DataError(f"no readable samples in {urls[:3] if isinstance(urls, list) else urls}...")
         epoch += 1
 
 

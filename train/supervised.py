@@ -1,0 +1,241 @@
+"""Annotated triplet sets in their official layouts, read as triplet streams for stage II.
+
+A `data.train` entry `FORMAT:ROOT` (or `FORMAT:ROOT#SPLIT`, default split `train`) with FORMAT one of
+fashioniq, cirr, shoes, fashion200k is read from the dataset's own annotation files and image folders; it
+yields the same raw samples as a triplet shard (`ref.<ext>`, `tgt.<ext>`, `mod.txt`, `json`), so it mixes
+by weight with synthetic triplet datasets (`data.weights`) and goes through the same decode and collate.
+
+Layouts (as distributed, and as `eval` reads their validation splits):
+    fashioniq:   captions/cap.{dress,shirt,toptee}.SPLIT.json ([{"candidate","target","captions":[2]}]),
+                 images/NAME.png|jpg. The two captions are joined with " and " in an order drawn per epoch
+                 (as CLIP4Cir's training does).
+    cirr:        captions/cap.rc2.SPLIT.json ([{"pairid","reference","target_hard","caption","img_set",
+                 "target_soft"}]), image_splits/split.rc2.SPLIT.json (name -> path relative to ROOT). The
+                 image set's other members (not the reference, not a target_soft > 0) are hard negatives.
+    shoes:       relative_captions_shoes.json ([{"ReferenceImageName","ImageName","RelativeCaption"}]),
+                 SPLIT_im_names.txt (train_im_names.txt), images anywhere under ROOT by file name
+                 (the attributedata/womens_*/ folders or flat).
+    fashion200k: labels/*_SPLIT_detect_all.txt ("path<TAB>score<TAB>caption", path relative to ROOT). As in
+                 TIRG's training: a source image's target is an image whose caption differs from its own in
+                 one word, drawn per epoch; the modification is "replace OLD with NEW".
+
+Every image the annotations name must exist: a missing one is a DataError listing them, before training.
+Records are permuted by seed + epoch and split by rank then worker, as shard lists are.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
+FIELDS = ("ref.jpg", "ref.png", "tgt.jpg", "tgt.png", "mod.txt", "json")
+
+
+@dataclass
+class Choice:
+    target: Path  # image file
+    target_key: str  # its name in the dataset
+    text: str  # the modification text
+
+
+@dataclass
+class Record:
+    """One annotated triplet (or, for Fashion200k, one source image and its possible targets)."""
+
+    reference: Path
+    reference_key: str
+    choices: list[Choice] | Callable[[random.Random], Choice]  # one is drawn per epoch
+    hard_negatives: list[str] = field(default_factory=list)
+
+    def pick(self, rng: random.Random) -> Choice:
+        if callable(self.choices):
+            return self.choices(rng)
+        return self.choices[0] if len(self.choices) == 1 else rng.choice(self.choices)
+
+
+class SupervisedError(ValueError):
+    pass
+
+
+def parse_entry(entry: str) -> Optional[tuple[str, Path, str]]:
+    """`FORMAT:ROOT[#SPLIT]` -> (format, root, split); None for anything else (shards, dirs, manifests)."""
+    head, sep, rest = entry.partition(":")
+    if not sep or head not in FORMATS or rest.startswith("//"):
+        return None
+    root, _, split = rest.partition("#")
+    return head, Path(root), split or "train"
+
+
+def _load_json(path: Path, what: str):
+    if not path.is_file():
+        raise SupervisedError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SupervisedError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def load_fashioniq(root: Path, split: str) -> list[Record]:
+    files = sorted((root / "captions").glob(f"cap.*.{split}.json"))
+    if not files:
+        raise SupervisedError(f"no FashionIQ caption files captions/cap.*.{split}.json under {root}")
+
+    def image(name: str) -> Path:
+        return next((p for p in (root / "images" / f"{name}.png", root / "images" / f"{name}.jpg") if p.is_file()),
+                    root / "images" / f"{name}.png")
+
+    records = []
+    for f in files:
+        for q in _load_json(f, "FashionIQ captions"):
+            a, b = (c.strip().rstrip(".") for c in q["captions"][:2])
+            target = image(q["target"])
+            records.append(Record(image(q["candidate"]), q["candidate"],
+                                  [Choice(target, q["target"], f"{a} and {b}"),
+                                   Choice(target, q["target"], f"{b} and {a}")]))
+    return records
+
+
+def load_cirr(root: Path, split: str) -> list[Record]:
+    paths = _load_json(root / "image_splits" / f"split.rc2.{split}.json", "CIRR image split")
+    records = []
+    for q in _load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions"):
+        ref, tgt = q["reference"], q["target_hard"]
+        for name in (ref, tgt):
+            if name not in paths:
+                raise SupervisedError(f"CIRR pair {q['pairid']}: {name} is not in split.rc2.{split}.json")
+        positive = {n for n, v in (q.get("target_soft") or {}).items() if v > 0}
+        negatives = [m for m in (q.get("img_set") or {}).get("members", [])
+                     if m not in (ref, tgt) and m not in positive]
+        records.append(Record(root / paths[ref], ref, [Choice(root / paths[tgt], tgt, q["caption"])], negatives))
+    return records
+
+
+def load_shoes(root: Path, split: str) -> list[Record]:
+    names_file = root / f"{split}_im_names.txt"
+    if not names_file.is_file():
+        raise SupervisedError(f"Shoes split not found: {names_file}")
+    in_split = {line.strip() for line in names_file.read_text().splitlines() if line.strip()}
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name in in_split:
+                found.setdefault(name, Path(folder) / name)
+    records = []
+    for c in _load_json(root / "relative_captions_shoes.json", "Shoes captions"):
+        ref, tgt = c["ReferenceImageName"], c["ImageName"]
+        if ref in in_split and tgt in in_split:
+            records.append(Record(found.get(ref, root / ref), ref,
+                                  [Choice(found.get(tgt, root / tgt), tgt, c["RelativeCaption"].strip())]))
+    return records
+
+
+def one_word_neighbours(captions: list[str]) -> dict[int, list[tuple[int, str, str]]]:
+    """caption index -> [(other caption index, its word that differs, our word)] for captions with the same
+    words but one (TIRG's "parent captions": the caption with one word removed, shared by both)."""
+    parents: dict[str, list[tuple[int, str]]] = {}
+    for i, caption in enumerate(captions):
+        words = caption.split()
+        for j, word in enumerate(words):
+            parents.setdefault(" ".join(words[:j] + ["_"] + words[j + 1:]), []).append((i, word))
+    out: dict[int, list[tuple[int, str, str]]] = {}
+    for members in parents.values():
+        for i, word_i in members:
+            for k, word_k in members:
+                if k != i:
+                    out.setdefault(i, []).append((k, word_k, word_i))
+    return out
+
+
+def load_fashion200k(root: Path, split: str) -> list[Record]:
+    label_files = sorted((root / "labels").glob(f"*_{split}_detect_all.txt"))
+    if not label_files:
+        raise SupervisedError(f"no Fashion200k labels labels/*_{split}_detect_all.txt under {root}")
+    images: list[tuple[str, str]] = []
+    for f in label_files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[2].strip():
+                images.append((parts[0], " ".join(parts[2].strip().lower().split())))
+    captions = sorted({c for _, c in images})
+    caption_id = {c: i for i, c in enumerate(captions)}
+    by_caption: dict[int, list[str]] = {}
+    for path, c in images:
+        by_caption.setdefault(caption_id[c], []).append(path)
+    neighbours = one_word_neighbours(captions)
+    records = []
+    for path, c in images:
+        options = neighbours.get(caption_id[c])
+        if options:
+            records.append(Record(root / path, path, _Fashion200kTarget(root, options, by_caption)))
+    return records
+
+
+class _Fashion200kTarget:
+    """Draws (target caption, one of its images) and says "replace OLD with NEW"."""
+
+    def __init__(self, root: Path, options: list[tuple[int, str, str]], by_caption: dict[int, list[str]]):
+        self.root, self.options, self.by_caption = root, options, by_caption
+
+    def __call__(self, rng: random.Random) -> Choice:
+        other, new, old = rng.choice(self.options)
+        path = rng.choice(self.by_caption[other])
+        return Choice(self.root / path, path, f"replace {old} with {new}")
+
+    def images(self) -> Iterator[Path]:
+        for other, _, _ in self.options:
+            yield from (self.root / p for p in self.by_caption[other])
+
+
+LOADERS = {"fashioniq": load_fashioniq, "cirr": load_cirr, "shoes": load_shoes, "fashion200k": load_fashion200k}
+
+
+def _image_suffix(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return {"jpeg": "jpg"}.get(ext, ext)
+
+
+class TripletSource:
+    """An annotated triplet set as a source of raw triplet samples (what a triplet shard holds)."""
+
+    def __init__(self, fmt: str, root: Path, split: str):
+        self.fmt, self.root, self.split = fmt, root, split
+        try:
+            self.records = LOADERS[fmt](root, split)
+        except (KeyError, TypeError, IndexError) as err:
+            raise SupervisedError(f"{fmt}:{root}: annotations not in the {fmt} layout ({err!r})") from None
+        if not self.records:
+            raise SupervisedError(f"{fmt}:{root}#{split}: no triplets")
+        missing = sorted({str(p) for p in self._images() if not p.is_file()})
+        if missing:
+            raise SupervisedError(f"{fmt}:{root}#{split}: {len(missing)} image(s) named by the annotations are "
+                                  f"missing, e.g. {missing[:3]}")
+
+    def _images(self) -> Iterator[Path]:
+        for r in self.records:
+            yield r.reference
+            yield from (c.target for c in r.choices) if not callable(r.choices) else r.choices.images()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"{self.fmt}:{self.root}#{self.split}"
+
+    def sample(self, index: int, rng: random.Random) -> dict:
+        """Raw sample (bytes) of record `index`, its target/text drawn with rng."""
+        record = self.records[index]
+        choice = record.pick(rng)
+        key = hashlib.sha256(json.dumps([self.fmt, record.reference_key, choice.target_key, choice.text]).encode()
+                             ).hexdigest()[:32]
+        meta = {"ref_key": record.reference_key, "tgt_key": choice.target_key, "ref_caption": "", "tgt_caption": "",
+                "quality": "supervised", "method": self.fmt, "scores": {}, "hard_negatives": record.hard_negatives,
+                "seed": None}
+        return {"__key__": key,
+                f"ref.{_image_suffix(record.reference)}": record.reference.read_bytes(),
+                f"tgt.{_image_suffix(choice.target)}": choice.target.read_bytes(),
+                "mod.txt": choice.text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
