@@ -83,7 +83,7 @@ def low_triplets(toy_captions, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lq") / "low"
     run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "low", "--image-weight", "0",
-         "--runner", "DirectRunner"])
+         "--shard-size", "12", "--runner", "DirectRunner"])  # several shards: two ranks split them
     return out
 
 
@@ -171,3 +171,27 @@ def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     assert main([*args, f"init_from={tiny_stage1_export}", "fusion=concat"]) == 2
     assert main([*args, f"init_from={tmp_path}"]) == 2
     assert "not a stage I/II export" in capsys.readouterr().err
+
+
+def test_two_ranks_train_stage2_with_a_shared_negative_bank(tiny_stage1_export, low_triplets, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "train" / "stage2.py"),
+           f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", "max_steps=4",
+           *BASE, "hard_negatives.weight=1.0"]
+    result = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("hard negatives: a bank of") == 1  # printed once, built once (by the main process)
+    reads = {rank: {line.split()[1] for line in (out / "data_log" / f"rank{rank}-worker0.txt").read_text().splitlines()
+                    if line.startswith("0 ")} for rank in (0, 1)}
+    assert reads[0] and reads[1] and not reads[0] & reads[1]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["hard_negatives_per_query"] > 0 for r in log)
+    assert load_cir_model(out / "final").stage == 2
