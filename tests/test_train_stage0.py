@@ -120,3 +120,43 @@ def test_mix_manifest_weights_reach_the_stream(toy_captions, tmp_path):
     weighted = expand_weighted_sources([str(manifest), str(data)])
     assert [w for _, w in weighted] == [0.75, 0.25, 1.0]
     assert all(len(urls) == 5 for urls, _ in weighted)
+
+
+def _damage_one_image(data: Path, out: Path) -> str:
+    """A copy of the shards where one sample's image bytes are cut short; returns that sample's key."""
+    from cir import dataset as ds
+    import webdataset as wds
+
+    urls = ds.shard_urls(str(data))
+    out.mkdir()
+    damaged = None
+    for i, url in enumerate(urls):
+        with wds.TarWriter(str(out / f"s-{i:03d}.tar")) as sink:
+            for sample in ds.iter_shard(url):
+                image = ds.image_field(sample)
+                if damaged is None:
+                    damaged = sample["__key__"]
+                    sample = {**sample, image: sample[image][:60]}
+                sink.write(sample)
+    return damaged
+
+
+def test_a_corrupt_sample_mid_stream_is_skipped_and_counted(toy_captions, tmp_path, capsys):
+    from train.data import ERRORS_KEY, TrainStream
+
+    data, _ = toy_captions
+    shards = tmp_path / "shards"
+    damaged = _damage_one_image(data, shards)
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    stream = iter(TrainStream([urls], None, 8, 0, 0, lambda batch: {"keys": [s["__key__"] for s in batch]}))
+    batches = [next(stream) for _ in range(12)]  # two epochs of 48 samples
+    assert all(len(b["keys"]) == 8 for b in batches)  # the corrupt one is replaced: batches keep their size
+    seen = [k for b in batches for k in b["keys"]]
+    assert damaged not in seen and len(set(seen[:47])) == 47
+    assert [int(x) for x in batches[-1][ERRORS_KEY]] == [0, 2]  # worker 0, once per epoch
+
+    out = tmp_path / "run"
+    assert main(tiny_args(shards / "s-{000..004}.tar", out, "max_steps=8")) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["data_errors"] >= 1 and log[0]["data_errors"] <= log[-1]["data_errors"]
+    assert "skipped" in capsys.readouterr().out

@@ -31,6 +31,7 @@ from PIL import Image
 from cir import dataset as ds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ERRORS_KEY = "_data_errors"  # in each batch: [worker id, that worker's skipped members/samples so far]
 
 
 class DataError(ValueError):
@@ -232,16 +233,35 @@ class TrainStream(torch.utils.data.IterableDataset):
         _, _, worker, workers = _slot()
         # The DataLoader takes batches from workers in turn: global batch b is worker (b % W)'s (b // W)-th.
         skip = len(range(worker, self.skip_batches, workers))
+        samples = self._mixed()
         batch: list[dict] = []
-        for sample in self._mixed():
+        for sample in samples:
             batch.append(sample)
             if len(batch) < self.batch_size:
                 continue
             if skip:
                 skip -= 1
             else:
-                yield self.collate([decode_sample(s) for s in batch])
+                out = self.collate(self._decoded(batch, samples))
+                # this worker's running count of skipped members/samples, for the loop's `data_errors` log
+                out[ERRORS_KEY] = torch.tensor([worker, self.handler.errors])
+                yield out
             batch = []
+
+    def _decoded(self, batch: list[dict], samples: Iterator[dict]) -> list[dict]:
+        """Decode a batch; a sample that does not decode (a corrupt image, bad json or npy) is counted and
+        replaced by the next one, so batches keep their size (ranks gather equal shapes). Resume skips
+        batches without decoding them, so after such a replacement a resumed run's data position is off by
+        the replacements made before its checkpoint."""
+        out = []
+        pending = list(batch)
+        while pending:
+            try:
+                out.append(decode_sample(pending.pop(0)))
+            except Exception as err:  # noqa: BLE001 - whatever a damaged member raises, it is skipped, counted
+                self.handler(err)
+                pending.append(next(samples))
+        return out
 
 
 def loader(stream: TrainStream, workers: int) -> torch.utils.data.DataLoader:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
-from train.data import DataError, TrainStream, check_schema, expand_weighted_sources, loader
+from train.data import ERRORS_KEY, DataError, TrainStream, check_schema, expand_weighted_sources, loader
 
 
 class Stage(Protocol):
@@ -137,8 +137,12 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     accelerator.init_trackers(stage.name, config=_flat(to_dict(cfg)))
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
+    skipped: dict[int, int] = {}  # loader worker -> corrupt members/samples it skipped (counts are per worker)
     while state.step < cfg.max_steps:
-        batch = _to_device(next(batches), accelerator.device)
+        batch = next(batches)
+        worker, errors = (int(x) for x in batch.pop(ERRORS_KEY))
+        skipped[worker] = errors
+        batch = _to_device(batch, accelerator.device)
         stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
         with accelerator.accumulate(model):
             loss, scalars = stage.loss(model, batch, accelerator)
@@ -154,7 +158,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0],
-                    **{k: float(v) for k, v in scalars.items()}}
+                    "data_errors": _total(skipped, accelerator), **{k: float(v) for k, v in scalars.items()}}
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if accelerator.is_main_process:
@@ -165,6 +169,9 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
             if accelerator.is_main_process:
                 save_config(cfg, latest_checkpoint(out) / "config.json")
     progress.close()
+    total = _total(skipped, accelerator)
+    if total:
+        accelerator.print(f"warning: skipped {total} corrupt tar member(s) or sample(s) (see data_errors in the logs)")
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
@@ -173,6 +180,12 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         save_config(cfg, final / "train_config.json")
     accelerator.end_training()
     return final
+
+
+def _total(skipped: dict[int, int], accelerator) -> int:
+    """Corrupt members/samples skipped so far, summed over workers and ranks (a collective: every rank calls)."""
+    count = torch.tensor(sum(skipped.values()), device=accelerator.device)
+    return int(accelerator.reduce(count, "sum").item())
 
 
 def _to_device(batch: dict, device) -> dict:
