@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
           "--quality", "low", "--image-weight", "0", "--seed", str(args.seed), *beam])
     step("high-quality triplets (toy editor)", high / "stats.json",
          [sys.executable, "beam_runner.py", "synth", "--input", str(captions), "--output", str(high),
-          "--quality", "high", "--num-triplets", "1000", "--seed", str(args.seed), *beam])
+          "--quality", "high", "--num-triplets", "1000", "--image-weight", "0", "--seed", str(args.seed), *beam])
     mix = out / "mix.yaml"
     mix.write_text(f"datasets:\n  - {{path: {low}, weight: 1.0}}\n  - {{path: {high}, weight: 1.0}}\n")
     print(f"[demo] triplets: {low} (LQ), {high} (HQ), mix manifest {mix}")

@@ -142,35 +142,53 @@ def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------ low quality
 
-class MinePairs(beam.DoFn):
-    """All (key, caption, emb) at once -> triplet specs; rejected candidates as (reason) on a tag.
+@dataclass
+class Graph:
+    """The k-NN graph of a caption dataset under the mining similarity."""
 
-    The one global step of the job: a k-NN graph needs every item. Memory is the feature matrix plus one
-    block of similarities (exact) or the faiss index (approximate, above `exact_max`).
-    """
+    keys: list[str]
+    captions: list[str]
+    image: Optional[np.ndarray]  # [N, d] normalised image embeddings (image_weight > 0)
+    text: Optional[np.ndarray]  # [N, text_dim] hashed TF-IDF (image_weight < 1)
+    idx: np.ndarray  # [N, k] neighbour rows
+    sims: np.ndarray  # [N, k] their similarities
+    method: str  # exact | faiss-ivf...
+    missing: list[str]  # keys left out: no embedding although image_weight > 0
+
+
+def mine_graph(items: list, cfg: SynthConfig) -> Graph:
+    """(key, caption, emb) of every sample -> its k-NN graph; the one global step (a k-NN graph needs every
+    item). Memory is the feature matrix plus one block of similarities (exact) or the faiss index."""
+    items = sorted(items, key=lambda t: t[0])  # input order must not change the result
+    missing = []
+    if cfg.image_weight > 0:  # check_input made sure the dataset has embeddings; samples without are left out
+        missing = [k for k, _, e in items if e is None]
+        items = [t for t in items if t[2] is not None]
+    keys = [k for k, _, _ in items]
+    captions = [c for _, c, _ in items]
+    image = mining.normalise(np.stack([e for _, _, e in items])) if cfg.image_weight > 0 else None
+    text = mining.hashed_tfidf(captions, cfg.text_dim) if cfg.image_weight < 1 else None
+    features = mining.combine(image, text, cfg.image_weight)
+    idx, sims, method = mining.knn(features, cfg.neighbours, exact_max=cfg.exact_max, seed=cfg.seed)
+    LOG.info("mined %d x %d neighbours (%s)", len(keys), idx.shape[1], method)
+    return Graph(keys, captions, image, text, idx, sims, method, missing)
+
+
+class MinePairs(beam.DoFn):
+    """All (key, caption, emb) at once -> triplet specs; rejected candidates as (reason) on a tag."""
 
     def __init__(self, cfg: SynthConfig):
         self.cfg = cfg
 
     def process(self, items: list) -> Iterator:
         cfg = self.cfg
-        items = sorted(items, key=lambda t: t[0])  # input order must not change the result
-        keys = [k for k, _, _ in items]
-        captions = [c for _, c, _ in items]
-        if cfg.image_weight > 0:  # check_input made sure the dataset has embeddings; samples without fail
-            missing = [k for k, _, e in items if e is None]
-            for key in missing:
-                yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "mine", "no_embedding", "no emb.npy"))
-            items = [t for t in items if t[2] is not None]
-            keys = [k for k, _, _ in items]
-            captions = [c for _, c, _ in items]
-        image = mining.normalise(np.stack([e for _, _, e in items])) if cfg.image_weight > 0 else None
-        text = mining.hashed_tfidf(captions, cfg.text_dim) if cfg.image_weight < 1 else None
-        features = mining.combine(image, text, cfg.image_weight)
-        idx, sims, method = mining.knn(features, cfg.neighbours, exact_max=cfg.exact_max, seed=cfg.seed)
-        LOG.info("mined %d x %d neighbours (%s)", len(keys), idx.shape[1], method)
+        g = mine_graph(items, cfg)
+        for key in g.missing:
+            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "mine", "no_embedding", "no emb.npy"))
+        keys, captions, image, text, idx, sims, method = g.keys, g.captions, g.image, g.text, g.idx, g.sims, g.method
         pairs = mining.select_pairs(idx, sims, low=cfg.band_low, high=cfg.band_high,
-                                    per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives)
+                                    per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives,
+                                    captions=captions)
         in_band = {(p.ref, p.tgt) for p in pairs}
         for r in range(len(keys)):
             if not any((r, int(t)) in in_band for t in idx[r]):
@@ -197,6 +215,36 @@ class MinePairs(beam.DoFn):
 
 
 # ------------------------------------------------------------------------------------------ high quality
+
+class ReferenceNeighbours(beam.DoFn):
+    """All (key, caption, emb) -> (key, [(neighbour key, its caption)]): the hard negative candidates of an
+    edited triplet are the real images nearest its reference (the edited target is not in the dataset)."""
+
+    def __init__(self, cfg: SynthConfig):
+        self.cfg = cfg
+
+    def process(self, items: list) -> Iterator[tuple[str, list]]:
+        g = mine_graph(items, self.cfg)
+        for r, key in enumerate(g.keys):
+            yield key, [(g.keys[j], g.captions[j]) for j in g.idx[r]]
+
+
+def _by_ref(spec: dict) -> tuple[str, dict]:
+    return spec["ref_key"], spec
+
+
+def _attach_negatives(element, cfg: SynthConfig) -> Iterator[dict]:
+    """Each spec of a reference gets its nearest real images as hard negatives, except any captioned exactly
+    as its (edited) target: that image would be a right answer."""
+    _, grouped = element
+    neighbours = next(iter(grouped["neighbours"]), [])
+    for spec in grouped["spec"]:
+        negatives = [k for k, c in neighbours if k != spec["ref_key"] and c != spec["tgt_caption"]]
+        yield {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
+               "provenance": {**spec.get("provenance", {}), "hard_negatives": {
+                   "from": "nearest real images of the reference", "neighbours": cfg.neighbours,
+                   "image_weight": cfg.image_weight, "text": f"hashed-tfidf-{cfg.text_dim}"}}}
+
 
 class ToyEditor(beam.DoFn):
     """The toy world's exact editor: parse the caption into its scene, apply a random edit, re-render.
@@ -236,11 +284,48 @@ class ToyEditor(beam.DoFn):
                "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
 
 
-def _pick_sources(items: list, cfg: SynthConfig) -> Iterator[dict]:
-    """Seeded choice of `num_triplets` source images (all of them when not set)."""
-    items = sorted(items, key=lambda kv: pick_order(cfg.seed, kv[0]))
-    for _, sample in items[: cfg.num_triplets] if cfg.num_triplets else items:
-        yield sample
+class PickOrder:
+    """Sort key of a source key for the seeded choice of `num_triplets` sources (module level: picklable)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, key: str) -> str:
+        return pick_order(self.seed, key)
+
+
+class PickSources(beam.PTransform):
+    """(key, sample) -> the samples of a seeded choice of `num_triplets` sources (all when not set).
+
+    Only keys travel to the choice (a distributed top-n combiner); the chosen keys are joined back to their
+    samples, so no worker ever holds every image."""
+
+    def __init__(self, cfg: SynthConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, samples):
+        if not self.cfg.num_triplets:
+            return samples | "All" >> beam.Values()
+        chosen = (samples | "Keys" >> beam.Keys()
+                  | "Choose" >> beam.combiners.Top.Of(self.cfg.num_triplets, key=PickOrder(self.cfg.seed), reverse=True)
+                  | "Each" >> beam.FlatMap(_each) | "AsKeyed" >> beam.Map(_with_none))
+        return ({"sample": samples, "chosen": chosen} | "Join" >> beam.CoGroupByKey()
+                | "ChosenSamples" >> beam.FlatMap(_chosen_sample))
+
+
+def _each(items: list) -> list:
+    return items
+
+
+def _with_none(key: str) -> tuple[str, None]:
+    return key, None
+
+
+def _chosen_sample(element) -> Iterator[dict]:
+    _, grouped = element
+    if list(grouped["chosen"]):
+        yield from list(grouped["sample"])[:1]
 
 
 def _keyed(sample: dict) -> tuple[str, dict]:
@@ -287,10 +372,11 @@ class EditSources(beam.PTransform):
 
 # ------------------------------------------------------------------------------------------ assembly
 
-def _take(specs: list, cfg: SynthConfig) -> Iterator[dict]:
-    """Seeded choice of `num_triplets` among the candidate specs (all when not set)."""
-    specs = sorted(specs, key=lambda s: pick_order(cfg.seed, s["key"]))
-    yield from specs[: cfg.num_triplets] if cfg.num_triplets else specs
+class SpecOrder(PickOrder):
+    """Sort key of a triplet spec for the seeded choice of `num_triplets` among the candidates."""
+
+    def __call__(self, spec: dict) -> str:
+        return pick_order(self.seed, spec["key"])
 
 
 def _needs(spec: dict) -> Iterator[tuple[str, tuple[str, str]]]:
@@ -368,17 +454,26 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         mined = (samples | "Summaries" >> beam.Map(_summary) | "AllItems" >> beam.combiners.ToList()
                  | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, FAILED, main="specs"))
         candidates, rejected, edit_failed = mined.specs, mined[REJECTED], mined[FAILED]
-        specs = candidates | "AllSpecs" >> beam.combiners.ToList() | "Take" >> beam.FlatMap(_take, cfg)
+        specs = candidates if not cfg.num_triplets else (
+            candidates | "Take" >> beam.combiners.Top.Of(cfg.num_triplets, key=SpecOrder(cfg.seed), reverse=True)
+            | "EachSpec" >> beam.FlatMap(_each))
         count = specs | "CountSpecs" >> beam.combiners.Count.Globally()
         assigned = specs | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(count))
     else:
         # Shards are assigned to *sources* before editing, so a rerun skips the expensive edits of
         # committed shards; each source's triplets land in its shard.
-        chosen = samples | "AllSources" >> beam.combiners.ToList() | "PickSources" >> beam.FlatMap(_pick_sources, cfg)
+        chosen = samples | "PickSources" >> PickSources(cfg)
         expected = (chosen | "CountSources" >> beam.combiners.Count.Globally()
                     | "TimesKeep" >> beam.Map(_times, cfg.keep_per_source if cfg.editor != "toy" else 1))
         sources = chosen | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(expected))
         candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
+        if cfg.hard_negatives > 0:
+            neighbours = (samples | "NeighbourSummaries" >> beam.Map(_summary)
+                          | "AllNeighbourItems" >> beam.combiners.ToList()
+                          | "Neighbours" >> beam.ParDo(ReferenceNeighbours(cfg)))
+            candidates = ({"spec": candidates | "ByRef" >> beam.Map(_by_ref), "neighbours": neighbours}
+                          | "JoinNeighbours" >> beam.CoGroupByKey()
+                          | "HardNegatives" >> beam.FlatMap(_attach_negatives, cfg))
         assigned = candidates
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
     parts = ({"image": samples, "need": needs} | "JoinImages" >> beam.CoGroupByKey()
@@ -415,9 +510,12 @@ def check_input(cfg: SynthConfig) -> None:
         raise ValueError(f"{cfg.input} has {index.num_rows} image(s); synthesis needs at least two")
     if not 0.0 <= cfg.image_weight <= 1.0:
         raise ValueError(f"--image-weight must be in [0, 1], got {cfg.image_weight}")
-    if cfg.quality == "low" and cfg.image_weight > 0 and not (card.get("models") or {}).get("clip"):
-        raise ValueError(f"--image-weight {cfg.image_weight} mines by CLIP image embeddings, but {cfg.input} has "
-                         f"none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0")
+    mines = cfg.quality == "low" or cfg.hard_negatives > 0  # high quality mines its hard negatives
+    if mines and cfg.image_weight > 0 and not (card.get("models") or {}).get("clip"):
+        what = "pairs" if cfg.quality == "low" else "hard negatives"
+        raise ValueError(f"--image-weight {cfg.image_weight} mines {what} by CLIP image embeddings, but {cfg.input} "
+                         f"has none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0"
+                         + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
     if cfg.quality == "high" and cfg.editor != "toy":

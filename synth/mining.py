@@ -116,13 +116,15 @@ class Pair:
 
 
 def select_pairs(idx: np.ndarray, sims: np.ndarray, *, low: float, high: float, per_reference: int,
-                 hard_negatives: int) -> list[Pair]:
+                 hard_negatives: int, captions: Optional[list[str]] = None) -> list[Pair]:
     """For each reference, its most similar neighbours inside [low, high] become targets; the remaining
-    neighbours (any similarity) are its hard negatives."""
+    neighbours (any similarity) are its hard negatives, except those captioned exactly as the target (with
+    `captions`): they would be right answers pushed away."""
     pairs = []
     for ref in range(idx.shape[0]):
         in_band = [(j, s) for j, s in zip(idx[ref], sims[ref]) if low <= s <= high]
         for tgt, sim in in_band[:per_reference]:
-            negatives = [int(j) for j in idx[ref] if j != tgt][:hard_negatives]
+            negatives = [int(j) for j in idx[ref] if j != tgt and (captions is None or captions[j] != captions[tgt])
+                         ][:hard_negatives]
             pairs.append(Pair(ref, int(tgt), float(sim), negatives))
     return pairs

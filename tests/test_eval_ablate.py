@@ -24,7 +24,7 @@ def test_tiny_ablation_grid(toy_world, toy_captions, tmp_path):
 
     data, _ = toy_captions
     beam = ["--runner", "DirectRunner"]
-    synth(["--input", str(data), "--output", str(tmp_path / "high"), "--quality", "high", *beam])
+    synth(["--input", str(data), "--output", str(tmp_path / "high"), "--quality", "high", "--image-weight", "0", *beam])
     synth(["--input", str(data), "--output", str(tmp_path / "low"), "--quality", "low", "--image-weight", "0",
            "--band-low", "0.3", *beam])
     assert stage1([f"output_dir={tmp_path / 's1'}", f"data.train=['{data}']", "clip.model=tiny-clip-32",

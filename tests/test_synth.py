@@ -55,6 +55,8 @@ def test_mined_triplets_are_consistent(low, toy_captions):
         assert meta["ref_key"] != meta["tgt_key"]
         assert meta["tgt_key"] not in meta["hard_negatives"] and meta["ref_key"] not in meta["hard_negatives"]
         assert set(meta["hard_negatives"]) <= set(source)
+        # never an image captioned as the target: it would be a right answer pushed away
+        assert all(source[k]["txt"].decode() != meta["tgt_caption"] for k in meta["hard_negatives"])
         ref_field = next(f for f in t if f.startswith("ref.") and not f.endswith("npy"))
         assert t[ref_field] == ref.get("jpg", ref.get("png"))  # the real images, untouched
         tgt_field = next(f for f in t if f.startswith("tgt.") and not f.endswith("npy"))
@@ -117,11 +119,19 @@ def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_pa
 def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
     out = tmp_path / "high"
     stats = run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "high", "--num-triplets", "20",
+                 "--image-weight", "0",
                  *BEAM])
     assert stats["written"] == 20
+    source = caption_samples(toy_captions[0])
+    with_negatives = 0
     for t in triplets(out):
         meta = json.loads(t["json"])
         assert meta["quality"] == "high" and meta["method"] == "toy-exact-edit"
+        # hard negatives: real images near the reference, never the reference or one captioned as the target
+        negatives = meta["hard_negatives"]
+        assert len(negatives) <= 3 and set(negatives) <= set(source) and meta["ref_key"] not in negatives
+        assert all(source[k]["txt"].decode() != meta["tgt_caption"] for k in negatives)
+        with_negatives += bool(negatives)
         ref_scene = parse_caption(meta["ref_caption"])
         edit = Edit(**meta["edit"])
         target = apply_edit(ref_scene, edit)
@@ -130,6 +140,7 @@ def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
         ref_img = Image.open(io.BytesIO(t.get("ref.jpg") or t["ref.png"]))
         tgt_img = Image.open(io.BytesIO(t["tgt.png"]))
         assert tgt_img.size == ref_img.size and tgt_img.mode == "RGB"
+    assert with_negatives == 20
 
 
 def test_toy_editor_rejects_captions_it_did_not_write(tmp_path):
@@ -140,7 +151,8 @@ def test_toy_editor_rejects_captions_it_did_not_write(tmp_path):
         Image.new("RGB", (32, 32), (i * 100, 50, 50)).save(tmp_path / "imgs" / f"{i}.png")
         (tmp_path / "imgs" / f"{i}.txt").write_text(text)
     caption(["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "cap"), *BEAM])
-    stats = run(["--input", str(tmp_path / "cap"), "--output", str(tmp_path / "high"), "--quality", "high", *BEAM])
+    stats = run(["--input", str(tmp_path / "cap"), "--output", str(tmp_path / "high"), "--quality", "high",
+                 "--image-weight", "0", *BEAM])
     assert stats["written"] == 1 and stats["failed_by_reason"] == {"not_a_toy_caption": 1}
 
 
@@ -156,6 +168,7 @@ def test_bad_inputs_are_clear_errors(toy_captions, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
     refused(["--input", str(src), "--quality", "low"], "rerun the caption job with --clip")
+    refused(["--input", str(src), "--quality", "high"], "(or --hard-negatives 0)")  # HQ mines its hard negatives
     refused(["--input", str(tmp_path / "nothing"), "--quality", "low"], "not a dataset")
     refused(["--input", str(src), "--quality", "medium"], "invalid choice")
     bad_version = tmp_path / "old"
@@ -209,6 +222,9 @@ def test_select_pairs_keeps_the_band():
     pairs = mining.select_pairs(idx, sims, low=0.5, high=0.95, per_reference=1, hard_negatives=2)
     assert [(p.ref, p.tgt) for p in pairs] == [(0, 2), (1, 2), (2, 1)]
     assert pairs[0].hard_negatives == [1, 3]
+    captions = ["a", "b", "c", "c"]  # row 3 is captioned like row 0's target (row 2): not its negative
+    pairs = mining.select_pairs(idx, sims, low=0.5, high=0.95, per_reference=1, hard_negatives=2, captions=captions)
+    assert pairs[0].hard_negatives == [1]
 
 
 def test_modification_text_from_caption_diff():

@@ -10,7 +10,7 @@ import webdataset as wds
 from synth.job import run
 
 BEAM = ["--runner", "DirectRunner"]
-COMMON = ["--quality", "high", "--num-triplets", "6", "--samples-per-source", "3", "--steps", "2",
+COMMON = ["--quality", "high", "--image-weight", "0", "--num-triplets", "6", "--samples-per-source", "3", "--steps", "2",
           "--swap-low", "-1", "--swap-high", "1", "--min-caption-image", "-1", "--min-directional", "-1", "--seed", "5"]
 
 
@@ -59,5 +59,5 @@ def test_diffusers_editor_needs_clip(toy_captions, tiny_ip2p, tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exc:
         run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
-             "--editor", str(tiny_ip2p), *BEAM])
+             "--image-weight", "0", "--editor", str(tiny_ip2p), *BEAM])
     assert exc.value.code == 2 and "needs --clip" in capsys.readouterr().err

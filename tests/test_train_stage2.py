@@ -23,7 +23,8 @@ def triplets(toy_captions, tmp_path_factory):
     from synth.job import run
 
     out = tmp_path_factory.mktemp("hq") / "high"
-    run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "high", "--runner", "DirectRunner"])
+    run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "high", "--image-weight", "0",
+         "--runner", "DirectRunner"])
     return out
 
 
