@@ -119,7 +119,9 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
             if len(pending) >= batch_size:
                 flush()
     flush()
-    return keys, (np.concatenate(feats) if feats else np.zeros((0, 1), np.float16))
+    if not keys:
+        raise DataError(f"hard negative bank: no readable images in {datasets}")
+    return keys, np.concatenate(feats)
 
 
 def load_or_build(out_dir: Path, datasets: list[str], clip_id: str, use_cached: bool, build: Callable[[], tuple],
