@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cir import dataset as ds
-from train.data import DataError, decode_member, image_of
+from train.data import DataError, decode_member
 
 BANK_DIR = "negative_bank"
 
@@ -109,9 +109,11 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
                 keys.append(sample["__key__"])
                 feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
                 continue
+            field = ds.image_field(sample)
+            if field is None:
+                continue
             try:
-                image = image_of({k: decode_member(k, v) for k, v in sample.items()
-                                  if k in ("jpg", "jpeg", "png", "webp")})
+                image = decode_member(field, sample[field])
             except Exception:  # noqa: BLE001 - an undecodable image is not a negative; the caption job logged it
                 continue
             pending_keys.append(sample["__key__"])
