@@ -8,17 +8,24 @@ TINY_BLIP_WORDS = ("a the of on in and picture photo image small large red green
                    "circle square triangle cross left right middle background gray black brown").split()
 
 
-def make_tiny_blip(out: Path, seed: int = 0) -> Path:
-    """A 1-layer BLIP captioner with a 40-word vocabulary, loadable by transformers' image-text-to-text pipeline."""
-    import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
-    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+def _word_tokenizer(out: Path, **kwargs):
+    """A BERT word-piece tokenizer over the tiny words (+ specials), its vocab.txt written to `out`: random
+    models built on it generate readable word soup, which keeps tests' outputs legible."""
+    from transformers import BertTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
     (out / "vocab.txt").write_text("\n".join(specials + list(TINY_BLIP_WORDS)) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(str(out / "vocab.txt"), bos_token="[DEC]")
+    return BertTokenizer(str(out / "vocab.txt"), **kwargs)
+
+
+def make_tiny_blip(out: Path, seed: int = 0) -> Path:
+    """A 1-layer BLIP captioner with a 40-word vocabulary, loadable by transformers' image-text-to-text pipeline."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
+
+    tokenizer = _word_tokenizer(out, bos_token="[DEC]")
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
@@ -85,4 +92,44 @@ def make_tiny_instruct_pix2pix(out: Path, seed: int = 0) -> Path:
                                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False)
     pipe.save_pretrained(out)
+    return out
+
+
+def _words_only(model, tokenizer):
+    """A random LM at the usual init emits special tokens (an empty text); forbid them in its generation
+    config and insist on a few words, so the tiny model writes something to test with."""
+    model.generation_config.suppress_tokens = [i for i in tokenizer.all_special_ids if i != tokenizer.sep_token_id]
+    model.generation_config.min_new_tokens = 3
+    return model
+
+
+def make_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
+    """A 2-layer random GPT-2 on the tiny word vocabulary, loadable by transformers' text-generation pipeline."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _word_tokenizer(out, model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
+                                       tie_word_embeddings=False))
+    _words_only(model, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_seq2seq_lm(out: Path, seed: int = 0) -> Path:
+    """A 1-layer random T5 (encoder-decoder, as Flan-T5) on the tiny word vocabulary."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = _word_tokenizer(out, model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, initializer_factor=20.0, tie_word_embeddings=False))
+    _words_only(model, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -2,6 +2,7 @@
 
 low  (mined, real targets): k-NN over CLIP image embeddings (`emb.npy`) and/or caption TF-IDF, pairs kept in
      a similarity band, modification text from the caption word diff, other neighbours as hard negatives.
+     (`--llm MODEL` has a language model write the modification text instead: synth.llm, both qualities.)
 high (edited targets): the reference is edited and the result becomes the target; `--editor toy` is the toy
      world's exact editor (re-renders the edited scene: the one place that knows the toy world).
 
@@ -26,6 +27,7 @@ import numpy as np
 from cir import dataset as ds
 from pipeline import jobs
 from synth import mining
+from synth.llm import DEFAULT_PROMPT, check_prompt
 from synth.modtext import modification_text
 
 LOG = logging.getLogger("synth")
@@ -66,7 +68,11 @@ class SynthConfig:
     min_directional: float = 0.2
     steps: int = 20  # diffusion steps
     device: str = "cpu"  # torch device for the editor
-    batch_size: int = 4  # editor batch size (RunInference)
+    batch_size: int = 4  # editor / LLM batch size (RunInference)
+    # both: modification text by a language model instead of templates (synth.llm)
+    llm: Optional[str] = None  # HF causal or encoder-decoder LM (hub id or directory); None = templates
+    llm_prompt: str = DEFAULT_PROMPT  # with {ref} and {tgt}: the two captions
+    llm_max_new_tokens: int = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="diffusion steps")
     p.add_argument("--device", default=d.device)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--llm", default=d.llm, help="write modification texts with this Hugging Face language model "
+                   "(hub id or directory; causal or encoder-decoder) instead of templates")
+    p.add_argument("--llm-prompt", default=d.llm_prompt, help="prompt with {ref} and {tgt} (the two captions)")
+    p.add_argument("--llm-max-new-tokens", type=int, default=d.llm_max_new_tokens)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
     return p
 
@@ -411,7 +421,7 @@ def _assemble(element) -> Iterator[dict]:
 def to_webdataset(t: dict) -> dict:
     meta = {k: t[k] for k in ("ref_key", "tgt_key", "ref_caption", "tgt_caption", "quality", "method", "scores",
                               "hard_negatives", "seed")}
-    meta.update({k: t[k] for k in ("changes", "edit", "provenance") if k in t})
+    meta.update({k: t[k] for k in ("changes", "edit", "provenance", "mod_template") if k in t})
     out = {"__key__": t["key"], f"ref.{t['ref_ext']}": t["ref_image"], f"tgt.{t['tgt_ext']}": t["tgt_image"],
            "mod.txt": t["mod"], "json": meta}
     for role in ("ref", "tgt"):
@@ -475,6 +485,14 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                           | "JoinNeighbours" >> beam.CoGroupByKey()
                           | "HardNegatives" >> beam.FlatMap(_attach_negatives, cfg))
         assigned = candidates
+    if cfg.llm:
+        from synth.llm import LLMModText
+
+        # After shard assignment: a rerun does not pay for the texts of committed shards.
+        written_by_llm = assigned | "LLMModText" >> LLMModText(cfg.llm, cfg.llm_prompt, cfg.llm_max_new_tokens,
+                                                               cfg.device, cfg.batch_size)
+        assigned = written_by_llm.specs
+        rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
     parts = ({"image": samples, "need": needs} | "JoinImages" >> beam.CoGroupByKey()
              | "Route" >> beam.FlatMap(_route_images))
@@ -523,6 +541,9 @@ def check_input(cfg: SynthConfig) -> None:
         if not cfg.clip:
             raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
         ds.check_model_reference(cfg.clip, "CLIP")
+    if cfg.llm:
+        check_prompt(cfg.llm_prompt)
+        ds.check_model_reference(cfg.llm, "LLM")
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
@@ -530,7 +551,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
                         "max_changes", "text_dim", "exact_max", "samples_per_source", "keep_per_source", "steps",
-                        "batch_size")
+                        "batch_size", "llm_max_new_tokens")
     jobs.check_prefix(parser, known.shard_prefix)
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
@@ -541,8 +562,9 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     card = {"kind": KIND, "config": asdict(cfg), "quality": cfg.quality, "seed": cfg.seed,
             "command": ["beam_runner.py", "synth", *(argv if argv is not None else sys.argv[1:])],
             "source": ds.read_json(ds.join(cfg.input, "dataset.json")),
-            "models": ({"editor": cfg.editor, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}
-                       if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"})}
+            "models": {**({"editor": cfg.editor, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}
+                          if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}),
+                       **({"llm": cfg.llm} if cfg.llm else {})}}
     try:
         jobs.prepare_output(cfg.output, card, known.overwrite)
     except ValueError as err:

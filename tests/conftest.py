@@ -53,6 +53,13 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    from cir.tiny_models import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
 def tiny_ip2p(tmp_path_factory) -> Path:
     from cir.tiny_models import make_tiny_instruct_pix2pix
 
