@@ -79,7 +79,8 @@ def test_two_ranks_read_disjoint_shards_without_hanging(toy_captions, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train" / "stage0.py"), *tiny_args(data, out, "max_steps=8", "save_every=4")]
+           # grad_accum=2: the feature-cached step under DDP (no_sync on the first micro-batch)
+           str(ROOT / "train" / "stage0.py"), *tiny_args(data, out, "max_steps=8", "save_every=4", "grad_accum=2")]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reads = {}
@@ -160,3 +161,18 @@ def test_a_corrupt_sample_mid_stream_is_skipped_and_counted(toy_captions, tmp_pa
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["data_errors"] >= 1 and log[0]["data_errors"] <= log[-1]["data_errors"]
     assert "skipped" in capsys.readouterr().out
+
+
+def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp_path):
+    """grad_accum=2 x 4 with cached features takes the step of one batch of 8 (open_clip's accum_freq);
+    plain accumulation (each micro-batch its own negatives) does not."""
+    data, _ = toy_captions
+    step = ["max_steps=1", "optim.warmup_steps=1", "optim.lr=1e-3", "save_every=100"]
+    runs = {"whole": ["data.batch_size=8"], "cached": ["data.batch_size=4", "grad_accum=2"],
+            "plain": ["data.batch_size=4", "grad_accum=2", "accum_features=false"]}
+    for name, extra in runs.items():
+        assert main(tiny_args(data, tmp_path / name, *step, *extra)) == 0
+    whole, cached, plain = (weights(tmp_path / name) for name in runs)
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    assert all(torch.allclose(whole[k], cached[k], atol=2e-6) for k in whole)
+    assert not all(torch.allclose(whole[k], plain[k], atol=2e-6) for k in whole)

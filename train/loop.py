@@ -5,6 +5,11 @@ A stage supplies: `build()` -> trainable module, `collate(samples)` -> batch of 
 rest: data stream, AdamW with warmup + cosine, gradient accumulation and clipping, mixed precision,
 TensorBoard, tqdm, `save_state` checkpoints (automatic naming, total limit) and `resume=latest`.
 
+A contrastive stage may also supply `features(model, batch)` -> dict of tensors, `cached_keys` (the per-sample
+ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and `accum_features` the loop then
+runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of every micro-batch are the whole
+accumulated batch, as if it had fit in memory.
+
 Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
 optimizer step (Accelerate's prepared scheduler steps once per process), and saved via
 `register_for_checkpointing`. The data loader is not prepared: each rank reads its own split.
@@ -104,10 +109,12 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     weights = cfg.data.weights or [w for _, w in weighted]  # data.weights overrides the manifests' weights
     for urls in sources:
         check_schema(urls, stage.required_fields)
+    cached = cfg.grad_accum > 1 and cfg.accum_features and hasattr(stage, "features")
     accelerator = Accelerator(
         # Without a GPU, ask for CPU explicitly: only then do several launched processes form gloo ranks
-        # (MULTI_CPU) instead of each training alone.
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
+        # (MULTI_CPU) instead of each training alone. The feature-cached step accumulates by itself.
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=1 if cached else cfg.grad_accum, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
                                             automatic_checkpoint_naming=True, total_limit=cfg.save_total_limit))
     set_seed(cfg.seed)
@@ -139,20 +146,19 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     model.train()
     skipped: dict[int, int] = {}  # loader worker -> corrupt members/samples it skipped (counts are per worker)
     while state.step < cfg.max_steps:
-        batch = next(batches)
-        worker, errors = (int(x) for x in batch.pop(ERRORS_KEY))
-        skipped[worker] = errors
-        batch = _to_device(batch, accelerator.device)
         stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
-        with accelerator.accumulate(model):
-            loss, scalars = stage.loss(model, batch, accelerator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad()
-        if not accelerator.sync_gradients:
-            continue
+        if cached:
+            micro = [_next_batch(batches, skipped, accelerator.device) for _ in range(cfg.grad_accum)]
+            loss, scalars = feature_cached_step(stage, model, micro, accelerator)
+            _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
+        else:
+            batch = _next_batch(batches, skipped, accelerator.device)
+            with accelerator.accumulate(model):
+                loss, scalars = stage.loss(model, batch, accelerator)
+                accelerator.backward(loss)
+                _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
+            if not accelerator.sync_gradients:
+                continue
         scheduler.step()
         state.step += 1
         progress.update(1)
@@ -180,6 +186,48 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         save_config(cfg, final / "train_config.json")
     accelerator.end_training()
     return final
+
+
+def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[torch.Tensor, dict]:
+    """open_clip's accum_freq: the gradient of the contrastive loss over all micro-batches at once.
+
+    Pass 1 computes every micro-batch's features without gradients. Pass 2 recomputes micro-batch j with
+    gradients and takes the loss over the cached features with j's replaced by the fresh ones: its backward
+    gives exactly j's share of the full-batch gradient, so the sum over j (no division by grad_accum) is the
+    gradient of one batch of grad_accum x batch_size, at the memory of one micro-batch plus cached features.
+    DDP syncs once, on the last backward.
+    """
+    import contextlib
+
+    with torch.no_grad():
+        cache = [stage.features(model, b) for b in micro]
+    total = torch.zeros((), device=accelerator.device)
+    for j, batch in enumerate(micro):
+        sync = j == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            fresh = stage.features(model, batch)
+            features = dict(fresh)
+            for key in stage.cached_keys:
+                features[key] = torch.cat([c[key] for c in cache[:j]] + [fresh[key]] + [c[key] for c in cache[j + 1:]])
+            loss, scalars = stage.loss_on_features(features, accelerator)
+            accelerator.backward(loss)
+        total += loss.detach()
+    return total / len(micro), scalars
+
+
+def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:
+    if accelerator.sync_gradients and grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _next_batch(batches, skipped: dict[int, int], device) -> dict:
+    """The next batch on the device; its loader worker's count of skipped corrupt samples goes to `skipped`."""
+    batch = next(batches)
+    worker, errors = (int(x) for x in batch.pop(ERRORS_KEY))
+    skipped[worker] = errors
+    return _to_device(batch, device)
 
 
 def _total(skipped: dict[int, int], accelerator) -> int:

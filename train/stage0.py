@@ -47,16 +47,26 @@ class Stage0:
         tokens = self.backbone.tokenizer([s["txt"] for s in samples])  # [B, L]
         return {"images": images, "tokens": tokens}
 
-    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+    cached_keys = ("image_features", "text_features")  # per-sample: cached across micro-batches (loop.py)
+
+    def features(self, model, batch: dict) -> dict:
+        out = model(batch["images"], batch["tokens"])
+        image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(
+            out, dict) else out[:3]
+        return {"image_features": image, "text_features": text, "logit_scale": scale}
+
+    def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
         from open_clip.loss import ClipLoss
 
         if not hasattr(self, "_loss"):
             self._loss = ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, cache_labels=True,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
-        out = model(batch["images"], batch["tokens"])
-        image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(
-            out, dict) else out[:3]
-        return self._loss(image, text, scale), {"logit_scale": scale.detach()}
+        scale = features["logit_scale"]
+        return (self._loss(features["image_features"], features["text_features"], scale),
+                {"logit_scale": scale.detach()})
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        return self.loss_on_features(self.features(model, batch), accelerator)
 
     def export(self, model, out_dir: Path) -> None:
         from cir.backbone import save_backbone
