@@ -193,8 +193,14 @@ def test_stage2_trains_on_the_four_layouts(layouts, tiny_stage1_export, tmp_path
     out = tmp_path / "s2"
     entries = [f"{name}:{root}" for name, root in layouts.items()]
     assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train={entries}", "max_steps=3",
-                 "data.batch_size=4", "save_every=100", "log_every=1", "adapters.bottleneck=8"]) == 0
+                 "data.batch_size=4", "save_every=100", "log_every=1", "adapters.bottleneck=8",
+                 "hard_negatives.weight=1.0"]) == 0
     assert (out / "final" / "adapters.safetensors").is_file()
+    # CIRR's set members are hard negatives by name: the bank encodes exactly those images of the CIRR set
+    bank = json.loads((out / "negative_bank" / "bank.json").read_text())
+    assert bank["datasets"] == [f"cirr:{layouts['cirr']}"]
+    assert bank["keys"] == sorted(TripletSource("cirr", layouts["cirr"], "train").negative_images())
+    assert set(bank["keys"]) == {"train-1-0-img1", "train-1-0-img2", "train-1-0-img3"}
     from train.stage1 import main as stage1_main  # a triplet set is not a caption dataset
 
     assert stage1_main([f"output_dir={tmp_path / 's1'}", f"data.train=['cirr:{layouts['cirr']}']", "max_steps=1",

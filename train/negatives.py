@@ -1,7 +1,8 @@
 """Mined hard negatives for stage II: the keys a triplet lists (json "hard_negatives") -> frozen CLIP features.
 
-A triplet names its hard negatives by the keys of the caption dataset it was mined from; it does not carry
-their images (k more images per triplet). Before training, the bank encodes that caption dataset once with
+A triplet names its hard negatives by the keys of the caption dataset it was mined from (an annotated set,
+such as CIRR's image-set members, by image names); it does not carry their images (k more images per
+triplet). Before training, the bank encodes that caption dataset (or the annotated set's named images) once with
 the frozen CLIP (or takes its cached `emb.npy`), on the main process, into `{output_dir}/negative_bank/`
 (reused by `resume` and by a rerun with the same CLIP and datasets); the other ranks wait and load it.
 A batch then carries, per query, the bank rows of its hard negatives ([B, H], -1 where there is none), and
@@ -15,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,17 +32,25 @@ BANK_DIR = "negative_bank"
 class HardNegativeConfig:
     weight: float = 0.0  # w of each mined hard negative in the InfoNCE denominator (0: unused, no bank built)
     per_query: int = 3  # at most this many of a triplet's hard negatives (in their stored order) are used
-    bank: list[str] = field(default_factory=list)  # caption dataset dirs the keys come from ([]: each triplet
-    # dataset's own input, as recorded in its dataset.json)
+    bank: list[str] = field(default_factory=list)  # caption dataset dirs (or FORMAT:ROOT annotated sets) the
+    # keys come from ([]: each triplet dataset's own input, as recorded in its dataset.json, and each annotated
+    # set of data.train that names hard negatives)
     batch_size: int = 256  # images per forward pass while encoding the bank
 
 
 def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str]:
-    """The caption datasets whose keys the triplets' hard negatives name."""
+    """The caption datasets (and annotated sets) whose keys the triplets' hard negatives name."""
+    from train.supervised import TripletSource, parse_entry
+
     if cfg.bank:
         return list(cfg.bank)
     found: list[str] = []
     for entry in train_entries:
+        annotated = parse_entry(entry)
+        if annotated:
+            if TripletSource(*annotated).negative_images():
+                found.append(entry)
+            continue
         paths = [m["path"] for m in ds.load_mix(entry)] if entry.endswith((".yaml", ".yml", ".json")) else [entry]
         for path in paths:
             card = ds.read_json(ds.join(path, "dataset.json")) if os.path.isdir(path) else None
@@ -80,14 +89,41 @@ class NegativeBank:
         return feats, mask.to(device)
 
 
+def _contents(entry: str) -> list[str]:
+    """What a bank entry holds, for the fingerprint: shard urls, or an annotated set's negative image files."""
+    from train.supervised import TripletSource, parse_entry
+
+    annotated = parse_entry(entry)
+    if annotated:
+        return [f"{name}={path}" for name, path in sorted(TripletSource(*annotated).negative_images().items())]
+    return ds.shard_urls(entry)
+
+
+def bank_samples(entries: list[str], show: bool) -> Iterator[dict]:
+    """Raw samples ({"__key__", image member, maybe "emb.npy"}) of every bank entry."""
+    from train.supervised import TripletSource, parse_entry
+
+    for entry in entries:
+        annotated = parse_entry(entry)
+        if annotated:
+            yield from tqdm(TripletSource(*annotated).negative_samples(), desc=f"negative bank {entry}",
+                            unit="img", disable=not show, file=sys.stderr)
+            continue
+        urls = ds.shard_urls(entry)
+        if not urls:
+            raise DataError(f"hard negative bank: no shards in {entry}")
+        for url in tqdm(urls, desc="negative bank", unit="shard", disable=not show, file=sys.stderr):
+            yield from ds.iter_shard(url)
+
+
 def _fingerprint(datasets: list[str], clip_id: str, use_cached: bool) -> str:
-    shards = [u for d in datasets for u in ds.shard_urls(d)]
-    return hashlib.sha256(json.dumps([clip_id, use_cached, shards]).encode()).hexdigest()[:16]
+    contents = [c for d in datasets for c in _contents(d)]
+    return hashlib.sha256(json.dumps([clip_id, use_cached, contents]).encode()).hexdigest()[:16]
 
 
 def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor], preprocess,
                     batch_size: int, use_cached: bool, show: bool) -> tuple[list[str], np.ndarray]:
-    """Every sample of the caption datasets -> (keys, L2-normalised features [M, d] float16). A sample whose
+    """Every sample of the bank entries -> (keys, L2-normalised features [M, d] float16). A sample whose
     image does not decode is left out (its key is then simply not a negative)."""
     keys: list[str] = []
     feats: list[np.ndarray] = []
@@ -100,26 +136,22 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
             pending_keys.clear()
             pending.clear()
 
-    urls = [u for d in datasets for u in ds.shard_urls(d)]
-    if not urls:
-        raise DataError(f"hard negative bank: no shards in {datasets}")
-    for url in tqdm(urls, desc="negative bank", unit="shard", disable=not show, file=sys.stderr):
-        for sample in ds.iter_shard(url):
-            if use_cached and "emb.npy" in sample:
-                keys.append(sample["__key__"])
-                feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
-                continue
-            field = ds.image_field(sample)
-            if field is None:
-                continue
-            try:
-                image = decode_member(field, sample[field])
-            except Exception:  # noqa: BLE001 - an undecodable image is not a negative; the caption job logged it
-                continue
-            pending_keys.append(sample["__key__"])
-            pending.append(preprocess(image))
-            if len(pending) >= batch_size:
-                flush()
+    for sample in bank_samples(datasets, show):
+        if use_cached and "emb.npy" in sample:
+            keys.append(sample["__key__"])
+            feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
+            continue
+        field = ds.image_field(sample)
+        if field is None:
+            continue
+        try:
+            image = decode_member(field, sample[field])
+        except Exception:  # noqa: BLE001 - an undecodable image is not a negative; the caption job logged it
+            continue
+        pending_keys.append(sample["__key__"])
+        pending.append(preprocess(image))
+        if len(pending) >= batch_size:
+            flush()
     flush()
     if not keys:
         raise DataError(f"hard negative bank: no readable images in {datasets}")

@@ -11,7 +11,8 @@ Layouts (as distributed, and as `eval` reads their validation splits):
                  (as CLIP4Cir's training does).
     cirr:        captions/cap.rc2.SPLIT.json ([{"pairid","reference","target_hard","caption","img_set",
                  "target_soft"}]), image_splits/split.rc2.SPLIT.json (name -> path relative to ROOT). The
-                 image set's other members (not the reference, not a target_soft > 0) are hard negatives.
+                 image set's other members (not the reference, not a target_soft > 0) are hard negatives;
+                 stage II's bank encodes them by name (train.negatives).
     shoes:       relative_captions_shoes.json ([{"ReferenceImageName","ImageName","RelativeCaption"}]),
                  SPLIT_im_names.txt (train_im_names.txt), images anywhere under ROOT by file name
                  (the attributedata/womens_*/ folders or flat).
@@ -50,7 +51,7 @@ class Record:
     reference: Path
     reference_key: str
     choices: list[Choice] | Callable[[random.Random], Choice]  # one is drawn per epoch
-    hard_negatives: list[str] = field(default_factory=list)
+    hard_negatives: dict[str, Path] = field(default_factory=dict)  # name -> image file, in annotation order
 
     def pick(self, rng: random.Random) -> Choice:
         if callable(self.choices):
@@ -105,12 +106,12 @@ def load_cirr(root: Path, split: str) -> list[Record]:
     records = []
     for q in _load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions"):
         ref, tgt = q["reference"], q["target_hard"]
-        for name in (ref, tgt):
+        members = (q.get("img_set") or {}).get("members", [])
+        for name in (ref, tgt, *members):
             if name not in paths:
                 raise SupervisedError(f"CIRR pair {q['pairid']}: {name} is not in split.rc2.{split}.json")
         positive = {n for n, v in (q.get("target_soft") or {}).items() if v > 0}
-        negatives = [m for m in (q.get("img_set") or {}).get("members", [])
-                     if m not in (ref, tgt) and m not in positive]
+        negatives = {m: root / paths[m] for m in members if m not in (ref, tgt) and m not in positive}
         records.append(Record(root / paths[ref], ref, [Choice(root / paths[tgt], tgt, q["caption"])], negatives))
     return records
 
@@ -219,6 +220,16 @@ class TripletSource:
         for r in self.records:
             yield r.reference
             yield from (c.target for c in r.choices) if not callable(r.choices) else r.choices.images()
+            yield from r.hard_negatives.values()
+
+    def negative_images(self) -> dict[str, Path]:
+        """Every image some record names as a hard negative: name -> file (what stage II's bank encodes)."""
+        return {name: path for r in self.records for name, path in r.hard_negatives.items()}
+
+    def negative_samples(self) -> Iterator[dict]:
+        """Those images as raw samples keyed by their names (the shape of a caption shard's samples)."""
+        for name, path in sorted(self.negative_images().items()):
+            yield {"__key__": name, _image_suffix(path): path.read_bytes()}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -233,7 +244,7 @@ class TripletSource:
         key = hashlib.sha256(json.dumps([self.fmt, record.reference_key, choice.target_key, choice.text]).encode()
                              ).hexdigest()[:32]
         meta = {"ref_key": record.reference_key, "tgt_key": choice.target_key, "ref_caption": "", "tgt_caption": "",
-                "quality": "supervised", "method": self.fmt, "scores": {}, "hard_negatives": record.hard_negatives,
+                "quality": "supervised", "method": self.fmt, "scores": {}, "hard_negatives": list(record.hard_negatives),
                 "seed": None}
         return {"__key__": key,
                 f"ref.{_image_suffix(record.reference)}": record.reference.read_bytes(),
