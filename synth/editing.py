@@ -2,7 +2,8 @@
 
 1. `CaptionEdit`: a keyword of the caption is swapped for another word of the dataset's vocabulary whose
    CLIP text similarity to it lies in a band (default 0.5-0.7: related, not the same); the instruction is
-   written from the caption diff by `synth.modtext`. `samples_per_source` candidates per source, each with
+   written from the caption diff by `synth.modtext`. (Or `--caption-edit llm`: a language model writes the
+   instruction and the edited caption, `synth.llm.LLMCaptionEdit`.) `samples_per_source` candidates per source, each with
    its own seed and guidance scales drawn from small grids.
 2. `InstructPix2PixHandler`: diffusers' StableDiffusionInstructPix2PixPipeline, through RunInference.
 3. `ClipFilter`: InstructPix2Pix / CompoDiff filters: image-image cos >= 0.70, edited caption-image cos >= 0.2,
@@ -175,7 +176,8 @@ class ClipFilter(beam.DoFn):
                    "scores": {k: round(v, 4) for k, v in scores.items()}, "hard_negatives": [], "seed": self.seed,
                    "tgt_image": c["tgt_image"], "tgt_ext": "png",
                    "provenance": {"editor": self.editor, "clip": self.clip, "thresholds": self.thresholds,
-                                  "swap": c["swap"], "edit_seed": c["edit_seed"], "guidance": c["guidance"],
+                                  **{k: c[k] for k in ("swap", "llm_edit") if k in c},  # how the caption changed
+                                  "edit_seed": c["edit_seed"], "guidance": c["guidance"],
                                   "image_guidance": c["image_guidance"]}}
         for _ in passed[self.keep:]:
             yield beam.pvalue.TaggedOutput(REJECTED, "beyond_keep_per_source")

@@ -27,7 +27,7 @@ import numpy as np
 from cir import dataset as ds
 from pipeline import jobs
 from synth import mining
-from synth.llm import DEFAULT_PROMPT, check_prompt
+from synth.llm import DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.modtext import modification_text
 
 LOG = logging.getLogger("synth")
@@ -73,6 +73,9 @@ class SynthConfig:
     llm: Optional[str] = None  # HF causal or encoder-decoder LM (hub id or directory); None = templates
     llm_prompt: str = DEFAULT_PROMPT  # with {ref} and {tgt}: the two captions
     llm_max_new_tokens: int = 32
+    caption_edit: str = "swap"  # high quality, diffusers editor: 'swap' (keyword swap in a CLIP band) or 'llm'
+    # (--llm writes the instruction and the edited caption; its instruction is then the modification text)
+    llm_edit_prompt: str = DEFAULT_EDIT_PROMPT  # with {caption}; the answer is 'instruction | edited caption'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hub id or directory; causal or encoder-decoder) instead of templates")
     p.add_argument("--llm-prompt", default=d.llm_prompt, help="prompt with {ref} and {tgt} (the two captions)")
     p.add_argument("--llm-max-new-tokens", type=int, default=d.llm_max_new_tokens)
+    p.add_argument("--caption-edit", default=d.caption_edit, choices=("swap", "llm"),
+                   help="high quality with the diffusers editor: keyword swap, or --llm writes the edit")
+    p.add_argument("--llm-edit-prompt", default=d.llm_edit_prompt,
+                   help="prompt with {caption}; the model answers 'instruction | edited caption'")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
     return p
 
@@ -366,9 +373,20 @@ class EditSources(beam.PTransform):
 
         thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
                       "directional": cfg.min_directional}
-        candidates = keyed | "CaptionEdit" >> beam.ParDo(
-            CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                        cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
+        if cfg.caption_edit == "llm":
+            from synth.editing import IMAGE_GUIDANCE, TEXT_GUIDANCE
+            from synth.llm import LLMCaptionEdit, LLMHandler, edit_request
+
+            writer = LLMHandler(cfg.llm, cfg.llm_edit_prompt, fields={"caption": "caption"},
+                                max_new_tokens=cfg.llm_max_new_tokens, device=cfg.device, batch_size=cfg.batch_size)
+            candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
+                          | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
+                              cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, cfg.samples_per_source,
+                              cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE)).with_outputs(EDIT_REJECTED, main="candidates"))
+        else:
+            candidates = keyed | "CaptionEdit" >> beam.ParDo(
+                CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
+                            cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
         filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
@@ -485,7 +503,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                           | "JoinNeighbours" >> beam.CoGroupByKey()
                           | "HardNegatives" >> beam.FlatMap(_attach_negatives, cfg))
         assigned = candidates
-    if cfg.llm:
+    if rewrites_mod_text(cfg):
         from synth.llm import LLMModText
 
         # After shard assignment: a rerun does not pay for the texts of committed shards.
@@ -541,9 +559,20 @@ def check_input(cfg: SynthConfig) -> None:
         if not cfg.clip:
             raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
         ds.check_model_reference(cfg.clip, "CLIP")
+    if cfg.caption_edit == "llm" and not (cfg.quality == "high" and cfg.editor != "toy" and cfg.llm):
+        raise ValueError("--caption-edit llm edits captions for the diffusers editor (--quality high --editor MODEL) "
+                         "with the language model of --llm MODEL")
+    if rewrites_mod_text(cfg):
+        check_prompt(cfg.llm_prompt, MODTEXT_FIELDS)
+    if cfg.caption_edit == "llm":
+        check_prompt(cfg.llm_edit_prompt, EDIT_FIELDS, "--llm-edit-prompt")
     if cfg.llm:
-        check_prompt(cfg.llm_prompt)
         ds.check_model_reference(cfg.llm, "LLM")
+
+
+def rewrites_mod_text(cfg: SynthConfig) -> bool:
+    """--llm rewrites the modification texts, unless it already wrote them as caption edits."""
+    return bool(cfg.llm) and cfg.caption_edit != "llm"
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
@@ -571,7 +600,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         parser.error(str(err))
     jobs.progress_logger(LOG.name)
     vocab = None
-    if cfg.quality == "high" and cfg.editor != "toy":
+    if cfg.quality == "high" and cfg.editor != "toy" and cfg.caption_edit == "swap":
         from synth.editing import vocabulary
 
         vocab = vocabulary(ds.read_table(ds.join(cfg.input, "index.parquet")).column("caption").to_pylist())

@@ -8,7 +8,7 @@ through transformers' text-generation pipeline; encoder-decoder models (T5 / Fla
 no longer has a pipeline for, through their own `generate`. An empty generation is a rejected candidate
 (`llm_empty` in stats), never a silent fallback to the template.
 
-Beam's huggingface handlers import tensorflow (gone with transformers 5), so `LLMModTextHandler` subclasses
+Beam's huggingface handlers import tensorflow (gone with transformers 5), so `LLMHandler` subclasses
 `ModelHandler` itself, as the caption job's handlers do.
 """
 from __future__ import annotations
@@ -19,22 +19,27 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+MODTEXT_FIELDS = {"ref": "reference caption", "tgt": "target caption"}
+EDIT_FIELDS = {"caption": "the source caption"}
 DEFAULT_PROMPT = ("Two images are described below. Write a short instruction that turns the first image into "
                   "the second.\nFirst image: {ref}\nSecond image: {tgt}\nInstruction:")
+DEFAULT_EDIT_PROMPT = ("Write an edit for the image described below, as: instruction | caption after the "
+                       "edit.\nImage: {caption}\nEdit:")
 REJECTED = "rejected"
 QUOTES = "\"'`“”‘’"
-LABEL_RE = re.compile(r"^(instruction|answer|output)\s*:\s*", re.IGNORECASE)
+LABEL_RE = re.compile(r"^(instruction|answer|output|edit)\s*:\s*", re.IGNORECASE)
 
 
-def check_prompt(prompt: str) -> None:
-    """The prompt must show the model both captions; anything else in braces is an error, not a KeyError later."""
+def check_prompt(prompt: str, fields: dict[str, str], flag: str = "--llm-prompt") -> None:
+    """The prompt must use every field (name -> what it is) and no other: a clear error, not a KeyError later."""
     try:
-        prompt.format(ref="R", tgt="T")
+        prompt.format(**{name: name for name in fields})
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"--llm-prompt may only use the fields {{ref}} and {{tgt}} ({err!r}); "
+        raise ValueError(f"{flag} may only use the fields {', '.join('{' + f + '}' for f in fields)} ({err!r}); "
                          "write literal braces as {{ and }}") from None
-    if "{ref}" not in prompt or "{tgt}" not in prompt:
-        raise ValueError("--llm-prompt must contain both {ref} (reference caption) and {tgt} (target caption)")
+    missing = [f"{{{name}}} ({what})" for name, what in fields.items() if f"{{{name}}}" not in prompt]
+    if missing:
+        raise ValueError(f"{flag} must contain {' and '.join(missing)}")
 
 
 def clean(text: str) -> str:
@@ -76,13 +81,15 @@ class CausalGenerator:
         return out[0]["generated_text"] if out else ""
 
 
-class LLMModTextHandler(ModelHandler[dict, str, Any]):
-    """Triplet spec -> raw generated modification text for its (ref_caption, tgt_caption)."""
+class LLMHandler(ModelHandler[dict, str, Any]):
+    """Example dict -> the model's raw text for `prompt` filled from the example (`fields`: prompt field ->
+    example key; the default fills {ref} and {tgt} with a triplet spec's two captions)."""
 
-    def __init__(self, model: str, prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 32, device: str = "cpu",
-                 batch_size: int = 8):
+    def __init__(self, model: str, prompt: str = DEFAULT_PROMPT, *, fields: Optional[dict[str, str]] = None,
+                 max_new_tokens: int = 32, device: str = "cpu", batch_size: int = 8):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
         self.model, self.prompt, self.device = model, prompt, device
+        self.fields = fields or {"ref": "ref_caption", "tgt": "tgt_caption"}
         # Greedy: the same captions give the same text on every run (the pipeline's default samples).
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
 
@@ -99,14 +106,14 @@ class LLMModTextHandler(ModelHandler[dict, str, Any]):
         for spec in batch:
             yield PredictionResult(spec, model(self.format(spec)), self.model)
 
-    def format(self, spec: dict) -> str:
-        return self.prompt.format(ref=spec["ref_caption"], tgt=spec["tgt_caption"])
+    def format(self, example: dict) -> str:
+        return self.prompt.format(**{name: example[key] for name, key in self.fields.items()})
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(s["ref_caption"]) + len(s["tgt_caption"]) for s in batch)
+        return sum(len(example[key]) for example in batch for key in self.fields.values())
 
     def get_metrics_namespace(self) -> str:
-        return "llm_modtext"
+        return "llm"
 
 
 class WithLLMText(beam.DoFn):
@@ -129,8 +136,7 @@ class LLMModText(beam.PTransform):
 
     def __init__(self, model: str, prompt: str, max_new_tokens: int, device: str, batch_size: int):
         super().__init__()
-        self.handler = LLMModTextHandler(model, prompt, max_new_tokens=max_new_tokens, device=device,
-                                         batch_size=batch_size)
+        self.handler = LLMHandler(model, prompt, max_new_tokens=max_new_tokens, device=device, batch_size=batch_size)
         self.fn = WithLLMText(model, prompt, max_new_tokens)
 
     def expand(self, specs):
@@ -138,3 +144,48 @@ class LLMModText(beam.PTransform):
 
         return (specs | "Generate" >> RunInference(self.handler)
                 | "WithText" >> beam.ParDo(self.fn).with_outputs(REJECTED, main="specs"))
+
+
+# ------------------------------------------------------------------------------------------ caption edits
+
+def parse_edit(text: str, caption: str) -> tuple[Optional[tuple[str, str]], str]:
+    """'instruction | edited caption' -> ((instruction, edited), '') or (None, rejected reason)."""
+    instruction, sep, edited = clean(text).partition("|")
+    instruction, edited = instruction.strip().strip(QUOTES).strip(), edited.strip().strip(QUOTES).strip()
+    if not sep or not instruction or not edited:
+        return None, "llm_unparsable"
+    if edited.lower() == caption.strip().lower():
+        return None, "llm_no_change"
+    return (instruction, edited), ""
+
+
+def edit_request(item: tuple[str, dict]) -> dict:
+    key, sample = item
+    return {"source_key": key, "sample": sample, "caption": sample["caption"]}
+
+
+class LLMCaptionEdit(beam.DoFn):
+    """RunInference result on a source -> `samples_per_source` edit candidates (the shape CaptionEdit yields:
+    the instruction and edited caption are the model's; seeds and guidance scales drawn as there)."""
+
+    def __init__(self, model: str, prompt: str, max_new_tokens: int, samples_per_source: int, seed: int,
+                 text_guidance: tuple, image_guidance: tuple):
+        self.provenance = {"model": model, "prompt": prompt, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+        self.samples, self.seed = samples_per_source, seed
+        self.text_guidance, self.image_guidance = text_guidance, image_guidance
+
+    def process(self, result: PredictionResult) -> Iterator:
+        import random
+
+        request = result.example
+        parsed, reason = parse_edit(result.inference, request["caption"])
+        if parsed is None:
+            yield beam.pvalue.TaggedOutput(REJECTED, reason)
+            return
+        instruction, edited = parsed
+        rng = random.Random(f"{self.seed}:caption-edit:{request['source_key']}")
+        for i in range(self.samples):
+            yield {"source_key": request["source_key"], "sample": request["sample"], "caption": request["caption"],
+                   "edited_caption": edited, "instruction": instruction, "llm_edit": self.provenance,
+                   "candidate": i, "edit_seed": rng.randrange(2**31), "guidance": rng.choice(self.text_guidance),
+                   "image_guidance": rng.choice(self.image_guidance)}

@@ -61,3 +61,52 @@ def test_diffusers_editor_needs_clip(toy_captions, tiny_ip2p, tmp_path, capsys):
         run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
              "--image-weight", "0", "--editor", str(tiny_ip2p), *BEAM])
     assert exc.value.code == 2 and "needs --clip" in capsys.readouterr().err
+
+
+def test_llm_caption_edits_feed_the_editor(toy_captions, tiny_ip2p, tiny_clip_dir, tiny_causal_lm, tmp_path,
+                                           monkeypatch):
+    """--caption-edit llm: the model's 'instruction | edited caption' replaces the keyword swap."""
+    from synth import llm
+
+    model = ["--input", str(toy_captions[0]), "--editor", str(tiny_ip2p), "--clip", str(tiny_clip_dir), *COMMON,
+             "--min-image-image", "-1", "--samples-per-source", "1", "--caption-edit", "llm", "--llm", str(tiny_causal_lm),
+             *BEAM]
+    # The tiny random LM writes word soup without a '|': every source is rejected as unparsable, none crashes.
+    stats = run(["--output", str(tmp_path / "soup"), *model])
+    assert stats["written"] == 0 and stats["rejected_by_reason"] == {"llm_unparsable": 6}
+
+    def answer(self, prompt: str) -> str:  # a model that follows the prompt (DirectRunner runs in this process)
+        caption = prompt.split("Image: ")[1].split("\n")[0]
+        return f' "put it on a red background | {caption} on a red background"\nmore text'
+
+    monkeypatch.setattr(llm.CausalGenerator, "__call__", answer)
+    out = tmp_path / "edited"
+    stats = run(["--output", str(out), *model])
+    rows = triplets(out)
+    assert stats["written"] == len(rows) == 6
+    for t in rows:
+        meta = json.loads(t["json"])
+        assert meta["tgt_caption"] == meta["ref_caption"] + " on a red background"
+        assert t["mod.txt"].decode() == "put it on a red background" and "mod_template" not in meta
+        assert meta["provenance"]["llm_edit"]["model"] == str(tiny_causal_lm) and "swap" not in meta["provenance"]
+
+
+def test_llm_edit_answers_are_parsed_or_rejected():
+    from synth.llm import parse_edit
+
+    assert parse_edit("Edit: make it blue | a blue circle\nnoise", "a red circle") == (
+        ("make it blue", "a blue circle"), "")
+    assert parse_edit("make it blue", "a red circle") == (None, "llm_unparsable")
+    assert parse_edit(" | a blue circle", "a red circle") == (None, "llm_unparsable")
+    assert parse_edit("keep it | A red circle", "a red circle") == (None, "llm_no_change")
+
+
+def test_caption_edit_llm_needs_the_diffusers_editor_and_a_model(toy_captions, tiny_ip2p, tmp_path, capsys):
+    import pytest
+
+    for args in (["--caption-edit", "llm", "--llm", str(tmp_path)],  # toy editor
+                 ["--editor", str(tiny_ip2p), "--clip", str(tmp_path), "--caption-edit", "llm"]):  # no --llm
+        with pytest.raises(SystemExit) as exc:
+            run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
+                 "--image-weight", "0", *args, *BEAM])
+        assert exc.value.code == 2 and "--caption-edit llm edits captions" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 from apache_beam.ml.inference.base import PredictionResult
 
 from synth.job import run
-from synth.llm import DEFAULT_PROMPT, REJECTED, LLMModTextHandler, WithLLMText, clean
+from synth.llm import DEFAULT_PROMPT, REJECTED, LLMHandler, WithLLMText, clean
 from tests.test_synth import BEAM, triplets
 
 LOW = ["--quality", "low", "--image-weight", "0", "--band-low", "0.3", "--seed", "1"]
@@ -53,7 +53,7 @@ def test_encoder_decoder_models_generate_through_their_own_generate(tmp_path):
     from synth.llm import Seq2SeqGenerator
 
     path = make_tiny_seq2seq_lm(tmp_path / "t5")
-    handler = LLMModTextHandler(str(path), "from {ref} to {tgt}:", max_new_tokens=5)
+    handler = LLMHandler(str(path), "from {ref} to {tgt}:", max_new_tokens=5)
     model = handler.load_model()
     assert isinstance(model, Seq2SeqGenerator)
     specs = [{"ref_caption": "a red circle", "tgt_caption": "a blue circle"},
@@ -87,7 +87,7 @@ def test_bad_llm_options_are_clear_errors(toy_captions, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
     refused(["--llm", str(tmp_path / "no-model")], "LLM model not found")
-    refused(["--llm", str(tmp_path), "--llm-prompt", "describe {ref}"], "must contain both {ref}")
+    refused(["--llm", str(tmp_path), "--llm-prompt", "describe {ref}"], "must contain {tgt} (target caption)")
     refused(["--llm", str(tmp_path), "--llm-prompt", "{ref} -> {tgt} {other}"], "may only use the fields")
     refused(["--llm", str(tmp_path), "--llm-max-new-tokens", "0"], "llm")
 
