@@ -93,11 +93,15 @@ def encode_text_with_pseudo(clip, tokens: torch.Tensor, placeholder: int, pseudo
     where = (tokens == placeholder).int().argmax(dim=1)  # [B]
     if not bool((tokens == placeholder).any(dim=1).all()):
         raise ValueError("every prompt needs the placeholder token")
-    rows = []
-    for i in range(b):
-        p = int(where[i])
-        rows.append(torch.cat([x[i, :p], pseudo[i].to(cast), x[i, p + 1:]], dim=0)[:length])
-    x = torch.stack(rows)  # [B, L, w]
+    # Output position j takes token j before the placeholder p, pseudo token j - p for p <= j < p + K, and
+    # token j - K + 1 after (the sequence shifted right by K - 1, truncated to L): one gather per source.
+    pos = torch.arange(length, device=tokens.device)[None]  # [1, L]
+    p = where[:, None]  # [B, 1]
+    width = x.shape[-1]
+    from_tokens = x.gather(1, torch.where(pos < p, pos, pos - (k - 1)).clamp(0, length - 1)[..., None]
+                           .expand(-1, -1, width))
+    from_pseudo = pseudo.to(cast).gather(1, (pos - p).clamp(0, k - 1)[..., None].expand(-1, -1, width))
+    x = torch.where(((pos >= p) & (pos < p + k))[..., None], from_pseudo, from_tokens)  # [B, L, w]
     eot = (tokens.argmax(dim=-1) + (k - 1)).clamp(max=length - 1)  # <end_of_text> has the largest id
     # The attention is causal and features are pooled at <end_of_text>: positions after the last one in the
     # batch cannot change the result, so they are cut ("a photo of $" needs ~7 of 77 positions).

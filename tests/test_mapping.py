@@ -22,11 +22,14 @@ def test_more_pseudo_tokens_shift_the_pooling_position():
     bb = create_backbone("tiny-clip-32", seed=0)
     clip = bb.model.eval()
     ph = placeholder_id(bb.tokenizer)
-    tokens = bb.tokenizer(["a photo of $"])
-    word = clip.token_embedding(bb.tokenizer(["red circle"])[0, 1:3])[None]  # [1, 2, w]: two real words
+    # the placeholder at different positions in one batch, and two different pseudo words per row
+    tokens = bb.tokenizer(["a photo of $", "$ on the left", "big $"])
+    words = torch.stack([clip.token_embedding(bb.tokenizer([w])[0, 1:3]) for w in ("red circle", "blue square",
+                                                                                   "green cross")])  # [3, 2, w]
     with torch.no_grad():
-        got = encode_text_with_pseudo(clip, tokens, ph, word)
-        expected = clip.encode_text(bb.tokenizer(["a photo of red circle"]), normalize=True)
+        got = encode_text_with_pseudo(clip, tokens, ph, words)
+        expected = clip.encode_text(bb.tokenizer(["a photo of red circle", "blue square on the left",
+                                                  "big green cross"]), normalize=True)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
