@@ -9,9 +9,13 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+
+
+TIMINGS: dict[str, float] = {}  # step name -> seconds, for runs/demo/timings.json
 
 
 def step(name: str, done_marker: Path | None, cmd: list[str]) -> None:
@@ -20,7 +24,16 @@ def step(name: str, done_marker: Path | None, cmd: list[str]) -> None:
         print(f"[demo] {name}: done already ({done_marker})")
         return
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
+    start = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
+    TIMINGS[name] = round(time.time() - start, 1)
+
+
+def write_timings(out: Path, started: float) -> None:
+    """Seconds per step run this time (reused steps are not listed) and in all: the demo's time budget."""
+    total = round(time.time() - started, 1)
+    (out / "timings.json").write_text(json.dumps({"total_s": total, "steps_s": TIMINGS}, indent=1) + "\n")
+    print(f"[demo] {len(TIMINGS)} step(s) run in {total / 60:.1f} min (per step: {out / 'timings.json'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a few training steps and a one-cell-per-source ablation: checks the wiring in minutes "
                         "(the numbers mean nothing)")
     args = p.parse_args(argv)
+    started = time.time()
     out = (ROOT / args.out).resolve()
     quick = ["max_steps=3", "data.batch_size=16", "save_every=100", "log_every=1"] if args.quick else []
     toy = out / "toy"
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     step("ablation: LQ vs HQ x number of triplets x seeds", None,
          [sys.executable, "-m", "eval", "ablate", "--config", str(config)])
     print(f"[demo] ablation: {ablation / 'ablation.md'}, {ablation / 'ablation.png'}")
+    write_timings(out, started)
     return 0
 
 

@@ -8,6 +8,10 @@ through transformers' text-generation pipeline; encoder-decoder models (T5 / Fla
 no longer has a pipeline for, through their own `generate`. An empty generation is a rejected candidate
 (`llm_empty` in stats), never a silent fallback to the template.
 
+`--caption-edit llm` (high quality, diffusers editor) asks the same model for the edit itself: the prompt
+(`--llm-edit-prompt`, with `{caption}`) is answered as "instruction | edited caption", as InstructPix2Pix's
+training data were written; `LLMCaptionEdit` turns the answer into editor candidates or a rejected reason.
+
 Beam's huggingface handlers import tensorflow (gone with transformers 5), so `LLMHandler` subclasses
 `ModelHandler` itself, as the caption job's handlers do.
 """

@@ -30,6 +30,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "search_example.png").is_file()
     for name in ("ablation.csv", "ablation.md", "ablation.png"):
         assert (out / "ablation" / name).is_file()
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["total_s"] > 0 and "stage I: image -> pseudo-word tokens" in timings["steps_s"]
     # a rerun reuses every finished step
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") >= 10
