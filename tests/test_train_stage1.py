@@ -90,3 +90,19 @@ def test_stage1_on_two_ranks(toy_captions, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_cir_model(out / "final").stage == 1
     assert sorted(p.name for p in (out / "data_log").iterdir()) == ["rank0-worker0.txt", "rank1-worker0.txt"]
+
+
+def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp_path):
+    """grad_accum=2 x 8 with cached features: the InfoNCE and soft-alignment batch is all 16 samples, so the
+    step equals one batch of 16; plain accumulation (two batches of 8) does not."""
+    from safetensors.torch import load_file
+
+    data, _ = toy_captions
+    step = [f"data.train=['{data}']", *BASE, "max_steps=1", "optim.warmup_steps=1", "optim.lr=1e-3"]
+    runs = {"whole": ["data.batch_size=16"], "cached": ["data.batch_size=8", "grad_accum=2"],
+            "plain": ["data.batch_size=8", "grad_accum=2", "accum_features=false"]}
+    for name, extra in runs.items():
+        assert main([f"output_dir={tmp_path / name}", *step, *extra]) == 0
+    whole, cached, plain = (load_file(str(tmp_path / name / "final" / "mapping.safetensors")) for name in runs)
+    assert all(torch.allclose(whole[k], cached[k], atol=2e-6) for k in whole)
+    assert not all(torch.allclose(whole[k], plain[k], atol=2e-6) for k in whole)

@@ -5,10 +5,10 @@ A stage supplies: `build()` -> trainable module, `collate(samples)` -> batch of 
 rest: data stream, AdamW with warmup + cosine, gradient accumulation and clipping, mixed precision,
 TensorBoard, tqdm, `save_state` checkpoints (automatic naming, total limit) and `resume=latest`.
 
-A contrastive stage may also supply `features(model, batch)` -> dict of tensors, `cached_keys` (the per-sample
-ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and `accum_features` the loop then
-runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of every micro-batch are the whole
-accumulated batch, as if it had fit in memory.
+A contrastive stage may also supply `features(model, batch, accelerator)` -> dict of tensors, `cached_keys`
+(the per-sample ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and
+`accum_features` the loop then runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of
+every micro-batch are the whole accumulated batch, as if it had fit in memory.
 
 Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
 optimizer step (Accelerate's prepared scheduler steps once per process), and saved via
@@ -200,12 +200,12 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
     import contextlib
 
     with torch.no_grad():
-        cache = [stage.features(model, b) for b in micro]
+        cache = [stage.features(model, b, accelerator) for b in micro]
     total = torch.zeros((), device=accelerator.device)
     for j, batch in enumerate(micro):
         sync = j == len(micro) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            fresh = stage.features(model, batch)
+            fresh = stage.features(model, batch, accelerator)
             features = dict(fresh)
             for key in stage.cached_keys:
                 features[key] = torch.cat([c[key] for c in cache[:j]] + [fresh[key]] + [c[key] for c in cache[j + 1:]])

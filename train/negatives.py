@@ -40,7 +40,7 @@ class HardNegativeConfig:
 
 def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str]:
     """The caption datasets (and annotated sets) whose keys the triplets' hard negatives name."""
-    from train.supervised import TripletSource, parse_entry
+    from train.supervised import parse_entry, triplet_source
 
     if cfg.bank:
         return list(cfg.bank)
@@ -48,7 +48,7 @@ def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str
     for entry in train_entries:
         annotated = parse_entry(entry)
         if annotated:
-            if TripletSource(*annotated).negative_images():
+            if triplet_source(*annotated).negative_images():
                 found.append(entry)
             continue
         paths = [m["path"] for m in ds.load_mix(entry)] if entry.endswith((".yaml", ".yml", ".json")) else [entry]
@@ -91,22 +91,22 @@ class NegativeBank:
 
 def _contents(entry: str) -> list[str]:
     """What a bank entry holds, for the fingerprint: shard urls, or an annotated set's negative image files."""
-    from train.supervised import TripletSource, parse_entry
+    from train.supervised import parse_entry, triplet_source
 
     annotated = parse_entry(entry)
     if annotated:
-        return [f"{name}={path}" for name, path in sorted(TripletSource(*annotated).negative_images().items())]
+        return [f"{name}={path}" for name, path in sorted(triplet_source(*annotated).negative_images().items())]
     return ds.shard_urls(entry)
 
 
 def bank_samples(entries: list[str], show: bool) -> Iterator[dict]:
     """Raw samples ({"__key__", image member, maybe "emb.npy"}) of every bank entry."""
-    from train.supervised import TripletSource, parse_entry
+    from train.supervised import parse_entry, triplet_source
 
     for entry in entries:
         annotated = parse_entry(entry)
         if annotated:
-            yield from tqdm(TripletSource(*annotated).negative_samples(), desc=f"negative bank {entry}",
+            yield from tqdm(triplet_source(*annotated).negative_samples(), desc=f"negative bank {entry}",
                             unit="img", disable=not show, file=sys.stderr)
             continue
         urls = ds.shard_urls(entry)

@@ -49,7 +49,7 @@ class Stage0:
 
     cached_keys = ("image_features", "text_features")  # per-sample: cached across micro-batches (loop.py)
 
-    def features(self, model, batch: dict) -> dict:
+    def features(self, model, batch: dict, accelerator) -> dict:
         out = model(batch["images"], batch["tokens"])
         image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(
             out, dict) else out[:3]
@@ -66,7 +66,7 @@ class Stage0:
                 {"logit_scale": scale.detach()})
 
     def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
-        return self.loss_on_features(self.features(model, batch), accelerator)
+        return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
 
     def export(self, model, out_dir: Path) -> None:
         from cir.backbone import save_backbone

@@ -97,7 +97,9 @@ class Stage1:
             batch["images"] = torch.stack([self.backbone.preprocess(image_of(s)) for s in samples])
         return batch
 
-    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+    cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)
+
+    def features(self, model, batch: dict, accelerator) -> dict:
         from cir.mapping import image_features
 
         clip = accelerator.unwrap_model(model).clip
@@ -108,7 +110,13 @@ class Stage1:
                 v, patches = image_features(clip, batch["images"], self.cfg.mapping.use_patches)
             c = clip.encode_text(batch["captions"], normalize=True)  # [B, d] frozen teacher side
         prompts = self.prompt_tokens.to(v.device).expand(v.shape[0], -1)
-        t = model(v, patches, prompts)  # [B, d] pseudo-prompt features
+        return {"t": model(v, patches, prompts), "v": v, "c": c}  # t: [B, d] pseudo-prompt features
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
+
+    def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        t, v, c = features["t"], features["v"], features["c"]
         t_all, v_all, c_all = gather(t, accelerator, True), gather(v, accelerator, False), gather(c, accelerator, False)
         labels = torch.arange(t_all.shape[0], device=t.device)
         logits = t_all @ v_all.T / self.cfg.temperature

@@ -25,6 +25,7 @@ Records are permuted by seed + epoch and split by rank then worker, as shard lis
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -250,3 +251,9 @@ class TripletSource:
                 f"ref.{_image_suffix(record.reference)}": record.reference.read_bytes(),
                 f"tgt.{_image_suffix(choice.target)}": choice.target.read_bytes(),
                 "mod.txt": choice.text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+
+
+@functools.lru_cache(maxsize=8)
+def triplet_source(fmt: str, root: Path, split: str) -> TripletSource:
+    """One TripletSource per entry for the negative bank's several looks (annotations read and checked once)."""
+    return TripletSource(fmt, root, split)
