@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent
 
@@ -18,14 +19,19 @@ ROOT = Path(__file__).resolve().parent
 TIMINGS: dict[str, float] = {}  # step name -> seconds, for runs/demo/timings.json
 
 
-def step(name: str, done_marker: Path | None, cmd: list[str]) -> None:
-    """Run `cmd` unless `done_marker` exists (None: a cheap check that always runs)."""
+def step(name: str, done_marker: Path | None, cmd: list[str], in_process: Optional[Callable[[], object]] = None,
+         ) -> None:
+    """Run `cmd` unless `done_marker` exists (None: a cheap check that always runs). `in_process` does what
+    `cmd` does inside this process instead (cmd is still printed, for the user to rerun by hand)."""
     if done_marker is not None and done_marker.exists():
         print(f"[demo] {name}: done already ({done_marker})")
         return
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if in_process is not None:
+        in_process()
+    else:
+        subprocess.run(cmd, check=True, cwd=ROOT)
     TIMINGS[name] = round(time.time() - start, 1)
 
 
@@ -116,7 +122,12 @@ BENCHMARKS = {"toy-cirr": "cirr", "toy-circo": "circo"}
 
 
 def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> dict:
-    """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations)."""
+    """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations).
+
+    The evaluations run inside this process: importing open_clip (torchvision's ops pull in torch._dynamo,
+    open_clip's HF text towers transformers) takes ~11 s of each ~13 s `eval run` process on 2 cores."""
+    from eval.run import run
+
     runs = {m: (flag, stage1 / sub if sub else stage1) for m, (flag, sub) in METHODS.items()}
     runs.update({f"stage2_{name}": ("model", path) for name, path in stage2.items()})
     results: dict = {}
@@ -125,7 +136,8 @@ def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> d
             target = out / "eval" / f"{name}-{method}"
             step(f"eval {method} on {name}", target / "metrics.json",
                  [sys.executable, "-m", "eval", "run", "--benchmark", benchmark, "--data", str(bench / benchmark),
-                  "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)])
+                  "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)],
+                 lambda: run(benchmark, str(bench / benchmark), str(checkpoint), method=flag, output=str(target)))
             results.setdefault(name, {})[method] = json.loads((target / "metrics.json").read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     grids = [f"![{name} {method}](eval/{name}-{method}/examples.png)" for name in BENCHMARKS

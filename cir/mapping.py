@@ -103,14 +103,29 @@ def encode_text_with_pseudo(clip, tokens: torch.Tensor, placeholder: int, pseudo
     from_pseudo = pseudo.to(cast).gather(1, (pos - p).clamp(0, k - 1)[..., None].expand(-1, -1, width))
     x = torch.where(((pos >= p) & (pos < p + k))[..., None], from_pseudo, from_tokens)  # [B, L, w]
     eot = (tokens.argmax(dim=-1) + (k - 1)).clamp(max=length - 1)  # <end_of_text> has the largest id
+    return _pooled_text(clip, x, eot, normalize)
+
+
+def encode_text(clip, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """`clip.encode_text` (same features), computed only up to the batch's last <end_of_text>: a toy caption
+    needs ~15 of 48 positions, "a photo of $ that ..." ~15 of 77. Text towers other than open_clip's own
+    argmax-pooled causal transformer go through their own encode_text."""
+    if getattr(clip, "text_pool_type", None) != "argmax" or getattr(clip, "attn_mask", None) is None:
+        return clip.encode_text(tokens, normalize=normalize)
+    x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())
+    return _pooled_text(clip, x, tokens.argmax(dim=-1), normalize)
+
+
+def _pooled_text(clip, x: torch.Tensor, eot: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The text transformer on token embeddings x [B, L, w], pooled at positions eot [B]."""
     # The attention is causal and features are pooled at <end_of_text>: positions after the last one in the
     # batch cannot change the result, so they are cut ("a photo of $" needs ~7 of 77 positions).
     n = int(eot.max()) + 1
-    x = x[:, :n] + clip.positional_embedding[:n].to(cast)
+    x = x[:, :n] + clip.positional_embedding[:n].to(x.dtype)
     mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
     x = clip.transformer(x, attn_mask=mask)
     x = clip.ln_final(x)
-    x = x[torch.arange(b, device=x.device), eot]
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
     x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
     return F.normalize(x, dim=-1) if normalize else x
 

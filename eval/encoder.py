@@ -81,7 +81,7 @@ class Encoder:
                 batch_size: int, method: Optional[str] = None) -> torch.Tensor:
         """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
         features are averaged); ref_feats [Q, d] are the references' image features."""
-        from cir.mapping import image_features
+        from cir.mapping import encode_text, image_features
         from cir.model import compose
 
         method = method or self.method
@@ -103,7 +103,7 @@ class Encoder:
                 f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v, patches, prompts,
                                self.cir.adapters, self.cir.fusion)
             else:
-                f = clip.encode_text(tok(chunk).to(self.device), normalize=True)
+                f = encode_text(clip, tok(chunk).to(self.device))
                 if method == "sum":
                     f = F.normalize(f + ref_feats[idx].to(f.device), dim=-1)
             out.index_add_(0, torch.tensor(idx), f.float().cpu())

@@ -167,8 +167,10 @@ class ChooseCaption(beam.DoFn):
     def _best(self, candidates: list[str], emb) -> int:
         import torch
 
+        from cir.mapping import encode_text
+
         with torch.no_grad():
-            text = self.backbone.model.encode_text(self.backbone.tokenizer(candidates).to(self.device), normalize=True)
+            text = encode_text(self.backbone.model, self.backbone.tokenizer(candidates).to(self.device))
         scores = text.float().cpu() @ torch.as_tensor(emb, dtype=torch.float32)  # [num_candidates]
         return int(scores.argmax())
 

@@ -44,8 +44,10 @@ def vocabulary(captions: Iterable[str], size: int = 2000, min_count: int = 2) ->
 def _encode_texts(backbone, texts: list[str]):
     import torch
 
+    from cir.mapping import encode_text
+
     with torch.no_grad():
-        return backbone.model.encode_text(backbone.tokenizer(texts), normalize=True).float().cpu().numpy()
+        return encode_text(backbone.model, backbone.tokenizer(texts)).float().cpu().numpy()
 
 
 class CaptionEdit(beam.DoFn):

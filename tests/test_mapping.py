@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from cir.backbone import create_backbone
-from cir.mapping import MappingConfig, MappingNetwork, encode_text_with_pseudo, placeholder_id
+from cir.mapping import MappingConfig, MappingNetwork, encode_text, encode_text_with_pseudo, placeholder_id
 
 
 def test_placeholder_filled_with_its_own_embedding_equals_encode_text():
@@ -31,6 +31,18 @@ def test_more_pseudo_tokens_shift_the_pooling_position():
         expected = clip.encode_text(bb.tokenizer(["a photo of red circle", "blue square on the left",
                                                   "big green cross"]), normalize=True)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_encode_text_cut_after_the_last_end_of_text_equals_open_clip():
+    bb = create_backbone("tiny-clip-32", seed=0)
+    clip = bb.model.eval()
+    texts = ["red", "a large red circle on the left of a small blue square", "two green crosses"]
+    tokens = bb.tokenizer(texts)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+    with torch.no_grad():
+        for normalize in (True, False):
+            assert torch.allclose(encode_text(clip, tokens, normalize), clip.encode_text(tokens, normalize=normalize),
+                                  atol=1e-5)
 
 
 def test_mapping_shapes_with_and_without_patches():

@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order (seed + epoch), everything random
     max_steps: int = 1000  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
-    accum_features: bool = True  # contrastive stages (0 and I) with grad_accum > 1: cache features so every
+    accum_features: bool = True  # contrastive stages (0, I, II) with grad_accum > 1: cache features so every
     # micro-batch's negatives are the whole accumulated batch (open_clip's accum_freq); false: plain accumulation
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
     log_every: int = 10  # steps between TensorBoard scalars

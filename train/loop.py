@@ -202,6 +202,9 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
     with torch.no_grad():
         cache = [stage.features(model, b, accelerator) for b in micro]
     total = torch.zeros((), device=accelerator.device)
+    # Randomness inside the loss (stage II's MUR augmenter) must draw the same numbers in every pass-2 call,
+    # as one big batch draws them once: each call starts from the same RNG state.
+    rng = _rng_state(accelerator.device)
     for j, batch in enumerate(micro):
         sync = j == len(micro) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -209,10 +212,21 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
             features = dict(fresh)
             for key in stage.cached_keys:
                 features[key] = torch.cat([c[key] for c in cache[:j]] + [fresh[key]] + [c[key] for c in cache[j + 1:]])
+            _set_rng_state(rng, accelerator.device)
             loss, scalars = stage.loss_on_features(features, accelerator)
             accelerator.backward(loss)
         total += loss.detach()
     return total / len(micro), scalars
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:

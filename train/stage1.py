@@ -100,7 +100,7 @@ class Stage1:
     cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)
 
     def features(self, model, batch: dict, accelerator) -> dict:
-        from cir.mapping import image_features
+        from cir.mapping import encode_text, image_features
 
         clip = accelerator.unwrap_model(model).clip
         with torch.no_grad():
@@ -108,7 +108,7 @@ class Stage1:
                 v, patches = F.normalize(batch["emb"], dim=-1), None
             else:
                 v, patches = image_features(clip, batch["images"], self.cfg.mapping.use_patches)
-            c = clip.encode_text(batch["captions"], normalize=True)  # [B, d] frozen teacher side
+            c = encode_text(clip, batch["captions"])  # [B, d] frozen teacher side
         prompts = self.prompt_tokens.to(v.device).expand(v.shape[0], -1)
         return {"t": model(v, patches, prompts), "v": v, "c": c}  # t: [B, d] pseudo-prompt features
 

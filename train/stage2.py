@@ -13,6 +13,8 @@ loss=mur: the same fine-grained term, weighted lambda_fine(t) (linear from mur.f
     f_hat = alpha * f + beta (cir.composer.augment_targets / uncertainty_loss).
 fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
     the retrieval loss; mean and std of w are logged.
+grad_accum > 1 (with accum_features): every micro-batch's queries meet the targets of the whole accumulated
+    batch, as one batch of grad_accum x batch_size would (train.loop.feature_cached_step).
 """
 from __future__ import annotations
 
@@ -145,8 +147,15 @@ class Stage2:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
 
-    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
-        from cir.composer import augment_targets, hard_negative_infonce, uncertainty_loss
+    @property
+    def cached_keys(self) -> tuple[str, ...]:
+        """Per-sample features cached across micro-batches with grad_accum (loop.feature_cached_step): the
+        queries and everything each query's loss reads, so that every micro-batch's queries are scored
+        against the targets of the whole accumulated batch."""
+        keys = ("q", "v_ref", "v_tgt") + (("negatives", "mask") if self.bank is not None else ())
+        return keys + (("w",) if self.cfg.fusion == "adaptive" else ())
+
+    def features(self, model, batch: dict, accelerator) -> dict:
         from cir.mapping import image_features
 
         clip = accelerator.unwrap_model(model).clip
@@ -155,13 +164,24 @@ class Stage2:
             v_tgt = F.normalize(batch["tgt_emb"], dim=-1) if "tgt_emb" in batch else image_features(
                 clip, batch["tgts"], False)[0]
         q, w = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None
+        features = {"q": q, "v_ref": v_ref, "v_tgt": v_tgt}
+        if w is not None:
+            features["w"] = w
+        if "hn_rows" in batch:
+            features["negatives"], features["mask"] = self.bank.lookup(batch["hn_rows"], q.device)  # [B, H, d], [B, H]
+        return features
+
+    def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
+
+    def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
+        from cir.composer import augment_targets, hard_negative_infonce, uncertainty_loss
+
+        q, v_ref, v_tgt, mask = features["q"], features["v_ref"], features["v_tgt"], features.get("mask")
         targets = gather(v_tgt, accelerator, False)
         offset = accelerator.process_index * q.shape[0]
-        negatives = mask = None
-        if "hn_rows" in batch:
-            negatives, mask = self.bank.lookup(batch["hn_rows"], q.device)  # [B, H, d], [B, H]
         fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset,
-                                     negatives, mask, self.cfg.hard_negatives.weight)
+                                     features.get("negatives"), mask, self.cfg.hard_negatives.weight)
         scalars = {"fine": fine.detach()}
         if mask is not None:
             scalars["hard_negatives_per_query"] = mask.float().sum(dim=1).mean()
@@ -174,8 +194,9 @@ class Stage2:
             coarse = uncertainty_loss(q, f_hat, s2)
             loss = lam_fine * fine + mur.weight * coarse
             scalars.update(coarse=coarse.detach(), lambda_fine=torch.tensor(lam_fine))
-        if w is not None:
-            scalars.update(fusion_w_mean=w.detach().mean(), fusion_w_std=w.detach().std())
+        if "w" in features:
+            w = features["w"].detach()
+            scalars.update(fusion_w_mean=w.mean(), fusion_w_std=w.std())
         return loss, scalars
 
     def export(self, model, out_dir: Path) -> None:
