@@ -18,7 +18,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Optional
 
 import apache_beam as beam
@@ -27,7 +27,7 @@ import numpy as np
 from cir import dataset as ds
 from pipeline import jobs
 from synth import mining
-from synth.llm import DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
+from synth.llm import CHAT_MODES, DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.modtext import modification_text
 
 LOG = logging.getLogger("synth")
@@ -73,6 +73,7 @@ class SynthConfig:
     llm: Optional[str] = None  # HF causal or encoder-decoder LM (hub id or directory); None = templates
     llm_prompt: str = DEFAULT_PROMPT  # with {ref} and {tgt}: the two captions
     llm_max_new_tokens: int = 32
+    llm_chat: str = "auto"  # prompts through the model's chat template: auto (when it has one) | on | off
     caption_edit: str = "swap"  # high quality, diffusers editor: 'swap' (keyword swap in a CLIP band) or 'llm'
     # (--llm writes the instruction and the edited caption; its instruction is then the modification text)
     llm_edit_prompt: str = DEFAULT_EDIT_PROMPT  # with {caption}; the answer is 'instruction | edited caption'
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hub id or directory; causal or encoder-decoder) instead of templates")
     p.add_argument("--llm-prompt", default=d.llm_prompt, help="prompt with {ref} and {tgt} (the two captions)")
     p.add_argument("--llm-max-new-tokens", type=int, default=d.llm_max_new_tokens)
+    p.add_argument("--llm-chat", default=d.llm_chat, choices=CHAT_MODES,
+                   help="send the prompt as a user message through the model's chat template (instruct models): "
+                        "auto = when its tokenizer has one")
     p.add_argument("--caption-edit", default=d.caption_edit, choices=("swap", "llm"),
                    help="high quality with the diffusers editor: keyword swap, or --llm writes the edit")
     p.add_argument("--llm-edit-prompt", default=d.llm_edit_prompt,
@@ -375,14 +379,17 @@ class EditSources(beam.PTransform):
                       "directional": cfg.min_directional}
         if cfg.caption_edit == "llm":
             from synth.editing import IMAGE_GUIDANCE, TEXT_GUIDANCE
-            from synth.llm import LLMCaptionEdit, LLMHandler, edit_request
+            from synth.llm import LLMCaptionEdit, LLMHandler, edit_request, provenance
 
+            chat = cfg.llm_chat == "on"  # resolved before the job (run)
             writer = LLMHandler(cfg.llm, cfg.llm_edit_prompt, fields={"caption": "caption"},
-                                max_new_tokens=cfg.llm_max_new_tokens, device=cfg.device, batch_size=cfg.batch_size)
+                                max_new_tokens=cfg.llm_max_new_tokens, device=cfg.device, batch_size=cfg.batch_size,
+                                chat=chat)
+            written = provenance(cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, chat)
             candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
                           | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
-                              cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, cfg.samples_per_source,
-                              cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE)).with_outputs(EDIT_REJECTED, main="candidates"))
+                              written, cfg.samples_per_source, cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE))
+                          .with_outputs(EDIT_REJECTED, main="candidates"))
         else:
             candidates = keyed | "CaptionEdit" >> beam.ParDo(
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
@@ -508,7 +515,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
 
         # After shard assignment: a rerun does not pay for the texts of committed shards.
         written_by_llm = assigned | "LLMModText" >> LLMModText(cfg.llm, cfg.llm_prompt, cfg.llm_max_new_tokens,
-                                                               cfg.device, cfg.batch_size)
+                                                               cfg.device, cfg.batch_size, cfg.llm_chat == "on")
         assigned = written_by_llm.specs
         rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
@@ -585,6 +592,10 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
         check_input(cfg)
+        if cfg.llm:  # auto -> on/off here, so that the card and every json say what was done
+            from synth.llm import resolve_chat
+
+            cfg = replace(cfg, llm_chat="on" if resolve_chat(cfg.llm, cfg.llm_chat) else "off")
     except (ValueError, OSError) as err:
         parser.error(str(err))
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
