@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional
 import yaml
 
 from cir import dataset as ds
+from eval.score import PredictionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,12 +70,16 @@ def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
     fraction = min(1.0, count / max(1, source_size(cfg.sources[source])))
     final = cell / "train" / "final"
     if not (final / "cir_config.json").is_file():
-        cmd = [sys.executable, str(ROOT / "train" / "stage2.py")]
-        if cfg.stage2_config:
-            cmd += ["--config", cfg.stage2_config]
-        cmd += [f"output_dir={cell / 'train'}", f"init_from={cfg.stage1}", f"data.train=['{cfg.sources[source]}']",
-                f"data.subset_fraction={fraction}", f"seed={seed}", f"max_steps={cfg.max_steps}", *cfg.overrides]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        # train/stage2.py's main in this process: a process per cell would import open_clip again (~11 s)
+        from train.stage2 import main as train_stage2
+
+        args = ["--config", cfg.stage2_config] if cfg.stage2_config else []
+        args += [f"output_dir={cell / 'train'}", f"init_from={cfg.stage1}", f"data.train=['{cfg.sources[source]}']",
+                 f"data.subset_fraction={fraction}", f"seed={seed}", f"max_steps={cfg.max_steps}", *cfg.overrides]
+        print(f"[ablate] python train/stage2.py {' '.join(args)}", file=sys.stderr, flush=True)
+        code = train_stage2(args)
+        if code != 0:
+            raise PredictionError(f"stage II of cell {cell.name} failed (exit {code}; its error is printed above)")
     from eval.run import run
 
     metrics = {}

@@ -17,7 +17,7 @@ def test_subset_is_fixed_and_about_the_right_size():
     assert set(kept) <= {k for k in keys if in_subset(k, 0.5)}  # nested: more triplets include the fewer
 
 
-def test_tiny_ablation_grid(toy_world, toy_captions, tmp_path):
+def test_tiny_ablation_grid(toy_world, toy_captions, tmp_path, capsys):
     from eval.__main__ import main
     from synth.job import run as synth
     from train.stage1 import main as stage1
@@ -47,6 +47,12 @@ def test_tiny_ablation_grid(toy_world, toy_captions, tmp_path):
     stamp = (out / "cells" / "low-20-seed0" / "train" / "final" / "adapters.safetensors").stat().st_mtime_ns
     assert main(["ablate", "--config", str(config)]) == 0  # rerun: finished cells are reused
     assert (out / "cells" / "low-20-seed0" / "train" / "final" / "adapters.safetensors").stat().st_mtime_ns == stamp
+    bad = json.loads(config.read_text())
+    bad.update(output_dir=str(tmp_path / "bad"), overrides=[*bad["overrides"], "loss=triplet"])
+    config.write_text(json.dumps(bad))
+    assert main(["ablate", "--config", str(config)]) == 2  # a cell that cannot train: a clear error, no table
+    assert "stage II of cell low-20-seed0 failed" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "ablation.csv").exists()
 
 
 def test_bad_ablation_config_exits_2(tmp_path, capsys):
