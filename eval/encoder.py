@@ -115,7 +115,9 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[in
     """Exact (scores, indices) [Q, k] of the best gallery rows per query; `exclude[q]` (>= 0) is a row query q
     must not return. With faiss installed, its brute-force kNN on the features as they are (no index, no copy:
     BLAS blocks plus heaps, the fastest exact search on CPU); otherwise a chunked scan in torch. Either way
-    memory is the features plus fixed-size blocks, whatever the gallery size."""
+    memory is the features plus fixed-size blocks, whatever the gallery size. k is capped to what can be
+    returned (capped_k)."""
+    k = capped_k(k, gallery.shape[0], exclude)
     if use_faiss and queries.shape[0]:
         try:
             import faiss
@@ -124,6 +126,11 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[in
         if faiss is not None:
             return _top_k_faiss(faiss, queries, gallery, k, exclude)
     return _top_k_chunked(queries, gallery, k, exclude, chunk)
+
+
+def capped_k(k: int, rows: int, exclude: list[int]) -> int:
+    """k, or the number of rows a query can get back (an excluded row is never returned) if that is fewer."""
+    return min(k, rows - (1 if any(e >= 0 for e in exclude) else 0))
 
 
 def _top_k_faiss(faiss, queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int]

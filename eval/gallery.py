@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cir.dataset import write_atomic, write_json
-from eval.encoder import Encoder, top_k
+from eval.encoder import Encoder, capped_k, top_k
 from eval.score import PredictionError
 
 INDEX_FILE = "index.json"
@@ -208,7 +208,7 @@ class GalleryIndex:
 
     def top(self, queries: torch.Tensor, k: int, exclude: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, rows) [Q, <=k]: exact chunked top-k, or the faiss IVF index when the index has one."""
-        k = min(k, len(self) - (1 if any(e >= 0 for e in exclude) else 0))
+        k = capped_k(k, len(self), exclude)
         if self.faiss is None:
             return top_k(queries, self.features, k, exclude)
         scores, rows = self.faiss.search(queries.numpy().astype(np.float32), k + 1)

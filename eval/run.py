@@ -112,8 +112,7 @@ def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: 
         rows = [row[n] for n in bench.group_gallery[group] if n in row] if bench.group_gallery else list(range(len(names)))
         local = {r: i for i, r in enumerate(rows)}
         exclude = [local.get(r, -1) if q.exclude_reference else -1 for q, r in zip(queries, refs)]
-        k = min(TOP, len(rows) - (1 if any(e >= 0 for e in exclude) else 0))  # an excluded row is never returned
-        top_scores, ranked = top_k(feats, gallery_feats[rows], k, exclude)
+        top_scores, ranked = top_k(feats, gallery_feats[rows], TOP, exclude)
         ranked_names = {q.qid: [bench.ids(names[rows[i]]) for i in r.tolist()] for q, r in zip(queries, ranked)}
         examples += [(shown[(group, q.qid)], q, [(names[rows[i]], s) for i, s in zip(r[:5].tolist(),
                                                                                       top_s[:5].tolist())])

@@ -6,10 +6,10 @@ the command line turns into a message and exit code 2: a wrong file must never s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
+from cir import jsonfile
 from eval.metrics import mean_ap_at_k, recall_at_k
 
 TOP = 50  # every benchmark's server takes top-50 lists
@@ -24,12 +24,7 @@ class PredictionError(ValueError):
 
 
 def load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise PredictionError(f"{what} not found: {path}") from err
-    except ValueError as err:
-        raise PredictionError(f"{what} {path} is not valid JSON: {err}") from err
+    return jsonfile.load_json(path, what, PredictionError)
 
 
 def _check_list(name: str, ranked: Any, length: int, *, item_type: type) -> list:

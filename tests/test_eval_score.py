@@ -195,6 +195,9 @@ def test_cli_prints_one_json_object_and_exits_2_on_bad_files(cirr, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     result = cli("--benchmark", "circo", "--annotations", str(ann), "--predictions", str(tmp_path / "broken.json"))
     assert result.returncode == 2 and "not valid JSON" in result.stderr
+    for missing in (tmp_path / "missing.json", tmp_path):  # no file, or a directory
+        result = cli("--benchmark", "circo", "--annotations", str(ann), "--predictions", str(missing))
+        assert result.returncode == 2 and f"predictions not found: {missing}" in result.stderr
 
 
 def test_oracle_predictions_on_the_toy_benchmarks_score_100(toy_world):

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from cir import jsonfile
+
 FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
 FIELDS = ("ref.jpg", "ref.png", "tgt.jpg", "tgt.png", "mod.txt", "json")
 
@@ -74,12 +76,7 @@ def parse_entry(entry: str) -> Optional[tuple[str, Path, str]]:
 
 
 def _load_json(path: Path, what: str):
-    if not path.is_file():
-        raise SupervisedError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SupervisedError(f"{what} {path} is not valid JSON: {err}") from None
+    return jsonfile.load_json(path, what, SupervisedError)
 
 
 def load_fashioniq(root: Path, split: str) -> list[Record]:
