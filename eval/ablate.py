@@ -30,7 +30,6 @@ import yaml
 from cir import dataset as ds
 from eval.score import PredictionError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
