@@ -31,7 +31,6 @@ from cir import dataset as ds
 from eval.score import PredictionError
 
 
-
 @dataclass
 class AblationConfig:
     output_dir: str  # cells/, ablation.csv, ablation.md, ablation.png
