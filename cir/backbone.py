@@ -50,6 +50,7 @@ class Backbone:
     name: str  # how it was asked for: a model name, hf-hub id or directory
     model_cfg: dict  # the architecture (open_clip's model_cfg), saved with every export
     preprocess_cfg: dict  # mean/std/size/interpolation, saved with every export
+    fingerprint: Optional[str] = None  # clip_fingerprint(model), set by those that record it (frozen uses)
 
     @property
     def embed_dim(self) -> int:
@@ -148,6 +149,17 @@ def save_backbone(backbone: Backbone, out_dir: str | os.PathLike, extra: Optiona
     save_model(backbone.model, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     return out
+
+
+def clip_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights as loaded (float32, by parameter name), whatever its source: a hub
+    name, a directory or a seeded random tiny CLIP. Caption jobs store it beside `emb.npy` (`emb_clip`), so a
+    trainer takes cached embeddings only from its own frozen CLIP: another CLIP's are another space."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def weights_fingerprint(checkpoint: str) -> str:

@@ -180,6 +180,16 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def sample_meta(sample: dict) -> dict:
+    """A raw sample's `json` member, parsed; {} when it has none or it does not parse (callers read optional
+    fields, such as `emb_clip`: which CLIP made the sample's emb.npy)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def image_field(sample: dict, prefix: str = "") -> Optional[str]:
     """The name of the sample's image member (`jpg`/`png`/`webp`, or `ref.jpg` ... with a prefix)."""
     return next((f"{prefix}{e}" for e in ("jpg", "png", "webp") if f"{prefix}{e}" in sample), None)

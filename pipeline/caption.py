@@ -130,7 +130,7 @@ def _with_candidates(result) -> dict:
 
 
 def _with_embedding(result) -> dict:
-    return {**result.example, "emb": result.inference}
+    return {**result.example, "emb": result.inference, "emb_clip": result.model_id}  # model_id: weights hash
 
 
 class ChooseCaption(beam.DoFn):
@@ -214,6 +214,7 @@ def to_webdataset(sample: dict) -> dict:
     out = {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
     if sample.get("emb") is not None:
         out["emb.npy"] = ds.npy_bytes(sample["emb"])
+        meta["emb_clip"] = sample["emb_clip"]  # which CLIP's weights (cir.backbone.clip_fingerprint)
     return out
 
 

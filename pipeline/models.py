@@ -101,10 +101,12 @@ class ClipImageEmbedHandler(ModelHandler[dict, np.ndarray, Any]):
         self.device = device
 
     def load_model(self):
-        from cir.backbone import create_backbone
+        from cir.backbone import clip_fingerprint, create_backbone
 
         backbone = create_backbone(self.model, self.pretrained, device=self.device)
         backbone.model.eval()
+        # The weights' fingerprint is each result's model_id: samples record which CLIP made their emb.npy.
+        backbone.fingerprint = clip_fingerprint(backbone.model)
         return backbone
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
@@ -117,7 +119,7 @@ class ClipImageEmbedHandler(ModelHandler[dict, np.ndarray, Any]):
             feats = model.model.encode_image(pixels, normalize=True)  # [B, embed_dim]
         feats = feats.float().cpu().numpy().astype(np.float16)
         for sample, vec in zip(batch, feats):
-            yield PredictionResult(sample, vec, self.model)
+            yield PredictionResult(sample, vec, model.fingerprint)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
         return _num_bytes(batch)

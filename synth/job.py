@@ -153,7 +153,8 @@ class ReadCaptionShard(beam.DoFn):
                 continue
             emb = ds.load_npy(raw["emb.npy"]) if "emb.npy" in raw else None
             yield raw["__key__"], {"key": raw["__key__"], "image": raw[field], "ext": field, "caption": caption,
-                                   "emb": emb}
+                                   # which CLIP made emb.npy: carried into the triplets for the trainers
+                                   "emb": emb, "emb_clip": ds.sample_meta(raw).get("emb_clip")}
 
 
 def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
@@ -437,9 +438,11 @@ def _assemble(element) -> Iterator[dict]:
     spec = dict(specs[0])
     ref = parts["ref"]
     spec["ref_image"], spec["ref_ext"], spec["ref_emb"] = ref["image"], ref["ext"], ref["emb"]
+    spec["ref_emb_clip"] = ref.get("emb_clip")
     if "tgt_image" not in spec:
         tgt = parts["tgt"]
         spec["tgt_image"], spec["tgt_ext"], spec["tgt_emb"] = tgt["image"], tgt["ext"], tgt["emb"]
+        spec["tgt_emb_clip"] = tgt.get("emb_clip")
     yield spec
 
 
@@ -452,6 +455,8 @@ def to_webdataset(t: dict) -> dict:
     for role in ("ref", "tgt"):
         if t.get(f"{role}_emb") is not None:
             out[f"{role}.emb.npy"] = ds.npy_bytes(np.asarray(t[f"{role}_emb"], dtype=np.float16))
+            if t.get(f"{role}_emb_clip"):
+                meta[f"{role}_emb_clip"] = t[f"{role}_emb_clip"]
     return out
 
 

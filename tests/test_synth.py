@@ -97,6 +97,7 @@ def test_rerun_writes_nothing_twice(low, toy_captions):
 
 
 def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_path):
+    from cir.backbone import clip_fingerprint, create_backbone
     from pipeline.caption import run as caption
 
     cap = tmp_path / "cap"
@@ -105,6 +106,7 @@ def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_pa
     stats = run(["--input", str(cap), "--output", str(out), "--quality", "low", "--image-weight", "0.5",
                  "--band-low", "0", "--band-high", "1", "--max-changes", "10", *BEAM])
     assert stats["written"] > 0
+    fingerprint = clip_fingerprint(create_backbone(str(tiny_clip_dir)).model)
     for t in triplets(out):
         scores = json.loads(t["json"])["scores"]
         expected = 0.5 * scores["image_similarity"] + 0.5 * scores["caption_similarity"]
@@ -112,6 +114,8 @@ def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_pa
         for role in ("ref", "tgt"):
             emb = np.load(io.BytesIO(t[f"{role}.emb.npy"]), allow_pickle=False)
             assert emb.dtype == np.float16 and abs(np.linalg.norm(emb.astype(np.float32)) - 1) < 1e-2
+            # which CLIP made them travels with them, for the trainers' check
+            assert json.loads(t["json"])[f"{role}_emb_clip"] == fingerprint
 
 
 # ---------------------------------------------------------------- high quality (toy editor)

@@ -72,6 +72,42 @@ def test_cached_embeddings_and_pic2word_baseline(toy_world, tiny_clip_dir, tmp_p
     assert model.mapping.patch_proj is None
 
 
+def test_cached_embeddings_only_from_the_same_clip(toy_world, tiny_clip_dir, tmp_path, caplog):
+    """emb.npy replaces the image tower only where the caption job's CLIP is this stage's frozen CLIP: the
+    samples record its weights' fingerprint. Another CLIP's embeddings (here: the same architecture, another
+    seed; in real use, the open-domain CLIP vs a stage 0 fine-tune) are another space: the tower runs."""
+    from pipeline.caption import run as caption
+    from train.config import load_config
+    from train.stage1 import Stage1, Stage1Config
+
+    cap = tmp_path / "cap"
+    caption(["--input", str(toy_world / "images"), "--output", str(cap), "--clip", str(tiny_clip_dir),
+             "--runner", "DirectRunner"])
+    samples = toy_images((cap, None))[:8]
+    overrides = ["mapping.use_patches=false", "mapping.num_tokens=1", f"data.train=['{cap}']"]
+
+    def stage(*extra):
+        s = Stage1(load_config(Stage1Config, None, [*overrides, *extra]))
+        s.build()
+        return s
+
+    same = stage(f"init_from={tiny_clip_dir}")
+    batch = same.collate(samples)
+    assert "emb" in batch and "images" not in batch
+    with torch.no_grad():
+        tower = same.backbone.model.encode_image(torch.stack([same.backbone.preprocess(s.get("jpg") or s.get("png"))
+                                                              for s in samples]), normalize=True)
+    assert torch.allclose(batch["emb"], tower, atol=2e-3)
+    with caplog.at_level("WARNING", logger="train.data"):
+        other = stage("clip.model=tiny-clip-32", "seed=1").collate(samples)
+    assert "images" in other and "emb" not in other
+    assert "this stage's frozen CLIP is" in caplog.text
+    # a sample that does not say which CLIP made its emb.npy (a dataset from before the field existed)
+    unrecorded = [{**s, "json": {k: v for k, v in s["json"].items() if k != "emb_clip"}} for s in samples]
+    assert "images" in same.collate(unrecorded)
+    assert "emb" not in stage(f"init_from={tiny_clip_dir}", "data.use_cached_embeddings=false").collate(samples)
+
+
 def test_stage1_on_two_ranks(toy_captions, tmp_path):
     """The pseudo-prompt runs through the DDP wrapper's forward, so gradients synchronise across gloo ranks."""
     import os

@@ -115,6 +115,49 @@ def test_hard_negative_bank_holds_the_caption_dataset_encoded(tiny_stage1_export
     assert (out / "negative_bank" / "features.npy").stat().st_mtime_ns == stamp
 
 
+def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_world, tiny_clip_dir, tmp_path):
+    """tgt.emb.npy (copied by synth from the caption job) and the negative bank's emb.npy stand in for the
+    frozen CLIP only when the caption job's CLIP is stage I's: another CLIP's are recomputed by the tower."""
+    from cir import dataset as ds
+    from cir.backbone import clip_fingerprint, create_backbone
+    from cir.mapping import image_features
+    from cir.tiny_models import make_tiny_clip
+    from pipeline.caption import run as caption
+    from synth.job import run as synth
+    from train.config import load_config
+    from train.data import decode_sample
+    from train.negatives import encode_datasets
+    from train.stage2 import Stage2, Stage2Config
+
+    beam = ["--runner", "DirectRunner"]
+    made = {}
+    for name, clip in (("same", tiny_clip_dir), ("other", make_tiny_clip(tmp_path / "other-clip", seed=1))):
+        cap, low = tmp_path / f"cap-{name}", tmp_path / f"low-{name}"
+        caption(["--input", str(toy_world / "images"), "--output", str(cap), "--clip", str(clip), *beam])
+        synth(["--input", str(cap), "--output", str(low), "--quality", "low", "--image-weight", "0", *beam])
+        made[name] = cap, [decode_sample(s) for u in ds.shard_urls(str(low)) for s in ds.iter_shard(u)][:8]
+    stage = Stage2(load_config(Stage2Config, None, [f"init_from={tiny_stage1_export}",
+                                                     f"data.train=['{tmp_path / 'low-same'}']"]))
+    stage.build()
+    clip = stage.cir.backbone
+    # the premise: stage I's frozen CLIP is the "same" caption job's CLIP (tiny-clip-32, seed 0)
+    assert stage.clip_id == clip_fingerprint(create_backbone(str(tiny_clip_dir)).model)
+    same, other = stage.collate(made["same"][1]), stage.collate(made["other"][1])
+    assert "tgt_emb" in same and "tgts" not in same
+    assert "tgts" in other and "tgt_emb" not in other
+
+    def encode(images: list) -> torch.Tensor:
+        with torch.no_grad():
+            return image_features(clip.model, torch.stack(images), False)[0]
+
+    keys, feats = encode_datasets([str(made["other"][0])], encode, clip.preprocess, 16, stage.clip_id, False)
+    samples = {s["__key__"]: s for u in ds.shard_urls(str(made["other"][0])) for s in map(decode_sample, ds.iter_shard(u))}
+    direct = encode([clip.preprocess(samples[k].get("jpg") or samples[k].get("png")) for k in keys[:4]])
+    assert torch.allclose(torch.from_numpy(feats[:4]).float(), direct, atol=2e-3)  # the tower, not the foreign cache
+    foreign = torch.from_numpy(np.stack([samples[k]["emb.npy"] for k in keys[:4]])).float()
+    assert not torch.allclose(foreign, direct, atol=1e-1)
+
+
 def test_augmenter_statistics_match_the_formula():
     torch.manual_seed(0)
     f = torch.randn(20000, 4) * torch.tensor([1.0, 2.0, 0.5, 1.0]) + torch.tensor([0.5, -1.0, 0.0, 2.0])

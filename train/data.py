@@ -18,6 +18,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 from typing import Callable, Iterator, Optional
@@ -31,6 +32,7 @@ from PIL import Image
 from cir import dataset as ds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LOG = logging.getLogger(__name__)
 ERRORS_KEY = "_data_errors"  # in each batch: [worker id, that worker's skipped members/samples so far]
 
 
@@ -275,3 +277,30 @@ def image_of(sample: dict, prefix: str = "") -> Image.Image:
         if f"{prefix}{ext}" in sample:
             return sample[f"{prefix}{ext}"]
     raise DataError(f"sample {sample.get('__key__')} has no {prefix}image")
+
+
+_MISMATCH_WARNED: set = set()  # (role, found, expected) already warned about in this process
+
+
+def emb_made_by(meta: dict, role: str, clip_id: Optional[str]) -> bool:
+    """Whether a sample's cached `{role}emb.npy` came from the CLIP whose fingerprint is `clip_id`
+    (cir.backbone.clip_fingerprint), as its json's `{role}emb_clip` records. Another CLIP's embeddings lie in
+    another space: using them would be a silent substitute, so the image tower runs instead (warned once)."""
+    found = (meta or {}).get(f"{role.replace('.', '_')}emb_clip")
+    if clip_id is not None and found == clip_id:
+        return True
+    if clip_id is not None and (role, found, clip_id) not in _MISMATCH_WARNED:
+        _MISMATCH_WARNED.add((role, found, clip_id))
+        made_by = f"CLIP {found}" if found else "an unrecorded CLIP (no emb_clip in its json)"
+        LOG.warning("cached %semb.npy made by %s; this stage's frozen CLIP is %s: computing those image "
+                    "features with the image tower instead", role, made_by, clip_id)
+    return False
+
+
+def cached_embeddings(samples: list[dict], role: str, clip_id: Optional[str]) -> Optional[torch.Tensor]:
+    """The batch's cached image embeddings [B, d] (float32) when every decoded sample has `{role}emb.npy` made
+    by this CLIP (see emb_made_by); None (clip_id None: caching off) means: run the image tower."""
+    if clip_id is None or not all(f"{role}emb.npy" in s and emb_made_by(s.get("json"), role, clip_id)
+                                  for s in samples):
+        return None
+    return torch.from_numpy(np.stack([s[f"{role}emb.npy"] for s in samples]).astype(np.float32))

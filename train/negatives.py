@@ -16,16 +16,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from cir import dataset as ds
-from train.data import DataError, decode_member
+from train.data import DataError, decode_member, emb_made_by
 
 BANK_DIR = "negative_bank"
+BANK_VERSION = 2  # 2: cached emb.npy taken only from the same CLIP (train.data.emb_made_by)
 
 
 @dataclass
@@ -118,13 +119,14 @@ def bank_samples(entries: list[str], show: bool) -> Iterator[dict]:
 
 def _fingerprint(datasets: list[str], clip_id: str, use_cached: bool) -> str:
     contents = [c for d in datasets for c in _contents(d)]
-    return hashlib.sha256(json.dumps([clip_id, use_cached, contents]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([BANK_VERSION, clip_id, use_cached, contents]).encode()).hexdigest()[:16]
 
 
 def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor], preprocess,
-                    batch_size: int, use_cached: bool, show: bool) -> tuple[list[str], np.ndarray]:
-    """Every sample of the bank entries -> (keys, L2-normalised features [M, d] float16). A sample whose
-    image does not decode is left out (its key is then simply not a negative)."""
+                    batch_size: int, cached_clip: Optional[str], show: bool) -> tuple[list[str], np.ndarray]:
+    """Every sample of the bank entries -> (keys, L2-normalised features [M, d] float16). A sample's `emb.npy`
+    is taken where `cached_clip` (the frozen CLIP's fingerprint; None: never) made it. A sample whose image
+    does not decode is left out (its key is then simply not a negative)."""
     keys: list[str] = []
     feats: list[np.ndarray] = []
     pending_keys, pending = [], []
@@ -137,7 +139,7 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
             pending.clear()
 
     for sample in bank_samples(datasets, show):
-        if use_cached and "emb.npy" in sample:
+        if cached_clip and "emb.npy" in sample and emb_made_by(ds.sample_meta(sample), "", cached_clip):
             keys.append(sample["__key__"])
             feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
             continue

@@ -5,7 +5,8 @@ L = InfoNCE(t, v) + lambda_sta * KL(q || p), q_i = softmax_j(cos(v_i, E_T(c_j)) 
 teacher), p_i = softmax_j(cos(t_i, E_T(c_j)) / tau_s): the pseudo-prompt learns to sit where its image's
 captions sit, softly. Features are gathered over ranks so the negatives are the global batch.
 
-With `data.use_cached_embeddings` and `mapping.use_patches: false`, `emb.npy` replaces the image tower.
+With `data.use_cached_embeddings` and `mapping.use_patches: false`, `emb.npy` replaces the image tower where
+its json's `emb_clip` names this stage's frozen CLIP (the caption job records it; another CLIP's is not used).
 The export `{output_dir}/final/` holds `clip/` (the frozen CLIP, open_clip layout), `mapping.safetensors`
 and `cir_config.json`; `cir.model.load_cir_model` loads it (stage II, eval).
 """
@@ -16,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cir.mapping import MappingConfig
 from train.config import TrainConfig
-from train.data import image_of
+from train.data import cached_embeddings, image_of
 from train.loop import main as loop_main
 
 
@@ -78,7 +78,7 @@ class Stage1:
         self.cached = cfg.data.use_cached_embeddings and not cfg.mapping.use_patches
 
     def build(self) -> torch.nn.Module:
-        from cir.backbone import create_backbone
+        from cir.backbone import clip_fingerprint, create_backbone
         from cir.model import new_mapping
 
         source = self.cfg.init_from or self.cfg.clip.model
@@ -87,12 +87,15 @@ class Stage1:
         torch.manual_seed(self.cfg.seed)
         mapping, self.placeholder = new_mapping(self.backbone, self.cfg.mapping)
         self.prompt_tokens = self.backbone.tokenizer([self.cfg.prompt])  # [1, L]
+        # emb.npy is used only where this CLIP made it (train.data.emb_made_by)
+        self.clip_id = clip_fingerprint(self.backbone.model) if self.cached else None
         return StageOneModel(self.backbone.model, mapping, self.placeholder)
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]
-        if self.cached and all("emb.npy" in s for s in samples):
-            batch["emb"] = torch.from_numpy(np.stack([s["emb.npy"] for s in samples]).astype(np.float32))
+        emb = cached_embeddings(samples, "", self.clip_id)
+        if emb is not None:
+            batch["emb"] = emb
         else:
             batch["images"] = torch.stack([self.backbone.preprocess(image_of(s)) for s in samples])
         return batch

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cir.composer import AdapterConfig, MURConfig
 from train.config import ConfigError, TrainConfig
-from train.data import DataError, image_of
+from train.data import DataError, cached_embeddings, image_of
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
 from train.stage1 import gather
@@ -93,6 +92,7 @@ class Stage2:
         self.bank = None  # NegativeBank when hard_negatives.weight > 0 (built in setup)
 
     def build(self) -> torch.nn.Module:
+        from cir.backbone import clip_fingerprint
         from cir.composer import AdaptiveFusion, ComposingAdapters
         from cir.model import load_cir_model, text_encoder_shape
 
@@ -100,6 +100,8 @@ class Stage2:
             self.cir = load_cir_model(self.cfg.init_from)
         except (FileNotFoundError, ValueError) as err:
             raise DataError(f"init_from: {err}") from err
+        # tgt.emb.npy and the bank's emb.npy are used only where this CLIP made them (train.data.emb_made_by)
+        self.clip_id = clip_fingerprint(self.cir.backbone.model) if self.cfg.data.use_cached_embeddings else None
         torch.manual_seed(self.cfg.seed)
         width, blocks = text_encoder_shape(self.cir.backbone)
         try:
@@ -128,7 +130,7 @@ class Stage2:
 
         def build():
             return encode_datasets(datasets, encode, self.cir.backbone.preprocess, hn.batch_size,
-                                   self.cfg.data.use_cached_embeddings, accelerator.is_main_process)
+                                   self.clip_id, accelerator.is_main_process)
 
         clip_id = weights_fingerprint(str(Path(self.cfg.init_from) / "clip"))
         self.bank = load_or_build(Path(self.cfg.output_dir), datasets, clip_id,
@@ -139,8 +141,9 @@ class Stage2:
         bb = self.cir.backbone
         batch = {"refs": torch.stack([bb.preprocess(image_of(s, "ref.")) for s in samples]),
                  "prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples])}
-        if self.cfg.data.use_cached_embeddings and all("tgt.emb.npy" in s for s in samples):
-            batch["tgt_emb"] = torch.from_numpy(np.stack([s["tgt.emb.npy"] for s in samples]).astype(np.float32))
+        tgt_emb = cached_embeddings(samples, "tgt.", self.clip_id)
+        if tgt_emb is not None:
+            batch["tgt_emb"] = tgt_emb
         else:
             batch["tgts"] = torch.stack([bb.preprocess(image_of(s, "tgt.")) for s in samples])
         if self.bank is not None:
