@@ -163,6 +163,30 @@ def test_a_corrupt_sample_mid_stream_is_skipped_and_counted(toy_captions, tmp_pa
     assert "skipped" in capsys.readouterr().out
 
 
+def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, tmp_path):
+    """Lazy roles stay encoded when the stage says it takes their cached embeddings for the batch (so a
+    damaged image nobody looks at costs nothing); otherwise they are decoded, and a damaged one is replaced."""
+    from PIL import Image
+
+    from train.data import ERRORS_KEY, TrainStream
+
+    data, _ = toy_captions
+    shards = tmp_path / "shards"
+    damaged = _damage_one_image(data, shards)
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+
+    def collate(batch):
+        return {"keys": [s["__key__"] for s in batch], "types": {type(s.get("jpg", s.get("png"))) for s in batch}}
+
+    for cached, kind in (((lambda batch: ("",)), bytes), ((lambda batch: ()), Image.Image)):
+        stream = iter(TrainStream([urls], None, 8, 0, 0, collate, lazy_roles=("",), cached_roles=cached))
+        batches = [next(stream) for _ in range(6)]  # one epoch
+        assert all(issubclass(t, kind) for b in batches for t in b["types"])
+        seen = {k for b in batches for k in b["keys"]}
+        errors = int(batches[-1][ERRORS_KEY][1])
+        assert (damaged in seen, errors) == ((True, 0) if kind is bytes else (False, 1))
+
+
 def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp_path):
     """grad_accum=2 x 4 with cached features takes the step of one batch of 8 (open_clip's accum_freq);
     plain accumulation (each micro-batch its own negatives) does not."""

@@ -94,6 +94,7 @@ def test_cached_embeddings_only_from_the_same_clip(toy_world, tiny_clip_dir, tmp
     same = stage(f"init_from={tiny_clip_dir}")
     batch = same.collate(samples)
     assert "emb" in batch and "images" not in batch
+    assert same.cached_image_roles(samples) == ("",)  # the stream leaves these images undecoded
     with torch.no_grad():
         tower = same.backbone.model.encode_image(torch.stack([same.backbone.preprocess(s.get("jpg") or s.get("png"))
                                                               for s in samples]), normalize=True)
@@ -101,6 +102,7 @@ def test_cached_embeddings_only_from_the_same_clip(toy_world, tiny_clip_dir, tmp
     with caplog.at_level("WARNING", logger="train.data"):
         other = stage("clip.model=tiny-clip-32", "seed=1").collate(samples)
     assert "images" in other and "emb" not in other
+    assert stage("clip.model=tiny-clip-32", "seed=1").cached_image_roles(samples) == ()
     assert "this stage's frozen CLIP is" in caplog.text
     # a sample that does not say which CLIP made its emb.npy (a dataset from before the field existed)
     unrecorded = [{**s, "json": {k: v for k, v in s["json"].items() if k != "emb_clip"}} for s in samples]

@@ -145,6 +145,7 @@ def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_wo
     same, other = stage.collate(made["same"][1]), stage.collate(made["other"][1])
     assert "tgt_emb" in same and "tgts" not in same
     assert "tgts" in other and "tgt_emb" not in other
+    assert (stage.cached_image_roles(made["same"][1]), stage.cached_image_roles(made["other"][1])) == (("tgt.",), ())
 
     def encode(images: list) -> torch.Tensor:
         with torch.no_grad():

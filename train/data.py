@@ -110,15 +110,33 @@ def decode_member(key: str, value: bytes):
     return None  # never decoded (pickles included)
 
 
-def decode_sample(sample: dict) -> dict:
+def _image_role(key: str) -> Optional[str]:
+    """"" for `jpg`, "tgt." for `tgt.jpg`; None when the member is not an image."""
+    ext = key.rsplit(".", 1)[-1]
+    return key[:-len(ext)] if ext.lower() in IMAGE_EXTS else None
+
+
+def decode_sample(sample: dict, lazy: tuple[str, ...] = ()) -> dict:
+    """Decode a raw sample's members; images of the roles in `lazy` stay encoded (see decode_images)."""
     out = {"__key__": sample["__key__"]}
     for key, value in sample.items():
         if key.startswith("__"):
+            continue
+        if lazy and _image_role(key) in lazy:
+            out[key] = value
             continue
         decoded = decode_member(key, value)
         if decoded is not None:
             out[key] = decoded
     return out
+
+
+def decode_images(sample: dict, roles: tuple[str, ...]) -> dict:
+    """Decode, in place, the images of `roles` that decode_sample(lazy=...) left encoded."""
+    for key, value in list(sample.items()):
+        if isinstance(value, bytes) and _image_role(key) in roles:
+            sample[key] = decode_member(key, value)
+    return sample
 
 
 class CountingHandler:
@@ -209,7 +227,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
-                 log_dir: Optional[str] = None, subset_fraction: float = 1.0):
+                 log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[str, ...] = (),
+                 cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
@@ -219,6 +238,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.handler = CountingHandler()
         self.log_dir = log_dir
         self.subset_fraction = subset_fraction
+        # Images a stage may not need: those whose cached embedding it takes (cached_roles says, per batch).
+        self.lazy_roles, self.cached_roles = (lazy_roles, cached_roles) if cached_roles else ((), None)
 
     def _mixed(self) -> Iterator[dict]:
         streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir, self.subset_fraction)
@@ -254,16 +275,30 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Decode a batch; a sample that does not decode (a corrupt image, bad json or npy) is counted and
         replaced by the next one, so batches keep their size (ranks gather equal shapes). Resume skips
         batches without decoding them, so after such a replacement a resumed run's data position is off by
-        the replacements made before its checkpoint."""
-        out = []
-        pending = list(batch)
-        while pending:
+        the replacements made before its checkpoint. Images of lazy roles are decoded only when the stage
+        will not take their cached embeddings for this batch (decoding is much of the loader's cost)."""
+        lazy = self.lazy_roles
+        out = [self._decode_or_next(sample, samples, lazy) for sample in batch]
+        replaced = bool(lazy)
+        while replaced:  # a replacement may change what the batch needs: until a pass replaces nothing
+            needed = tuple(r for r in lazy if r not in self.cached_roles(out))
+            replaced = False
+            for i in range(len(out)):
+                try:
+                    decode_images(out[i], needed)
+                except Exception as err:  # noqa: BLE001 - a damaged image: skipped, counted, replaced
+                    self.handler(err)
+                    out[i], replaced = self._decode_or_next(next(samples), samples, lazy), True
+        return out
+
+    def _decode_or_next(self, sample: dict, samples: Iterator[dict], lazy: tuple[str, ...]) -> dict:
+        """`sample` decoded (images of `lazy` roles left encoded), or the first next one that decodes."""
+        while True:
             try:
-                out.append(decode_sample(pending.pop(0)))
+                return decode_sample(sample, lazy)
             except Exception as err:  # noqa: BLE001 - whatever a damaged member raises, it is skipped, counted
                 self.handler(err)
-                pending.append(next(samples))
-        return out
+                sample = next(samples)
 
 
 def loader(stream: TrainStream, workers: int) -> torch.utils.data.DataLoader:

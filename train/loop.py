@@ -10,6 +10,10 @@ A contrastive stage may also supply `features(model, batch, accelerator)` -> dic
 `accum_features` the loop then runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of
 every micro-batch are the whole accumulated batch, as if it had fit in memory.
 
+A stage that can take cached image embeddings supplies `cacheable_roles` (image roles: "" for `jpg`, "tgt."
+for `tgt.jpg`) and `cached_image_roles(samples)`: the stream leaves those images encoded and decodes them only
+for batches whose cached embeddings the stage will not use.
+
 Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
 optimizer step (Accelerate's prepared scheduler steps once per process), and saved via
 `register_for_checkpointing`. The data loader is not prepared: each rank reads its own split.
@@ -136,7 +140,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         accelerator.print(f"resumed from {path} at step {state.step}")
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
-                         subset_fraction=cfg.data.subset_fraction)
+                         subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
+                         cached_roles=getattr(stage, "cached_image_roles", None))
     batches = iter(loader(stream, cfg.data.workers))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,14 @@ class Stage1:
         self.clip_id = clip_fingerprint(self.backbone.model) if self.cached else None
         return StageOneModel(self.backbone.model, mapping, self.placeholder)
 
+    @property
+    def cacheable_roles(self) -> tuple[str, ...]:
+        return ("",) if self.cached else ()
+
+    def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
+        """The image roles this batch's collate takes from emb.npy (their images are not decoded)."""
+        return ("",) if cached_embeddings(samples, "", self.clip_id) is not None else ()
+
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]
         emb = cached_embeddings(samples, "", self.clip_id)

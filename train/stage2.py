@@ -137,6 +137,14 @@ class Stage2:
                                   self.cfg.data.use_cached_embeddings, build, accelerator)
         accelerator.print(f"hard negatives: a bank of {len(self.bank)} images from {datasets}")
 
+    @property
+    def cacheable_roles(self) -> tuple[str, ...]:
+        return ("tgt.",) if self.cfg.data.use_cached_embeddings else ()
+
+    def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
+        """The image roles this batch's collate takes from tgt.emb.npy (their images are not decoded)."""
+        return ("tgt.",) if cached_embeddings(samples, "tgt.", self.clip_id) is not None else ()
+
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
         batch = {"refs": torch.stack([bb.preprocess(image_of(s, "ref.")) for s in samples]),
