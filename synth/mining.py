@@ -15,6 +15,7 @@ import numpy as np
 
 WORD_RE = re.compile(r"[a-z0-9]+")
 EXACT_BUDGET_FLOATS = 32 * 1024 * 1024  # similarity block of the exact search: 128 MB of float32
+QUERY_CHUNK = 65_536  # faiss queries per call: bounds the copy of their features (128 MB at 512-d)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -83,28 +84,53 @@ def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Self-k-NN with faiss IVF-Flat. The queries are the indexed vectors, so one coarse-quantizer pass
+    (their nprobe nearest lists) serves both the add (first list) and the search (all nprobe), and the
+    queries run list by list: consecutive queries scan the same lists while those are in cache (1.5x
+    faster than input order at 1M x 512). The same neighbours as index.add + index.search."""
     try:
         import faiss
     except ImportError as err:
         raise RuntimeError(f"{x.shape[0]} items need the approximate index: pip install -e '.[faiss]'") from err
-    n, d = x.shape
-    nlist = int(min(4096, max(16, 4 * np.sqrt(n))))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(seed)
-    train = x[rng.choice(n, size=min(n, nlist * 64), replace=False)]
-    index.train(train)
-    index.add(x)
-    index.nprobe = nprobe
-    sims, idx = index.search(x, k + 1)
-    # Drop self (wherever it landed); rows where it did not appear lose their last neighbour instead.
-    keep = idx != np.arange(n)[:, None]
+    n = x.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = trained_ivf(x, nprobe, seed)
+    coarse_d, coarse_i = index.quantizer.search(x, nprobe)  # [N, nprobe], nearest list first
+    first = np.ascontiguousarray(coarse_i[:, 0])
+    index.add_core(n, faiss.swig_ptr(x), None, faiss.swig_ptr(first))
+    order = np.argsort(first, kind="stable")
+    # search_preassigned in the default mode 0 runs on one thread (index.search splits queries over threads
+    # before calling it); mode 3 splits the queries over threads inside it
+    index.parallel_mode = 3
     out_i = np.empty((n, k), dtype=np.int64)
     out_s = np.empty((n, k), dtype=np.float32)
-    for r in range(n):
-        ii, ss = idx[r][keep[r]][:k], sims[r][keep[r]][:k]
-        out_i[r], out_s[r] = ii, ss
+    for start in range(0, n, QUERY_CHUNK):
+        rows = order[start:start + QUERY_CHUNK]
+        sims, idx = index.search_preassigned(x[rows], k + 1, coarse_i[rows], coarse_d[rows])
+        out_i[rows], out_s[rows] = _drop_self(rows, idx, sims, k)
     return out_i, out_s
+
+
+def trained_ivf(x: np.ndarray, nprobe: int, seed: int):
+    """An empty faiss IVF-Flat index (inner product) trained on a seeded sample of x: 4 sqrt(N) lists (at
+    most 4096), 40 training points per list (above faiss's floor of 39; k-means costs points x lists x d)."""
+    import faiss
+
+    n, d = x.shape
+    nlist = int(min(4096, max(16, 4 * np.sqrt(n))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    index.train(x[np.sort(rng.choice(n, size=min(n, nlist * 40), replace=False))])
+    index.nprobe = nprobe
+    return index
+
+
+def _drop_self(rows: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k+1 results per query -> k without the query itself (wherever it landed; where it did not appear,
+    the last neighbour goes instead)."""
+    keep = idx != rows[:, None]
+    keep[keep.sum(axis=1) > k, k] = False  # self absent: k+1 kept, drop the last
+    return idx[keep].reshape(len(rows), k), sims[keep].reshape(len(rows), k)
 
 
 @dataclass

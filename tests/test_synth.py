@@ -220,6 +220,29 @@ def test_faiss_knn_recall_against_exact():
     assert not (approx == np.arange(4000)[:, None]).any()  # never your own neighbour
 
 
+def test_faiss_list_ordered_search_equals_faiss_add_and_search(monkeypatch):
+    """The mining path (one coarse pass for add and search, queries list by list, in chunks) returns what
+    faiss's own add + search return on the same trained index, minus each query itself."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(30, 32))
+    x = mining.normalise(centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, 32)))
+    monkeypatch.setattr(mining, "QUERY_CHUNK", 700)  # several chunks, each a mix of lists
+    got_i, got_s = mining._faiss_knn(x, 5, nprobe=4, seed=0)
+    index = mining.trained_ivf(x, 4, 0)
+    index.add(x)
+    sims, idx = index.search(x, 6)
+    want_i, want_s = mining._drop_self(np.arange(3000), idx, sims, 5)
+    assert np.array_equal(got_i, want_i) and np.allclose(got_s, want_s)
+    assert not (got_i == np.arange(3000)[:, None]).any()
+
+
+def test_drop_self_wherever_it_is():
+    idx = np.array([[7, 0, 5], [4, 5, 6], [3, 2, 9]])  # row 0: self second; row 1: self absent; row 2: first
+    kept_i, kept_s = mining._drop_self(np.array([0, 1, 3]), idx, idx * 0.1, 2)
+    assert kept_i.tolist() == [[7, 5], [4, 5], [2, 9]] and np.allclose(kept_s, kept_i * 0.1)
+
+
 def test_select_pairs_keeps_the_band():
     idx = np.array([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
     sims = np.array([[0.99, 0.8, 0.2], [0.99, 0.7, 0.1], [0.8, 0.8, 0.3], [0.3, 0.2, 0.2]])
