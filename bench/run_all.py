@@ -57,7 +57,9 @@ def _mining(lines: list[dict]) -> list[Figure]:
 
 def _train(lines: list[dict]) -> list[Figure]:
     names = ["stage 0 steps/s, streaming loader ÷ batches in memory",
-             "loader samples/s ÷ open_clip's stage list", "stage I step, image tower ÷ cached emb.npy (toy CLIP)",
+             "loader samples/s ÷ open_clip's stage list",
+             "stage I loader with cached emb.npy: images left encoded ÷ decoded (samples/s)",
+             "stage I step, image tower ÷ cached emb.npy (toy CLIP)",
              "stage I step, image tower ÷ cached emb.npy (ViT-B/32, 224 px; for comparison)"]
     return [Figure(name, row.get("ratio", row.get("speedup")), row["target"],
                    ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("ratio", "speedup", "target")))

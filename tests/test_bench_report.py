@@ -24,8 +24,9 @@ def test_figures_are_higher_is_better_ratios_with_their_targets():
                                     "faiss_flat": {"seconds": 1.6}}}])
     assert (topk[0].ratio, topk[0].target, topk[0].met) == (0.8, 1.0, False)
     train = run_all._train([{"ratio": 0.95, "target": 0.9}, {"ratio": 1.5, "target": 1.0},
-                            {"speedup": 1.4, "target": 3.0, "stage1_step_s_tower": 0.1}])
-    assert [f.met for f in train] == [True, True, False] and "stage1_step_s_tower 0.1" in train[2].detail
+                            {"ratio": 1.2, "target": 1.0}, {"speedup": 1.4, "target": 3.0, "stage1_step_s_tower": 0.1}])
+    assert [f.met for f in train] == [True, True, True, False] and "stage1_step_s_tower 0.1" in train[3].detail
+    assert train[3].name.startswith("stage I step") and "loader" in train[2].name
     caption = run_all._caption([{"ratio_job_over_loop": 0.94, "target_ratio": 0.7, "job_images_per_s": 372,
                                  "loop_images_per_s": 394},
                                 {"model_images_per_s_by_batch_size": {"1": 32, "32": 46},
