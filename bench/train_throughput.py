@@ -80,7 +80,8 @@ def stage1_step_times(clip: str, texts: list[str], steps: int) -> tuple[float, f
     from train.config import ClipConfig
     from train.stage1 import Stage1, Stage1Config
 
-    stage = Stage1(Stage1Config(clip=ClipConfig(model=clip), mapping=MappingConfig(num_tokens=1, use_patches=False)))
+    stage = Stage1(Stage1Config(clip=ClipConfig(model=clip, pretrained="random"),  # the cost, not the weights
+                                mapping=MappingConfig(num_tokens=1, use_patches=False)))
     model = stage.build()
     accelerator = Accelerator(cpu=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -33,6 +33,7 @@ WEIGHT_FILE_NAMES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_
 # and `open_clip.get_tokenizer` treat them like any other architecture name.
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+RANDOM = "random"  # pretrained= value that asks for random weights on purpose (see check_weights)
 
 
 class BackboneError(RuntimeError):
@@ -104,15 +105,37 @@ def resolve_model_name(model: str) -> tuple[str, Optional[dict]]:
     return model, cfg
 
 
+def check_weights(model: str, pretrained: Optional[str], allow_random: bool = False) -> Optional[str]:
+    """The `pretrained` to give open_clip, or an error where a CLIP would silently have random weights.
+
+    An open_clip architecture name without pretrained weights is randomly initialised: fine for training from
+    scratch (stage 0: `allow_random`) and for the tiny architectures (tests, the toy world), a silent substitute
+    anywhere a CLIP is used frozen (embeddings, filters, stage I/II, eval). `pretrained='random'` says it is
+    meant (timing a real architecture, say)."""
+    if pretrained == RANDOM:
+        return None
+    builtin = not model.startswith(("hf-hub:", "local-dir:")) and not os.path.isdir(model) and os.sep not in model
+    if builtin and not pretrained and not allow_random and model not in TINY_MODELS:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise BackboneError(f"CLIP '{model}' without pretrained weights would be randomly initialised: pass an "
+                            f"open_clip tag ({', '.join(tags) or 'none known'}), a weights file, an hf-hub: id or "
+                            f"a local directory (or pretrained '{RANDOM}' if random weights are meant)")
+    return pretrained
+
+
 def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu",
-                    precision: str = "fp32", seed: Optional[int] = None) -> Backbone:
+                    precision: str = "fp32", seed: Optional[int] = None, allow_random: bool = False) -> Backbone:
     """Build model + transforms + tokenizer.
 
     model: an architecture name (open_clip built-in or tiny), 'hf-hub:org/repo', or a local directory.
     pretrained: with an architecture name, an open_clip tag ('openai', 'laion2b_s34b_b79k') or a weights
-        file; None means random initialisation (seeded by `seed`, for the tiny architectures).
+        file; None means random initialisation, allowed for the tiny architectures and with `allow_random`
+        (see check_weights), seeded by `seed` (tiny ones: 0 by default, so every worker builds the same).
     """
     name, model_cfg = resolve_model_name(model)
+    pretrained = check_weights(model, pretrained, allow_random)
+    if seed is None and not pretrained and name in TINY_MODELS:
+        seed = 0
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags and not os.path.isfile(pretrained):

@@ -571,6 +571,13 @@ def check_input(cfg: SynthConfig) -> None:
         if not cfg.clip:
             raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
         ds.check_model_reference(cfg.clip, "CLIP")
+        from cir.backbone import BackboneError, check_weights, resolve_model_name
+
+        try:  # filters on a randomly initialised CLIP would keep and reject at random
+            resolve_model_name(cfg.clip)
+            check_weights(cfg.clip, cfg.clip_pretrained)
+        except BackboneError as err:
+            raise ValueError(str(err)) from err
     if cfg.caption_edit == "llm" and not (cfg.quality == "high" and cfg.editor != "toy" and cfg.llm):
         raise ValueError("--caption-edit llm edits captions for the diffusers editor (--quality high --editor MODEL) "
                          "with the language model of --llm MODEL")

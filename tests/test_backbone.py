@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cir.backbone import CONFIG_FILE, TINY_MODELS, WEIGHTS_FILE, BackboneError, create_backbone, save_backbone
+from cir.backbone import (CONFIG_FILE, RANDOM, TINY_MODELS, WEIGHTS_FILE, BackboneError, check_weights, create_backbone,
+                          save_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,18 @@ def test_seed_fixes_random_init():
     c = create_backbone("tiny-clip-32", seed=4).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_frozen_real_architecture_without_weights_is_an_error():
+    """open_clip builds a random ViT-B-32 when no pretrained is given: embeddings, filters, stage I/II or eval
+    on it would be a silent substitute. Stage 0 (training from scratch) and 'random' on purpose may; the tiny
+    architectures are random by design, seeded 0 unless told, so every worker and rerun builds the same."""
+    with pytest.raises(BackboneError, match="ViT-B-32.*randomly initialised.*openai"):
+        create_backbone("ViT-B-32")
+    assert check_weights("ViT-B-32", RANDOM) is None and check_weights("ViT-B-32", None, allow_random=True) is None
+    assert check_weights("ViT-B-32", "openai") == "openai" and check_weights("tiny-clip-32", None) is None
+    a, b = create_backbone("tiny-clip-32").model.state_dict(), create_backbone("tiny-clip-32", seed=0).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_toy_architecture_is_64px():

@@ -81,6 +81,9 @@ def test_missing_model_directory_is_a_clear_error(toy_world, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(["--input", str(toy_world / "images"), "--output", str(tmp_path / "o"), "--clip", "no-such-clip", *BEAM])
     assert exc.value.code == 2 and "unknown CLIP model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a real architecture without weights: random embeddings, refused
+        run(["--input", str(toy_world / "images"), "--output", str(tmp_path / "o"), "--clip", "ViT-B-32", *BEAM])
+    assert exc.value.code == 2 and "randomly initialised" in capsys.readouterr().err
 
 
 def test_model_outputs_do_not_depend_on_the_batch_around_them(toy_world, tiny_blip, tiny_clip_dir):

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 @dataclass
 class ClipConfig:
     model: str = "toy-clip-64"  # open_clip name, hf-hub: id, local directory (e.g. a stage export) or tiny name
-    pretrained: Optional[str] = None  # open_clip tag or weights file (None: the directory's weights or random)
+    pretrained: Optional[str] = None  # open_clip tag or weights file (None: the directory's weights; random
+    # init only in stage 0 or for tiny names; "random": random weights on purpose, see cir.backbone.check_weights)
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Stage0:
 
         source = self.cfg.init_from or self.cfg.clip.model
         self.backbone = create_backbone(source, None if self.cfg.init_from else self.cfg.clip.pretrained,
-                                        seed=self.cfg.seed)
+                                        seed=self.cfg.seed, allow_random=True)  # stage 0 may train from scratch
         return self.backbone.model
 
     def collate(self, samples: list[dict]) -> dict:
