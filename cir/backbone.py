@@ -186,11 +186,15 @@ def clip_fingerprint(model: torch.nn.Module) -> str:
 
 
 def weights_fingerprint(checkpoint: str) -> str:
-    """A short hash of a checkpoint's weights (its *.safetensors, streamed: exports can be gigabytes), or of
-    its name for a built-in / hub CLIP."""
+    """A short hash of a checkpoint's weights (a directory's *.safetensors or a weights file, streamed: exports
+    can be gigabytes), or of its name for a built-in / hub CLIP or an open_clip pretrained tag."""
     path = Path(checkpoint)
-    digest = hashlib.sha256(checkpoint.encode() if not path.is_dir() else b"")
-    for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else []:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(path.rglob("*.safetensors")) if path.is_dir() else []
+    digest = hashlib.sha256(checkpoint.encode() if not path.exists() else b"")
+    for weights in files:
         with open(weights, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -28,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", required=True, choices=("cirr", "circo", "fashioniq"))
     r.add_argument("--data", required=True, help="the benchmark's root in its official layout")
     r.add_argument("--checkpoint", required=True, help="a stage I/II export (or any CLIP for the baselines)")
+    r.add_argument("--pretrained", help="with a CLIP architecture name (baselines): its open_clip tag or weights file")
     r.add_argument("--split", default="val")
     r.add_argument("--method", default="model", choices=("model", "image_only", "text_only", "sum"))
     r.add_argument("--output", help="where predictions, submission files and metrics go "
-                                    "(default: CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD)")
+                                    "(default: CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD; runs/eval/NAME/... for a CLIP by name)")
     r.add_argument("--template", default="a photo of $ that {}", help="query prompt; $ = the pseudo tokens")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--device", default="cpu")
@@ -100,7 +101,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             from eval.run import run
 
             result = run(args.benchmark, args.data, args.checkpoint, args.split, args.method, args.output,
-                         args.template, args.batch_size, args.device, args.shared_concept, args.grids)
+                         args.template, args.batch_size, args.device, args.shared_concept, args.grids,
+                         args.pretrained)
         elif args.command in ("index", "search", "serve"):
             from eval import gallery_cli
 

@@ -42,8 +42,9 @@ def image_tower(checkpoint: str) -> str:
 class Encoder:
     """Image and query features for one method; CLIP from a stage export (`clip/`) or any CLIP."""
 
-    def __init__(self, checkpoint: str, method: str, template: Optional[str], device: str):
-        from cir.backbone import create_backbone
+    def __init__(self, checkpoint: str, method: str, template: Optional[str], device: str,
+                 pretrained: Optional[str] = None):
+        from cir.backbone import BackboneError, create_backbone
 
         self.method, self.device = method, device
         path = Path(checkpoint)
@@ -57,11 +58,19 @@ class Encoder:
                 raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
                                       f"(baselines image_only, text_only, sum take any CLIP)")
             self.cir = None
-            self.backbone = create_backbone(checkpoint, device=device)
+            try:  # a bare architecture name needs its pretrained tag or weights file (cir.backbone.check_weights)
+                self.backbone = create_backbone(checkpoint, pretrained, device=device)
+            except BackboneError as err:
+                raise PredictionError(str(err)) from err
+        if self.cir is not None and pretrained:
+            raise PredictionError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
+                                  f"given by architecture name")
         self.template = template or (self.cir.template if self.cir else "a photo of $ that {}")
         self.backbone.model.eval()
         # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone
         self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
+        if pretrained:  # an architecture name's weights are its pretrained tag or file
+            self.gallery_fingerprint = weights_fingerprint(f"{self.gallery_fingerprint}:{weights_fingerprint(pretrained)}")
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return torch.stack([self.backbone.preprocess(rgb(x)) for x in images]).to(self.device)

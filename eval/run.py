@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,20 +84,28 @@ def load_fashioniq(root: Path, split: str) -> Benchmark:
 
 # ------------------------------------------------------------------------------------------ the command
 
+def default_output(checkpoint: str) -> Path:
+    """CHECKPOINT/eval for a checkpoint on disk; runs/eval/NAME for a CLIP given by name or hub id (a name is
+    not a folder to write into; its characters outside [A-Za-z0-9._-] become '_')."""
+    if Path(checkpoint).exists():
+        return Path(checkpoint) / "eval"
+    return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint)
+
+
 def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: str = "model",
         output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
-        device: str = "cpu", shared_concept: bool = False, grids: int = 6) -> dict:
+        device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None) -> dict:
     root = Path(data)
     bench = {"cirr": lambda: load_cirr(root, split), "circo": lambda: load_circo(root, split, shared_concept),
              "fashioniq": lambda: load_fashioniq(root, split)}[benchmark]()
-    out = Path(output) if output else Path(checkpoint) / "eval" / f"{benchmark}-{split}-{method}"
+    out = Path(output) if output else default_output(checkpoint) / f"{benchmark}-{split}-{method}"
     out.mkdir(parents=True, exist_ok=True)
     missing = sorted(n for n, p in bench.gallery.items() if not p.is_file())
     names = [n for n in bench.gallery if n not in set(missing)]
     if missing:
         print(f"eval run: {len(missing)} of {len(bench.gallery)} gallery images are missing and left out "
               f"(e.g. {missing[:3]})", file=sys.stderr)
-    encoder = Encoder(checkpoint, method, template, device)
+    encoder = Encoder(checkpoint, method, template, device, pretrained)
     gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], out, batch_size)
     row = {n: i for i, n in enumerate(names)}
     predictions: dict = {}

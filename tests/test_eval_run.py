@@ -61,6 +61,25 @@ def test_circo_and_fashioniq_and_baselines(toy_world, tiny_stage1_export, tmp_pa
         assert {"dress/recall@10", "avg/recall@50", "avg"} <= set(got)
 
 
+def test_a_baseline_clip_by_architecture_name_and_its_weights(toy_world, tiny_stage1_export, tmp_path):
+    """`--pretrained` gives an architecture name its weights (a tag, or here a file): the same CLIP as the
+    export's directory scores the same. A real architecture without weights would be random: refused."""
+    from eval.run import default_output
+    from eval.score import PredictionError
+
+    circo = str(toy_world / "bench" / "circo")
+    weights = str(tiny_stage1_export / "clip" / "open_clip_model.safetensors")
+    by_dir = run("circo", circo, str(tiny_stage1_export / "clip"), method="sum", output=str(tmp_path / "d"))
+    by_name = run("circo", circo, "tiny-clip-32", method="sum", output=str(tmp_path / "n"), pretrained=weights)
+    assert by_name == by_dir
+    with pytest.raises(PredictionError, match="randomly initialised"):
+        run("circo", circo, "ViT-B-32", method="sum", output=str(tmp_path / "r"))
+    with pytest.raises(PredictionError, match="own CLIP"):
+        run("circo", circo, str(tiny_stage1_export), output=str(tmp_path / "e"), pretrained=weights)
+    assert default_output("hf-hub:org/clip") == Path("runs/eval/hf-hub_org_clip")
+    assert default_output(str(tiny_stage1_export)) == tiny_stage1_export / "eval"
+
+
 def test_missing_gallery_images_are_reported(toy_world, tiny_stage1_export, tmp_path):
     bench = tmp_path / "fiq"
     shutil.copytree(toy_world / "bench" / "fashioniq", bench)
