@@ -70,7 +70,8 @@ class Encoder:
         # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone
         self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
         if pretrained:  # an architecture name's weights are its pretrained tag or file
-            self.gallery_fingerprint = weights_fingerprint(f"{self.gallery_fingerprint}:{weights_fingerprint(pretrained)}")
+            weights = weights_fingerprint(pretrained)
+            self.gallery_fingerprint = weights_fingerprint(f"{self.gallery_fingerprint}:{weights}")
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return torch.stack([self.backbone.preprocess(rgb(x)) for x in images]).to(self.device)

@@ -225,6 +225,7 @@ class IndexConfig:
     images: str
     output: str
     checkpoint: str
+    pretrained: Optional[str] = None  # with a CLIP architecture name: its open_clip tag or weights file
     batch_size: int = 64
     device: str = "cpu"
     thumb_size: int = 256
@@ -293,13 +294,14 @@ def build_index(cfg: IndexConfig) -> dict:
 
     out = Path(cfg.output)
     manifest = read_manifest(out)
-    encoder = Encoder(cfg.checkpoint, "image_only", None, cfg.device)
+    encoder = Encoder(cfg.checkpoint, "image_only", None, cfg.device, cfg.pretrained)
     if manifest is not None and manifest["gallery_fingerprint"] != encoder.gallery_fingerprint:
         raise GalleryError(f"{out} was built with another CLIP ({manifest['checkpoint']}); its features cannot "
                           f"be mixed with {cfg.checkpoint}'s: index into a new --output")
     # a local checkpoint is recorded by absolute path: `eval search` finds it from any directory
     recorded = os.path.abspath(cfg.checkpoint) if os.path.exists(cfg.checkpoint) else cfg.checkpoint
-    manifest = manifest or {"version": INDEX_VERSION, "checkpoint": recorded, "parts": [],
+    weights = cfg.pretrained and (os.path.abspath(cfg.pretrained) if os.path.isfile(cfg.pretrained) else cfg.pretrained)
+    manifest = manifest or {"version": INDEX_VERSION, "checkpoint": recorded, "pretrained": weights, "parts": [],
                             "gallery_fingerprint": encoder.gallery_fingerprint,
                             "embed_dim": encoder.backbone.embed_dim}
     known = _indexed_sha(out, manifest)
@@ -363,13 +365,15 @@ def _build_faiss(out: Path, manifest: dict, index: GalleryIndex, cfg: IndexConfi
 class Searcher:
     """Composed, text-only and image-only queries against an index, with the checkpoint loaded once."""
 
-    def __init__(self, index: GalleryIndex, checkpoint: Optional[str] = None, device: str = "cpu"):
+    def __init__(self, index: GalleryIndex, checkpoint: Optional[str] = None, device: str = "cpu",
+                 pretrained: Optional[str] = None):
         self.index = index
-        checkpoint = checkpoint or index.manifest["checkpoint"]
+        if not checkpoint:  # the index's own CLIP, with the weights it was given by name (if any)
+            checkpoint, pretrained = index.manifest["checkpoint"], pretrained or index.manifest.get("pretrained")
         if not Path(checkpoint).exists() and Path(checkpoint).is_absolute():
             raise GalleryError(f"checkpoint {checkpoint} (recorded in the index) does not exist: pass --checkpoint")
         is_export = (Path(checkpoint) / "cir_config.json").is_file()
-        self.encoder = Encoder(checkpoint, "model" if is_export else "sum", None, device)
+        self.encoder = Encoder(checkpoint, "model" if is_export else "sum", None, device, pretrained)
         if self.encoder.gallery_fingerprint != index.manifest["gallery_fingerprint"]:
             raise GalleryError(f"{index.dir} was built with another CLIP ({index.manifest['checkpoint']}) than "
                               f"{checkpoint}'s: rebuild the index with this checkpoint, or search with that one")

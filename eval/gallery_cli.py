@@ -11,8 +11,8 @@ from eval.gallery import GalleryError, GalleryIndex, IndexConfig, Searcher, buil
 
 def index(args: argparse.Namespace) -> int:
     summary = build_index(IndexConfig(images=args.images, output=args.output, checkpoint=args.checkpoint,
-                                      batch_size=args.batch_size, device=args.device, thumb_size=args.thumb_size,
-                                      faiss_min=args.faiss_min))
+                                      pretrained=args.pretrained, batch_size=args.batch_size, device=args.device,
+                                      thumb_size=args.thumb_size, faiss_min=args.faiss_min))
     print(json.dumps(summary, sort_keys=True))
     return 0
 
@@ -28,7 +28,7 @@ def search(args: argparse.Namespace) -> int:
     if args.image and args.reference:
         raise GalleryError("give the reference as --image (a file) or --reference (a name in the index), not both")
     gallery = GalleryIndex(args.index)
-    searcher = Searcher(gallery, args.checkpoint, args.device)
+    searcher = Searcher(gallery, args.checkpoint, args.device, args.pretrained)
     row = _reference_row(gallery, args.reference) if args.reference else None
     found = searcher.search(args.image, args.text, args.k, row, args.keep_reference)
     if args.grid:
@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     from eval.serve import make_server
 
     gallery = GalleryIndex(args.index)
-    searcher = Searcher(gallery, args.checkpoint, args.device)
+    searcher = Searcher(gallery, args.checkpoint, args.device, args.pretrained)
     server = make_server(searcher, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"eval serve: {len(gallery)} images from {args.index} at http://{host}:{port}/ (Ctrl-C stops)",

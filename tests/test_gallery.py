@@ -149,6 +149,22 @@ def test_index_refuses_a_checkpoint_with_another_clip(indexed, toy_world, tmp_pa
         build_index(IndexConfig(images=str(_gallery_dir(toy_world)), output=str(out), checkpoint=str(other)))
 
 
+def test_index_of_a_clip_by_architecture_name_and_its_weights(searcher, toy_world, tiny_stage1_export, tmp_path):
+    """`--pretrained` is part of the index's CLIP: recorded, used by default when searching, and a search with
+    the bare name (random weights) is another CLIP. The same weights as the export's give the same ranking."""
+    weights = tiny_stage1_export / "clip" / "open_clip_model.safetensors"
+    out = tmp_path / "named"
+    build_index(IndexConfig(images=str(_gallery_dir(toy_world)), output=str(out), checkpoint="tiny-clip-32",
+                            pretrained=str(weights), batch_size=16))
+    index = GalleryIndex(out)
+    assert (index.manifest["checkpoint"], index.manifest["pretrained"]) == ("tiny-clip-32", str(weights))
+    named = Searcher(index).search(None, "a red circle", 5, None, False)["results"]
+    by_export = searcher.search(None, "a red circle", 5, None, False)["results"]
+    assert [r["name"] for r in named] == [r["name"] for r in by_export]
+    with pytest.raises(GalleryError, match="another CLIP"):
+        Searcher(index, "tiny-clip-32")
+
+
 def test_index_of_caption_dataset_shards_with_faiss(toy_captions, tiny_stage1_export, tmp_path):
     data, _ = toy_captions
     summary = build_index(IndexConfig(images=str(data), output=str(tmp_path / "idx"),
