@@ -1,6 +1,6 @@
 """Every performance script of bench/ in one go, each figure printed as a ratio against its baseline.
 
-    python bench/run_all.py              # full sizes (about 30 minutes on 2 cores; mining and top-k at 1M)
+    python bench/run_all.py              # full sizes (12-18 minutes on 2 cores; mining and top-k at 1M)
     python bench/run_all.py --quick      # smaller sizes (a few minutes): the same figures, less load
     python bench/run_all.py --only topk,mining
 
