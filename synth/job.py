@@ -571,13 +571,6 @@ def check_input(cfg: SynthConfig) -> None:
         if not cfg.clip:
             raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
         ds.check_model_reference(cfg.clip, "CLIP")
-        from cir.backbone import BackboneError, check_weights, resolve_model_name
-
-        try:  # filters on a randomly initialised CLIP would keep and reject at random
-            resolve_model_name(cfg.clip)
-            check_weights(cfg.clip, cfg.clip_pretrained)
-        except BackboneError as err:
-            raise ValueError(str(err)) from err
     if cfg.caption_edit == "llm" and not (cfg.quality == "high" and cfg.editor != "toy" and cfg.llm):
         raise ValueError("--caption-edit llm edits captions for the diffusers editor (--quality high --editor MODEL) "
                          "with the language model of --llm MODEL")
@@ -587,6 +580,20 @@ def check_input(cfg: SynthConfig) -> None:
         check_prompt(cfg.llm_edit_prompt, EDIT_FIELDS, "--llm-edit-prompt")
     if cfg.llm:
         ds.check_model_reference(cfg.llm, "LLM")
+    if cfg.quality == "high" and cfg.editor != "toy":  # last: it reads the CLIP's config, after the flag checks
+        _check_clip(cfg.clip, cfg.clip_pretrained)
+
+
+def _check_clip(clip: str, pretrained: Optional[str]) -> None:
+    """A CLIP the job can build, with weights: filters on a randomly initialised one would keep and reject
+    at random (cir.backbone.check_weights)."""
+    from cir.backbone import BackboneError, check_weights, resolve_model_name
+
+    try:
+        resolve_model_name(clip)
+        check_weights(clip, pretrained)
+    except BackboneError as err:
+        raise ValueError(str(err)) from err
 
 
 def rewrites_mod_text(cfg: SynthConfig) -> bool:

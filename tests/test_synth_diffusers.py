@@ -110,3 +110,7 @@ def test_caption_edit_llm_needs_the_diffusers_editor_and_a_model(toy_captions, t
             run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
                  "--image-weight", "0", *args, *BEAM])
         assert exc.value.code == 2 and "--caption-edit llm edits captions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # filters on a randomly initialised real CLIP: refused before the job
+        run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
+             "--image-weight", "0", "--editor", str(tiny_ip2p), "--clip", "ViT-B-32", *BEAM])
+    assert exc.value.code == 2 and "randomly initialised" in capsys.readouterr().err
