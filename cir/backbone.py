@@ -106,18 +106,24 @@ def resolve_model_name(model: str) -> tuple[str, Optional[dict]]:
 
 
 def check_weights(model: str, pretrained: Optional[str], allow_random: bool = False) -> Optional[str]:
-    """The `pretrained` to give open_clip, or an error where a CLIP would silently have random weights.
+    """The `pretrained` to give open_clip, or an error (an unknown model, or a CLIP that would silently have
+    random weights).
 
     An open_clip architecture name without pretrained weights is randomly initialised: fine for training from
     scratch (stage 0: `allow_random`) and for the tiny architectures (tests, the toy world), a silent substitute
     anywhere a CLIP is used frozen (embeddings, filters, stage I/II, eval). `pretrained='random'` says it is
     meant (timing a real architecture, say)."""
+    return _weights_for(resolve_model_name(model)[0], pretrained, allow_random)
+
+
+def _weights_for(name: str, pretrained: Optional[str], allow_random: bool) -> Optional[str]:
+    """check_weights on a name resolve_model_name already resolved."""
     if pretrained == RANDOM:
         return None
-    builtin = not model.startswith(("hf-hub:", "local-dir:")) and not os.path.isdir(model) and os.sep not in model
-    if builtin and not pretrained and not allow_random and model not in TINY_MODELS:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        raise BackboneError(f"CLIP '{model}' without pretrained weights would be randomly initialised: pass an "
+    builtin = not name.startswith(("hf-hub:", "local-dir:"))
+    if builtin and not pretrained and not allow_random and name not in TINY_MODELS:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise BackboneError(f"CLIP '{name}' without pretrained weights would be randomly initialised: pass an "
                             f"open_clip tag ({', '.join(tags) or 'none known'}), a weights file, an hf-hub: id or "
                             f"a local directory (or pretrained '{RANDOM}' if random weights are meant)")
     return pretrained
@@ -133,7 +139,7 @@ def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str
         (see check_weights), seeded by `seed` (tiny ones: 0 by default, so every worker builds the same).
     """
     name, model_cfg = resolve_model_name(model)
-    pretrained = check_weights(model, pretrained, allow_random)
+    pretrained = _weights_for(name, pretrained, allow_random)
     if seed is None and not pretrained and name in TINY_MODELS:
         seed = 0
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):

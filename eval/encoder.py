@@ -48,6 +48,9 @@ class Encoder:
 
         self.method, self.device = method, device
         path = Path(checkpoint)
+        if (path / "cir_config.json").is_file() and pretrained:
+            raise PredictionError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
+                                  f"given by architecture name")
         if (path / "cir_config.json").is_file():
             from cir.model import load_cir_model
 
@@ -62,9 +65,6 @@ class Encoder:
                 self.backbone = create_backbone(checkpoint, pretrained, device=device)
             except BackboneError as err:
                 raise PredictionError(str(err)) from err
-        if self.cir is not None and pretrained:
-            raise PredictionError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
-                                  f"given by architecture name")
         self.template = template or (self.cir.template if self.cir else "a photo of $ that {}")
         self.backbone.model.eval()
         # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone

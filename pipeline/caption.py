@@ -269,11 +269,10 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
             ds.check_model_reference(known.captioner, "captioner")
         if known.clip:
             ds.check_model_reference(known.clip, "CLIP")
-            from cir.backbone import BackboneError, check_weights, resolve_model_name
+            from cir.backbone import BackboneError, check_weights
 
-            try:
-                resolve_model_name(known.clip)
-                check_weights(known.clip, known.clip_pretrained)  # random embeddings would be a silent substitute
+            try:  # an unknown model, or random embeddings (a silent substitute)
+                check_weights(known.clip, known.clip_pretrained)
             except BackboneError as err:
                 raise ValueError(str(err)) from err
     except ValueError as err:

@@ -587,10 +587,9 @@ def check_input(cfg: SynthConfig) -> None:
 def _check_clip(clip: str, pretrained: Optional[str]) -> None:
     """A CLIP the job can build, with weights: filters on a randomly initialised one would keep and reject
     at random (cir.backbone.check_weights)."""
-    from cir.backbone import BackboneError, check_weights, resolve_model_name
+    from cir.backbone import BackboneError, check_weights
 
     try:
-        resolve_model_name(clip)
         check_weights(clip, pretrained)
     except BackboneError as err:
         raise ValueError(str(err)) from err

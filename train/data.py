@@ -332,10 +332,16 @@ def emb_made_by(meta: dict, role: str, clip_id: Optional[str]) -> bool:
     return False
 
 
+def has_cached_embeddings(samples: list[dict], role: str, clip_id: Optional[str]) -> bool:
+    """Whether every decoded sample has `{role}emb.npy` made by this CLIP (see emb_made_by); never when
+    clip_id is None (caching off)."""
+    return clip_id is not None and all(f"{role}emb.npy" in s and emb_made_by(s.get("json"), role, clip_id)
+                                       for s in samples)
+
+
 def cached_embeddings(samples: list[dict], role: str, clip_id: Optional[str]) -> Optional[torch.Tensor]:
-    """The batch's cached image embeddings [B, d] (float32) when every decoded sample has `{role}emb.npy` made
-    by this CLIP (see emb_made_by); None (clip_id None: caching off) means: run the image tower."""
-    if clip_id is None or not all(f"{role}emb.npy" in s and emb_made_by(s.get("json"), role, clip_id)
-                                  for s in samples):
+    """The batch's cached image embeddings [B, d] (float32) when has_cached_embeddings; None means: run the
+    image tower."""
+    if not has_cached_embeddings(samples, role, clip_id):
         return None
     return torch.from_numpy(np.stack([s[f"{role}emb.npy"] for s in samples]).astype(np.float32))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cir.mapping import MappingConfig
 from train.config import TrainConfig
-from train.data import cached_embeddings, image_of
+from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.loop import main as loop_main
 
 
@@ -97,7 +97,7 @@ class Stage1:
 
     def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
         """The image roles this batch's collate takes from emb.npy (their images are not decoded)."""
-        return ("",) if cached_embeddings(samples, "", self.clip_id) is not None else ()
+        return ("",) if has_cached_embeddings(samples, "", self.clip_id) else ()
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]

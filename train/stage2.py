@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cir.composer import AdapterConfig, MURConfig
 from train.config import ConfigError, TrainConfig
-from train.data import DataError, cached_embeddings, image_of
+from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
 from train.stage1 import gather
@@ -143,7 +143,7 @@ class Stage2:
 
     def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
         """The image roles this batch's collate takes from tgt.emb.npy (their images are not decoded)."""
-        return ("tgt.",) if cached_embeddings(samples, "tgt.", self.clip_id) is not None else ()
+        return ("tgt.",) if has_cached_embeddings(samples, "tgt.", self.clip_id) else ()
 
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
