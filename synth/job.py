@@ -27,12 +27,12 @@ import numpy as np
 from cir import dataset as ds
 from pipeline import jobs
 from synth import mining
+from synth.knn import FAILED, KNN_MODES, NeighbourGraph
 from synth.llm import CHAT_MODES, DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.modtext import modification_text
 
 LOG = logging.getLogger("synth")
 KIND = "triplet"
-FAILED = "failed"
 REJECTED = "rejected"
 
 
@@ -55,6 +55,9 @@ class SynthConfig:
     max_changes: int = 2  # caption diffs with more changed spans are rejected
     text_dim: int = 1024  # hashed TF-IDF size
     exact_max: int = 50_000  # exact k-NN (quadratic) up to this many images, faiss IVF (near-linear) above
+    knn: str = "global"  # global: all features in one worker | sharded: an IVF join over the workers (synth.knn)
+    nprobe: int = 16  # IVF lists searched per query (faiss IVF and sharded)
+    nlist: Optional[int] = None  # IVF lists; None = 4 sqrt(N), at most 4096
     # high quality: editing
     editor: str = "toy"  # 'toy' (exact toy-world editor) or a diffusers InstructPix2Pix model id / directory
     clip: Optional[str] = None  # CLIP for keyword swaps and filters (required by the diffusers editor)
@@ -99,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
     p.add_argument("--max-changes", type=int, default=d.max_changes)
     p.add_argument("--text-dim", type=int, default=d.text_dim)
-    p.add_argument("--exact-max", type=int, default=d.exact_max)
+    p.add_argument("--exact-max", type=int, default=d.exact_max,
+                   help="--knn global: exact k-NN up to this many images, faiss IVF above")
+    p.add_argument("--knn", default=d.knn, choices=KNN_MODES,
+                   help="global: every embedding in one worker (to ~1M); sharded: an IVF join spread over the "
+                        "workers (lists by k-means on a sample, grouped by list), for larger datasets")
+    p.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per query (faiss and sharded)")
+    p.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (default 4 sqrt(N), at most 4096)")
     p.add_argument("--editor", default=d.editor,
                    help="high quality: 'toy' (exact toy-world editor) or an InstructPix2Pix model id / directory")
     p.add_argument("--clip", default=d.clip, help="CLIP model for keyword swaps and filters (diffusers editor)")
@@ -164,91 +173,50 @@ def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------ low quality
 
-@dataclass
-class Graph:
-    """The k-NN graph of a caption dataset under the mining similarity."""
-
-    keys: list[str]
-    captions: list[str]
-    image: Optional[np.ndarray]  # [N, d] normalised image embeddings (image_weight > 0)
-    text: Optional[np.ndarray]  # [N, text_dim] hashed TF-IDF (image_weight < 1)
-    idx: np.ndarray  # [N, k] neighbour rows
-    sims: np.ndarray  # [N, k] their similarities
-    method: str  # exact | faiss-ivf...
-    missing: list[str]  # keys left out: no embedding although image_weight > 0
-
-
-def mine_graph(items: list, cfg: SynthConfig) -> Graph:
-    """(key, caption, emb) of every sample -> its k-NN graph; the one global step (a k-NN graph needs every
-    item). Memory is the feature matrix plus one block of similarities (exact) or the faiss index."""
-    items = sorted(items, key=lambda t: t[0])  # input order must not change the result
-    missing = []
-    if cfg.image_weight > 0:  # check_input made sure the dataset has embeddings; samples without are left out
-        missing = [k for k, _, e in items if e is None]
-        items = [t for t in items if t[2] is not None]
-    keys = [k for k, _, _ in items]
-    captions = [c for _, c, _ in items]
-    image = mining.normalise(np.stack([e for _, _, e in items])) if cfg.image_weight > 0 else None
-    text = mining.hashed_tfidf(captions, cfg.text_dim) if cfg.image_weight < 1 else None
-    features = mining.combine(image, text, cfg.image_weight)
-    idx, sims, method = mining.knn(features, cfg.neighbours, exact_max=cfg.exact_max, seed=cfg.seed)
-    LOG.info("mined %d x %d neighbours (%s)", len(keys), idx.shape[1], method)
-    return Graph(keys, captions, image, text, idx, sims, method, missing)
-
-
 class MinePairs(beam.DoFn):
-    """All (key, caption, emb) at once -> triplet specs; rejected candidates as (reason) on a tag."""
+    """A reference's neighbourhood -> its triplet specs (targets in the similarity band, other neighbours as
+    hard negatives); rejected candidates as (reason) on a tag."""
 
     def __init__(self, cfg: SynthConfig):
         self.cfg = cfg
 
-    def process(self, items: list) -> Iterator:
+    def process(self, hood) -> Iterator:
         cfg = self.cfg
-        g = mine_graph(items, cfg)
-        for key in g.missing:
-            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "mine", "no_embedding", "no emb.npy"))
-        keys, captions, image, text, idx, sims, method = g.keys, g.captions, g.image, g.text, g.idx, g.sims, g.method
-        pairs = mining.select_pairs(idx, sims, low=cfg.band_low, high=cfg.band_high,
-                                    per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives,
-                                    captions=captions)
-        in_band = {(p.ref, p.tgt) for p in pairs}
-        for r in range(len(keys)):
-            if not any((r, int(t)) in in_band for t in idx[r]):
-                yield beam.pvalue.TaggedOutput(REJECTED, "no_neighbour_in_band")
-        for pair in pairs:
-            rng = random.Random(f"{cfg.seed}:{keys[pair.ref]}:{keys[pair.tgt]}")
-            mod, changes, reason = modification_text(captions[pair.ref], captions[pair.tgt], rng, cfg.max_changes)
+        chosen = mining.select_targets(hood.neighbours, low=cfg.band_low, high=cfg.band_high,
+                                       per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives)
+        if not chosen:
+            yield beam.pvalue.TaggedOutput(REJECTED, "no_neighbour_in_band")
+        for tgt, negatives in chosen:
+            rng = random.Random(f"{cfg.seed}:{hood.key}:{tgt.key}")
+            mod, changes, reason = modification_text(hood.caption, tgt.caption, rng, cfg.max_changes)
             if mod is None:
                 yield beam.pvalue.TaggedOutput(REJECTED, reason)
                 continue
-            scores = {"similarity": round(pair.sim, 4)}
-            if image is not None:
-                scores["image_similarity"] = round(float(image[pair.ref] @ image[pair.tgt]), 4)
-            if text is not None:
-                scores["caption_similarity"] = round(float(text[pair.ref] @ text[pair.tgt]), 4)
-            ref_key, tgt_key = keys[pair.ref], keys[pair.tgt]
-            yield {"key": triplet_key(ref_key, tgt_key, "mined"), "ref_key": ref_key, "tgt_key": tgt_key,
-                   "ref_caption": captions[pair.ref], "tgt_caption": captions[pair.tgt], "mod": mod,
+            scores = {"similarity": round(tgt.sim, 4)}
+            if tgt.image_sim is not None:
+                scores["image_similarity"] = round(tgt.image_sim, 4)
+            if tgt.text_sim is not None:
+                scores["caption_similarity"] = round(tgt.text_sim, 4)
+            yield {"key": triplet_key(hood.key, tgt.key, "mined"), "ref_key": hood.key, "tgt_key": tgt.key,
+                   "ref_caption": hood.caption, "tgt_caption": tgt.caption, "mod": mod,
                    "quality": "low", "method": "mined-template", "scores": scores,
-                   "hard_negatives": [keys[j] for j in pair.hard_negatives], "seed": cfg.seed,
-                   "changes": [asdict(c) for c in changes],
-                   "provenance": {"knn": method, "neighbours": cfg.neighbours, "band": [cfg.band_low, cfg.band_high],
-                                  "image_weight": cfg.image_weight, "text": f"hashed-tfidf-{cfg.text_dim}"}}
+                   "hard_negatives": negatives, "seed": cfg.seed, "changes": [asdict(c) for c in changes],
+                   "provenance": {**knn_provenance(cfg, hood.method), "band": [cfg.band_low, cfg.band_high]}}
+
+
+def knn_provenance(cfg: SynthConfig, method: str) -> dict:
+    """How the neighbours were found: the k-NN method and the similarity it ranked by."""
+    approximate = {"nprobe": cfg.nprobe, **({"nlist": cfg.nlist} if cfg.nlist else {})} if method != "exact" else {}
+    return {"knn": method, **approximate, "neighbours": cfg.neighbours, "image_weight": cfg.image_weight,
+            "text": f"hashed-tfidf-{cfg.text_dim}"}
 
 
 # ------------------------------------------------------------------------------------------ high quality
 
-class ReferenceNeighbours(beam.DoFn):
-    """All (key, caption, emb) -> (key, [(neighbour key, its caption)]): the hard negative candidates of an
-    edited triplet are the real images nearest its reference (the edited target is not in the dataset)."""
-
-    def __init__(self, cfg: SynthConfig):
-        self.cfg = cfg
-
-    def process(self, items: list) -> Iterator[tuple[str, list]]:
-        g = mine_graph(items, self.cfg)
-        for r, key in enumerate(g.keys):
-            yield key, [(g.keys[j], g.captions[j]) for j in g.idx[r]]
+def _neighbour_keys(hood) -> tuple[str, tuple[str, list]]:
+    """(key, (k-NN method, [(neighbour key, its caption)])): the hard negative candidates of an edited triplet
+    are the real images nearest its reference (the edited target is not in the dataset)."""
+    return hood.key, (hood.method, [(n.key, n.caption) for n in hood.neighbours])
 
 
 def _by_ref(spec: dict) -> tuple[str, dict]:
@@ -259,13 +227,12 @@ def _attach_negatives(element, cfg: SynthConfig) -> Iterator[dict]:
     """Each spec of a reference gets its nearest real images as hard negatives, except any captioned exactly
     as its (edited) target: that image would be a right answer."""
     _, grouped = element
-    neighbours = next(iter(grouped["neighbours"]), [])
+    method, neighbours = next(iter(grouped["neighbours"]), ("exact", []))  # none: the reference had no emb.npy
     for spec in grouped["spec"]:
         negatives = [k for k, c in neighbours if k != spec["ref_key"] and c != spec["tgt_caption"]]
         yield {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
                "provenance": {**spec.get("provenance", {}), "hard_negatives": {
-                   "from": "nearest real images of the reference", "neighbours": cfg.neighbours,
-                   "image_weight": cfg.image_weight, "text": f"hashed-tfidf-{cfg.text_dim}"}}}
+                   "from": "nearest real images of the reference", **knn_provenance(cfg, method)}}}
 
 
 class ToyEditor(beam.DoFn):
@@ -491,9 +458,9 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
     samples = read.samples
     shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
     if cfg.quality == "low":
-        mined = (samples | "Summaries" >> beam.Map(_summary) | "AllItems" >> beam.combiners.ToList()
-                 | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, FAILED, main="specs"))
-        candidates, rejected, edit_failed = mined.specs, mined[REJECTED], mined[FAILED]
+        hoods, edit_failed = samples | "Summaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
+        mined = hoods | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, main="specs")
+        candidates, rejected = mined.specs, mined[REJECTED]
         specs = candidates if not cfg.num_triplets else (
             candidates | "Take" >> beam.combiners.Top.Of(cfg.num_triplets, key=SpecOrder(cfg.seed), reverse=True)
             | "EachSpec" >> beam.FlatMap(_each))
@@ -508,9 +475,8 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         sources = chosen | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(expected))
         candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
         if cfg.hard_negatives > 0:
-            neighbours = (samples | "NeighbourSummaries" >> beam.Map(_summary)
-                          | "AllNeighbourItems" >> beam.combiners.ToList()
-                          | "Neighbours" >> beam.ParDo(ReferenceNeighbours(cfg)))
+            hoods, _ = samples | "NeighbourSummaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
+            neighbours = hoods | "NeighbourKeys" >> beam.Map(_neighbour_keys)
             candidates = ({"spec": candidates | "ByRef" >> beam.Map(_by_ref), "neighbours": neighbours}
                           | "JoinNeighbours" >> beam.CoGroupByKey()
                           | "HardNegatives" >> beam.FlatMap(_attach_negatives, cfg))
@@ -604,7 +570,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
-                        "max_changes", "text_dim", "exact_max", "samples_per_source", "keep_per_source", "steps",
+                        "max_changes", "text_dim", "exact_max", "nprobe", "nlist", "samples_per_source", "keep_per_source", "steps",
                         "batch_size", "llm_max_new_tokens")
     jobs.check_prefix(parser, known.shard_prefix)
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})

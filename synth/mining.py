@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -28,14 +27,27 @@ def hashed_tfidf(captions: list[str], dim: int = 1024) -> np.ndarray:
     """TF-IDF of unigrams and bigrams, hashed into `dim` buckets (crc32: stable across processes, unlike
     Python's salted hash), L2-normalised: [N, dim] float32. IDF comes from these captions, so words every
     caption shares ("a photo of", "background") weigh little and the words that differ decide."""
-    counts = np.zeros((len(captions), dim), dtype=np.float32)
-    for i, text in enumerate(captions):
-        words = WORD_RE.findall(text.lower())
-        for g in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
-            counts[i, zlib.crc32(g.encode()) % dim] += 1.0
-    df = (counts > 0).sum(axis=0)
-    idf = np.log((1.0 + len(captions)) / (1.0 + df)) + 1.0
-    return normalise(np.sqrt(counts) * idf)
+    counts = np.stack([caption_counts(c, dim) for c in captions]) if captions else np.zeros((0, dim), np.float32)
+    return tfidf(counts, idf((counts > 0).sum(axis=0), len(captions)))
+
+
+def caption_counts(text: str, dim: int) -> np.ndarray:
+    """One caption's hashed unigram + bigram counts: [dim] float32."""
+    counts = np.zeros(dim, dtype=np.float32)
+    words = WORD_RE.findall(text.lower())
+    for g in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+        counts[zlib.crc32(g.encode()) % dim] += 1.0
+    return counts
+
+
+def idf(document_frequency: np.ndarray, n: int) -> np.ndarray:
+    """Smoothed IDF from how many of the n captions hold each bucket."""
+    return np.log((1.0 + n) / (1.0 + np.asarray(document_frequency))) + 1.0
+
+
+def tfidf(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Counts [N, dim] (or [dim]) and IDF weights -> L2-normalised TF-IDF rows [N, dim]."""
+    return normalise(np.sqrt(np.atleast_2d(counts)) * weights)
 
 
 def combine(image: Optional[np.ndarray], text: Optional[np.ndarray], image_weight: float) -> np.ndarray:
@@ -49,12 +61,13 @@ def combine(image: Optional[np.ndarray], text: Optional[np.ndarray], image_weigh
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def knn(x: np.ndarray, k: int, *, exact_max: int = 50_000, nprobe: int = 16, seed: int = 0
-        ) -> tuple[np.ndarray, np.ndarray, str]:
+def knn(x: np.ndarray, k: int, *, exact_max: int = 50_000, nprobe: int = 16, seed: int = 0,
+        nlist: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Top-k neighbours of every row by inner product, self excluded: (indices [N, k], sims [N, k], method).
 
     Exact blocked search up to `exact_max` rows (memory: one block of at most EXACT_BUDGET_FLOATS
-    similarities); above it faiss IVF (approximate; recall measured by bench/mining_scale.py).
+    similarities); above it faiss IVF with `nlist` lists (default ivf_lists(N)), `nprobe` probed (approximate;
+    recall measured by bench/mining_scale.py).
     """
     n = x.shape[0]
     k = min(k, n - 1)
@@ -62,7 +75,7 @@ def knn(x: np.ndarray, k: int, *, exact_max: int = 50_000, nprobe: int = 16, see
         raise ValueError(f"need at least two items to mine pairs, got {n}")
     if n <= exact_max:
         return (*_exact_knn(x, k), "exact")
-    return (*_faiss_knn(x, k, nprobe=nprobe, seed=seed), "faiss-ivf")
+    return (*_faiss_knn(x, k, nprobe=nprobe, seed=seed, nlist=nlist), "faiss-ivf")
 
 
 def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +96,8 @@ def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, sims
 
 
-def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int, nlist: Optional[int] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Self-k-NN with faiss IVF-Flat. The queries are the indexed vectors, so one coarse-quantizer pass
     (their nprobe nearest lists) serves both the add (first list) and the search (all nprobe), and the
     queries run list by list: consecutive queries scan the same lists while those are in cache (1.5x
@@ -94,7 +108,7 @@ def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int) -> tuple[np.nda
         raise RuntimeError(f"{x.shape[0]} items need the approximate index: pip install -e '.[faiss]'") from err
     n = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)
-    index = trained_ivf(x, nprobe, seed)
+    index = trained_ivf(x, nprobe, seed, nlist)
     coarse_d, coarse_i = index.quantizer.search(x, nprobe)  # [N, nprobe], nearest list first
     first = np.ascontiguousarray(coarse_i[:, 0])
     index.add_core(n, faiss.swig_ptr(x), None, faiss.swig_ptr(first))
@@ -111,17 +125,43 @@ def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int) -> tuple[np.nda
     return out_i, out_s
 
 
-def trained_ivf(x: np.ndarray, nprobe: int, seed: int):
-    """An empty faiss IVF-Flat index (inner product) trained on a seeded sample of x: 4 sqrt(N) lists (at
-    most 4096), 40 training points per list (above faiss's floor of 39; k-means costs points x lists x d)."""
-    import faiss
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n vectors: 4 sqrt(N), at least 16, at most 4096."""
+    return int(min(4096, max(16, 4 * np.sqrt(n))))
 
-    n, d = x.shape
-    nlist = int(min(4096, max(16, 4 * np.sqrt(n))))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+
+def training_sample_size(nlist: int) -> int:
+    return nlist * 40  # 40 training points per list (above faiss's floor of 39; k-means costs points x lists x d)
+
+
+def trained_ivf(x: np.ndarray, nprobe: int, seed: int, nlist: Optional[int] = None):
+    """An empty faiss IVF-Flat index (inner product) trained on a seeded sample of x (ivf_lists lists unless
+    told)."""
+    n = x.shape[0]
+    nlist = min(n, nlist or ivf_lists(n))
     rng = np.random.default_rng(seed)
-    index.train(x[np.sort(rng.choice(n, size=min(n, nlist * 40), replace=False))])
+    sample = np.sort(rng.choice(n, size=min(n, training_sample_size(nlist)), replace=False))
+    index = _ivf_trained_on(x[sample], nlist)
     index.nprobe = nprobe
+    return index
+
+
+def coarse_centroids(sample: np.ndarray, nlist: int) -> np.ndarray:
+    """The nlist list centroids [nlist, d] faiss's IVF training finds on `sample` (the coarse quantizer of
+    trained_ivf, for a join that routes vectors to lists itself)."""
+    nlist = min(nlist, sample.shape[0])
+    index = _ivf_trained_on(np.ascontiguousarray(sample, dtype=np.float32), nlist)
+    return index.quantizer.reconstruct_n(0, nlist)
+
+
+def _ivf_trained_on(sample: np.ndarray, nlist: int):
+    try:
+        import faiss
+    except ImportError as err:
+        raise RuntimeError("the approximate index needs faiss: pip install -e '.[faiss]'") from err
+    d = sample.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)
     return index
 
 
@@ -133,24 +173,38 @@ def _drop_self(rows: np.ndarray, idx: np.ndarray, sims: np.ndarray, k: int) -> t
     return idx[keep].reshape(len(rows), k), sims[keep].reshape(len(rows), k)
 
 
-@dataclass
-class Pair:
-    ref: int  # row of the reference
-    tgt: int  # row of the target
+class Neighbour(NamedTuple):
+    key: str
+    caption: str
     sim: float  # combined similarity
-    hard_negatives: list[int]  # other neighbours of the reference
+    image_sim: Optional[float]  # cos of the image embeddings (None: mined without them)
+    text_sim: Optional[float]  # cos of the caption TF-IDF (None: mined without it)
 
 
-def select_pairs(idx: np.ndarray, sims: np.ndarray, *, low: float, high: float, per_reference: int,
-                 hard_negatives: int, captions: Optional[list[str]] = None) -> list[Pair]:
-    """For each reference, its most similar neighbours inside [low, high] become targets; the remaining
-    neighbours (any similarity) are its hard negatives, except those captioned exactly as the target (with
-    `captions`): they would be right answers pushed away."""
-    pairs = []
-    for ref in range(idx.shape[0]):
-        in_band = [(j, s) for j, s in zip(idx[ref], sims[ref]) if low <= s <= high]
-        for tgt, sim in in_band[:per_reference]:
-            negatives = [int(j) for j in idx[ref] if j != tgt and (captions is None or captions[j] != captions[tgt])
-                         ][:hard_negatives]
-            pairs.append(Pair(ref, int(tgt), float(sim), negatives))
-    return pairs
+def neighbour_order(n: Neighbour) -> tuple[float, str]:
+    """Most similar first, ties by key: the same order however the neighbours were found."""
+    return -n.sim, n.key
+
+
+def component_sims(q: np.ndarray, m: np.ndarray, image_dim: int, image_weight: float
+                   ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Image and caption cosines out of combined features: q [n, D] queries, m [n, k, D] their neighbours ->
+    ([n, k] or None, [n, k] or None). The combined vector is [sqrt(w) image, sqrt(1 - w) text] (`combine`)."""
+    image = text = None
+    if image_weight > 0:
+        image = np.einsum("nd,nkd->nk", q[:, :image_dim], m[:, :, :image_dim]) / image_weight
+    if image_weight < 1:
+        text = np.einsum("nd,nkd->nk", q[:, image_dim:], m[:, :, image_dim:]) / (1.0 - image_weight)
+    return image, text
+
+
+def select_targets(neighbours: list[Neighbour], *, low: float, high: float, per_reference: int,
+                   hard_negatives: int) -> list[tuple[Neighbour, list[str]]]:
+    """A reference's most similar neighbours inside [low, high] become its targets, each with the keys of the
+    remaining neighbours (any similarity) as hard negatives, except those captioned exactly as the target:
+    they would be right answers pushed away."""
+    chosen = []
+    for tgt in [n for n in neighbours if low <= n.sim <= high][:per_reference]:
+        negatives = [n.key for n in neighbours if n.key != tgt.key and n.caption != tgt.caption]
+        chosen.append((tgt, negatives[:hard_negatives]))
+    return chosen

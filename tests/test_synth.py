@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -96,15 +97,24 @@ def test_rerun_writes_nothing_twice(low, toy_captions):
     assert stats["shards_written_this_run"] == 0 and stats["written"] == first["written"]
 
 
-def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_path):
-    from cir.backbone import clip_fingerprint, create_backbone
+@pytest.fixture(scope="module")
+def embedded_captions(toy_world, tiny_clip_dir, tmp_path_factory) -> Path:
     from pipeline.caption import run as caption
 
-    cap = tmp_path / "cap"
+    cap = tmp_path_factory.mktemp("emb") / "cap"
     caption(["--input", str(toy_world / "images"), "--output", str(cap), "--clip", str(tiny_clip_dir), *BEAM])
+    return cap
+
+
+MINE_BY_IMAGES = ["--quality", "low", "--image-weight", "0.5", "--band-low", "0", "--band-high", "1",
+                  "--max-changes", "10"]
+
+
+def test_mining_by_image_embeddings_stores_them(embedded_captions, tiny_clip_dir, tmp_path):
+    from cir.backbone import clip_fingerprint, create_backbone
+
     out = tmp_path / "low"
-    stats = run(["--input", str(cap), "--output", str(out), "--quality", "low", "--image-weight", "0.5",
-                 "--band-low", "0", "--band-high", "1", "--max-changes", "10", *BEAM])
+    stats = run(["--input", str(embedded_captions), "--output", str(out), *MINE_BY_IMAGES, *BEAM])
     assert stats["written"] > 0
     fingerprint = clip_fingerprint(create_backbone(str(tiny_clip_dir)).model)
     for t in triplets(out):
@@ -116,6 +126,70 @@ def test_mining_by_image_embeddings_stores_them(toy_world, tiny_clip_dir, tmp_pa
             assert emb.dtype == np.float16 and abs(np.linalg.norm(emb.astype(np.float32)) - 1) < 1e-2
             # which CLIP made them travels with them, for the trainers' check
             assert json.loads(t["json"])[f"{role}_emb_clip"] == fingerprint
+
+
+def _mined(out: Path) -> dict[str, dict]:
+    return {t["__key__"]: {**json.loads(t["json"]), "mod": t["mod.txt"].decode()} for t in triplets(out)}
+
+
+@pytest.mark.parametrize("flags", [["--image-weight", "0", "--band-low", "0.3", "--seed", "1"], MINE_BY_IMAGES],
+                         ids=["captions", "images+captions"])
+def test_sharded_knn_with_every_list_probed_equals_the_global_search(flags, toy_captions, embedded_captions,
+                                                                     tmp_path):
+    """The IVF join over workers, probing all its lists, is an exact search: the same triplets as the global
+    path (exact below --exact-max), same hard negatives, same scores; every step's output order is its own."""
+    src = embedded_captions if "0.5" in flags else toy_captions[0]
+    base = ["--input", str(src), "--quality", "low", *flags, *BEAM]
+    run(["--output", str(tmp_path / "global"), *base])
+    stats = run(["--output", str(tmp_path / "sharded"), "--knn", "sharded", "--nlist", "4", "--nprobe", "4",
+                 "--direct_num_workers", "2",
+                 "--direct_running_mode", "multi_threading", *base])
+    want, got = _mined(tmp_path / "global"), _mined(tmp_path / "sharded")
+    assert stats["written"] == len(want) > 10 and got.keys() == want.keys()
+    for key, meta in got.items():
+        assert meta["provenance"]["knn"] == "sharded-ivf" and want[key]["provenance"]["knn"] == "exact"
+        for field in ("ref_key", "tgt_key", "mod", "hard_negatives", "changes"):
+            assert meta[field] == want[key][field]
+        assert meta["scores"].keys() == want[key]["scores"].keys()
+        assert all(abs(meta["scores"][s] - want[key]["scores"][s]) <= 1e-4 for s in meta["scores"])
+
+
+def test_sharded_knn_recall_and_failed_rows():
+    """Probing 4 of 16 lists on clustered data: recall@10 against exact search >= 0.9, never itself, most
+    similar first; an item without its embedding is a failed row, not a neighbour."""
+    pytest.importorskip("faiss")
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    from synth.job import SynthConfig
+    from synth.knn import NeighbourGraph
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 32))
+    x = mining.normalise(centres[rng.integers(0, 20, 1500)] + 0.3 * rng.normal(size=(1500, 32)))
+    keys = [f"k{i:04d}" for i in range(1500)]
+    items = [(key, f"caption {i % 7}", emb) for i, (key, emb) in enumerate(zip(keys, x))] + [("nemb", "x", None)]
+    exact, _, _ = mining.knn(x, 10)
+    cfg = SynthConfig("", "", "low", image_weight=1.0, neighbours=10, knn="sharded", nlist=16, nprobe=4)
+
+    def check_neighbourhoods(hoods):
+        assert sorted(h.key for h in hoods) == keys
+        recall = []
+        for h in hoods:
+            found = [n.key for n in h.neighbours]
+            assert h.key not in found and len(found) == 10 and h.method == "sharded-ivf"
+            assert [n.sim for n in h.neighbours] == sorted((n.sim for n in h.neighbours), reverse=True)
+            assert all(abs(n.sim - n.image_sim) < 1e-5 and n.text_sim is None for n in h.neighbours)
+            recall.append(len({keys[j] for j in exact[int(h.key[1:])]} & set(found)) / 10)
+        assert np.mean(recall) >= 0.9
+
+    def check_failed(rows):
+        assert [(r["source"], r["reason"]) for r in rows] == [("nemb", "no_embedding")]
+
+    with TestPipeline(runner="DirectRunner") as p:
+        hoods, failed = p | beam.Create(items) | NeighbourGraph(cfg)
+        assert_that(hoods, check_neighbourhoods, label="Neighbourhoods")
+        assert_that(failed, check_failed, label="Failed")
 
 
 # ---------------------------------------------------------------- high quality (toy editor)
@@ -243,15 +317,22 @@ def test_drop_self_wherever_it_is():
     assert kept_i.tolist() == [[7, 5], [4, 5], [2, 9]] and np.allclose(kept_s, kept_i * 0.1)
 
 
-def test_select_pairs_keeps_the_band():
-    idx = np.array([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
-    sims = np.array([[0.99, 0.8, 0.2], [0.99, 0.7, 0.1], [0.8, 0.8, 0.3], [0.3, 0.2, 0.2]])
-    pairs = mining.select_pairs(idx, sims, low=0.5, high=0.95, per_reference=1, hard_negatives=2)
-    assert [(p.ref, p.tgt) for p in pairs] == [(0, 2), (1, 2), (2, 1)]
-    assert pairs[0].hard_negatives == [1, 3]
-    captions = ["a", "b", "c", "c"]  # row 3 is captioned like row 0's target (row 2): not its negative
-    pairs = mining.select_pairs(idx, sims, low=0.5, high=0.95, per_reference=1, hard_negatives=2, captions=captions)
-    assert pairs[0].hard_negatives == [1]
+def test_select_targets_keeps_the_band():
+    def hood(*pairs):
+        return [mining.Neighbour(key, caption, sim, None, None) for key, caption, sim in pairs]
+
+    chosen = mining.select_targets(hood(("b", "b", 0.99), ("c", "c", 0.8), ("d", "d", 0.2)), low=0.5, high=0.95,
+                                   per_reference=1, hard_negatives=2)
+    assert [(t.key, negatives) for t, negatives in chosen] == [("c", ["b", "d"])]  # 0.99: a near-duplicate
+    # "d" is captioned like the target: a right answer, not a negative
+    chosen = mining.select_targets(hood(("b", "b", 0.99), ("c", "c", 0.8), ("d", "c", 0.2)), low=0.5, high=0.95,
+                                   per_reference=1, hard_negatives=2)
+    assert chosen[0][1] == ["b"]
+    assert mining.select_targets(hood(("b", "b", 0.3), ("c", "c", 0.2)), low=0.5, high=0.95, per_reference=1,
+                                 hard_negatives=2) == []
+    chosen = mining.select_targets(hood(("b", "b", 0.9), ("c", "c", 0.8), ("d", "d", 0.7)), low=0.5, high=0.95,
+                                   per_reference=2, hard_negatives=1)
+    assert [(t.key, negatives) for t, negatives in chosen] == [("b", ["c"]), ("c", ["b"])]
 
 
 def test_modification_text_from_caption_diff():

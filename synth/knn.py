@@ -1,0 +1,267 @@
+"""The k-NN graph of a caption dataset as Beam transforms: (key, caption, emb) items -> one Neighbourhood each.
+
+`--knn global` (default): every item in one worker (ToList), then synth.mining.knn: exact blocked search up
+    to --exact-max items, faiss IVF above. 1M x 512 mines in about 7 minutes on 2 cores; the features of
+    every item must fit in that worker's memory.
+`--knn sharded`: an IVF join spread over the workers, for datasets no single worker holds:
+
+    items --features (TF-IDF: IDF from a global document-frequency sum)--> seeded sample --k-means--> centroids
+    each item --(centroids as a side input)--> member of its nearest list, query of its --nprobe nearest lists
+    group by list --> exact top-k of the list's queries among the list's members
+    combine per query --> its top-k over the lists it probed
+
+    The lists and probes are those of a faiss IVF-Flat index, so recall is faiss's at the same nprobe;
+    with --nprobe >= lists the join is exact. Memory per worker: one list's members and queries.
+
+Both give neighbours in the same order (similarity, then key), so mining does not depend on which ran.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+
+from cir import dataset as ds
+from synth import mining
+from synth.mining import Neighbour
+
+if TYPE_CHECKING:
+    from synth.job import SynthConfig
+
+LOG = logging.getLogger("synth")
+FAILED = "failed"
+KNN_MODES = ("global", "sharded")
+
+
+class Neighbourhood(NamedTuple):
+    key: str
+    caption: str
+    neighbours: list  # [Neighbour], most similar first
+    method: str  # how they were found: exact | faiss-ivf | sharded-ivf
+
+
+def NeighbourGraph(cfg: "SynthConfig") -> beam.PTransform:
+    """(key, caption, emb) items -> (neighbourhoods, failed rows): items without an embedding while the
+    similarity uses them are failed rows, not neighbours."""
+    return ShardedKnn(cfg) if cfg.knn == "sharded" else GlobalKnn(cfg)
+
+
+def _without_embedding(item: tuple, image_weight: float) -> bool:
+    return image_weight > 0 and item[2] is None
+
+
+def _missing_row(item: tuple) -> dict:
+    return ds.failed_row(item[0], "mine", "no_embedding", "no emb.npy")
+
+
+# ------------------------------------------------------------------------------------------ global
+
+class GlobalKnn(beam.PTransform):
+    def __init__(self, cfg: "SynthConfig"):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, items):
+        graph = (items | "AllItems" >> beam.combiners.ToList()
+                 | "Graph" >> beam.ParDo(_GlobalGraph(self.cfg)).with_outputs(FAILED, main="neighbourhoods"))
+        return graph.neighbourhoods, graph[FAILED]
+
+
+class _GlobalGraph(beam.DoFn):
+    def __init__(self, cfg: "SynthConfig"):
+        self.cfg = cfg
+
+    def process(self, items: list) -> Iterator:
+        cfg = self.cfg
+        items = sorted(items, key=lambda t: t[0])  # input order must not change the result
+        for item in items:
+            if _without_embedding(item, cfg.image_weight):
+                yield beam.pvalue.TaggedOutput(FAILED, _missing_row(item))
+        items = [t for t in items if not _without_embedding(t, cfg.image_weight)]
+        keys = [k for k, _, _ in items]
+        captions = [c for _, c, _ in items]
+        features = mining.combine(mining.normalise(np.stack([e for _, _, e in items])) if cfg.image_weight > 0
+                                  else None,
+                                  mining.hashed_tfidf(captions, cfg.text_dim) if cfg.image_weight < 1 else None,
+                                  cfg.image_weight)
+        idx, sims, method = mining.knn(features, cfg.neighbours, exact_max=cfg.exact_max, nprobe=cfg.nprobe,
+                                       seed=cfg.seed, nlist=cfg.nlist)
+        LOG.info("mined %d x %d neighbours (%s)", len(keys), idx.shape[1], method)
+        image_dim = features.shape[1] - (cfg.text_dim if cfg.image_weight < 1 else 0)
+        for start in range(0, len(keys), ROWS_PER_CHUNK):
+            rows = np.arange(start, min(len(keys), start + ROWS_PER_CHUNK))
+            image, text = mining.component_sims(features[rows], features[idx[rows]], image_dim, cfg.image_weight)
+            for i, r in enumerate(rows):
+                yield Neighbourhood(keys[r], captions[r], [
+                    _neighbour(keys[j], captions[j], sims[r, c], image, text, i, c) for c, j in enumerate(idx[r])],
+                    method)
+
+
+ROWS_PER_CHUNK = 4096  # neighbour features gathered at once for the component similarities
+
+
+def _neighbour(key: str, caption: str, sim, image: Optional[np.ndarray], text: Optional[np.ndarray], i: int,
+               c: int) -> Neighbour:
+    return Neighbour(key, caption, float(sim), None if image is None else float(image[i, c]),
+                     None if text is None else float(text[i, c]))
+
+
+# ------------------------------------------------------------------------------------------ sharded
+
+class ShardedKnn(beam.PTransform):
+    def __init__(self, cfg: "SynthConfig"):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, items):
+        cfg = self.cfg
+        checked = items | "NeedEmbeddings" >> beam.ParDo(_CheckEmbedding(cfg.image_weight)).with_outputs(
+            FAILED, main="items")
+        items = checked["items"]
+        n = items | "CountItems" >> beam.combiners.Count.Globally()
+        weights = None
+        if cfg.image_weight < 1:
+            weights = beam.pvalue.AsSingleton(items | "DocumentFrequency" >> beam.CombineGlobally(
+                DocumentFrequency(cfg.text_dim)))
+        features = items | "Features" >> beam.Map(_features, cfg, weights)
+        centroids = (features | "Sample" >> beam.Filter(_in_sample, cfg, beam.pvalue.AsSingleton(n))
+                     | "Samples" >> beam.combiners.ToList()
+                     | "KMeans" >> beam.Map(_centroids, cfg, beam.pvalue.AsSingleton(n)))
+        neighbourhoods = (features
+                          | "Route" >> beam.FlatMap(_route, beam.pvalue.AsSingleton(centroids), cfg.nprobe)
+                          | "ByList" >> beam.GroupByKey()
+                          | "ScanList" >> beam.FlatMap(_scan_list, cfg)
+                          | "MergeTopK" >> beam.CombinePerKey(TopNeighbours(cfg.neighbours))
+                          | "Neighbourhoods" >> beam.MapTuple(_neighbourhood))
+        return neighbourhoods, checked[FAILED]
+
+
+class _CheckEmbedding(beam.DoFn):
+    def __init__(self, image_weight: float):
+        self.image_weight = image_weight
+
+    def process(self, item: tuple) -> Iterator:
+        if _without_embedding(item, self.image_weight):
+            yield beam.pvalue.TaggedOutput(FAILED, _missing_row(item))
+        else:
+            yield item
+
+
+class DocumentFrequency(beam.CombineFn):
+    """Captions -> the IDF weights of their hashed TF-IDF (mining.hashed_tfidf's, computed across workers)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def create_accumulator(self):
+        return np.zeros(self.dim, dtype=np.int64), 0
+
+    def add_input(self, acc, item):
+        df, n = acc
+        df += mining.caption_counts(item[1], self.dim) > 0
+        return df, n + 1
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return sum(a[0] for a in accs), sum(a[1] for a in accs)
+
+    def extract_output(self, acc):
+        df, n = acc
+        return mining.idf(df, n)
+
+
+def _features(item: tuple, cfg: "SynthConfig", idf: Optional[np.ndarray]) -> tuple[str, str, np.ndarray]:
+    """(key, caption, emb) -> (key, caption, combined feature [D]), as mining.combine builds them globally."""
+    key, caption, emb = item
+    image = mining.normalise(emb[None]) if cfg.image_weight > 0 else None
+    text = mining.tfidf(mining.caption_counts(caption, cfg.text_dim), idf) if cfg.image_weight < 1 else None
+    return key, caption, mining.combine(image, text, cfg.image_weight)[0]
+
+
+def _lists(cfg: "SynthConfig", n: int) -> int:
+    return cfg.nlist or mining.ivf_lists(n)
+
+
+def _in_sample(item: tuple, cfg: "SynthConfig", n: int) -> bool:
+    """A seeded sample of about training_sample_size(lists) items, chosen by key (any worker, same answer)."""
+    share = mining.training_sample_size(_lists(cfg, n)) / max(n, 1)
+    draw = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{item[0]}".encode()).digest()[:8], "big") / 2.0 ** 64
+    return draw < share
+
+
+def _centroids(sample: list, cfg: "SynthConfig", n: int) -> np.ndarray:
+    if not sample:
+        raise ValueError("sharded k-NN: the k-means sample came out empty")
+    sample = sorted(sample, key=lambda t: t[0])  # arrival order must not change the centroids
+    centroids = mining.coarse_centroids(np.stack([f for _, _, f in sample]), _lists(cfg, n))
+    LOG.info("sharded k-NN: %d lists trained on %d of %d items", len(centroids), len(sample), n)
+    return centroids
+
+
+def _route(item: tuple, centroids: np.ndarray, nprobe: int) -> Iterator[tuple[int, tuple]]:
+    """An item is a member of its nearest list and a query of its nprobe nearest (faiss IVF's add and
+    search assignments)."""
+    key, caption, feature = item
+    probes = np.argsort(-(centroids @ feature), kind="stable")[:nprobe]
+    yield int(probes[0]), (True, key, caption, feature)
+    for probe in probes:
+        yield int(probe), (False, key, caption, feature)
+
+
+def _scan_list(element: tuple, cfg: "SynthConfig") -> Iterator[tuple[tuple[str, str], list]]:
+    """One list: every query's top-k among the list's members, itself excluded -> ((key, caption), [Neighbour])
+    per query (an empty list when the list holds nothing else, so that every item reaches the merge)."""
+    _, routed = element
+    routed = sorted(routed, key=lambda r: (r[0], r[1]))  # arrival order must not change the result
+    members = [r for r in routed if r[0]]
+    queries = [r for r in routed if not r[0]]
+    if not members:
+        for _, key, caption, _ in queries:
+            yield (key, caption), []
+        return
+    m = np.stack([f for *_, f in members])
+    position = {key: j for j, (_, key, _, _) in enumerate(members)}
+    image_dim = m.shape[1] - (cfg.text_dim if cfg.image_weight < 1 else 0)
+    k = min(cfg.neighbours, len(members))
+    chunk = max(1, mining.EXACT_BUDGET_FLOATS // len(members))
+    for start in range(0, len(queries), chunk):
+        block = queries[start:start + chunk]
+        q = np.stack([f for *_, f in block])
+        sims = q @ m.T
+        for i, (_, key, _, _) in enumerate(block):
+            if key in position:
+                sims[i, position[key]] = -np.inf  # not your own neighbour
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_s = np.take_along_axis(sims, top, axis=1)
+        image, text = mining.component_sims(q, m[top], image_dim, cfg.image_weight)
+        for i, (_, key, caption, _) in enumerate(block):
+            found = [_neighbour(members[j][1], members[j][2], top_s[i, c], image, text, i, c)
+                     for c, j in enumerate(top[i]) if np.isfinite(top_s[i, c])]
+            yield (key, caption), sorted(found, key=mining.neighbour_order)
+
+
+class TopNeighbours(beam.CombineFn):
+    """A query's neighbours from each list it probed -> its k best (a member lives in one list: no repeats)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, found):
+        return sorted(acc + list(found), key=mining.neighbour_order)[:self.k]
+
+    def merge_accumulators(self, accs):
+        return sorted((n for acc in accs for n in acc), key=mining.neighbour_order)[:self.k]
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _neighbourhood(query, neighbours):  # no type hints: Beam would infer a schema coder for the NamedTuple
+    key, caption = query
+    return Neighbourhood(key, caption, neighbours, "sharded-ivf")
