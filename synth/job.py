@@ -530,6 +530,11 @@ def check_input(cfg: SynthConfig) -> None:
         raise ValueError(f"--image-weight {cfg.image_weight} mines {what} by CLIP image embeddings, but {cfg.input} "
                          f"has none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0"
                          + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
+    if mines and cfg.knn == "sharded":
+        try:
+            import faiss  # noqa: F401  (k-means for the lists)
+        except ImportError:
+            raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
     if cfg.quality == "high" and cfg.editor != "toy":
@@ -570,8 +575,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
-                        "max_changes", "text_dim", "exact_max", "nprobe", "nlist", "samples_per_source", "keep_per_source", "steps",
-                        "batch_size", "llm_max_new_tokens")
+                        "max_changes", "text_dim", "exact_max", "nprobe", "nlist", "samples_per_source",
+                        "keep_per_source", "steps", "batch_size", "llm_max_new_tokens")
     jobs.check_prefix(parser, known.shard_prefix)
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:

@@ -18,8 +18,9 @@ Both give neighbours in the same order (similarity, then key), so mining does no
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -131,9 +132,11 @@ class ShardedKnn(beam.PTransform):
                      | "Samples" >> beam.combiners.ToList()
                      | "KMeans" >> beam.Map(_centroids, cfg, beam.pvalue.AsSingleton(n)))
         neighbourhoods = (features
-                          | "Route" >> beam.FlatMap(_route, beam.pvalue.AsSingleton(centroids), cfg.nprobe)
+                          | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROUTE_BATCH)
+                          | "Route" >> beam.FlatMap(_route, beam.pvalue.AsSingleton(centroids), cfg.nprobe
+                                                  ).with_output_types(Tuple[int, Any])
                           | "ByList" >> beam.GroupByKey()
-                          | "ScanList" >> beam.FlatMap(_scan_list, cfg)
+                          | "ScanList" >> beam.FlatMap(_scan_list, cfg).with_output_types(Tuple[Tuple[str, str], Any])
                           | "MergeTopK" >> beam.CombinePerKey(TopNeighbours(cfg.neighbours))
                           | "Neighbourhoods" >> beam.MapTuple(_neighbourhood))
         return neighbourhoods, checked[FAILED]
@@ -201,50 +204,72 @@ def _centroids(sample: list, cfg: "SynthConfig", n: int) -> np.ndarray:
     return centroids
 
 
-def _route(item: tuple, centroids: np.ndarray, nprobe: int) -> Iterator[tuple[int, tuple]]:
-    """An item is a member of its nearest list and a query of its nprobe nearest (faiss IVF's add and
-    search assignments)."""
-    key, caption, feature = item
-    probes = np.argsort(-(centroids @ feature), kind="stable")[:nprobe]
-    yield int(probes[0]), (True, key, caption, feature)
-    for probe in probes:
-        yield int(probe), (False, key, caption, feature)
+ROUTE_BATCH = 4096  # items routed per numpy call: one [batch, lists] matmul, one chunk per list touched
+
+
+def _route(batch: list, centroids: np.ndarray, nprobe: int) -> Iterator[tuple[int, tuple]]:
+    """Items -> (list, chunk) for every list they touch: an item is a member of its nearest list and a query of
+    its nprobe nearest (faiss IVF's add and search assignments). A chunk is (keys, captions, features [n, D],
+    member mask [n]): one element per list per batch, not one per item and probe."""
+    keys = np.array([key for key, _, _ in batch], dtype=object)
+    captions = np.array([caption for _, caption, _ in batch], dtype=object)
+    features = np.stack([f for _, _, f in batch])
+    probes = np.argsort(-(features @ centroids.T), axis=1, kind="stable")[:, :nprobe]  # nearest first
+    flat = probes.ravel()
+    rows = np.repeat(np.arange(len(batch)), probes.shape[1])
+    order = np.argsort(flat, kind="stable")
+    flat, rows = flat[order], rows[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(flat)) + 1]
+    for lst, group in zip(flat[starts], np.split(rows, starts[1:])):
+        yield int(lst), (keys[group].tolist(), captions[group].tolist(), features[group], probes[group, 0] == lst)
 
 
 def _scan_list(element: tuple, cfg: "SynthConfig") -> Iterator[tuple[tuple[str, str], list]]:
-    """One list: every query's top-k among the list's members, itself excluded -> ((key, caption), [Neighbour])
-    per query (an empty list when the list holds nothing else, so that every item reaches the merge)."""
-    _, routed = element
-    routed = sorted(routed, key=lambda r: (r[0], r[1]))  # arrival order must not change the result
-    members = [r for r in routed if r[0]]
-    queries = [r for r in routed if not r[0]]
-    if not members:
-        for _, key, caption, _ in queries:
+    """One list: every query's top-k among the list's members, itself excluded -> ((key, caption),
+    [(-sim, key, caption, image sim, text sim)]) per query (an empty list when the list holds nothing else, so that every item reaches the merge)."""
+    _, chunks = element
+    chunks = list(chunks)
+    keys = [key for c in chunks for key in c[0]]
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")  # arrival order must not change the result
+    keys = [keys[i] for i in order]
+    captions = [caption for c in chunks for caption in c[1]]
+    captions = [captions[i] for i in order]
+    features = np.concatenate([c[2] for c in chunks])[order]
+    members = np.flatnonzero(np.concatenate([c[3] for c in chunks])[order])
+    if not len(members):
+        for key, caption in zip(keys, captions):
             yield (key, caption), []
         return
-    m = np.stack([f for *_, f in members])
-    position = {key: j for j, (_, key, _, _) in enumerate(members)}
+    m = features[members]
+    own = {keys[j]: i for i, j in enumerate(members)}
     image_dim = m.shape[1] - (cfg.text_dim if cfg.image_weight < 1 else 0)
     k = min(cfg.neighbours, len(members))
     chunk = max(1, mining.EXACT_BUDGET_FLOATS // len(members))
-    for start in range(0, len(queries), chunk):
-        block = queries[start:start + chunk]
-        q = np.stack([f for *_, f in block])
+    for start in range(0, len(keys), chunk):
+        stop = min(len(keys), start + chunk)
+        q = features[start:stop]
         sims = q @ m.T
-        for i, (_, key, _, _) in enumerate(block):
-            if key in position:
-                sims[i, position[key]] = -np.inf  # not your own neighbour
+        for i in range(stop - start):
+            if keys[start + i] in own:
+                sims[i, own[keys[start + i]]] = -np.inf  # not your own neighbour
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         top_s = np.take_along_axis(sims, top, axis=1)
         image, text = mining.component_sims(q, m[top], image_dim, cfg.image_weight)
-        for i, (_, key, caption, _) in enumerate(block):
-            found = [_neighbour(members[j][1], members[j][2], top_s[i, c], image, text, i, c)
-                     for c, j in enumerate(top[i]) if np.isfinite(top_s[i, c])]
-            yield (key, caption), sorted(found, key=mining.neighbour_order)
+        top_keys = [[keys[j] for j in row] for row in members[top].tolist()]
+        top_captions = [[captions[j] for j in row] for row in members[top].tolist()]
+        image = [[None] * k] * (stop - start) if image is None else image.tolist()
+        text = [[None] * k] * (stop - start) if text is None else text.tolist()
+        for i, row_s in enumerate((-top_s).tolist()):
+            # (-sim, key, ...) tuples: their natural order is neighbour_order, so sorting and merging need no
+            # key function (this runs N x nprobe times)
+            found = [n for n in zip(row_s, top_keys[i], top_captions[i], image[i], text[i]) if n[0] != np.inf]
+            found.sort()
+            yield (keys[start + i], captions[start + i]), found
 
 
 class TopNeighbours(beam.CombineFn):
-    """A query's neighbours from each list it probed -> its k best (a member lives in one list: no repeats)."""
+    """A query's (-sim, key, ...) from each list it probed -> its k best (a member lives in one list: no
+    repeats)."""
 
     def __init__(self, k: int):
         self.k = k
@@ -253,15 +278,16 @@ class TopNeighbours(beam.CombineFn):
         return []
 
     def add_input(self, acc, found):
-        return sorted(acc + list(found), key=mining.neighbour_order)[:self.k]
+        return list(heapq.merge(acc, found))[:self.k]
 
     def merge_accumulators(self, accs):
-        return sorted((n for acc in accs for n in acc), key=mining.neighbour_order)[:self.k]
+        return sorted(n for acc in accs for n in acc)[:self.k]
 
     def extract_output(self, acc):
         return acc
 
 
-def _neighbourhood(query, neighbours):  # no type hints: Beam would infer a schema coder for the NamedTuple
+def _neighbourhood(query, found):  # no type hints: Beam would infer a schema coder for the NamedTuple
     key, caption = query
-    return Neighbourhood(key, caption, neighbours, "sharded-ivf")
+    return Neighbourhood(key, caption, [Neighbour(n_key, n_caption, -neg_sim, image, text)
+                                        for neg_sim, n_key, n_caption, image, text in found], "sharded-ivf")

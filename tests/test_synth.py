@@ -137,13 +137,12 @@ def _mined(out: Path) -> dict[str, dict]:
 def test_sharded_knn_with_every_list_probed_equals_the_global_search(flags, toy_captions, embedded_captions,
                                                                      tmp_path):
     """The IVF join over workers, probing all its lists, is an exact search: the same triplets as the global
-    path (exact below --exact-max), same hard negatives, same scores; every step's output order is its own."""
+    path (exact below --exact-max), same hard negatives, same scores."""
     src = embedded_captions if "0.5" in flags else toy_captions[0]
     base = ["--input", str(src), "--quality", "low", *flags, *BEAM]
     run(["--output", str(tmp_path / "global"), *base])
     stats = run(["--output", str(tmp_path / "sharded"), "--knn", "sharded", "--nlist", "4", "--nprobe", "4",
-                 "--direct_num_workers", "2",
-                 "--direct_running_mode", "multi_threading", *base])
+                 *base])
     want, got = _mined(tmp_path / "global"), _mined(tmp_path / "sharded")
     assert stats["written"] == len(want) > 10 and got.keys() == want.keys()
     for key, meta in got.items():
@@ -219,6 +218,19 @@ def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
         tgt_img = Image.open(io.BytesIO(t["tgt.png"]))
         assert tgt_img.size == ref_img.size and tgt_img.mode == "RGB"
     assert with_negatives == 20
+
+
+def test_edited_triplets_hard_negatives_by_sharded_knn(toy_captions, tmp_path):
+    """High quality mines its hard negatives with either k-NN path: all lists probed, the same ones."""
+    base = ["--input", str(toy_captions[0]), "--quality", "high", "--num-triplets", "10", "--image-weight", "0",
+            *BEAM]
+    run(["--output", str(tmp_path / "global"), *base])
+    run(["--output", str(tmp_path / "sharded"), "--knn", "sharded", "--nlist", "3", "--nprobe", "3", *base])
+    want, got = _mined(tmp_path / "global"), _mined(tmp_path / "sharded")
+    assert got.keys() == want.keys() and len(got) == 10
+    assert all(got[k]["hard_negatives"] == want[k]["hard_negatives"] for k in got)
+    assert sum(len(m["hard_negatives"]) for m in got.values()) > 10
+    assert {m["provenance"]["hard_negatives"]["knn"] for m in got.values()} == {"sharded-ivf"}
 
 
 def test_toy_editor_rejects_captions_it_did_not_write(tmp_path):
