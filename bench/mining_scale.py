@@ -5,7 +5,11 @@ peak memory (each N in its own process, ru_maxrss), method (exact blocked / fais
 against exact search on 1,000 sampled queries. Targets: near-linear time, bounded memory, recall >= 0.9,
 1M in <= 10 minutes on 2 cores.
 
-    python bench/mining_scale.py [--sizes 10000,100000,1000000]
+`--knn sharded` times the synth job's other path instead: the IVF join as Beam transforms (synth.knn), run
+by the DirectRunner with one worker (the items are made inside the pipeline, as shards would be read). It
+is built to spread over many workers, so its time here is per-element overhead, not its speed on Dataflow.
+
+    python bench/mining_scale.py [--sizes 10000,100000,1000000] [--knn global|sharded]
 """
 from __future__ import annotations
 
@@ -36,12 +40,15 @@ def clustered(n: int, dim: int = 512, clusters: int = 1000, seed: int = 0) -> np
     return normalise(x)
 
 
-def one(n: int, k: int, queries: int) -> dict:
+def one(n: int, k: int, queries: int, how: str) -> dict:
     from synth.mining import knn
 
     x = clustered(n)
     start = time.time()
-    idx, _, method = knn(x, k)
+    if how == "sharded":
+        idx, method = sharded_knn(n, k), "sharded-ivf (Beam, DirectRunner)"
+    else:
+        idx, _, method = knn(x, k)
     seconds = time.time() - start
     peak_mining = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rng = np.random.default_rng(1)
@@ -58,19 +65,53 @@ def one(n: int, k: int, queries: int) -> dict:
             "features_gb": round(x.nbytes / 2**30, 2)}
 
 
+CHUNK = 20_000  # items made per element of the pipeline's source
+
+
+def _items(start: int, n: int):
+    x = clustered(n)  # the same features as the exact search's (seeded); remade per chunk, cheap next to the join
+    for i in range(start, min(n, start + CHUNK)):
+        yield f"{i:09d}", "", x[i]
+
+
+def sharded_knn(n: int, k: int) -> np.ndarray:
+    """Neighbour rows [n, k] found by synth.knn's sharded transform (a missing neighbour is -1)."""
+    import tempfile
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from synth.job import SynthConfig
+    from synth.knn import NeighbourGraph
+
+    cfg = SynthConfig("", "", "low", image_weight=1.0, neighbours=k, knn="sharded")
+    with tempfile.TemporaryDirectory() as tmp:
+        with beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"])) as p:
+            hoods, _ = p | beam.Create(list(range(0, n, CHUNK))) | beam.FlatMap(_items, n) | NeighbourGraph(cfg)
+            _ = (hoods | beam.Map(lambda h: json.dumps([int(h.key), [int(m.key) for m in h.neighbours]]))
+                 | beam.io.WriteToText(f"{tmp}/hoods"))
+        idx = np.full((n, k), -1, dtype=np.int64)
+        for path in Path(tmp).glob("hoods*"):
+            for line in path.read_text().splitlines():
+                row, found = json.loads(line)
+                idx[row, :len(found)] = found
+    return idx
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--knn", default="global", choices=("global", "sharded"), help="which path of the synth job")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: measure one size
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.k, args.queries)))
+        print(json.dumps(one(args.one, args.k, args.queries, args.knn)))
         return 0
     for n in [int(s) for s in args.sizes.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--k", str(args.k), "--queries",
-                              str(args.queries)], check=True, capture_output=True, text=True).stdout
+                              str(args.queries), "--knn", args.knn], check=True, capture_output=True, text=True).stdout
         print(out.strip(), flush=True)
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import logging
 import random
@@ -530,11 +531,8 @@ def check_input(cfg: SynthConfig) -> None:
         raise ValueError(f"--image-weight {cfg.image_weight} mines {what} by CLIP image embeddings, but {cfg.input} "
                          f"has none: rerun the caption job with --clip, or mine by captions alone with --image-weight 0"
                          + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
-    if mines and cfg.knn == "sharded":
-        try:
-            import faiss  # noqa: F401  (k-means for the lists)
-        except ImportError:
-            raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
+    if mines and cfg.knn == "sharded" and importlib.util.find_spec("faiss") is None:
+        raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
     if cfg.quality == "high" and cfg.editor != "toy":

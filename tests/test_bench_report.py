@@ -19,6 +19,9 @@ def test_figures_are_higher_is_better_ratios_with_their_targets():
                               {"n": 10_000, "method": "exact", "seconds": 12.0, "recall_at_10": 1.0,
                                "peak_rss_gb_mining": 1.0, "features_gb": 0.02}])
     assert [(f.ratio, f.met) for f in mining] == [(1.5, True), (0.95, True), (0.5, False), (1.0, True)]
+    sharded = run_all._mining_sharded([{"n": 10_000, "method": "sharded-ivf", "seconds": 38.6, "recall_at_10": 0.96,
+                                        "peak_rss_gb_mining": 2.7}])
+    assert [(f.ratio, f.met) for f in sharded] == [(0.96, True)] and "38.6 s" in sharded[0].detail
     topk = run_all._topk([{"gallery": 1000, "queries": 10, "dim": 8, "k": 5, "faiss_over_ours": 0.8,
                            "rows": {"ours": {"seconds": 2.0, "above_features_mib": 3},
                                     "faiss_flat": {"seconds": 1.6}}}])
