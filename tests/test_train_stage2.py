@@ -229,7 +229,7 @@ def test_two_ranks_train_stage2_with_a_shared_negative_bank(tiny_stage1_export, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "train" / "stage2.py"),
            f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", "max_steps=4",
-           *BASE, "hard_negatives.weight=1.0"]
+           *BASE, "hard_negatives.weight=1.0", "grad_accum=2"]  # and the accumulated step's rows under DDP
     result = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,18 +244,33 @@ def test_two_ranks_train_stage2_with_a_shared_negative_bank(tiny_stage1_export, 
 
 @pytest.mark.parametrize("option", [["hard_negatives.weight=1.0", "hard_negatives.per_query=2"],
                                     ["loss=mur", "fusion=adaptive"]])
-def test_accumulated_features_make_the_step_of_the_whole_batch(tiny_stage1_export, low_triplets, tmp_path, option):
+def test_accumulated_features_make_the_step_of_the_whole_batch(tiny_stage1_export, low_triplets, tmp_path, option,
+                                                               monkeypatch):
     """grad_accum=2 x 8 with cached features: each query meets all 16 targets (and its own reference, hard
     negatives, MUR noise as the big batch draws it), so the step equals one batch of 16; plain accumulation
-    (two batches of 8, 8 targets each) does not."""
+    (two batches of 8, 8 targets each) does not. Only the targets are computed ahead: the queries (text tower)
+    once per micro-batch."""
     from safetensors.torch import load_file
+
+    from train.stage2 import Stage2
+
+    calls = {"features": 0}
+    features = Stage2.features
+
+    def counted(self, *args):
+        calls["features"] += 1
+        return features(self, *args)
+
+    monkeypatch.setattr(Stage2, "features", counted)
 
     step = [f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", *BASE, "max_steps=1",
             "optim.warmup_steps=1", "train_mapping=true", *option]
     runs = {"whole": ["data.batch_size=16"], "cached": ["data.batch_size=8", "grad_accum=2"],
             "plain": ["data.batch_size=8", "grad_accum=2", "accum_features=false"]}
     for name, extra in runs.items():
+        calls["features"] = 0
         assert main([f"output_dir={tmp_path / name}", *step, *extra]) == 0
+        assert calls["features"] == {"whole": 1, "cached": 2, "plain": 2}[name]
     files = ["adapters.safetensors", "mapping.safetensors"] + (["fusion.safetensors"] if "fusion=adaptive" in option else [])
     weights = {name: {f"{f}:{k}": v for f in files for k, v in load_file(str(tmp_path / name / "final" / f)).items()}
                for name in runs}

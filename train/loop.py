@@ -8,7 +8,10 @@ TensorBoard, tqdm, `save_state` checkpoints (automatic naming, total limit) and 
 A contrastive stage may also supply `features(model, batch, accelerator)` -> dict of tensors, `cached_keys`
 (the per-sample ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and
 `accum_features` the loop then runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of
-every micro-batch are the whole accumulated batch, as if it had fit in memory.
+every micro-batch are the whole accumulated batch, as if it had fit in memory. A stage whose loss is a mean
+over queries, each query reading only its own features besides some shared ones (stage II: every query against
+all targets), says so with `shared_keys` and `shared_features(model, batch, accelerator)`: pass 1 then computes
+only those, and each pass-2 loss covers only its micro-batch's rows (`features["rows"]`).
 
 A stage that can take cached image embeddings supplies `cacheable_roles` (image roles: "" for `jpg`, "tgt."
 for `tgt.jpg`) and `cached_image_roles(samples)`: the stream leaves those images encoded and decodes them only
@@ -201,11 +204,18 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
     gives exactly j's share of the full-batch gradient, so the sum over j (no division by grad_accum) is the
     gradient of one batch of grad_accum x batch_size, at the memory of one micro-batch plus cached features.
     DDP syncs once, on the last backward.
+
+    Row-wise stages (`shared_keys`, see the module docstring) cache only the shared features in pass 1 (no
+    queries: stage II's text tower runs once per micro-batch, not twice), and micro-batch j's loss covers its
+    own rows, weighted by its share of the accumulated batch so that the sum is the mean over all rows.
     """
     import contextlib
 
+    row_wise = hasattr(stage, "shared_keys")
+    keys = stage.shared_keys if row_wise else stage.cached_keys
     with torch.no_grad():
-        cache = [stage.features(model, b, accelerator) for b in micro]
+        cache = [(stage.shared_features if row_wise else stage.features)(model, b, accelerator) for b in micro]
+    sizes = [len(c[keys[0]]) for c in cache]
     total = torch.zeros((), device=accelerator.device)
     # Randomness inside the loss (stage II's MUR augmenter) must draw the same numbers in every pass-2 call,
     # as one big batch draws them once: each call starts from the same RNG state.
@@ -215,13 +225,17 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             fresh = stage.features(model, batch, accelerator)
             features = dict(fresh)
-            for key in stage.cached_keys:
+            for key in keys:
                 features[key] = torch.cat([c[key] for c in cache[:j]] + [fresh[key]] + [c[key] for c in cache[j + 1:]])
+            if row_wise:
+                features["rows"] = (sum(sizes[:j]), sum(sizes[:j + 1]))
             _set_rng_state(rng, accelerator.device)
             loss, scalars = stage.loss_on_features(features, accelerator)
+            if row_wise:
+                loss = loss * (sizes[j] / sum(sizes))
             accelerator.backward(loss)
         total += loss.detach()
-    return total / len(micro), scalars
+    return (total if row_wise else total / len(micro)), scalars
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -14,7 +14,8 @@ loss=mur: the same fine-grained term, weighted lambda_fine(t) (linear from mur.f
 fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
     the retrieval loss; mean and std of w are logged.
 grad_accum > 1 (with accum_features): every micro-batch's queries meet the targets of the whole accumulated
-    batch, as one batch of grad_accum x batch_size would (train.loop.feature_cached_step).
+    batch, as one batch of grad_accum x batch_size would (train.loop.feature_cached_step); only the targets are
+    computed ahead, so the text tower runs once per micro-batch.
 """
 from __future__ import annotations
 
@@ -158,13 +159,20 @@ class Stage2:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
 
-    @property
-    def cached_keys(self) -> tuple[str, ...]:
-        """Per-sample features cached across micro-batches with grad_accum (loop.feature_cached_step): the
-        queries and everything each query's loss reads, so that every micro-batch's queries are scored
-        against the targets of the whole accumulated batch."""
-        keys = ("q", "v_ref", "v_tgt") + (("negatives", "mask") if self.bank is not None else ())
-        return keys + (("w",) if self.cfg.fusion == "adaptive" else ())
+    # With grad_accum (loop.feature_cached_step): the loss is a mean over queries, each reading its own query,
+    # reference, hard negatives and fusion weight, and the targets of the whole accumulated batch. Pass 1 needs
+    # only those targets; each pass-2 loss covers its micro-batch's rows.
+    shared_keys = ("v_tgt",)
+
+    def shared_features(self, model, batch: dict, accelerator) -> dict:
+        return {"v_tgt": self._targets(accelerator.unwrap_model(model).clip, batch)}
+
+    def _targets(self, clip, batch: dict) -> torch.Tensor:
+        from cir.mapping import image_features
+
+        with torch.no_grad():
+            return F.normalize(batch["tgt_emb"], dim=-1) if "tgt_emb" in batch else image_features(
+                clip, batch["tgts"], False)[0]
 
     def features(self, model, batch: dict, accelerator) -> dict:
         from cir.mapping import image_features
@@ -172,8 +180,7 @@ class Stage2:
         clip = accelerator.unwrap_model(model).clip
         with torch.no_grad():
             v_ref, patches = image_features(clip, batch["refs"], self.cir.mapping.cfg.use_patches)
-            v_tgt = F.normalize(batch["tgt_emb"], dim=-1) if "tgt_emb" in batch else image_features(
-                clip, batch["tgts"], False)[0]
+        v_tgt = self._targets(clip, batch)
         q, w = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None
         features = {"q": q, "v_ref": v_ref, "v_tgt": v_tgt}
         if w is not None:
@@ -189,8 +196,10 @@ class Stage2:
         from cir.composer import augment_targets, hard_negative_infonce, uncertainty_loss
 
         q, v_ref, v_tgt, mask = features["q"], features["v_ref"], features["v_tgt"], features.get("mask")
+        # the queries' rows among the targets (all rows, unless a micro-batch of an accumulated step)
+        start, stop = features.get("rows", (0, v_tgt.shape[0]))
         targets = gather(v_tgt, accelerator, False)
-        offset = accelerator.process_index * q.shape[0]
+        offset = accelerator.process_index * v_tgt.shape[0] + start
         fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset,
                                      features.get("negatives"), mask, self.cfg.hard_negatives.weight)
         scalars = {"fine": fine.detach()}
@@ -201,8 +210,9 @@ class Stage2:
             mur = self.cfg.mur
             progress = min(1.0, self.step / max(1, self.cfg.max_steps))
             lam_fine = mur.fine_start + (mur.fine_end - mur.fine_start) * progress
+            # augmented over all targets (the whole batch's statistics and noise), scored on the queries' rows
             f_hat, s2 = augment_targets(v_tgt, mur)
-            coarse = uncertainty_loss(q, f_hat, s2)
+            coarse = uncertainty_loss(q, f_hat[start:stop], s2[start:stop])
             loss = lam_fine * fine + mur.weight * coarse
             scalars.update(coarse=coarse.detach(), lambda_fine=torch.tensor(lam_fine))
         if "w" in features:
