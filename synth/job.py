@@ -205,9 +205,10 @@ class MinePairs(beam.DoFn):
                    "provenance": {**knn_provenance(cfg, hood.method), "band": [cfg.band_low, cfg.band_high]}}
 
 
-def knn_provenance(cfg: SynthConfig, method: str) -> dict:
-    """How the neighbours were found: the k-NN method and the similarity it ranked by."""
-    approximate = {"nprobe": cfg.nprobe, **({"nlist": cfg.nlist} if cfg.nlist else {})} if method != "exact" else {}
+def knn_provenance(cfg: SynthConfig, method: Optional[str]) -> dict:
+    """How the neighbours were found: the k-NN method (None: not searched) and the similarity it ranked by."""
+    approximate = {"nprobe": cfg.nprobe, **({"nlist": cfg.nlist} if cfg.nlist else {})
+                   } if method not in (None, "exact") else {}
     return {"knn": method, **approximate, "neighbours": cfg.neighbours, "image_weight": cfg.image_weight,
             "text": f"hashed-tfidf-{cfg.text_dim}"}
 
@@ -228,7 +229,7 @@ def _attach_negatives(element, cfg: SynthConfig) -> Iterator[dict]:
     """Each spec of a reference gets its nearest real images as hard negatives, except any captioned exactly
     as its (edited) target: that image would be a right answer."""
     _, grouped = element
-    method, neighbours = next(iter(grouped["neighbours"]), ("exact", []))  # none: the reference had no emb.npy
+    method, neighbours = next(iter(grouped["neighbours"]), (None, []))  # none: the reference had no emb.npy
     for spec in grouped["spec"]:
         negatives = [k for k, c in neighbours if k != spec["ref_key"] and c != spec["tgt_caption"]]
         yield {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
