@@ -8,15 +8,15 @@ high (edited targets): the reference is edited and the result becomes the target
 
 caption shards --read--> samples --(low) mine pairs | (high) pick sources + edit--> triplet specs
   --assign shard (skip committed shards)--> join reference/target images --> write shards --> stats
+
+Here: the configuration, reading, assembly and the pipeline; the neighbour graph is synth.knn, mined specs and
+hard negatives synth.mined, edited specs synth.edited.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
-import io
 import logging
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,14 +27,14 @@ import numpy as np
 
 from cir import dataset as ds
 from pipeline import jobs
-from synth import mining
-from synth.knn import FAILED, KNN_MODES, NeighbourGraph
+from synth.edited import EditSources, PickSources
+from synth.knn import KNN_MODES, NeighbourGraph
 from synth.llm import CHAT_MODES, DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
-from synth.modtext import modification_text
+from synth.mined import MinePairs, attach_negatives, by_ref, neighbour_keys
+from synth.specs import FAILED, REJECTED, SpecOrder, each
 
 LOG = logging.getLogger("synth")
 KIND = "triplet"
-REJECTED = "rejected"
 
 
 @dataclass
@@ -139,15 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def triplet_key(*parts: str) -> str:
-    return ds.content_key("|".join(parts).encode())
-
-
-def pick_order(seed: int, key: str) -> str:
-    """Seeded, uniform order for choosing `--num-triplets` of the candidates."""
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ reading
 
 class ReadCaptionShard(beam.DoFn):
@@ -172,217 +163,7 @@ def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
     return key, sample["caption"], sample["emb"]
 
 
-# ------------------------------------------------------------------------------------------ low quality
-
-class MinePairs(beam.DoFn):
-    """A reference's neighbourhood -> its triplet specs (targets in the similarity band, other neighbours as
-    hard negatives); rejected candidates as (reason) on a tag."""
-
-    def __init__(self, cfg: SynthConfig):
-        self.cfg = cfg
-
-    def process(self, hood) -> Iterator:
-        cfg = self.cfg
-        chosen = mining.select_targets(hood.neighbours, low=cfg.band_low, high=cfg.band_high,
-                                       per_reference=cfg.pairs_per_image, hard_negatives=cfg.hard_negatives)
-        if not chosen:
-            yield beam.pvalue.TaggedOutput(REJECTED, "no_neighbour_in_band")
-        for tgt, negatives in chosen:
-            rng = random.Random(f"{cfg.seed}:{hood.key}:{tgt.key}")
-            mod, changes, reason = modification_text(hood.caption, tgt.caption, rng, cfg.max_changes)
-            if mod is None:
-                yield beam.pvalue.TaggedOutput(REJECTED, reason)
-                continue
-            scores = {"similarity": round(tgt.sim, 4)}
-            if tgt.image_sim is not None:
-                scores["image_similarity"] = round(tgt.image_sim, 4)
-            if tgt.text_sim is not None:
-                scores["caption_similarity"] = round(tgt.text_sim, 4)
-            yield {"key": triplet_key(hood.key, tgt.key, "mined"), "ref_key": hood.key, "tgt_key": tgt.key,
-                   "ref_caption": hood.caption, "tgt_caption": tgt.caption, "mod": mod,
-                   "quality": "low", "method": "mined-template", "scores": scores,
-                   "hard_negatives": negatives, "seed": cfg.seed, "changes": [asdict(c) for c in changes],
-                   "provenance": {**knn_provenance(cfg, hood.method), "band": [cfg.band_low, cfg.band_high]}}
-
-
-def knn_provenance(cfg: SynthConfig, method: Optional[str]) -> dict:
-    """How the neighbours were found: the k-NN method (None: not searched) and the similarity it ranked by."""
-    approximate = {"nprobe": cfg.nprobe, **({"nlist": cfg.nlist} if cfg.nlist else {})
-                   } if method not in (None, "exact") else {}
-    return {"knn": method, **approximate, "neighbours": cfg.neighbours, "image_weight": cfg.image_weight,
-            "text": f"hashed-tfidf-{cfg.text_dim}"}
-
-
-# ------------------------------------------------------------------------------------------ high quality
-
-def _neighbour_keys(hood) -> tuple[str, tuple[str, list]]:
-    """(key, (k-NN method, [(neighbour key, its caption)])): the hard negative candidates of an edited triplet
-    are the real images nearest its reference (the edited target is not in the dataset)."""
-    return hood.key, (hood.method, [(n.key, n.caption) for n in hood.neighbours])
-
-
-def _by_ref(spec: dict) -> tuple[str, dict]:
-    return spec["ref_key"], spec
-
-
-def _attach_negatives(element, cfg: SynthConfig) -> Iterator[dict]:
-    """Each spec of a reference gets its nearest real images as hard negatives, except any captioned exactly
-    as its (edited) target: that image would be a right answer."""
-    _, grouped = element
-    method, neighbours = next(iter(grouped["neighbours"]), (None, []))  # none: the reference had no emb.npy
-    for spec in grouped["spec"]:
-        negatives = [k for k, c in neighbours if k != spec["ref_key"] and c != spec["tgt_caption"]]
-        yield {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
-               "provenance": {**spec.get("provenance", {}), "hard_negatives": {
-                   "from": "nearest real images of the reference", **knn_provenance(cfg, method)}}}
-
-
-class ToyEditor(beam.DoFn):
-    """The toy world's exact editor: parse the caption into its scene, apply a random edit, re-render.
-
-    The labelled exception to "no toy special cases": it exists so the offline demo has a truly
-    high-quality set. Captions the toy grammar did not write are failed rows.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def process(self, item: tuple[str, dict]) -> Iterator:
-        from PIL import Image
-
-        from toyworld.edits import apply_edit, describe_edit, random_edit
-        from toyworld.parse import parse_caption
-        from toyworld.render import encode, layout, render
-        from toyworld.scene import caption
-
-        key, sample = item
-        scene = parse_caption(sample["caption"])
-        if scene is None:
-            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "edit", "not_a_toy_caption",
-                                                                 f"the toy editor cannot read {sample['caption']!r}"))
-            return
-        rng = random.Random(f"{self.seed}:toy-edit:{key}")
-        edit = random_edit(scene, rng)
-        target = apply_edit(scene, edit)
-        size = Image.open(io.BytesIO(sample["image"])).size[0]
-        tgt_image = encode(render(target, layout(target, rng), size), "png")
-        tgt_key = ds.content_key(tgt_image)
-        yield {"key": triplet_key(key, tgt_key, "toy-edit"), "ref_key": key, "tgt_key": tgt_key,
-               "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": describe_edit(scene, edit, rng),
-               "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
-               "seed": self.seed, "edit": edit.to_json(), "tgt_image": tgt_image, "tgt_ext": "png",
-               "shard": sample["shard"],
-               "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
-
-
-class PickOrder:
-    """Sort key of a source key for the seeded choice of `num_triplets` sources (module level: picklable)."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __call__(self, key: str) -> str:
-        return pick_order(self.seed, key)
-
-
-class PickSources(beam.PTransform):
-    """(key, sample) -> the samples of a seeded choice of `num_triplets` sources (all when not set).
-
-    Only keys travel to the choice (a distributed top-n combiner); the chosen keys are joined back to their
-    samples, so no worker ever holds every image."""
-
-    def __init__(self, cfg: SynthConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def expand(self, samples):
-        if not self.cfg.num_triplets:
-            return samples | "All" >> beam.Values()
-        chosen = (samples | "Keys" >> beam.Keys()
-                  | "Choose" >> beam.combiners.Top.Of(self.cfg.num_triplets, key=PickOrder(self.cfg.seed), reverse=True)
-                  | "Each" >> beam.FlatMap(_each) | "AsKeyed" >> beam.Map(_with_none))
-        return ({"sample": samples, "chosen": chosen} | "Join" >> beam.CoGroupByKey()
-                | "ChosenSamples" >> beam.FlatMap(_chosen_sample))
-
-
-def _each(items: list) -> list:
-    return items
-
-
-def _with_none(key: str) -> tuple[str, None]:
-    return key, None
-
-
-def _chosen_sample(element) -> Iterator[dict]:
-    _, grouped = element
-    if list(grouped["chosen"]):
-        yield from list(grouped["sample"])[:1]
-
-
-def _keyed(sample: dict) -> tuple[str, dict]:
-    return sample["key"], sample
-
-
-def _by_source(candidate: dict) -> tuple[str, dict]:
-    return candidate["source_key"], candidate
-
-
-class EditSources(beam.PTransform):
-    """Chosen sources (with their shard) -> high-quality specs, plus rejected reasons and failed rows."""
-
-    def __init__(self, cfg: SynthConfig, vocab: list[str]):
-        super().__init__()
-        self.cfg, self.vocab = cfg, vocab
-
-    def expand(self, sources):
-        cfg = self.cfg
-        keyed = sources | "Keyed" >> beam.Map(_keyed)
-        if cfg.editor == "toy":
-            edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
-            return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
-        from apache_beam.ml.inference.base import RunInference
-
-        from synth.editing import REJECTED as EDIT_REJECTED
-        from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
-
-        thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
-                      "directional": cfg.min_directional}
-        if cfg.caption_edit == "llm":
-            from synth.editing import IMAGE_GUIDANCE, TEXT_GUIDANCE
-            from synth.llm import LLMCaptionEdit, LLMHandler, edit_request, provenance
-
-            chat = cfg.llm_chat == "on"  # resolved before the job (run)
-            writer = LLMHandler(cfg.llm, cfg.llm_edit_prompt, fields={"caption": "caption"},
-                                max_new_tokens=cfg.llm_max_new_tokens, device=cfg.device, batch_size=cfg.batch_size,
-                                chat=chat)
-            written = provenance(cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, chat)
-            candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
-                          | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
-                              written, cfg.samples_per_source, cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE))
-                          .with_outputs(EDIT_REJECTED, main="candidates"))
-        else:
-            candidates = keyed | "CaptionEdit" >> beam.ParDo(
-                CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                            cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
-        handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
-        filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
-                    | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
-                    | "GroupBySource" >> beam.GroupByKey()
-                    | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
-                                                            cfg.keep_per_source, cfg.seed, cfg.editor))
-                    .with_outputs(EDIT_REJECTED, main="specs"))
-        rejected = (candidates[EDIT_REJECTED], filtered[EDIT_REJECTED]) | "AllRejected" >> beam.Flatten()
-        return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected
-
-
 # ------------------------------------------------------------------------------------------ assembly
-
-class SpecOrder(PickOrder):
-    """Sort key of a triplet spec for the seeded choice of `num_triplets` among the candidates."""
-
-    def __call__(self, spec: dict) -> str:
-        return pick_order(self.seed, spec["key"])
-
 
 def _needs(spec: dict) -> Iterator[tuple[str, tuple[str, str]]]:
     yield spec["ref_key"], (spec["key"], "ref")
@@ -465,7 +246,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         candidates, rejected = mined.specs, mined[REJECTED]
         specs = candidates if not cfg.num_triplets else (
             candidates | "Take" >> beam.combiners.Top.Of(cfg.num_triplets, key=SpecOrder(cfg.seed), reverse=True)
-            | "EachSpec" >> beam.FlatMap(_each))
+            | "EachSpec" >> beam.FlatMap(each))
         count = specs | "CountSpecs" >> beam.combiners.Count.Globally()
         assigned = specs | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(count))
     else:
@@ -478,10 +259,10 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
         if cfg.hard_negatives > 0:
             hoods, _ = samples | "NeighbourSummaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
-            neighbours = hoods | "NeighbourKeys" >> beam.Map(_neighbour_keys)
-            candidates = ({"spec": candidates | "ByRef" >> beam.Map(_by_ref), "neighbours": neighbours}
+            neighbours = hoods | "NeighbourKeys" >> beam.Map(neighbour_keys)
+            candidates = ({"spec": candidates | "ByRef" >> beam.Map(by_ref), "neighbours": neighbours}
                           | "JoinNeighbours" >> beam.CoGroupByKey()
-                          | "HardNegatives" >> beam.FlatMap(_attach_negatives, cfg))
+                          | "HardNegatives" >> beam.FlatMap(attach_negatives, cfg))
         assigned = candidates
     if rewrites_mod_text(cfg):
         from synth.llm import LLMModText

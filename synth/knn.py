@@ -28,12 +28,12 @@ import numpy as np
 from cir import dataset as ds
 from synth import mining
 from synth.mining import Neighbour
+from synth.specs import FAILED
 
 if TYPE_CHECKING:
     from synth.job import SynthConfig
 
 LOG = logging.getLogger("synth")
-FAILED = "failed"
 KNN_MODES = ("global", "sharded")
 
 

@@ -1,0 +1,139 @@
+"""High quality: a seeded choice of source images, each edited into a target (the toy world's exact editor,
+or InstructPix2Pix with CLIP filters and a keyword-swap or LLM caption edit) -> edited triplet specs."""
+from __future__ import annotations
+
+import io
+import random
+from typing import TYPE_CHECKING, Iterator
+
+import apache_beam as beam
+
+from cir import dataset as ds
+from synth.specs import FAILED, PickOrder, each, triplet_key
+
+if TYPE_CHECKING:
+    from synth.job import SynthConfig
+
+
+class ToyEditor(beam.DoFn):
+    """The toy world's exact editor: parse the caption into its scene, apply a random edit, re-render.
+
+    The labelled exception to "no toy special cases": it exists so the offline demo has a truly
+    high-quality set. Captions the toy grammar did not write are failed rows.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def process(self, item: tuple[str, dict]) -> Iterator:
+        from PIL import Image
+
+        from toyworld.edits import apply_edit, describe_edit, random_edit
+        from toyworld.parse import parse_caption
+        from toyworld.render import encode, layout, render
+        from toyworld.scene import caption
+
+        key, sample = item
+        scene = parse_caption(sample["caption"])
+        if scene is None:
+            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "edit", "not_a_toy_caption",
+                                                                 f"the toy editor cannot read {sample['caption']!r}"))
+            return
+        rng = random.Random(f"{self.seed}:toy-edit:{key}")
+        edit = random_edit(scene, rng)
+        target = apply_edit(scene, edit)
+        size = Image.open(io.BytesIO(sample["image"])).size[0]
+        tgt_image = encode(render(target, layout(target, rng), size), "png")
+        tgt_key = ds.content_key(tgt_image)
+        yield {"key": triplet_key(key, tgt_key, "toy-edit"), "ref_key": key, "tgt_key": tgt_key,
+               "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": describe_edit(scene, edit, rng),
+               "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
+               "seed": self.seed, "edit": edit.to_json(), "tgt_image": tgt_image, "tgt_ext": "png",
+               "shard": sample["shard"],
+               "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
+
+
+class PickSources(beam.PTransform):
+    """(key, sample) -> the samples of a seeded choice of `num_triplets` sources (all when not set).
+
+    Only keys travel to the choice (a distributed top-n combiner); the chosen keys are joined back to their
+    samples, so no worker ever holds every image."""
+
+    def __init__(self, cfg: SynthConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, samples):
+        if not self.cfg.num_triplets:
+            return samples | "All" >> beam.Values()
+        chosen = (samples | "Keys" >> beam.Keys()
+                  | "Choose" >> beam.combiners.Top.Of(self.cfg.num_triplets, key=PickOrder(self.cfg.seed), reverse=True)
+                  | "Each" >> beam.FlatMap(each) | "AsKeyed" >> beam.Map(_with_none))
+        return ({"sample": samples, "chosen": chosen} | "Join" >> beam.CoGroupByKey()
+                | "ChosenSamples" >> beam.FlatMap(_chosen_sample))
+
+
+def _with_none(key: str) -> tuple[str, None]:
+    return key, None
+
+
+def _chosen_sample(element) -> Iterator[dict]:
+    _, grouped = element
+    if list(grouped["chosen"]):
+        yield from list(grouped["sample"])[:1]
+
+
+def _keyed(sample: dict) -> tuple[str, dict]:
+    return sample["key"], sample
+
+
+def _by_source(candidate: dict) -> tuple[str, dict]:
+    return candidate["source_key"], candidate
+
+
+class EditSources(beam.PTransform):
+    """Chosen sources (with their shard) -> high-quality specs, plus rejected reasons and failed rows."""
+
+    def __init__(self, cfg: SynthConfig, vocab: list[str]):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+
+    def expand(self, sources):
+        cfg = self.cfg
+        keyed = sources | "Keyed" >> beam.Map(_keyed)
+        if cfg.editor == "toy":
+            edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
+            return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
+        from apache_beam.ml.inference.base import RunInference
+
+        from synth.editing import REJECTED as EDIT_REJECTED
+        from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
+
+        thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
+                      "directional": cfg.min_directional}
+        if cfg.caption_edit == "llm":
+            from synth.editing import IMAGE_GUIDANCE, TEXT_GUIDANCE
+            from synth.llm import LLMCaptionEdit, LLMHandler, edit_request, provenance
+
+            chat = cfg.llm_chat == "on"  # resolved before the job (run)
+            writer = LLMHandler(cfg.llm, cfg.llm_edit_prompt, fields={"caption": "caption"},
+                                max_new_tokens=cfg.llm_max_new_tokens, device=cfg.device, batch_size=cfg.batch_size,
+                                chat=chat)
+            written = provenance(cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, chat)
+            candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
+                          | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
+                              written, cfg.samples_per_source, cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE))
+                          .with_outputs(EDIT_REJECTED, main="candidates"))
+        else:
+            candidates = keyed | "CaptionEdit" >> beam.ParDo(
+                CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
+                            cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
+        handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
+        filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
+                    | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
+                    | "GroupBySource" >> beam.GroupByKey()
+                    | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
+                                                            cfg.keep_per_source, cfg.seed, cfg.editor))
+                    .with_outputs(EDIT_REJECTED, main="specs"))
+        rejected = (candidates[EDIT_REJECTED], filtered[EDIT_REJECTED]) | "AllRejected" >> beam.Flatten()
+        return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected
