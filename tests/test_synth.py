@@ -153,6 +153,18 @@ def test_sharded_knn_with_every_list_probed_equals_the_global_search(flags, toy_
         assert all(abs(meta["scores"][s] - want[key]["scores"][s]) <= 1e-4 for s in meta["scores"])
 
 
+def test_sharded_knn_is_deterministic(embedded_captions, tmp_path):
+    """Probing 1 of 4 lists (approximate): the lists come from a seeded sample and k-means, so a rerun into a
+    new directory writes the same shards byte for byte."""
+    base = ["--input", str(embedded_captions), *MINE_BY_IMAGES, "--knn", "sharded", "--nlist", "4", "--nprobe", "1",
+            *BEAM]
+    for name in ("a", "b"):
+        run(["--output", str(tmp_path / name), *base])
+    tars = sorted((tmp_path / "a" / "shards").glob("*.tar"))
+    assert tars and all((tmp_path / "b" / "shards" / t.name).read_bytes() == t.read_bytes() for t in tars)
+    assert {m["provenance"]["knn"] for m in _mined(tmp_path / "a").values()} == {"sharded-ivf"}
+
+
 def test_sharded_knn_recall_and_failed_rows():
     """Probing 4 of 16 lists on clustered data: recall@10 against exact search >= 0.9, never itself, most
     similar first; an item without its embedding is a failed row, not a neighbour."""
