@@ -15,6 +15,7 @@ import numpy as np
 WORD_RE = re.compile(r"[a-z0-9]+")
 EXACT_BUDGET_FLOATS = 32 * 1024 * 1024  # similarity block of the exact search: 128 MB of float32
 QUERY_CHUNK = 65_536  # faiss queries per call: bounds the copy of their features (128 MB at 512-d)
+PROGRESS_MIN = 20_000  # a progress bar for searches over at least this many items (minutes at 1M)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -83,7 +84,7 @@ def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     block = max(1, EXACT_BUDGET_FLOATS // n)
     idx = np.empty((n, k), dtype=np.int64)
     sims = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, block):
+    for start in _progress(range(0, n, block), n, "exact k-NN (query blocks)"):
         stop = min(n, start + block)
         s = x[start:stop] @ x.T  # [block, N]
         s[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not your own neighbour
@@ -118,7 +119,7 @@ def _faiss_knn(x: np.ndarray, k: int, *, nprobe: int, seed: int, nlist: Optional
     index.parallel_mode = 3
     out_i = np.empty((n, k), dtype=np.int64)
     out_s = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, QUERY_CHUNK):
+    for start in _progress(range(0, n, QUERY_CHUNK), n, "faiss IVF k-NN (query chunks)"):
         rows = order[start:start + QUERY_CHUNK]
         sims, idx = index.search_preassigned(x[rows], k + 1, coarse_i[rows], coarse_d[rows])
         out_i[rows], out_s[rows] = _drop_self(rows, idx, sims, k)
@@ -132,6 +133,12 @@ def ivf_lists(n: int) -> int:
 
 def training_sample_size(nlist: int) -> int:
     return nlist * 40  # 40 training points per list (above faiss's floor of 39; k-means costs points x lists x d)
+
+
+def _progress(blocks: range, n: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(blocks, desc=desc, disable=n < PROGRESS_MIN, mininterval=5)
 
 
 def trained_ivf(x: np.ndarray, nprobe: int, seed: int, nlist: Optional[int] = None):
