@@ -101,7 +101,7 @@ class _GlobalGraph(beam.DoFn):
                     method)
 
 
-ROWS_PER_CHUNK = 4096  # neighbour features gathered at once for the component similarities
+ROWS_PER_CHUNK = 1024  # rows whose neighbours' features are gathered at once (50 MB at k 8, 1,536-d)
 
 
 def _neighbour(key: str, caption: str, sim, image: Optional[np.ndarray], text: Optional[np.ndarray], i: int,
@@ -226,7 +226,8 @@ def _route(batch: list, centroids: np.ndarray, nprobe: int) -> Iterator[tuple[in
 
 def _scan_list(element: tuple, cfg: "SynthConfig") -> Iterator[tuple[tuple[str, str], list]]:
     """One list: every query's top-k among the list's members, itself excluded -> ((key, caption),
-    [(-sim, key, caption, image sim, text sim)]) per query (an empty list when the list holds nothing else, so that every item reaches the merge)."""
+    [(-sim, key, caption, image sim, text sim)]) per query (an empty list when the list holds nothing else, so
+    that every item reaches the merge)."""
     _, chunks = element
     chunks = list(chunks)
     keys = [key for c in chunks for key in c[0]]
@@ -260,8 +261,8 @@ def _scan_list(element: tuple, cfg: "SynthConfig") -> Iterator[tuple[tuple[str, 
         image = [[None] * k] * (stop - start) if image is None else image.tolist()
         text = [[None] * k] * (stop - start) if text is None else text.tolist()
         for i, row_s in enumerate((-top_s).tolist()):
-            # (-sim, key, ...) tuples: their natural order is neighbour_order, so sorting and merging need no
-            # key function (this runs N x nprobe times)
+            # (-sim, key, ...) tuples sort most similar first, ties by key, with no key function (this runs
+            # N x nprobe times)
             found = [n for n in zip(row_s, top_keys[i], top_captions[i], image[i], text[i]) if n[0] != np.inf]
             found.sort()
             yield (keys[start + i], captions[start + i]), found

@@ -188,11 +188,6 @@ class Neighbour(NamedTuple):
     text_sim: Optional[float]  # cos of the caption TF-IDF (None: mined without it)
 
 
-def neighbour_order(n: Neighbour) -> tuple[float, str]:
-    """Most similar first, ties by key: the same order however the neighbours were found."""
-    return -n.sim, n.key
-
-
 def component_sims(q: np.ndarray, m: np.ndarray, image_dim: int, image_weight: float
                    ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """Image and caption cosines out of combined features: q [n, D] queries, m [n, k, D] their neighbours ->
