@@ -56,7 +56,8 @@ class SynthConfig:
     max_changes: int = 2  # caption diffs with more changed spans are rejected
     text_dim: int = 1024  # hashed TF-IDF size
     exact_max: int = 50_000  # exact k-NN (quadratic) up to this many images, faiss IVF (near-linear) above
-    knn: str = "global"  # global: all features in one worker | sharded: an IVF join over the workers (synth.knn)
+    knn: str = "auto"  # global: all features in one worker | sharded: an IVF join over the workers (synth.knn)
+    global_max: int = 1_000_000  # --knn auto: global up to this many images (measured: 1M in ~7 min, 5 GB)
     nprobe: int = 16  # IVF lists searched per query (faiss IVF and sharded)
     nlist: Optional[int] = None  # IVF lists; None = 4 sqrt(N), at most 4096
     # high quality: editing
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--knn global: exact k-NN up to this many images, faiss IVF above")
     p.add_argument("--knn", default=d.knn, choices=KNN_MODES,
                    help="global: every embedding in one worker (to ~1M); sharded: an IVF join spread over the "
-                        "workers (lists by k-means on a sample, grouped by list), for larger datasets")
+                        "workers (lists by k-means on a sample, grouped by list), for larger datasets; auto: "
+                        "global up to --global-max images, sharded above")
+    p.add_argument("--global-max", type=int, default=d.global_max, help="--knn auto: the most images for global")
     p.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per query (faiss and sharded)")
     p.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (default 4 sqrt(N), at most 4096)")
     p.add_argument("--editor", default=d.editor,
@@ -289,6 +292,15 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                                     beam.pvalue.AsSingleton(n_sources), beam.pvalue.AsSingleton(n_candidates)))
 
 
+def resolve_knn(cfg: SynthConfig) -> SynthConfig:
+    """--knn auto -> global up to --global-max images (the caption job's count), sharded above: resolved
+    before the job, so that the card and every triplet's provenance say which ran."""
+    if cfg.knn != "auto":
+        return cfg
+    stats = ds.read_json(ds.join(cfg.input, "stats.json")) or {}  # missing: check_input says so
+    return replace(cfg, knn="global" if stats.get("written", 0) <= cfg.global_max else "sharded")
+
+
 def check_input(cfg: SynthConfig) -> None:
     """Bad input is a clear error before the job starts."""
     card = ds.read_json(ds.join(cfg.input, "dataset.json"))
@@ -355,11 +367,12 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
-                        "max_changes", "text_dim", "exact_max", "nprobe", "nlist", "samples_per_source",
+                        "max_changes", "text_dim", "exact_max", "global_max", "nprobe", "nlist", "samples_per_source",
                         "keep_per_source", "steps", "batch_size", "llm_max_new_tokens")
     jobs.check_prefix(parser, known.shard_prefix)
     cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
+        cfg = resolve_knn(cfg)
         check_input(cfg)
         if cfg.llm:  # auto -> on/off here, so that the card and every json say what was done
             from synth.llm import resolve_chat

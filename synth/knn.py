@@ -1,6 +1,7 @@
 """The k-NN graph of a caption dataset as Beam transforms: (key, caption, emb) items -> one Neighbourhood each.
 
-`--knn global` (default): every item in one worker (ToList), then synth.mining.knn: exact blocked search up
+`--knn auto` (default) is `global` up to --global-max images (1M), `sharded` above.
+`--knn global`: every item in one worker (ToList), then synth.mining.knn: exact blocked search up
     to --exact-max items, faiss IVF above. 1M x 512 mines in about 7 minutes on 2 cores; the features of
     every item must fit in that worker's memory.
 `--knn sharded`: an IVF join spread over the workers, for datasets no single worker holds:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from synth.job import SynthConfig
 
 LOG = logging.getLogger("synth")
-KNN_MODES = ("global", "sharded")
+KNN_MODES = ("auto", "global", "sharded")  # auto: resolved by synth.job.resolve_knn before the job
 
 
 class Neighbourhood(NamedTuple):

@@ -132,17 +132,20 @@ def _mined(out: Path) -> dict[str, dict]:
     return {t["__key__"]: {**json.loads(t["json"]), "mod": t["mod.txt"].decode()} for t in triplets(out)}
 
 
-@pytest.mark.parametrize("flags", [["--image-weight", "0", "--band-low", "0.3", "--seed", "1"], MINE_BY_IMAGES],
-                         ids=["captions", "images+captions"])
-def test_sharded_knn_with_every_list_probed_equals_the_global_search(flags, toy_captions, embedded_captions,
+@pytest.mark.parametrize("flags, sharded", [
+    (["--image-weight", "0", "--band-low", "0.3", "--seed", "1"], ["--global-max", "47"]),  # 48 images: auto
+    (MINE_BY_IMAGES, ["--knn", "sharded"])], ids=["captions, auto", "images+captions, sharded"])
+def test_sharded_knn_with_every_list_probed_equals_the_global_search(flags, sharded, toy_captions, embedded_captions,
                                                                      tmp_path):
     """The IVF join over workers, probing all its lists, is an exact search: the same triplets as the global
-    path (exact below --exact-max), same hard negatives, same scores."""
+    path (exact below --exact-max), same hard negatives, same scores. --knn auto (the default) takes it above
+    --global-max images, and the card records which ran."""
     src = embedded_captions if "0.5" in flags else toy_captions[0]
     base = ["--input", str(src), "--quality", "low", *flags, *BEAM]
     run(["--output", str(tmp_path / "global"), *base])
-    stats = run(["--output", str(tmp_path / "sharded"), "--knn", "sharded", "--nlist", "4", "--nprobe", "4",
-                 *base])
+    stats = run(["--output", str(tmp_path / "sharded"), *sharded, "--nlist", "4", "--nprobe", "4", *base])
+    cards = [json.loads((tmp_path / name / "dataset.json").read_text())["config"] for name in ("global", "sharded")]
+    assert [c["knn"] for c in cards] == ["global", "sharded"]
     want, got = _mined(tmp_path / "global"), _mined(tmp_path / "sharded")
     assert stats["written"] == len(want) > 10 and got.keys() == want.keys()
     for key, meta in got.items():
