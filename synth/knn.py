@@ -95,20 +95,22 @@ class _GlobalGraph(beam.DoFn):
         image_dim = features.shape[1] - (cfg.text_dim if cfg.image_weight < 1 else 0)
         for start in range(0, len(keys), ROWS_PER_CHUNK):
             rows = np.arange(start, min(len(keys), start + ROWS_PER_CHUNK))
-            image, text = mining.component_sims(features[rows], features[idx[rows]], image_dim, cfg.image_weight)
-            for i, r in enumerate(rows):
+            image, text = _rows(*mining.component_sims(features[rows], features[idx[rows]], image_dim,
+                                                       cfg.image_weight), len(rows), idx.shape[1])
+            for i, (r, found, found_s) in enumerate(zip(rows.tolist(), idx[rows].tolist(), sims[rows].tolist())):
                 yield Neighbourhood(keys[r], captions[r], [
-                    _neighbour(keys[j], captions[j], sims[r, c], image, text, i, c) for c, j in enumerate(idx[r])],
-                    method)
+                    Neighbour(keys[j], captions[j], sim, im, tx)
+                    for j, sim, im, tx in zip(found, found_s, image[i], text[i])], method)
 
 
 ROWS_PER_CHUNK = 1024  # rows whose neighbours' features are gathered at once (50 MB at k 8, 1,536-d)
 
 
-def _neighbour(key: str, caption: str, sim, image: Optional[np.ndarray], text: Optional[np.ndarray], i: int,
-               c: int) -> Neighbour:
-    return Neighbour(key, caption, float(sim), None if image is None else float(image[i, c]),
-                     None if text is None else float(text[i, c]))
+def _rows(image: Optional[np.ndarray], text: Optional[np.ndarray], n: int, k: int) -> tuple[list, list]:
+    """component_sims' [n, k] arrays as Python rows (None where the similarity did not use that part): one
+    tolist per block instead of a numpy scalar per neighbour (this runs for every neighbour of every image)."""
+    none = [[None] * k] * n
+    return (none if image is None else image.tolist()), (none if text is None else text.tolist())
 
 
 # ------------------------------------------------------------------------------------------ sharded
@@ -256,11 +258,9 @@ def _scan_list(element: tuple, cfg: "SynthConfig") -> Iterator[tuple[tuple[str, 
                 sims[i, own[keys[start + i]]] = -np.inf  # not your own neighbour
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         top_s = np.take_along_axis(sims, top, axis=1)
-        image, text = mining.component_sims(q, m[top], image_dim, cfg.image_weight)
+        image, text = _rows(*mining.component_sims(q, m[top], image_dim, cfg.image_weight), stop - start, k)
         top_keys = [[keys[j] for j in row] for row in members[top].tolist()]
         top_captions = [[captions[j] for j in row] for row in members[top].tolist()]
-        image = [[None] * k] * (stop - start) if image is None else image.tolist()
-        text = [[None] * k] * (stop - start) if text is None else text.tolist()
         for i, row_s in enumerate((-top_s).tolist()):
             # (-sim, key, ...) tuples sort most similar first, ties by key, with no key function (this runs
             # N x nprobe times)
