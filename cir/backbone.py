@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import open_clip
 import torch
@@ -65,6 +65,32 @@ class Backbone:
     def image_size(self) -> int:
         size = self.model_cfg["vision_cfg"].get("image_size", 224)
         return int(size if isinstance(size, int) else size[0])
+
+
+def preprocess_batch(transform: Callable, images: Sequence) -> torch.Tensor:
+    """`torch.stack([transform(im) for im in images])` -> [B, 3, H, W], the same values bit for bit.
+
+    open_clip's transforms end in ToTensor + Normalize; done per image they cost about as much as the
+    resize/crop before them, so where every image leaves the PIL stages as RGB of one size, the conversion
+    and normalisation run once on the stacked batch (the same float ops, in the same order). Any other
+    transform, or mixed sizes/modes, goes image by image."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    if not steps or len(steps) < 2 or type(steps[-1]) is not T.Normalize or not isinstance(steps[-2], T.ToTensor):
+        return torch.stack([transform(im) for im in images])
+    pil = []
+    for im in images:
+        for step in steps[:-2]:
+            im = step(im)
+        pil.append(im)
+    if not all(getattr(im, "mode", None) == "RGB" and im.size == pil[0].size for im in pil):
+        return torch.stack([steps[-1](steps[-2](im)) for im in pil])
+    import numpy as np
+
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in pil]))  # [B, H, W, 3] uint8
+    # as torchvision's to_tensor: channels first, contiguous, float, / 255
+    return steps[-1](pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255))
 
 
 def _resolve_local_dir(path: Path) -> tuple[dict, dict]:

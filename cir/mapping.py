@@ -86,23 +86,26 @@ def encode_text_with_pseudo(clip, tokens: torch.Tensor, placeholder: int, pseudo
     tokens: [B, L] ids with exactly one placeholder each; pseudo: [B, K, w]. The sequence grows by K - 1
     (truncated to L), so the end-of-text position, which pools the features, moves by K - 1 too.
     """
-    b, length = tokens.shape
+    length = tokens.shape[1]
     k = pseudo.shape[1]
     cast = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens).to(cast)  # [B, L, w]
     where = (tokens == placeholder).int().argmax(dim=1)  # [B]
     if not bool((tokens == placeholder).any(dim=1).all()):
         raise ValueError("every prompt needs the placeholder token")
+    eot = (tokens.argmax(dim=-1) + (k - 1)).clamp(max=length - 1)  # <end_of_text> has the largest id
+    # Only positions up to the batch's last <end_of_text> reach the features (see _pooled_text), and each of
+    # them reads a token at or before itself: the sequence is built for those n positions only.
+    n = int(eot.max()) + 1
+    x = clip.token_embedding(tokens[:, :n]).to(cast)  # [B, n, w]
     # Output position j takes token j before the placeholder p, pseudo token j - p for p <= j < p + K, and
     # token j - K + 1 after (the sequence shifted right by K - 1, truncated to L): one gather per source.
-    pos = torch.arange(length, device=tokens.device)[None]  # [1, L]
+    pos = torch.arange(n, device=tokens.device)[None]  # [1, n]
     p = where[:, None]  # [B, 1]
     width = x.shape[-1]
-    from_tokens = x.gather(1, torch.where(pos < p, pos, pos - (k - 1)).clamp(0, length - 1)[..., None]
+    from_tokens = x.gather(1, torch.where(pos < p, pos, pos - (k - 1)).clamp(0, n - 1)[..., None]
                            .expand(-1, -1, width))
     from_pseudo = pseudo.to(cast).gather(1, (pos - p).clamp(0, k - 1)[..., None].expand(-1, -1, width))
-    x = torch.where(((pos >= p) & (pos < p + k))[..., None], from_pseudo, from_tokens)  # [B, L, w]
-    eot = (tokens.argmax(dim=-1) + (k - 1)).clamp(max=length - 1)  # <end_of_text> has the largest id
+    x = torch.where(((pos >= p) & (pos < p + k))[..., None], from_pseudo, from_tokens)  # [B, n, w]
     return _pooled_text(clip, x, eot, normalize)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cir.backbone import weights_fingerprint
+from cir.backbone import preprocess_batch, weights_fingerprint
 from eval.score import PredictionError
 
 METHODS = ("model", "image_only", "text_only", "sum")
@@ -74,7 +74,7 @@ class Encoder:
             self.gallery_fingerprint = weights_fingerprint(f"{self.gallery_fingerprint}:{weights}")
 
     def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        return torch.stack([self.backbone.preprocess(rgb(x)) for x in images]).to(self.device)
+        return preprocess_batch(self.backbone.preprocess, [rgb(x) for x in images]).to(self.device)
 
     @torch.no_grad()
     def images(self, images: Sequence[ImageLike], batch_size: int, progress: bool = True) -> torch.Tensor:

@@ -113,7 +113,9 @@ class ClipImageEmbedHandler(ModelHandler[dict, np.ndarray, Any]):
                       ) -> Iterable[PredictionResult]:
         import torch
 
-        pixels = torch.stack(_padded([model.preprocess(img) for img in _images(batch)], self.batch_size))
+        from cir.backbone import preprocess_batch
+
+        pixels = preprocess_batch(model.preprocess, _padded(_images(batch), self.batch_size))
         pixels = pixels.to(self.device)  # [batch_size, 3, H, W]; rows past len(batch) are padding
         with torch.no_grad():
             feats = model.model.encode_image(pixels, normalize=True)  # [B, embed_dim]

@@ -148,7 +148,9 @@ class ClipFilter(beam.DoFn):
     def _images(self, blobs: list[bytes]) -> np.ndarray:
         import torch
 
-        pixels = torch.stack([self.backbone.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+        from cir.backbone import preprocess_batch
+
+        pixels = preprocess_batch(self.backbone.preprocess, [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs])
         with torch.no_grad():
             return self.backbone.model.encode_image(pixels, normalize=True).float().numpy()
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cir.backbone import (CONFIG_FILE, RANDOM, TINY_MODELS, WEIGHTS_FILE, BackboneError, check_weights, create_backbone,
-                          save_backbone)
+                          preprocess_batch, save_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,33 @@ def test_tiny_model_encodes_images_and_text(tiny):
     assert img.shape == txt.shape == (2, tiny.embed_dim)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(img[0], img[1])  # different images, different features
+
+
+def _varied_images() -> list[Image.Image]:
+    """Sizes and modes the transforms must bring to one RGB size: noise, so rounding shows."""
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 40), (70, 50), (31, 90))]
+    return rgb + [Image.fromarray(rng.integers(0, 256, (45, 45), dtype=np.uint8)).convert("L")]
+
+
+def test_preprocess_batch_equals_the_transform_image_by_image(tiny):
+    images = _varied_images()
+    expected = torch.stack([tiny.preprocess(im) for im in images])
+    assert torch.equal(preprocess_batch(tiny.preprocess, images), expected)  # bit for bit, not approximately
+    # the training transform is random (random resized crop): the same seed draws the same crops either way
+    torch.manual_seed(3)
+    expected = torch.stack([tiny.preprocess_train(im) for im in images])
+    torch.manual_seed(3)
+    assert torch.equal(preprocess_batch(tiny.preprocess_train, images), expected)
+
+
+def test_preprocess_batch_takes_other_transforms_image_by_image():
+    from torchvision import transforms as T
+
+    grey = [im.convert("L") for im in _varied_images()]
+    for transform in (lambda im: T.functional.to_tensor(im.resize((8, 8))),  # not a Compose
+                      T.Compose([T.Resize((8, 8)), T.ToTensor(), T.Normalize((0.5,), (0.25,))])):  # not RGB
+        assert torch.equal(preprocess_batch(transform, grey), torch.stack([transform(im) for im in grey]))
 
 
 def test_seed_fixes_random_init():

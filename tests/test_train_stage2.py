@@ -147,13 +147,13 @@ def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_wo
     assert "tgts" in other and "tgt_emb" not in other
     assert (stage.cached_image_roles(made["same"][1]), stage.cached_image_roles(made["other"][1])) == (("tgt.",), ())
 
-    def encode(images: list) -> torch.Tensor:
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return image_features(clip.model, torch.stack(images), False)[0]
+            return image_features(clip.model, pixels, False)[0]
 
     keys, feats = encode_datasets([str(made["other"][0])], encode, clip.preprocess, 16, stage.clip_id, False)
     samples = {s["__key__"]: s for u in ds.shard_urls(str(made["other"][0])) for s in map(decode_sample, ds.iter_shard(u))}
-    direct = encode([clip.preprocess(samples[k].get("jpg") or samples[k].get("png")) for k in keys[:4]])
+    direct = encode(torch.stack([clip.preprocess(samples[k].get("jpg") or samples[k].get("png")) for k in keys[:4]]))
     assert torch.allclose(torch.from_numpy(feats[:4]).float(), direct, atol=2e-3)  # the tower, not the foreign cache
     foreign = torch.from_numpy(np.stack([samples[k]["emb.npy"] for k in keys[:4]])).float()
     assert not torch.allclose(foreign, direct, atol=1e-1)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from cir import dataset as ds
+from cir.backbone import preprocess_batch
 from train.data import DataError, decode_member, emb_made_by
 
 BANK_DIR = "negative_bank"
@@ -122,7 +123,7 @@ def _fingerprint(datasets: list[str], clip_id: str, use_cached: bool) -> str:
     return hashlib.sha256(json.dumps([BANK_VERSION, clip_id, use_cached, contents]).encode()).hexdigest()[:16]
 
 
-def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor], preprocess,
+def encode_datasets(datasets: list[str], encode: Callable[[torch.Tensor], torch.Tensor], preprocess,
                     batch_size: int, cached_clip: Optional[str], show: bool) -> tuple[list[str], np.ndarray]:
     """Every sample of the bank entries -> (keys, L2-normalised features [M, d] float16). A sample's `emb.npy`
     is taken where `cached_clip` (the frozen CLIP's fingerprint; None: never) made it. A sample whose image
@@ -134,7 +135,7 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
     def flush():
         if pending:
             keys.extend(pending_keys)
-            feats.append(encode(pending).cpu().numpy().astype(np.float16))
+            feats.append(encode(preprocess_batch(preprocess, pending)).cpu().numpy().astype(np.float16))
             pending_keys.clear()
             pending.clear()
 
@@ -151,7 +152,7 @@ def encode_datasets(datasets: list[str], encode: Callable[[list], torch.Tensor],
         except Exception:  # noqa: BLE001 - an undecodable image is not a negative; the caption job logged it
             continue
         pending_keys.append(sample["__key__"])
-        pending.append(preprocess(image))
+        pending.append(image)
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from cir.backbone import preprocess_batch
 from train.config import TrainConfig
 from train.data import image_of
 from train.loop import main as loop_main
@@ -43,7 +44,7 @@ class Stage0:
 
     def collate(self, samples: list[dict]) -> dict:
         transform = self.backbone.preprocess_train if self.cfg.augment else self.backbone.preprocess
-        images = torch.stack([transform(image_of(s)) for s in samples])  # [B, 3, H, W]
+        images = preprocess_batch(transform, [image_of(s) for s in samples])  # [B, 3, H, W]
         tokens = self.backbone.tokenizer([s["txt"] for s in samples])  # [B, L]
         return {"images": images, "tokens": tokens}
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
 from train.config import TrainConfig
 from train.data import cached_embeddings, has_cached_embeddings, image_of
@@ -105,7 +106,7 @@ class Stage1:
         if emb is not None:
             batch["emb"] = emb
         else:
-            batch["images"] = torch.stack([self.backbone.preprocess(image_of(s)) for s in samples])
+            batch["images"] = preprocess_batch(self.backbone.preprocess, [image_of(s) for s in samples])
         return batch
 
     cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
 from train.config import ConfigError, TrainConfig
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
@@ -125,9 +126,9 @@ class Stage2:
         datasets = bank_datasets(hn, self.cfg.data.train)
         clip = accelerator.unwrap_model(model).clip
 
-        def encode(images: list) -> torch.Tensor:
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return image_features(clip, torch.stack(images).to(accelerator.device), False)[0]
+                return image_features(clip, pixels.to(accelerator.device), False)[0]
 
         def build():
             return encode_datasets(datasets, encode, self.cir.backbone.preprocess, hn.batch_size,
@@ -148,13 +149,13 @@ class Stage2:
 
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
-        batch = {"refs": torch.stack([bb.preprocess(image_of(s, "ref.")) for s in samples]),
+        batch = {"refs": preprocess_batch(bb.preprocess, [image_of(s, "ref.") for s in samples]),
                  "prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples])}
         tgt_emb = cached_embeddings(samples, "tgt.", self.clip_id)
         if tgt_emb is not None:
             batch["tgt_emb"] = tgt_emb
         else:
-            batch["tgts"] = torch.stack([bb.preprocess(image_of(s, "tgt.")) for s in samples])
+            batch["tgts"] = preprocess_batch(bb.preprocess, [image_of(s, "tgt.") for s in samples])
         if self.bank is not None:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
