@@ -30,17 +30,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def stage0_steps(stage, model, batches, steps: int) -> float:
-    from open_clip.loss import ClipLoss
+    from accelerate import Accelerator
 
-    loss_fn = ClipLoss()
+    accelerator = Accelerator(cpu=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     it = iter(batches)
     next(it)  # warm-up: first batch and allocator
     start = time.time()
     for _ in range(steps):
-        b = next(it)
-        img, txt, scale = model(b["images"], b["tokens"])[:3]
-        loss = loss_fn(img, txt, scale)
+        loss, _ = stage.loss(model, next(it), accelerator)  # the stage's own forward and loss
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -42,6 +42,23 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(Stage0Config, None, ["data.batch_size=2.5"])
 
 
+def test_training_forward_equals_open_clips_with_the_text_cut_after_the_last_end_of_text():
+    from train.stage0 import Stage0
+
+    stage = Stage0(load_config(Stage0Config, None, ["clip.model=tiny-clip-32"]))
+    model = stage.build().eval()
+    tokens = stage.backbone.tokenizer(["red", "a large red circle on the left of a small blue square", "two crosses"])
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lengths = []
+    model.clip.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        ours = model(images, tokens)
+        image, text, scale = model.clip(images, tokens)[:3]  # open_clip's own forward, every position
+    assert lengths == [int(tokens.argmax(dim=-1).max()) + 1, tokens.shape[1]] and lengths[0] < lengths[1]
+    assert torch.allclose(ours["text_features"], text, atol=1e-5)
+    assert torch.equal(ours["image_features"], image) and torch.equal(ours["logit_scale"], scale)
+
+
 def test_loss_decreases_and_export_loads(toy_captions, tmp_path):
     data, _ = toy_captions
     out = tmp_path / "s0"

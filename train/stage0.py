@@ -2,7 +2,8 @@
 
 With real weights this is the open-domain -> domain step of progressive training; on the toy world it trains
 the tiny CLIP from scratch. Symmetric InfoNCE over the global batch (features gathered across ranks with
-gradients, open_clip's ClipLoss). The export `{output_dir}/final/` is an open_clip local directory that
+gradients, open_clip's ClipLoss). The text tower runs only up to the batch's last <end_of_text> (the same
+features: its attention is causal and pools there), which makes a toy step about 20% cheaper. The export `{output_dir}/final/` is an open_clip local directory that
 `cir.backbone.create_backbone` (and so every later stage and eval) loads by its path.
 """
 from __future__ import annotations
@@ -26,6 +27,22 @@ class Stage0Config(TrainConfig):
     local_loss: bool = False  # ClipLoss local_loss: logits of local features against the global batch only
 
 
+class ContrastiveClip(torch.nn.Module):
+    """The CLIP in training, computing what the loss reads. Its forward is where DDP synchronises gradients,
+    so the features are made here, text cut as in cir.mapping.encode_text (open_clip's own forward always
+    runs every context position)."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        from cir.mapping import encode_text
+
+        return {"image_features": self.clip.encode_image(images, normalize=True),
+                "text_features": encode_text(self.clip, tokens), "logit_scale": self.clip.logit_scale.exp()}
+
+
 class Stage0:
     name = "stage0"
     required_fields = ("jpg|png|webp", "txt")
@@ -40,7 +57,7 @@ class Stage0:
         source = self.cfg.init_from or self.cfg.clip.model
         self.backbone = create_backbone(source, None if self.cfg.init_from else self.cfg.clip.pretrained,
                                         seed=self.cfg.seed, allow_random=True)  # stage 0 may train from scratch
-        return self.backbone.model
+        return ContrastiveClip(self.backbone.model)
 
     def collate(self, samples: list[dict]) -> dict:
         transform = self.backbone.preprocess_train if self.cfg.augment else self.backbone.preprocess
@@ -51,10 +68,7 @@ class Stage0:
     cached_keys = ("image_features", "text_features")  # per-sample: cached across micro-batches (loop.py)
 
     def features(self, model, batch: dict, accelerator) -> dict:
-        out = model(batch["images"], batch["tokens"])
-        image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(
-            out, dict) else out[:3]
-        return {"image_features": image, "text_features": text, "logit_scale": scale}
+        return model(batch["images"], batch["tokens"])
 
     def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
         from open_clip.loss import ClipLoss
@@ -72,7 +86,7 @@ class Stage0:
     def export(self, model, out_dir: Path) -> None:
         from cir.backbone import save_backbone
 
-        self.backbone.model = model
+        self.backbone.model = model.clip
         save_backbone(self.backbone, out_dir, extra={"trained_by": "stage0"})
 
 
