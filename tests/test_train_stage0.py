@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -71,6 +72,26 @@ def test_loss_decreases_and_export_loads(toy_captions, tmp_path):
     assert set(weights(out)) == set(trained.model.state_dict())
     assert json.loads((out / "final" / "train_config.json").read_text())["max_steps"] == 40
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+
+
+def test_the_logit_scale_is_clamped_to_100_after_every_step(toy_captions, tmp_path):
+    from train.loop import main as loop_main
+    from train.stage0 import Stage0
+
+    class HotStart(Stage0):  # a logit scale of e^6 = 403, above CLIP's cap
+        def build(self):
+            model = super().build()
+            with torch.no_grad():
+                model.clip.logit_scale.fill_(6.0)
+            return model
+
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    assert loop_main(HotStart, Stage0Config, tiny_args(data, out, "max_steps=3", "save_every=100")) == 0
+    logged = [json.loads(line)["logit_scale"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged[0] == pytest.approx(403.4, abs=0.1)  # step 1's forward ran before the first clamp
+    assert all(99.0 < scale <= 100.0 + 1e-3 for scale in logged[1:])  # clamped to the cap, then moved by AdamW
+    assert weights(out)["logit_scale"].item() <= math.log(100) + 1e-6
 
 
 def test_resume_equals_uninterrupted(toy_captions, tmp_path):

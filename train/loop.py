@@ -167,6 +167,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                 _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
             if not accelerator.sync_gradients:
                 continue
+        if hasattr(stage, "after_step"):  # constraints on the weights after each optimizer step (stage 0)
+            stage.after_step(accelerator.unwrap_model(model))
         scheduler.step()
         state.step += 1
         progress.update(1)

@@ -8,6 +8,7 @@ features: its attention is causal and pools there), which makes a toy step about
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,12 @@ class Stage0:
 
     def loss(self, model, batch: dict, accelerator) -> tuple[torch.Tensor, dict]:
         return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
+
+    def after_step(self, model: ContrastiveClip) -> None:
+        """open_clip_train's clamp after every optimizer step: the logit scale stays in [0, ln 100], CLIP's cap
+        of 100 on the inverse temperature (trained from scratch, it would otherwise keep growing)."""
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(100))
 
     def export(self, model, out_dir: Path) -> None:
         from cir.backbone import save_backbone
