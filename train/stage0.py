@@ -3,8 +3,9 @@
 With real weights this is the open-domain -> domain step of progressive training; on the toy world it trains
 the tiny CLIP from scratch. Symmetric InfoNCE over the global batch (features gathered across ranks with
 gradients, open_clip's ClipLoss). The text tower runs only up to the batch's last <end_of_text> (the same
-features: its attention is causal and pools there), which makes a toy step about 20% cheaper. The export `{output_dir}/final/` is an open_clip local directory that
-`cir.backbone.create_backbone` (and so every later stage and eval) loads by its path.
+features: its attention is causal and pools there), which makes a toy step about 20% cheaper. The export
+`{output_dir}/final/` is an open_clip local directory that `cir.backbone.create_backbone` (and so every later
+stage and eval) loads by its path.
 """
 from __future__ import annotations
 
