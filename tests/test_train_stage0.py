@@ -58,6 +58,10 @@ def test_training_forward_equals_open_clips_with_the_text_cut_after_the_last_end
     assert lengths == [int(tokens.argmax(dim=-1).max()) + 1, tokens.shape[1]] and lengths[0] < lengths[1]
     assert torch.allclose(ours["text_features"], text, atol=1e-5)
     assert torch.equal(ours["image_features"], image) and torch.equal(ours["logit_scale"], scale)
+    # a checkpoint from before the wrapper (the CLIP's keys bare) still loads, strictly
+    bare = {k: v + 1 for k, v in model.clip.state_dict().items()}
+    model.load_state_dict(bare)
+    assert all(torch.equal(v, bare[k]) for k, v in model.clip.state_dict().items())
 
 
 def test_loss_decreases_and_export_loads(toy_captions, tmp_path):

@@ -37,12 +37,19 @@ class ContrastiveClip(torch.nn.Module):
     def __init__(self, clip: torch.nn.Module):
         super().__init__()
         self.clip = clip
+        # Checkpoints saved before this wrapper existed hold the CLIP's keys bare: they still resume.
+        self.register_load_state_dict_pre_hook(_prefix_bare_keys)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         from cir.mapping import encode_text
 
         return {"image_features": self.clip.encode_image(images, normalize=True),
                 "text_features": encode_text(self.clip, tokens), "logit_scale": self.clip.logit_scale.exp()}
+
+
+def _prefix_bare_keys(module, state_dict, prefix, *_) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(f"{prefix}clip.")]:
+        state_dict[f"{prefix}clip.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
 class Stage0:
