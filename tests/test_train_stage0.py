@@ -115,6 +115,60 @@ def test_resume_equals_uninterrupted(toy_captions, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+class _Payload:
+    """Unpickled, it creates a file: what a checkpoint from elsewhere could do to a trainer that unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_unpickles_nothing_and_skips_a_save_cut_short(toy_captions, tmp_path, capsys):
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    args = ["max_steps=4", "save_every=2"]
+    assert main(tiny_args(data, out, *args)) == 0
+    first, second = out / "checkpoints" / "checkpoint_0", out / "checkpoints" / "checkpoint_1"
+    assert json.loads((first / "train_state.json").read_text())["step"] == 2
+    assert not list(out.rglob("custom_checkpoint_*"))  # the scheduler and step are JSON, not pickles
+    (second / "train_state.json").unlink()  # a kill in the middle of the second save
+    shutil.rmtree(out / "final")
+    marker = tmp_path / "unpickled"
+    planted = first / "custom_checkpoint_0.pkl"
+    torch.save(_Payload(marker), planted)  # a pickle planted where Accelerate used to keep its state
+    with pytest.raises(RuntimeError, match="custom_checkpoint"):  # refused (by Accelerate), never unpickled
+        main(tiny_args(data, out, *args, "resume=latest"))
+    assert not marker.exists()
+    planted.unlink()
+    assert main(tiny_args(data, out, *args, "resume=latest")) == 0
+    assert f"resumed from {first} at step 2" in capsys.readouterr().out
+    assert json.loads((second / "train_state.json").read_text())["step"] == 4  # saved again, complete
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 3, 4]
+
+
+def test_checkpoints_written_before_train_state_json_still_resume(toy_captions, tmp_path):
+    """They held the scheduler's and the step's state dicts as Accelerate's custom_checkpoint pickles: read
+    with weights_only=True, they resume the same run."""
+    data, _ = toy_captions
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    args = ["max_steps=4", "save_every=2"]
+    assert main(tiny_args(data, whole, *args)) == 0
+    assert main(tiny_args(data, old, *args)) == 0
+    checkpoint = old / "checkpoints" / "checkpoint_0"
+    saved = json.loads((checkpoint / "train_state.json").read_text())
+    torch.save(saved["scheduler"], checkpoint / "custom_checkpoint_0.pkl")
+    torch.save({"step": saved["step"]}, checkpoint / "custom_checkpoint_1.pkl")
+    (checkpoint / "train_state.json").unlink()
+    shutil.rmtree(old / "checkpoints" / "checkpoint_1")
+    shutil.rmtree(old / "final")
+    (old / "train_log.jsonl").write_text("\n".join((old / "train_log.jsonl").read_text().splitlines()[:2]) + "\n")
+    assert main(tiny_args(data, old, *args, "resume=latest")) == 0
+    assert losses(old) == pytest.approx(losses(whole), rel=1e-5)
+
+
 def test_two_ranks_read_disjoint_shards_without_hanging(toy_captions, tmp_path):
     data, _ = toy_captions  # 5 shards: 3 for one rank, 2 for the other, and more steps than one epoch
     out = tmp_path / "ddp"

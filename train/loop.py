@@ -18,14 +18,18 @@ for `tgt.jpg`) and `cached_image_roles(samples)`: the stream leaves those images
 for batches whose cached embeddings the stage will not use.
 
 Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
-optimizer step (Accelerate's prepared scheduler steps once per process), and saved via
-`register_for_checkpointing`. The data loader is not prepared: each rank reads its own split.
+optimizer step (Accelerate's prepared scheduler steps once per process); its state and the step go into the
+checkpoint's `train_state.json`, written last, so a checkpoint without it (a kill mid-save) is not resumed.
+Not `register_for_checkpointing`: Accelerate loads such objects with torch.load(weights_only=False), so a
+checkpoint directory from elsewhere could run code on resume. The data loader is not prepared: each rank
+reads its own split.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +91,59 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+TRAIN_STATE_FILE = "train_state.json"  # in each checkpoint: the step and the LR scheduler's state
+# What Accelerate's register_for_checkpointing wrote before (the scheduler's and TrainState's state dicts):
+# older checkpoints still resume, read with weights_only=True (_migrate_legacy_state).
+LEGACY_STATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (its train state written, the last file of a save)."""
     found = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    return found[-1] if found else None
+    complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file() or all((p / f).is_file()
+                                                                             for f in LEGACY_STATE_FILES)]
+    return complete[-1] if complete else None
+
+
+def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
+    """Checkpoint folders newer than the complete one resumed from were cut short by a kill mid-save; the
+    next save would reuse their names (Accelerate refuses an existing folder), so they go."""
+    number = int(checkpoint.name.split("_")[-1])
+    if accelerator.is_main_process:
+        for path in checkpoint.parent.glob("checkpoint_*"):
+            if int(path.name.split("_")[-1]) > number:
+                accelerator.print(f"removing {path}: an incomplete checkpoint (no {TRAIN_STATE_FILE})")
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
+def save_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
+    tmp = checkpoint / f"{TRAIN_STATE_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": state.step, "scheduler": scheduler.state_dict()}), encoding="utf-8")
+    tmp.replace(checkpoint / TRAIN_STATE_FILE)
+
+
+def _migrate_legacy_state(checkpoint: Path, accelerator) -> None:
+    """An older checkpoint's two custom_checkpoint pickles -> its train_state.json (read with
+    weights_only=True; a pickle holding anything but plain state fails there). They are then removed:
+    Accelerate's load_state refuses custom_checkpoint files it was not told about."""
+    if accelerator.is_main_process and not (checkpoint / TRAIN_STATE_FILE).is_file() and all(
+            (checkpoint / f).is_file() for f in LEGACY_STATE_FILES):
+        scheduler, state = (torch.load(checkpoint / f, weights_only=True) for f in LEGACY_STATE_FILES)
+        (checkpoint / TRAIN_STATE_FILE).write_text(json.dumps({"step": int(state["step"]), "scheduler": scheduler}),
+                                                   encoding="utf-8")
+        for f in LEGACY_STATE_FILES:
+            (checkpoint / f).unlink()
+    accelerator.wait_for_everyone()
+
+
+def load_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
+    path = checkpoint / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise DataError(f"{checkpoint} is not a complete checkpoint: no {TRAIN_STATE_FILE}")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    scheduler.load_state_dict(saved["scheduler"])
+    state.load_state_dict({"step": saved["step"]})
 
 
 def parse_args(cls, argv: Optional[list[str]]):
@@ -133,12 +187,15 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     if hasattr(stage, "setup"):  # work a stage does once its model is on the device (stage II's negative bank)
         stage.setup(model, accelerator)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
     if cfg.resume:
         path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
         if path is None:
             raise DataError(f"resume=latest: no checkpoint under {out / 'checkpoints'}")
+        if cfg.resume == "latest":
+            _remove_incomplete_after(path, accelerator)
+        _migrate_legacy_state(path, accelerator)
         accelerator.load_state(str(path))
+        load_train_state(path, scheduler, state)
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
@@ -181,9 +238,10 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                 with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.step, **logs}) + "\n")
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
-            accelerator.save_state()
+            saved = Path(accelerator.save_state())
             if accelerator.is_main_process:
-                save_config(cfg, latest_checkpoint(out) / "config.json")
+                save_config(cfg, saved / "config.json")
+                save_train_state(saved, scheduler, state)  # last: it marks the checkpoint complete
     progress.close()
     total = _total(skipped, accelerator)
     if total:
