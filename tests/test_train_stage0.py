@@ -250,13 +250,34 @@ def test_a_corrupt_sample_mid_stream_is_skipped_and_counted(toy_captions, tmp_pa
     assert all(len(b["keys"]) == 8 for b in batches)  # the corrupt one is replaced: batches keep their size
     seen = [k for b in batches for k in b["keys"]]
     assert damaged not in seen and len(set(seen[:47])) == 47
-    assert [int(x) for x in batches[-1][ERRORS_KEY]] == [0, 2]  # worker 0, once per epoch
+    # worker 0: skipped once per epoch, and so drew one replacement per epoch
+    assert [int(x) for x in batches[-1][ERRORS_KEY]] == [0, 2, 2]
 
     out = tmp_path / "run"
     assert main(tiny_args(shards / "s-{000..004}.tar", out, "max_steps=8")) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["data_errors"] >= 1 and log[0]["data_errors"] <= log[-1]["data_errors"]
     assert "skipped" in capsys.readouterr().out
+
+
+def test_resume_after_a_replaced_sample_equals_uninterrupted(toy_captions, tmp_path):
+    """The replacement drawn for a sample that did not decode moves the stream by one: the checkpoint records
+    it, and the resumed stream skips it too (batches are skipped undecoded, so it could not know)."""
+    data, _ = toy_captions
+    shards = tmp_path / "shards"
+    _damage_one_image(data, shards)
+    pattern = str(shards / "s-{000..004}.tar")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ["max_steps=10", "save_every=6"]  # 6 batches of 8 draw all 48 samples of epoch 0: the damaged one too
+    assert main(tiny_args(pattern, whole, *args)) == 0
+    assert main(tiny_args(pattern, broken, *args)) == 0
+    state = json.loads((broken / "checkpoints" / "checkpoint_0" / "train_state.json").read_text())
+    assert (state["step"], state["extra_samples"]) == (6, [[1]])  # rank 0, its one loader slot: one replacement
+    shutil.rmtree(broken / "checkpoints" / "checkpoint_1")
+    shutil.rmtree(broken / "final")
+    (broken / "train_log.jsonl").write_text("\n".join((broken / "train_log.jsonl").read_text().splitlines()[:6]) + "\n")
+    assert main(tiny_args(pattern, broken, *args, "resume=latest")) == 0
+    assert losses(broken) == pytest.approx(losses(whole), rel=1e-5)
 
 
 def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, tmp_path):

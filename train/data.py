@@ -33,7 +33,9 @@ from cir import dataset as ds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOG = logging.getLogger(__name__)
-ERRORS_KEY = "_data_errors"  # in each batch: [worker id, that worker's skipped members/samples so far]
+# In each batch: [worker id, that worker's skipped members/samples so far, the samples it has drawn beyond
+# batch_size per batch so far (replacements of samples that did not decode; its resume position)]
+ERRORS_KEY = "_data_errors"
 
 
 class DataError(ValueError):
@@ -228,13 +230,17 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
                  log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[str, ...] = (),
-                 cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None):
+                 cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None,
+                 skip_extra: Optional[list[int]] = None):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
         self.sources, self.batch_size, self.seed = sources, batch_size, seed
         self.weights = weights or [1.0] * len(sources)
         self.buffer, self.collate, self.skip_batches = shuffle_buffer, collate, skip_batches
+        # per worker: samples drawn beyond batch_size per batch before the resumed checkpoint (replacements)
+        self.skip_extra = list(skip_extra or [])
+        self.extra = 0  # this worker's running count of those, resumed ones included
         self.handler = CountingHandler()
         self.log_dir = log_dir
         self.subset_fraction = subset_fraction
@@ -255,28 +261,30 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         _, _, worker, workers = _slot()
         # The DataLoader takes batches from workers in turn: global batch b is worker (b % W)'s (b // W)-th.
-        skip = len(range(worker, self.skip_batches, workers))
+        # Resuming skips, undecoded, the samples this worker's consumed batches drew: batch_size each, plus the
+        # replacements it drew for samples that did not decode.
+        self.extra = self.skip_extra[worker] if worker < len(self.skip_extra) else 0
         samples = self._mixed()
+        for _ in range(len(range(worker, self.skip_batches, workers)) * self.batch_size + self.extra):
+            next(samples)
         batch: list[dict] = []
         for sample in samples:
             batch.append(sample)
             if len(batch) < self.batch_size:
                 continue
-            if skip:
-                skip -= 1
-            else:
-                out = self.collate(self._decoded(batch, samples))
-                # this worker's running count of skipped members/samples, for the loop's `data_errors` log
-                out[ERRORS_KEY] = torch.tensor([worker, self.handler.errors])
-                yield out
+            out = self.collate(self._decoded(batch, samples))
+            # this worker's running counts: skipped members/samples (the loop's `data_errors` log) and extra
+            # samples drawn (its resume position)
+            out[ERRORS_KEY] = torch.tensor([worker, self.handler.errors, self.extra])
+            yield out
             batch = []
 
     def _decoded(self, batch: list[dict], samples: Iterator[dict]) -> list[dict]:
         """Decode a batch; a sample that does not decode (a corrupt image, bad json or npy) is counted and
-        replaced by the next one, so batches keep their size (ranks gather equal shapes). Resume skips
-        batches without decoding them, so after such a replacement a resumed run's data position is off by
-        the replacements made before its checkpoint. Images of lazy roles are decoded only when the stage
-        will not take their cached embeddings for this batch (decoding is much of the loader's cost)."""
+        replaced by the next one, so batches keep their size (ranks gather equal shapes); each replacement
+        drawn is counted in `self.extra`, which a resume skips too. Images of lazy roles are decoded only when
+        the stage will not take their cached embeddings for this batch (decoding is much of the loader's
+        cost)."""
         lazy = self.lazy_roles
         out = [self._decode_or_next(sample, samples, lazy) for sample in batch]
         replaced = bool(lazy)
@@ -288,6 +296,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     decode_images(out[i], needed)
                 except Exception as err:  # noqa: BLE001 - a damaged image: skipped, counted, replaced
                     self.handler(err)
+                    self.extra += 1
                     out[i], replaced = self._decode_or_next(next(samples), samples, lazy), True
         return out
 
@@ -298,6 +307,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 return decode_sample(sample, lazy)
             except Exception as err:  # noqa: BLE001 - whatever a damaged member raises, it is skipped, counted
                 self.handler(err)
+                self.extra += 1
                 sample = next(samples)
 
 

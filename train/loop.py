@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -58,15 +58,19 @@ class Stage(Protocol):
 
 @dataclass
 class TrainState:
-    """What `save_state` does not know about: the optimizer step (also the data position)."""
+    """What `save_state` does not know about: the optimizer step and the rest of the data position."""
 
     step: int = 0
+    # per rank, per loader worker: samples drawn beyond batch_size per batch (replacements of samples that did
+    # not decode), which the resumed stream skips too
+    extra_samples: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "extra_samples": self.extra_samples}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.extra_samples = [[int(n) for n in row] for row in state.get("extra_samples", [])]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -119,7 +123,7 @@ def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
 
 def save_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
     tmp = checkpoint / f"{TRAIN_STATE_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": state.step, "scheduler": scheduler.state_dict()}), encoding="utf-8")
+    tmp.write_text(json.dumps({**state.state_dict(), "scheduler": scheduler.state_dict()}), encoding="utf-8")
     tmp.replace(checkpoint / TRAIN_STATE_FILE)
 
 
@@ -142,8 +146,8 @@ def load_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
     if not path.is_file():
         raise DataError(f"{checkpoint} is not a complete checkpoint: no {TRAIN_STATE_FILE}")
     saved = json.loads(path.read_text(encoding="utf-8"))
-    scheduler.load_state_dict(saved["scheduler"])
-    state.load_state_dict({"step": saved["step"]})
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    state.load_state_dict(saved)
 
 
 def parse_args(cls, argv: Optional[list[str]]):
@@ -198,10 +202,12 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         load_train_state(path, scheduler, state)
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
+    rank = accelerator.process_index
+    drawn = dict(enumerate(state.extra_samples[rank] if rank < len(state.extra_samples) else []))
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
                          subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
-                         cached_roles=getattr(stage, "cached_image_roles", None))
+                         cached_roles=getattr(stage, "cached_image_roles", None), skip_extra=list(drawn.values()))
     batches = iter(loader(stream, cfg.data.workers))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -210,14 +216,15 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
     skipped: dict[int, int] = {}  # loader worker -> corrupt members/samples it skipped (counts are per worker)
+    # drawn: loader worker -> extra samples drawn up to its last batch taken here (its resume position)
     while state.step < cfg.max_steps:
         stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
         if cached:
-            micro = [_next_batch(batches, skipped, accelerator.device) for _ in range(cfg.grad_accum)]
+            micro = [_next_batch(batches, skipped, drawn, accelerator.device) for _ in range(cfg.grad_accum)]
             loss, scalars = feature_cached_step(stage, model, micro, accelerator)
             _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
         else:
-            batch = _next_batch(batches, skipped, accelerator.device)
+            batch = _next_batch(batches, skipped, drawn, accelerator.device)
             with accelerator.accumulate(model):
                 loss, scalars = stage.loss(model, batch, accelerator)
                 accelerator.backward(loss)
@@ -239,6 +246,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                     f.write(json.dumps({"step": state.step, **logs}) + "\n")
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
             saved = Path(accelerator.save_state())
+            state.extra_samples = _per_rank(drawn, max(1, cfg.data.workers), accelerator)  # every rank calls
             if accelerator.is_main_process:
                 save_config(cfg, saved / "config.json")
                 save_train_state(saved, scheduler, state)  # last: it marks the checkpoint complete
@@ -315,12 +323,19 @@ def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:
     optimizer.zero_grad()
 
 
-def _next_batch(batches, skipped: dict[int, int], device) -> dict:
-    """The next batch on the device; its loader worker's count of skipped corrupt samples goes to `skipped`."""
+def _next_batch(batches, skipped: dict[int, int], drawn: dict[int, int], device) -> dict:
+    """The next batch on the device; its loader worker's counts of skipped corrupt samples and of extra
+    samples drawn go to `skipped` and `drawn`."""
     batch = next(batches)
-    worker, errors = (int(x) for x in batch.pop(ERRORS_KEY))
-    skipped[worker] = errors
+    worker, errors, extra = (int(x) for x in batch.pop(ERRORS_KEY))
+    skipped[worker], drawn[worker] = errors, extra
     return _to_device(batch, device)
+
+
+def _per_rank(counts: dict[int, int], workers: int, accelerator) -> list[list[int]]:
+    """Per-worker counts of every rank, [rank][worker] (a collective: every rank calls)."""
+    row = torch.tensor([counts.get(w, 0) for w in range(workers)], device=accelerator.device)
+    return accelerator.gather(row).view(accelerator.num_processes, workers).tolist()
 
 
 def _total(skipped: dict[int, int], accelerator) -> int:
