@@ -272,12 +272,17 @@ def test_resume_after_a_replaced_sample_equals_uninterrupted(toy_captions, tmp_p
     assert main(tiny_args(pattern, whole, *args)) == 0
     assert main(tiny_args(pattern, broken, *args)) == 0
     state = json.loads((broken / "checkpoints" / "checkpoint_0" / "train_state.json").read_text())
-    assert (state["step"], state["extra_samples"]) == (6, [[1]])  # rank 0, its one loader slot: one replacement
+    # rank 0, its one loader slot: one sample skipped, one replacement drawn
+    assert (state["step"], state["loader_counts"]) == (6, [[[1, 1]]])
     shutil.rmtree(broken / "checkpoints" / "checkpoint_1")
     shutil.rmtree(broken / "final")
     (broken / "train_log.jsonl").write_text("\n".join((broken / "train_log.jsonl").read_text().splitlines()[:6]) + "\n")
     assert main(tiny_args(pattern, broken, *args, "resume=latest")) == 0
     assert losses(broken) == pytest.approx(losses(whole), rel=1e-5)
+    # the running count of skipped samples goes on from the checkpoint's, as in the uninterrupted run
+    errors = [[json.loads(line)["data_errors"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+              for out in (whole, broken)]
+    assert errors[0] == errors[1] and errors[0][-1] >= 1
 
 
 def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, tmp_path):

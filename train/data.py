@@ -231,16 +231,17 @@ class TrainStream(torch.utils.data.IterableDataset):
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
                  log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[str, ...] = (),
                  cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None,
-                 skip_extra: Optional[list[int]] = None):
+                 resume_counts: Optional[list[list[int]]] = None):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
         self.sources, self.batch_size, self.seed = sources, batch_size, seed
         self.weights = weights or [1.0] * len(sources)
         self.buffer, self.collate, self.skip_batches = shuffle_buffer, collate, skip_batches
-        # per worker: samples drawn beyond batch_size per batch before the resumed checkpoint (replacements)
-        self.skip_extra = list(skip_extra or [])
-        self.extra = 0  # this worker's running count of those, resumed ones included
+        # per worker, at the resumed checkpoint: [members/samples skipped, samples drawn beyond batch_size per
+        # batch (replacements of samples that did not decode)] (the ERRORS_KEY counts of its last batch)
+        self.resume_counts = list(resume_counts or [])
+        self.extra = 0  # this worker's running count of extra samples drawn, resumed ones included
         self.handler = CountingHandler()
         self.log_dir = log_dir
         self.subset_fraction = subset_fraction
@@ -263,10 +264,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         # The DataLoader takes batches from workers in turn: global batch b is worker (b % W)'s (b // W)-th.
         # Resuming skips, undecoded, the samples this worker's consumed batches drew: batch_size each, plus the
         # replacements it drew for samples that did not decode.
-        self.extra = self.skip_extra[worker] if worker < len(self.skip_extra) else 0
+        errors, self.extra = self.resume_counts[worker] if worker < len(self.resume_counts) else (0, 0)
         samples = self._mixed()
         for _ in range(len(range(worker, self.skip_batches, workers)) * self.batch_size + self.extra):
             next(samples)
+        self.handler.errors = errors  # corrupt members met again while skipping were counted before
         batch: list[dict] = []
         for sample in samples:
             batch.append(sample)

@@ -61,16 +61,16 @@ class TrainState:
     """What `save_state` does not know about: the optimizer step and the rest of the data position."""
 
     step: int = 0
-    # per rank, per loader worker: samples drawn beyond batch_size per batch (replacements of samples that did
-    # not decode), which the resumed stream skips too
-    extra_samples: list = field(default_factory=list)
+    # [rank][loader worker] -> [corrupt members/samples skipped, samples drawn beyond batch_size per batch
+    # (replacements of samples that did not decode)]: the resumed stream skips the latter too
+    loader_counts: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "extra_samples": self.extra_samples}
+        return {"step": self.step, "loader_counts": self.loader_counts}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.extra_samples = [[int(n) for n in row] for row in state.get("extra_samples", [])]
+        self.loader_counts = [[[int(n) for n in pair] for pair in row] for row in state.get("loader_counts", [])]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -203,11 +203,11 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
     rank = accelerator.process_index
-    drawn = dict(enumerate(state.extra_samples[rank] if rank < len(state.extra_samples) else []))
+    resumed = state.loader_counts[rank] if rank < len(state.loader_counts) else []
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
                          subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
-                         cached_roles=getattr(stage, "cached_image_roles", None), skip_extra=list(drawn.values()))
+                         cached_roles=getattr(stage, "cached_image_roles", None), resume_counts=resumed)
     batches = iter(loader(stream, cfg.data.workers))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -215,16 +215,16 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     accelerator.init_trackers(stage.name, config=_flat(to_dict(cfg)))
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
-    skipped: dict[int, int] = {}  # loader worker -> corrupt members/samples it skipped (counts are per worker)
-    # drawn: loader worker -> extra samples drawn up to its last batch taken here (its resume position)
+    # loader worker -> its running [skipped corrupt members/samples, extra samples drawn] as of its last batch
+    counts: dict[int, list[int]] = dict(enumerate(resumed))
     while state.step < cfg.max_steps:
         stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
         if cached:
-            micro = [_next_batch(batches, skipped, drawn, accelerator.device) for _ in range(cfg.grad_accum)]
+            micro = [_next_batch(batches, counts, accelerator.device) for _ in range(cfg.grad_accum)]
             loss, scalars = feature_cached_step(stage, model, micro, accelerator)
             _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
         else:
-            batch = _next_batch(batches, skipped, drawn, accelerator.device)
+            batch = _next_batch(batches, counts, accelerator.device)
             with accelerator.accumulate(model):
                 loss, scalars = stage.loss(model, batch, accelerator)
                 accelerator.backward(loss)
@@ -238,7 +238,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0],
-                    "data_errors": _total(skipped, accelerator), **{k: float(v) for k, v in scalars.items()}}
+                    "data_errors": _total(counts, accelerator), **{k: float(v) for k, v in scalars.items()}}
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if accelerator.is_main_process:
@@ -246,12 +246,12 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                     f.write(json.dumps({"step": state.step, **logs}) + "\n")
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
             saved = Path(accelerator.save_state())
-            state.extra_samples = _per_rank(drawn, max(1, cfg.data.workers), accelerator)  # every rank calls
+            state.loader_counts = _per_rank(counts, max(1, cfg.data.workers), accelerator)  # every rank calls
             if accelerator.is_main_process:
                 save_config(cfg, saved / "config.json")
                 save_train_state(saved, scheduler, state)  # last: it marks the checkpoint complete
     progress.close()
-    total = _total(skipped, accelerator)
+    total = _total(counts, accelerator)
     if total:
         accelerator.print(f"warning: skipped {total} corrupt tar member(s) or sample(s) (see data_errors in the logs)")
     accelerator.wait_for_everyone()
@@ -323,24 +323,24 @@ def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:
     optimizer.zero_grad()
 
 
-def _next_batch(batches, skipped: dict[int, int], drawn: dict[int, int], device) -> dict:
-    """The next batch on the device; its loader worker's counts of skipped corrupt samples and of extra
-    samples drawn go to `skipped` and `drawn`."""
+def _next_batch(batches, counts: dict[int, list[int]], device) -> dict:
+    """The next batch on the device; its loader worker's running counts (skipped corrupt members/samples,
+    extra samples drawn) go to `counts`."""
     batch = next(batches)
     worker, errors, extra = (int(x) for x in batch.pop(ERRORS_KEY))
-    skipped[worker], drawn[worker] = errors, extra
+    counts[worker] = [errors, extra]
     return _to_device(batch, device)
 
 
-def _per_rank(counts: dict[int, int], workers: int, accelerator) -> list[list[int]]:
-    """Per-worker counts of every rank, [rank][worker] (a collective: every rank calls)."""
-    row = torch.tensor([counts.get(w, 0) for w in range(workers)], device=accelerator.device)
-    return accelerator.gather(row).view(accelerator.num_processes, workers).tolist()
+def _per_rank(counts: dict[int, list[int]], workers: int, accelerator) -> list[list[list[int]]]:
+    """Every rank's per-worker counts, [rank][worker] -> [skipped, extra] (a collective: every rank calls)."""
+    row = torch.tensor([counts.get(w, [0, 0]) for w in range(workers)], device=accelerator.device)
+    return accelerator.gather(row[None]).tolist()
 
 
-def _total(skipped: dict[int, int], accelerator) -> int:
+def _total(counts: dict[int, list[int]], accelerator) -> int:
     """Corrupt members/samples skipped so far, summed over workers and ranks (a collective: every rank calls)."""
-    count = torch.tensor(sum(skipped.values()), device=accelerator.device)
+    count = torch.tensor(sum(errors for errors, _ in counts.values()), device=accelerator.device)
     return int(accelerator.reduce(count, "sum").item())
 
 
