@@ -313,10 +313,12 @@ class TrainStream(torch.utils.data.IterableDataset):
                 sample = next(samples)
 
 
-def loader(stream: TrainStream, workers: int) -> torch.utils.data.DataLoader:
-    """Not passed to accelerator.prepare: every rank reads its own split (no dispatch from rank 0)."""
+def loader(stream: TrainStream, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Not passed to accelerator.prepare: every rank reads its own split (no dispatch from rank 0). With a
+    GPU, batches come in pinned memory (as open_clip_train's loaders), so their copy to the device can be
+    asynchronous."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       persistent_workers=False, in_order=True)
+                                       persistent_workers=False, in_order=True, pin_memory=pin_memory)
 
 
 def image_of(sample: dict, prefix: str = "") -> Image.Image:

@@ -208,7 +208,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
                          subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
                          cached_roles=getattr(stage, "cached_image_roles", None), resume_counts=resumed)
-    batches = iter(loader(stream, cfg.data.workers))
+    batches = iter(loader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda"))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
@@ -345,7 +345,8 @@ def _total(counts: dict[int, list[int]], accelerator) -> int:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    # non_blocking: from pinned memory (loader) the copy overlaps; kernels on the stream still wait for it
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
