@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 import apache_beam as beam
 
 from cir import dataset as ds
-from synth.specs import FAILED, PickOrder, each, triplet_key
+from synth.specs import FAILED, REJECTED, PickOrder, each, triplet_key
 
 if TYPE_CHECKING:
     from synth.job import SynthConfig
@@ -106,7 +106,6 @@ class EditSources(beam.PTransform):
             return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
         from apache_beam.ml.inference.base import RunInference
 
-        from synth.editing import REJECTED as EDIT_REJECTED
         from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
 
         thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
@@ -123,17 +122,17 @@ class EditSources(beam.PTransform):
             candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
                           | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
                               written, cfg.samples_per_source, cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE))
-                          .with_outputs(EDIT_REJECTED, main="candidates"))
+                          .with_outputs(REJECTED, main="candidates"))
         else:
             candidates = keyed | "CaptionEdit" >> beam.ParDo(
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                            cfg.samples_per_source, cfg.seed)).with_outputs(EDIT_REJECTED, main="candidates")
+                            cfg.samples_per_source, cfg.seed)).with_outputs(REJECTED, main="candidates")
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
         filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
                     | "GroupBySource" >> beam.GroupByKey()
                     | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
                                                             cfg.keep_per_source, cfg.seed, cfg.editor))
-                    .with_outputs(EDIT_REJECTED, main="specs"))
-        rejected = (candidates[EDIT_REJECTED], filtered[EDIT_REJECTED]) | "AllRejected" >> beam.Flatten()
+                    .with_outputs(REJECTED, main="specs"))
+        rejected = (candidates[REJECTED], filtered[REJECTED]) | "AllRejected" >> beam.Flatten()
         return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected

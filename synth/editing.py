@@ -25,6 +25,7 @@ from PIL import Image
 
 from cir import dataset as ds
 from synth.modtext import modification_text
+from synth.specs import REJECTED
 
 STOPWORDS = set("""a an the of on in at to and or with without for from by is are was were be been it its this that
 these those there here some any two three four five one very photo picture image close up top front side back
@@ -32,7 +33,6 @@ next near over under into onto while his her their our your my""".split())
 WORD_RE = re.compile(r"[a-z]+")
 TEXT_GUIDANCE = (5.0, 7.5, 10.0)  # InstructPix2Pix's usual range (a grid: few distinct settings to compare)
 IMAGE_GUIDANCE = (1.2, 1.5, 1.8)
-REJECTED = "rejected"
 
 
 def vocabulary(captions: Iterable[str], size: int = 2000, min_count: int = 2) -> list[str]:

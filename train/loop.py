@@ -104,9 +104,12 @@ LEGACY_STATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint (its train state written, the last file of a save)."""
     found = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file() or all((p / f).is_file()
-                                                                             for f in LEGACY_STATE_FILES)]
+    complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file() or _is_legacy(p)]
     return complete[-1] if complete else None
+
+
+def _is_legacy(checkpoint: Path) -> bool:
+    return all((checkpoint / f).is_file() for f in LEGACY_STATE_FILES)
 
 
 def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
@@ -131,8 +134,7 @@ def _migrate_legacy_state(checkpoint: Path, accelerator) -> None:
     """An older checkpoint's two custom_checkpoint pickles -> its train_state.json (read with
     weights_only=True; a pickle holding anything but plain state fails there). They are then removed:
     Accelerate's load_state refuses custom_checkpoint files it was not told about."""
-    if accelerator.is_main_process and not (checkpoint / TRAIN_STATE_FILE).is_file() and all(
-            (checkpoint / f).is_file() for f in LEGACY_STATE_FILES):
+    if accelerator.is_main_process and not (checkpoint / TRAIN_STATE_FILE).is_file() and _is_legacy(checkpoint):
         scheduler, state = (torch.load(checkpoint / f, weights_only=True) for f in LEGACY_STATE_FILES)
         (checkpoint / TRAIN_STATE_FILE).write_text(json.dumps({"step": int(state["step"]), "scheduler": scheduler}),
                                                    encoding="utf-8")

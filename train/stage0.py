@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from cir.backbone import preprocess_batch
+from cir.mapping import encode_text
 from train.config import TrainConfig
 from train.data import image_of
 from train.loop import main as loop_main
@@ -41,8 +42,6 @@ class ContrastiveClip(torch.nn.Module):
         self.register_load_state_dict_pre_hook(_prefix_bare_keys)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        from cir.mapping import encode_text
-
         return {"image_features": self.clip.encode_image(images, normalize=True),
                 "text_features": encode_text(self.clip, tokens), "logit_scale": self.clip.logit_scale.exp()}
 
