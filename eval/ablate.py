@@ -98,7 +98,8 @@ def ablate(cfg: AblationConfig) -> list[dict]:
             for seed in cfg.seeds:
                 metrics = run_cell(cfg, source, count, seed)
                 for bench, values in metrics.items():
-                    rows.append({"source": source, "count": count, "seed": seed, "benchmark": bench, **values})
+                    rows.append({"source": source, "count": count, "seed": seed, "benchmark": bench,
+                                 **{k: v for k, v in values.items() if k != "ci95"}})
     out = Path(cfg.output_dir)
     write_csv(rows, out / "ablation.csv")
     (out / "ablation.md").write_text(table(rows, cfg), encoding="utf-8")

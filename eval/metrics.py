@@ -18,25 +18,18 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 
-def recall_at_k(ranked: Sequence[Sequence[Hashable]], targets: Sequence[Hashable], ks: Sequence[int]) -> dict[int, float]:
-    """% of queries whose target is within the first k of its ranking."""
+def recall_hits(ranked: Sequence[Sequence[Hashable]], targets: Sequence[Hashable], ks: Sequence[int]
+                ) -> dict[int, list[float]]:
+    """Per query, 100 when its target is within the first k of its ranking, else 0 (means: `recall_at_k`)."""
     if len(ranked) != len(targets):
         raise ValueError("one ranking per target")
-    out = {}
-    for k in ks:
-        hits = sum(t in list(r[:k]) for r, t in zip(ranked, targets))
-        out[k] = 100.0 * hits / len(targets) if targets else 0.0
-    return out
+    return {k: [100.0 * (t in list(r[:k])) for r, t in zip(ranked, targets)] for k in ks}
 
 
-def recall_at_k_any(ranked: Sequence[Sequence[Hashable]], is_hit: Sequence[Callable[[Hashable], bool]],
-                    ks: Sequence[int]) -> dict[int, float]:
-    """% of queries with any hit within the first k (several correct answers, e.g. Fashion200k)."""
-    out = {}
-    for k in ks:
-        hits = sum(any(hit(c) for c in r[:k]) for r, hit in zip(ranked, is_hit))
-        out[k] = 100.0 * hits / len(ranked) if ranked else 0.0
-    return out
+def recall_hits_any(ranked: Sequence[Sequence[Hashable]], is_hit: Sequence[Callable[[Hashable], bool]],
+                    ks: Sequence[int]) -> dict[int, list[float]]:
+    """Per query, 100 when any hit is within the first k (several correct answers, e.g. Fashion200k)."""
+    return {k: [100.0 * any(hit(c) for c in r[:k]) for r, hit in zip(ranked, is_hit)] for k in ks}
 
 
 def average_precision_at_k(ranked: Sequence[Hashable], gt: Sequence[Hashable], k: int) -> float:
@@ -49,10 +42,30 @@ def average_precision_at_k(ranked: Sequence[Hashable], gt: Sequence[Hashable], k
     return float(precisions.sum() / min(len(gt_set), k))
 
 
+def average_precisions(ranked: Sequence[Sequence[Hashable]], gts: Sequence[Sequence[Hashable]], ks: Sequence[int]
+                       ) -> dict[int, list[float]]:
+    """Per query, 100 x AP@K (means: `mean_ap_at_k`)."""
+    return {k: [100.0 * average_precision_at_k(r, g, k) for r, g in zip(ranked, gts)] for k in ks}
+
+
+def _means(per_query: dict[int, list[float]]) -> dict[int, float]:
+    return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in per_query.items()}
+
+
+def recall_at_k(ranked: Sequence[Sequence[Hashable]], targets: Sequence[Hashable], ks: Sequence[int]) -> dict[int, float]:
+    """% of queries whose target is within the first k of its ranking."""
+    return _means(recall_hits(ranked, targets, ks))
+
+
+def recall_at_k_any(ranked: Sequence[Sequence[Hashable]], is_hit: Sequence[Callable[[Hashable], bool]],
+                    ks: Sequence[int]) -> dict[int, float]:
+    """% of queries with any hit within the first k."""
+    return _means(recall_hits_any(ranked, is_hit, ks))
+
+
 def mean_ap_at_k(ranked: Sequence[Sequence[Hashable]], gts: Sequence[Sequence[Hashable]], ks: Sequence[int]
                  ) -> dict[int, float]:
-    return {k: 100.0 * float(np.mean([average_precision_at_k(r, g, k) for r, g in zip(ranked, gts)]))
-            for k in ks}
+    return _means(average_precisions(ranked, gts, ks))
 
 
 def without(ranked: Sequence[Hashable], excluded: Hashable) -> list:

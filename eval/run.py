@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from eval import score as scoring
+from eval import stats
 from eval.encoder import Encoder, top_k
 from eval.score import TOP, PredictionError, load_json
 
@@ -180,11 +181,14 @@ def _write_and_score(benchmark: str, split: str, root: Path, out: Path, predicti
     try:
         if benchmark == "cirr":
             split_name = "test1" if split.startswith("test") else "val"
-            metrics = scoring.score_cirr(root / "captions" / f"cap.rc2.{split_name}.json", predictions, subset)
+            per_query = scoring.cirr_per_query(root / "captions" / f"cap.rc2.{split_name}.json", predictions, subset)
         elif benchmark == "circo":
-            metrics = scoring.score_circo(root / "annotations" / f"{split}.json", predictions)
+            per_query = scoring.circo_per_query(root / "annotations" / f"{split}.json", predictions)
         else:
-            metrics = scoring.score_fashioniq(root, predictions, split=split)
+            per_query = scoring.fashioniq_per_query(root, predictions, split=split)
+        # per-query values (claims pair two methods query by query) and a bootstrap interval per metric
+        (out / "per_query.json").write_text(json.dumps(per_query))
+        metrics = {**scoring.summarize(per_query), "ci95": stats.ci95(per_query)}
     except PredictionError as err:
         if "server" not in str(err):
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cir import jsonfile
-from eval.metrics import mean_ap_at_k, recall_at_k
+from eval.metrics import average_precisions, recall_hits, recall_hits_any
 
 TOP = 50  # every benchmark's server takes top-50 lists
 CIRR_KS = (1, 5, 10, 50)
@@ -21,6 +21,17 @@ FASHIONIQ_KS = (10, 50)
 
 class PredictionError(ValueError):
     """The predictions (or annotations) do not fit the protocol; the message says where."""
+
+
+# metric -> group (FashionIQ category; "" elsewhere) -> one value per query, in annotation order, such that the
+# metric is the mean over groups of each group's mean (eval.stats bootstraps these for confidence intervals)
+PerQuery = dict[str, dict[str, list[float]]]
+
+
+def summarize(per_query: PerQuery) -> dict[str, float]:
+    """The benchmark's metrics (percent, rounded) from its per-query values."""
+    return _rounded({name: sum(sum(v) / len(v) if v else 0.0 for v in groups.values()) / len(groups)
+                     for name, groups in per_query.items()})
 
 
 def load_json(path: str | Path, what: str) -> Any:
@@ -78,16 +89,21 @@ def _queries_with_ground_truth(annotations: Path, benchmark: str, gt_field: str)
 
 
 def score_cirr(annotations: str | Path, predictions: dict, subset_predictions: Optional[dict] = None) -> dict:
+    return summarize(cirr_per_query(annotations, predictions, subset_predictions))
+
+
+def cirr_per_query(annotations: str | Path, predictions: dict, subset_predictions: Optional[dict] = None
+                   ) -> PerQuery:
     annotations = Path(annotations)
     queries = _queries_with_ground_truth(annotations, "CIRR", "target_hard")
     gallery = _cirr_gallery_size(annotations)
     length = min(TOP, gallery - 1) if gallery else TOP  # the reference is removed from the gallery ranking
-    out = _rounded({f"recall@{k}": v for k, v in _cirr_recall(queries, predictions, length).items()})
+    out = {f"recall@{k}": {"": v} for k, v in _cirr_recall(queries, predictions, length).items()}
     if subset_predictions is not None:
-        out.update(_rounded({f"recall_subset@{k}": v
-                             for k, v in _cirr_subset_recall(queries, subset_predictions).items()}))
+        out.update({f"recall_subset@{k}": {"": v}
+                    for k, v in _cirr_subset_recall(queries, subset_predictions).items()})
         # The field's headline number for CIRR (Baldrati et al.): the mean of R@5 and R_subset@1.
-        out["avg"] = round((out["recall@5"] + out["recall_subset@1"]) / 2, 4)
+        out["avg"] = {"": [(a + b) / 2 for a, b in zip(out["recall@5"][""], out["recall_subset@1"][""])]}
     return out
 
 
@@ -101,7 +117,7 @@ def _check_header(predictions: Any, metric: str) -> dict:
     return {k: v for k, v in predictions.items() if k not in ("version", "metric")}
 
 
-def _cirr_recall(queries: list, predictions: dict, length: int) -> dict[int, float]:
+def _cirr_recall(queries: list, predictions: dict, length: int) -> dict[int, list[float]]:
     ranked_by_id = _check_header(predictions, "recall")
     _check_keys("CIRR recall predictions", set(ranked_by_id), {str(q["pairid"]) for q in queries})
     ranked, targets = [], []
@@ -112,10 +128,10 @@ def _cirr_recall(queries: list, predictions: dict, length: int) -> dict[int, flo
             raise PredictionError(f"{name}: the reference {q['reference']} must be removed from the ranking")
         ranked.append(r)
         targets.append(q["target_hard"])
-    return recall_at_k(ranked, targets, CIRR_KS)
+    return recall_hits(ranked, targets, CIRR_KS)
 
 
-def _cirr_subset_recall(queries: list, predictions: dict) -> dict[int, float]:
+def _cirr_subset_recall(queries: list, predictions: dict) -> dict[int, list[float]]:
     ranked_by_id = _check_header(predictions, "recall_subset")
     _check_keys("CIRR recall_subset predictions", set(ranked_by_id), {str(q["pairid"]) for q in queries})
     ranked, targets = [], []
@@ -128,7 +144,7 @@ def _cirr_subset_recall(queries: list, predictions: dict) -> dict[int, float]:
             raise PredictionError(f"{name}: {outside[0]} is not a member of the image set (reference excluded)")
         ranked.append(r)
         targets.append(q["target_hard"])
-    return recall_at_k(ranked, targets, CIRR_SUBSET_KS)
+    return recall_hits(ranked, targets, CIRR_SUBSET_KS)
 
 
 # ------------------------------------------------------------------------------------------ CIRCO
@@ -141,6 +157,10 @@ def _circo_gallery_size(annotations: Path) -> Optional[int]:
 
 
 def score_circo(annotations: str | Path, predictions: Any) -> dict:
+    return summarize(circo_per_query(annotations, predictions))
+
+
+def circo_per_query(annotations: str | Path, predictions: Any) -> PerQuery:
     annotations = Path(annotations)
     queries = _queries_with_ground_truth(annotations, "CIRCO", "gt_img_ids")
     if not isinstance(predictions, dict):
@@ -150,7 +170,7 @@ def score_circo(annotations: str | Path, predictions: Any) -> dict:
     length = min(TOP, gallery) if gallery else TOP
     ranked = [_check_list(f"query {q['id']}", predictions[str(q["id"])], length, item_type=int) for q in queries]
     gts = [[int(g) for g in q["gt_img_ids"]] for q in queries]
-    return _rounded({f"map@{k}": v for k, v in mean_ap_at_k(ranked, gts, CIRCO_KS).items()})
+    return {f"map@{k}": {"": v} for k, v in average_precisions(ranked, gts, CIRCO_KS).items()}
 
 
 # ------------------------------------------------------------------------------------------ FashionIQ
@@ -174,6 +194,11 @@ def _fashioniq_gallery_size(caption_file: Path, category: str, split: str) -> Op
 
 def score_fashioniq(annotations: str | Path, predictions: Any, categories: Optional[list[str]] = None,
                     split: str = "val") -> dict:
+    return summarize(fashioniq_per_query(annotations, predictions, categories, split))
+
+
+def fashioniq_per_query(annotations: str | Path, predictions: Any, categories: Optional[list[str]] = None,
+                        split: str = "val") -> PerQuery:
     files = fashioniq_files(annotations, split)
     categories = categories or sorted(files)
     unknown = [c for c in categories if c not in files]
@@ -184,7 +209,7 @@ def score_fashioniq(annotations: str | Path, predictions: Any, categories: Optio
     missing = [c for c in categories if c not in predictions]
     if missing:
         raise PredictionError(f"FashionIQ predictions lack categories {missing}")
-    out: dict[str, float] = {}
+    out: PerQuery = {}
     for cat in categories:
         queries = load_json(files[cat], f"FashionIQ {cat} annotations")
         by_index = predictions[cat]
@@ -195,13 +220,15 @@ def score_fashioniq(annotations: str | Path, predictions: Any, categories: Optio
         length = min(TOP, gallery) if gallery else TOP
         ranked = [_check_list(f"{cat} query {i}", by_index[str(i)], length, item_type=str)
                   for i in range(len(queries))]
-        recalls = recall_at_k(ranked, [q["target"] for q in queries], FASHIONIQ_KS)  # reference not excluded
+        recalls = recall_hits(ranked, [q["target"] for q in queries], FASHIONIQ_KS)  # reference not excluded
         for k, v in recalls.items():
-            out[f"{cat}/recall@{k}"] = v
+            out[f"{cat}/recall@{k}"] = {cat: v}
+    # the averages over categories: the mean of the categories' means (each category its own group)
     for k in FASHIONIQ_KS:
-        out[f"avg/recall@{k}"] = sum(out[f"{c}/recall@{k}"] for c in categories) / len(categories)
-    out["avg"] = (out["avg/recall@10"] + out["avg/recall@50"]) / 2
-    return _rounded(out)
+        out[f"avg/recall@{k}"] = {c: out[f"{c}/recall@{k}"][c] for c in categories}
+    out["avg"] = {c: [(a + b) / 2 for a, b in zip(out[f"{c}/recall@10"][c], out[f"{c}/recall@50"][c])]
+                  for c in categories}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ Shoes, Fashion200k
@@ -239,13 +266,17 @@ def _check_indexed(benchmark: str, predictions: Any, n_queries: int) -> None:
 
 def score_shoes(root: str | Path, predictions: Any) -> dict:
     """Shoes: Recall@1/10/50 of the target, the reference excluded from the gallery ranking."""
+    return summarize(shoes_per_query(root, predictions))
+
+
+def shoes_per_query(root: str | Path, predictions: Any) -> PerQuery:
     queries, gallery = shoes_queries(root)
     _check_indexed("Shoes", predictions, len(queries))
     length = min(TOP, len(gallery) - 1)
     ranked = [_ranked_without_reference(f"query {i}", predictions[str(i)], q["ReferenceImageName"], length)
               for i, q in enumerate(queries)]
-    return _rounded({f"recall@{k}": v for k, v in recall_at_k(ranked, [q["ImageName"] for q in queries],
-                                                               RECALL_KS).items()})
+    return {f"recall@{k}": {"": v} for k, v in recall_hits(ranked, [q["ImageName"] for q in queries],
+                                                           RECALL_KS).items()}
 
 
 def fashion200k_queries(root: str | Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -272,8 +303,10 @@ def fashion200k_queries(root: str | Path) -> tuple[list[tuple[str, str]], dict[s
 
 def score_fashion200k(root: str | Path, predictions: Any) -> dict:
     """Fashion200k: a hit is any retrieved image whose caption equals the target's; reference excluded."""
-    from eval.metrics import recall_at_k_any
+    return summarize(fashion200k_per_query(root, predictions))
 
+
+def fashion200k_per_query(root: str | Path, predictions: Any) -> PerQuery:
     queries, captions = fashion200k_queries(root)
     _check_indexed("Fashion200k", predictions, len(queries))
     length = min(TOP, len(captions) - 1)
@@ -285,7 +318,7 @@ def score_fashion200k(root: str | Path, predictions: Any) -> dict:
             raise PredictionError(f"query {i}: {outside[0]} is not a test image")
         ranked.append(r)
         hits.append(_CaptionIs(captions, captions[target]))
-    return _rounded({f"recall@{k}": v for k, v in recall_at_k_any(ranked, hits, RECALL_KS).items()})
+    return {f"recall@{k}": {"": v} for k, v in recall_hits_any(ranked, hits, RECALL_KS).items()}
 
 
 class _CaptionIs:

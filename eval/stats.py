@@ -1,0 +1,61 @@
+"""Uncertainty of benchmark metrics: seeded bootstrap confidence intervals over queries.
+
+A metric is the mean over groups (FashionIQ's categories; one group elsewhere) of each group's mean of
+per-query values (eval.score.PerQuery). The bootstrap resamples queries with replacement within each group
+and recomputes the metric; the 95% interval is the 2.5th and 97.5th percentile of `n` resamples. A paired
+interval (two methods on the same queries) resamples the per-query differences, which is much tighter than
+comparing two separate intervals: both methods meet the same easy and hard queries.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+N_BOOT = 2000  # resamples per interval
+SEED = 0  # the bootstrap's own seed: the same inputs always give the same interval
+
+Groups = dict[str, list[float]]  # group -> per-query values
+
+
+def _resampled_means(groups: Groups, n: int, seed: int) -> np.ndarray:
+    """[n] the metric under n resamples of the queries (within each group)."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n)
+    for name in sorted(groups):
+        values = np.asarray(groups[name], dtype=np.float64)
+        if values.size == 0:
+            raise ValueError(f"group {name!r} has no queries")
+        idx = rng.integers(0, values.size, size=(n, values.size))
+        total += values[idx].mean(axis=1)
+    return total / len(groups)
+
+
+def bootstrap_ci(groups: Groups, n: int = N_BOOT, seed: int = SEED, level: float = 0.95) -> tuple[float, float]:
+    """The `level` percentile interval of the metric over resampled queries, in the metric's units."""
+    means = _resampled_means(groups, n, seed)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return round(float(lo), 2), round(float(hi), 2)
+
+
+def paired_difference(a: Groups, b: Groups) -> Groups:
+    """Per-query a - b (the same queries in the same order, as two runs of one benchmark give)."""
+    if sorted(a) != sorted(b) or any(len(a[g]) != len(b[g]) for g in a):
+        raise ValueError("a paired comparison needs the same queries on both sides")
+    return {g: [x - y for x, y in zip(a[g], b[g])] for g in a}
+
+
+def mean_over(runs: list[Groups]) -> Groups:
+    """Per-query values averaged over runs (seeds) of one method: the seeds' noise is averaged, not ignored;
+    the bootstrap over queries then covers which queries the benchmark happened to draw."""
+    if not runs:
+        raise ValueError("no runs")
+    return {g: list(np.mean([r[g] for r in runs], axis=0)) for g in runs[0]}
+
+
+def metric_of(groups: Groups) -> float:
+    return float(np.mean([np.mean(v) for v in groups.values()]))
+
+
+def ci95(per_query: dict[str, Groups]) -> dict[str, list[float]]:
+    """{metric: [lo, hi]} for every metric of a benchmark's per-query values."""
+    return {name: list(bootstrap_ci(groups)) for name, groups in per_query.items()}
