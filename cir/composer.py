@@ -82,30 +82,41 @@ class AdaptiveFusion(nn.Module):
 
 @dataclass
 class MURConfig:
-    sigma: float = 0.1  # std of the multiplicative noise alpha ~ N(1, sigma)
-    beta_scale: float = 1.0  # beta ~ N(mu_B, sigma_B) * beta_scale, from the batch's per-dimension statistics
-    weight: float = 0.5  # lambda_ur of the coarse (uncertainty) term
-    fine_start: float = 1.0  # lambda_fine(t) goes linearly from fine_start ...
-    fine_end: float = 0.5  # ... to fine_end at max_steps: coarse matching matters more as training goes on
+    alpha_scale: float = 1.0  # alpha_j ~ N(1, alpha_scale * s): multiplicative noise, s = the feature's own std
+    beta_scale: float = 1.0  # beta_j ~ N(m, beta_scale * s): additive noise around the feature's own mean m
+    gamma_scale: float = 2.0  # gamma(t) = exp(-gamma_scale * t / max_steps) weighs the coarse term (ours: the
+    # released code's epochs become steps; 2.0 puts the crossover gamma = 0.5 at 35% of training)
+    sigma_per_sample: bool = False  # sigma of each sample's augmented feature (False: one sigma per batch, as released)
 
 
-def augment_targets(f: torch.Tensor, cfg: MURConfig, generator: Optional[torch.Generator] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """f_hat = alpha * f + beta with alpha ~ N(1, sigma) and beta ~ N(mu_B, sigma_B) * beta_scale, where
-    mu_B / sigma_B are the batch's per-dimension mean / std of f ([B, d]). Returns (f_hat, s2) with s2 [B]
-    the sample's perturbation variance mean_d((f_hat - f)^2)."""
-    alpha = 1 + cfg.sigma * torch.randn(f.shape, generator=generator, device=f.device)
-    mu, std = f.mean(dim=0, keepdim=True), f.std(dim=0, keepdim=True, unbiased=False)
-    beta = (mu + std * torch.randn(f.shape, generator=generator, device=f.device)) * cfg.beta_scale
-    f_hat = alpha * f + beta
-    return f_hat, ((f_hat - f) ** 2).mean(dim=-1)
+def augment_targets(f: torch.Tensor, cfg: MURConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MUR's augmenter: each target feature f [B, d] is instance-normalised with its own mean m and std s over
+    its d dimensions, then f_hat = alpha * (f - m) / s + beta with alpha_j ~ N(1, s) and beta_j ~ N(m, s) drawn
+    per dimension: fluctuations that follow the feature's own distribution. Returns f_hat [B, d]."""
+    m = f.mean(dim=-1, keepdim=True)  # [B, 1]
+    s = f.std(dim=-1, keepdim=True).clamp_min(1e-6)  # [B, 1]
+    alpha = 1 + cfg.alpha_scale * s * torch.randn(f.shape, generator=generator, device=f.device)
+    beta = m + cfg.beta_scale * s * torch.randn(f.shape, generator=generator, device=f.device)
+    return alpha * (f - m) / s + beta
 
 
-def uncertainty_loss(q: torch.Tensor, f_hat: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """Coarse one-to-many matching: ||q - normalize(f_hat)||^2 / (2 s^2) + log(s^2) / 2, mean over the batch.
-    A large perturbation (large s^2) is penalised less: a coarse query may match any of several targets."""
-    s2 = s2.detach().clamp_min(1e-6)
-    return ((q - F.normalize(f_hat, dim=-1)).pow(2).sum(dim=-1) / (2 * s2) + 0.5 * s2.log()).mean()
+def uncertainty_loss(q: torch.Tensor, f_hat: torch.Tensor, temperature: float, offset: int = 0,
+                     per_sample: bool = False) -> torch.Tensor:
+    """MUR's coarse term: L_u = 1/2 (exp(-sigma) CE(q, f_hat) + sigma), where CE is the batch classification
+    loss of the queries q [B, d] against the augmented targets f_hat [N, d] (query i's target is row offset + i)
+    and sigma the std of the augmented features (one per batch, or per sample: [B]). A large fluctuation
+    lowers the weight of the match, so a coarse query is not pushed away from near-miss candidates."""
+    logits = q @ F.normalize(f_hat, dim=-1).T / temperature  # [B, N]
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    rows = f_hat[offset:offset + q.shape[0]]
+    sigma = rows.std(dim=-1) if per_sample else f_hat.std()  # [B] or []
+    ce = F.cross_entropy(logits, labels, reduction="none")  # [B]
+    return (0.5 * (torch.exp(-sigma) * ce + sigma)).mean()
+
+
+def mur_gamma(step: int, max_steps: int, cfg: MURConfig) -> float:
+    """The coarse term's weight: 1 at the start, exp(-gamma_scale) at the end (coarse first, then fine)."""
+    return math.exp(-cfg.gamma_scale * min(1.0, step / max(1, max_steps)))
 
 
 def hard_negative_infonce(q: torch.Tensor, targets: torch.Tensor, refs: torch.Tensor, temperature: float,

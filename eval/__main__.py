@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu")
     a = sub.add_parser("ablate", help="train + evaluate a grid of data mixes; table and plot")
     a.add_argument("--config", required=True, help="ablation YAML (see eval/ablate.py)")
+    c = sub.add_parser("claims", help="train + evaluate what the papers' claims need; claims.md / claims.json")
+    c.add_argument("--config", required=True, help="claims YAML (see eval/claims.py, experiments/claims.yaml)")
     return p
 
 
@@ -100,6 +102,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"ablation: {len(rows)} rows in {cfg.output_dir}/ablation.csv, ablation.md, ablation.png",
                   file=sys.stderr)
             result = {"rows": len(rows), "output_dir": cfg.output_dir}
+        elif args.command == "claims":
+            from eval.claims import claims, load
+
+            report = claims(load(args.config))
+            out = load(args.config).output_dir
+            print(f"claims: {out}/claims.md, {out}/claims.json", file=sys.stderr)
+            result = {c["id"]: c["verdict"] for c in report["claims"]}
         elif args.command == "run":
             from eval.run import run
 

@@ -95,7 +95,11 @@ def default_output(checkpoint: str) -> Path:
 
 def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: str = "model",
         output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
-        device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None) -> dict:
+        device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None,
+        cache_dir: Optional[str] = None) -> dict:
+    """Metrics (and ci95) of a checkpoint on a benchmark split; files under `output`. Gallery features are cached
+    in `cache_dir` (default: `output`), keyed by the image tower's weights and the image list, so runs that
+    share an image tower (every stage II variant of one CLIP) can share one cache."""
     root = Path(data)
     bench = {"cirr": lambda: load_cirr(root, split), "circo": lambda: load_circo(root, split, shared_concept),
              "fashioniq": lambda: load_fashioniq(root, split)}[benchmark]()
@@ -107,7 +111,8 @@ def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: 
         print(f"eval run: {len(missing)} of {len(bench.gallery)} gallery images are missing and left out "
               f"(e.g. {missing[:3]})", file=sys.stderr)
     encoder = Encoder(checkpoint, method, template, device, pretrained)
-    gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], out, batch_size)
+    gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], Path(cache_dir) if cache_dir else out,
+                                    batch_size)
     row = {n: i for i, n in enumerate(names)}
     predictions: dict = {}
     subset_predictions: dict = {}
@@ -164,7 +169,10 @@ def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: 
     if cache.is_file():
         return torch.from_numpy(np.load(cache, allow_pickle=False))
     feats = encoder.images(paths, batch_size)
-    np.save(cache, feats.numpy(), allow_pickle=False)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, feats.numpy(), allow_pickle=False)
+    tmp.replace(cache)  # atomic: a killed run leaves no truncated cache behind
     return feats
 
 

@@ -8,9 +8,10 @@ loss=infonce: InfoNCE over the global batch of targets plus each query's own ref
     negative (`ref_negative_weight`), which stops the cheap answer "return the reference", plus (with
     `hard_negatives.weight` > 0) the triplet's mined hard negatives, looked up by key in a feature bank of
     the caption dataset they were mined from (train.negatives).
-loss=mur: the same fine-grained term, weighted lambda_fine(t) (linear from mur.fine_start to mur.fine_end),
-    plus mur.weight x the uncertainty-regularised coarse term on augmented targets
-    f_hat = alpha * f + beta (cir.composer.augment_targets / uncertainty_loss).
+loss=mur: gamma(t) x the coarse term + (1 - gamma(t)) x the fine term, gamma(t) = exp(-gamma_scale t / T):
+    the coarse term is the same classification loss against augmented targets f_hat (each feature's own
+    fluctuation), scaled by their std sigma (cir.composer.augment_targets / uncertainty_loss), as the
+    authors' released code does (METHODS.md). Both terms and their gradient norms w.r.t. the queries are logged.
 fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
     the retrieval loss; mean and std of w are logged.
 grad_accum > 1 (with accum_features): every micro-batch's queries meet the targets of the whole accumulated
@@ -194,7 +195,7 @@ class Stage2:
         return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
 
     def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
-        from cir.composer import augment_targets, hard_negative_infonce, uncertainty_loss
+        from cir.composer import augment_targets, hard_negative_infonce, mur_gamma, uncertainty_loss
 
         q, v_ref, v_tgt, mask = features["q"], features["v_ref"], features["v_tgt"], features.get("mask")
         # the queries' rows among the targets (all rows, unless a micro-batch of an accumulated step)
@@ -208,14 +209,16 @@ class Stage2:
             scalars["hard_negatives_per_query"] = mask.float().sum(dim=1).mean()
         loss = fine
         if self.cfg.loss == "mur":
-            mur = self.cfg.mur
-            progress = min(1.0, self.step / max(1, self.cfg.max_steps))
-            lam_fine = mur.fine_start + (mur.fine_end - mur.fine_start) * progress
-            # augmented over all targets (the whole batch's statistics and noise), scored on the queries' rows
-            f_hat, s2 = augment_targets(v_tgt, mur)
-            coarse = uncertainty_loss(q, f_hat[start:stop], s2[start:stop])
-            loss = lam_fine * fine + mur.weight * coarse
-            scalars.update(coarse=coarse.detach(), lambda_fine=torch.tensor(lam_fine))
+            # augmented over all targets (the whole batch's noise, as one big batch draws it), scored on the queries
+            f_hat = augment_targets(targets, self.cfg.mur)
+            coarse = uncertainty_loss(q, f_hat, self.cfg.temperature, offset, self.cfg.mur.sigma_per_sample)
+            gamma = mur_gamma(self.step, self.cfg.max_steps, self.cfg.mur)
+            loss = gamma * coarse + (1 - gamma) * fine
+            scalars.update(coarse=coarse.detach(), gamma=torch.tensor(gamma))
+            if q.requires_grad:  # how hard each term pulls on the queries (they must be of one order)
+                for name, term in (("fine", fine), ("coarse", coarse)):
+                    grad, = torch.autograd.grad(term, q, retain_graph=True)
+                    scalars[f"{name}_grad_norm"] = grad.norm(dim=-1).mean()
         if "w" in features:
             w = features["w"].detach()
             scalars.update(fusion_w_mean=w.mean(), fusion_w_std=w.std())

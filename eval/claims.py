@@ -1,0 +1,292 @@
+"""`python -m eval claims --config experiments/claims.yaml`: the seed papers' claims, measured on the toy world.
+
+One command builds what the claims need (a toy world with large benchmarks, its caption and triplet datasets, a
+stage 0 CLIP), trains every row (a stage I or II variant, or a baseline) for every seed, evaluates each on
+the report split, and decides each claim from paired bootstrap intervals over queries:
+
+- a row's number is its metric on the per-query values averaged over seeds (the seeds' noise averaged, not
+  ignored); its interval is the bootstrap over queries of those values, and the seeds' spread is reported too;
+- a comparison "A beats B" is the per-query difference A - B, bootstrapped: it **holds** when the 95% interval
+  lies above 0, **does not hold** when it lies below `min_effect` (the data rule out a gain that matters),
+  and is **inconclusive** otherwise;
+- a claim holds when every comparison in it holds, does not hold when any comparison does not hold, and is
+  inconclusive otherwise.
+
+Paths in the config are relative to the current directory. Finished steps (datasets, exports, evaluations)
+are reused on rerun, like `eval ablate`; `claims.md` and `claims.json` are rewritten from them.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from eval import stats
+from eval.score import PredictionError
+
+STAGES = ("baseline", "stage1", "stage2")
+SOURCES = ("low", "high", "mix")
+
+
+@dataclass
+class RowSpec:
+    stage: str  # baseline | stage1 | stage2
+    text: str = ""  # what the row is, for the report
+    method: str = "model"  # eval run --method (baselines: image_only | text_only | sum)
+    overrides: list[str] = field(default_factory=list)  # key=value for train/stage1.py or train/stage2.py
+    init: str = "stage1"  # stage II rows: the stage I row (same seed) they start from
+    data: str = "mix"  # stage II rows: low | high | mix (the world's triplet datasets)
+    count: Optional[int] = None  # stage II rows: train on a fixed subset of this many triplets
+
+
+@dataclass
+class ClaimSpec:
+    id: str  # e.g. TSCIR-2
+    text: str  # the paper's claim, in a sentence
+    better: str  # the row the claim says wins
+    than: list[str]  # the rows it must beat
+    benchmarks: dict[str, str]  # benchmark name (of `benchmarks`) -> the metric the claim is judged on
+    source: str = ""  # where the paper says it
+
+
+@dataclass
+class ClaimsConfig:
+    output_dir: str = "runs/claims"  # world/, data/, stage0/, cells/, claims.md, claims.json
+    world_images: int = 2000  # training images of the toy world
+    bench_queries: int = 1000  # queries per benchmark split (~ +-3 points at R@1 ~ 30)
+    world_seed: int = 0
+    hq_triplets: int = 3000  # high-quality triplets to synthesize
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stage I and II seeds (stage 0 is shared)
+    split: str = "test1"  # the split reported (configs and defaults are tuned on val)
+    min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
+    stage0_config: str = "train/configs/toy_stage0.yaml"
+    stage1_config: str = "train/configs/toy_stage1.yaml"
+    stage2_config: str = "train/configs/toy_stage2.yaml"
+    benchmarks: dict[str, str] = field(default_factory=dict)  # name -> cirr | circo | fashioniq
+    rows: dict[str, RowSpec] = field(default_factory=dict)
+    claims: list[ClaimSpec] = field(default_factory=list)
+
+
+def load(path: str) -> ClaimsConfig:
+    """The YAML file -> ClaimsConfig; unknown keys, unknown rows and benchmarks are named."""
+    from train.config import ConfigError, from_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise PredictionError(f"claims config not found: {path}")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    try:
+        rows = {name: from_dict(RowSpec, spec, f"rows.{name}") for name, spec in (data.pop("rows", {}) or {}).items()}
+        claims = [from_dict(ClaimSpec, spec, f"claims[{i}]") for i, spec in enumerate(data.pop("claims", []) or [])]
+        cfg = from_dict(ClaimsConfig, data, path)
+    except ConfigError as err:
+        raise PredictionError(str(err)) from err
+    cfg.rows, cfg.claims = rows, claims
+    for name, row in rows.items():
+        if row.stage not in STAGES:
+            raise PredictionError(f"rows.{name}.stage: one of {STAGES}, got {row.stage!r}")
+        if row.stage == "stage2" and (row.init not in rows or rows[row.init].stage != "stage1"):
+            raise PredictionError(f"rows.{name}.init: {row.init!r} is not a stage1 row")
+        if row.stage == "stage2" and row.data not in SOURCES:
+            raise PredictionError(f"rows.{name}.data: one of {SOURCES}, got {row.data!r}")
+    for claim in claims:
+        for name in [claim.better, *claim.than]:
+            if name not in rows:
+                raise PredictionError(f"claim {claim.id}: no row named {name!r} (rows: {sorted(rows)})")
+        for bench in claim.benchmarks:
+            if bench not in cfg.benchmarks:
+                raise PredictionError(f"claim {claim.id}: no benchmark named {bench!r} (have {sorted(cfg.benchmarks)})")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def _log(message: str) -> None:
+    print(f"[claims] {message}", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
+    """The toy world, its caption dataset, LQ and HQ triplets, a mix manifest and the stage 0 CLIP."""
+    import beam_runner
+    from train.stage0 import main as stage0
+
+    out = Path(cfg.output_dir)
+    paths = {"world": out / "world", "captions": out / "data" / "captions", "low": out / "data" / "triplets_low",
+             "high": out / "data" / "triplets_high", "mix": out / "data" / "mix.yaml", "stage0": out / "stage0"}
+    beam = ["--runner", "DirectRunner"]
+    if not (paths["world"] / "world.json").is_file():
+        _log("toy world")
+        beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
+                          "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed)])
+    if not (paths["captions"] / "stats.json").is_file():
+        _log("caption job")
+        beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output", str(paths["captions"]),
+                          "--shard-size", "500", *beam])
+    for quality, extra in (("low", []), ("high", ["--num-triplets", str(cfg.hq_triplets)])):
+        if not (paths[quality] / "stats.json").is_file():
+            _log(f"{quality}-quality triplets")
+            beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
+                              "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed), *extra,
+                              *beam])
+    paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low']}, weight: 1.0}}\n"
+                            f"  - {{path: {paths['high']}, weight: 1.0}}\n")
+    if not (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file():
+        _log("stage 0 (the toy CLIP, shared by every row and seed)")
+        _check(stage0(["--config", cfg.stage0_config, f"output_dir={paths['stage0']}",
+                       f"data.train=['{paths['captions']}']", f"seed={cfg.world_seed}"]), "stage 0")
+    return paths
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise PredictionError(f"{what} failed (exit {code}; its error is printed above)")
+
+
+def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> Path:
+    """The row's export (or CLIP, for baselines) for this seed, trained unless it is there already."""
+    from eval.ablate import source_size
+
+    row = cfg.rows[name]
+    if row.stage == "baseline":
+        return paths["stage0"] / "final"
+    final = Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
+    if (final / "cir_config.json").is_file():
+        return final
+    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50"]
+    _log(f"train {name} seed {seed}")
+    if row.stage == "stage1":
+        from train.stage1 import main as stage1
+
+        _check(stage1(["--config", cfg.stage1_config, *common, f"data.train=['{paths['captions']}']",
+                       f"init_from={paths['stage0'] / 'final'}", *row.overrides]), f"{name} seed {seed}")
+    else:
+        from train.stage2 import main as stage2
+
+        data = str(paths[row.data])
+        subset = [f"data.subset_fraction={min(1.0, row.count / max(1, source_size(data)))}"] if row.count else []
+        _check(stage2(["--config", cfg.stage2_config, *common, f"data.train=['{data}']",
+                       f"init_from={export(cfg, paths, row.init, seed)}", *subset, *row.overrides]),
+               f"{name} seed {seed}")
+    return final
+
+
+def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, bench: str) -> dict:
+    """Per-query values of one row, seed and benchmark on the report split (eval run; reused when there)."""
+    from eval.run import run
+
+    row = cfg.rows[name]
+    seed_dir = "" if row.stage == "baseline" else f"-seed{seed}"
+    out = Path(cfg.output_dir) / "cells" / f"{name}{seed_dir}" / "eval" / f"{bench}-{cfg.split}"
+    if not (out / "per_query.json").is_file():
+        kind = cfg.benchmarks[bench]
+        run(kind, str(paths["world"] / "bench" / kind), str(export(cfg, paths, name, seed)), split=cfg.split,
+            method=row.method, output=str(out), grids=0, cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
+    return json.loads((out / "per_query.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ judging
+
+def verdict(lo: float, hi: float, min_effect: float) -> str:
+    """From the 95% interval of a difference (better - other), in metric points."""
+    if lo > 0:
+        return "holds"
+    if hi < min_effect:
+        return "does not hold"
+    return "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    if "does not hold" in verdicts:
+        return "does not hold"
+    return "inconclusive"
+
+
+def row_summary(per_seed: list[dict]) -> dict:
+    """A row on one metric: mean of the seed-averaged values, its interval over queries, the seeds' spread."""
+    averaged = stats.mean_over(per_seed)
+    by_seed = [stats.metric_of(g) for g in per_seed]
+    return {"mean": round(stats.metric_of(averaged), 2), "ci95": list(stats.bootstrap_ci(averaged)),
+            "seeds": [round(v, 2) for v in by_seed],
+            "seed_std": round(statistics.stdev(by_seed), 2) if len(by_seed) > 1 else 0.0}
+
+
+def judge(claim: ClaimSpec, values: dict, min_effect: float) -> dict:
+    """values: row -> benchmark -> metric groups per seed. The claim's comparisons and its verdict."""
+    comparisons = []
+    for bench, metric in claim.benchmarks.items():
+        better = stats.mean_over(values[claim.better][bench])
+        for other in claim.than:
+            diff = stats.paired_difference(better, stats.mean_over(values[other][bench]))
+            lo, hi = stats.bootstrap_ci(diff)
+            comparisons.append({"benchmark": bench, "metric": metric, "better": claim.better, "other": other,
+                                "difference": round(stats.metric_of(diff), 2), "ci95": [lo, hi],
+                                "verdict": verdict(lo, hi, min_effect)})
+    return {"id": claim.id, "text": claim.text, "source": claim.source,
+            "verdict": combine([c["verdict"] for c in comparisons]), "comparisons": comparisons}
+
+
+def claims(cfg: ClaimsConfig) -> dict:
+    started = time.time()
+    paths = prepare(cfg)
+    needed = {}  # row -> {benchmark: metric}, in the order rows are first named
+    for claim in cfg.claims:
+        for name in [claim.better, *claim.than]:
+            needed.setdefault(name, {}).update(claim.benchmarks)
+    values: dict = {}  # row -> benchmark -> [metric groups per seed]
+    rows_out: dict = {}
+    for name, benches in needed.items():
+        seeds = [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" else cfg.seeds  # baselines are deterministic
+        for bench, metric in benches.items():
+            per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in seeds]
+            missing = [m for m in [metric] if m not in per_seed[0]]
+            if missing:
+                raise PredictionError(f"row {name} on {bench} has no metric {metric!r} (has {sorted(per_seed[0])})")
+            values.setdefault(name, {})[bench] = [p[metric] for p in per_seed] * (len(cfg.seeds) // len(seeds))
+            rows_out.setdefault(name, {"text": cfg.rows[name].text, "stage": cfg.rows[name].stage})[
+                f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed])
+    report = {"split": cfg.split, "seeds": cfg.seeds, "bench_queries": cfg.bench_queries,
+              "min_effect": cfg.min_effect, "rows": rows_out,
+              "claims": [judge(c, values, cfg.min_effect) for c in cfg.claims],
+              "seconds": round(time.time() - started, 1)}
+    out = Path(cfg.output_dir)
+    (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "claims.md").write_text(markdown(report, cfg), encoding="utf-8")
+    return report
+
+
+def markdown(report: dict, cfg: ClaimsConfig) -> str:
+    lines = ["# Claims of the seed papers, measured on the toy world", "",
+             f"Split `{report['split']}`, {report['bench_queries']} queries per benchmark, seeds {report['seeds']}. "
+             "A row's number is the mean over seeds of its metric; [lo, hi] is the 95% bootstrap interval over "
+             "queries of the seed-averaged values; ± is the seeds' standard deviation. A comparison holds when the "
+             "95% interval of the paired per-query difference lies above 0, does not hold when it lies below "
+             f"{report['min_effect']} point(s), and is inconclusive otherwise.", "",
+             "| claim | verdict | what |", "|---|---|---|"]
+    lines += [f"| {c['id']} | **{c['verdict']}** | {c['text']} |" for c in report["claims"]]
+    for c in report["claims"]:
+        lines += ["", f"## {c['id']}: {c['verdict']}", "", c["text"] + (f" ({c['source']})" if c["source"] else ""), "",
+                  "| row | benchmark / metric | mean | 95% CI | ± seeds |", "|---|---|---|---|---|"]
+        shown = set()
+        for comp in c["comparisons"]:
+            for name in (comp["better"], comp["other"]):
+                key = f"{comp['benchmark']}/{comp['metric']}"
+                if (name, key) in shown:
+                    continue
+                shown.add((name, key))
+                r = report["rows"][name][key]
+                lines.append(f"| {name} | {key} | {r['mean']:.1f} | [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] | "
+                             f"{r['seed_std']:.1f} |")
+        lines += ["", "| comparison | difference | 95% CI | verdict |", "|---|---|---|---|"]
+        lines += [f"| {x['better']} − {x['other']} on {x['benchmark']} {x['metric']} | {x['difference']:+.1f} | "
+                  f"[{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] | {x['verdict']} |" for x in c["comparisons"]]
+    lines += ["", "## Rows", "", "| row | stage | what |", "|---|---|---|"]
+    lines += [f"| {n} | {r['stage']} | {r['text']} |" for n, r in report["rows"].items()]
+    return "\n".join(lines) + "\n"
