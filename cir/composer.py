@@ -62,12 +62,25 @@ class ComposingAdapters(nn.Module):
         return hook
 
 
-class AdaptiveFusion(nn.Module):
-    """w = sigmoid(MLP([v_ref ; q])) in (0, 1); query = normalize(w * v_ref + (1 - w) * q).
+class Fusion(nn.Module):
+    """query = normalize(w * v_ref + (1 - w) * q): the image/text weighting of a composed query (CTI-IR).
+    Subclasses say how w [B] is chosen (`weight`) and how cir_config.json records them (`describe`)."""
 
-    No label for w: it is learned through the retrieval loss. The last layer starts at zero with a bias of
-    `init_logit` (w = sigmoid(init_logit) for every query at the start).
-    """
+    def weight(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def forward(self, v_ref: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight(v_ref, q)  # [B]
+        return F.normalize(w[:, None] * v_ref + (1 - w[:, None]) * q, dim=-1), w
+
+
+class AdaptiveFusion(Fusion):
+    """w = sigmoid(MLP([v_ref ; q])) in (0, 1). The last layer starts at zero with a bias of `init_logit`
+    (w = sigmoid(init_logit) for every query at the start). Stage II learns w through the retrieval loss and,
+    self-supervised, towards a target derived from each triplet (`fusion_target`)."""
 
     def __init__(self, dim: int, hidden: int = 128, init_logit: float = -1.0):
         super().__init__()
@@ -75,9 +88,40 @@ class AdaptiveFusion(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.constant_(self.mlp[2].bias, init_logit)
 
-    def forward(self, v_ref: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.sigmoid(self.mlp(torch.cat([v_ref, q], dim=-1)))  # [B, 1]
-        return F.normalize(w * v_ref + (1 - w) * q, dim=-1), w.squeeze(-1)
+    def weight(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mlp(torch.cat([v_ref, q], dim=-1))).squeeze(-1)
+
+    def describe(self) -> dict:
+        return {"kind": "adaptive", "hidden": self.mlp[0].out_features}
+
+
+class FixedFusion(Fusion):
+    """One constant w for every query: the fixed-weight baseline of CTI-IR."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        if not 0 <= weight <= 1:
+            raise ValueError(f"a fixed fusion weight lies in [0, 1], got {weight}")
+        self.fixed = float(weight)
+
+    def weight(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.full(q.shape[:1], self.fixed, device=q.device, dtype=q.dtype)
+
+    def describe(self) -> dict:
+        return {"kind": "fixed", "weight": self.fixed}
+
+
+def fusion_from_config(dim: int, cfg: dict) -> Fusion:
+    if cfg.get("kind", "adaptive") == "fixed":
+        return FixedFusion(cfg["weight"])
+    return AdaptiveFusion(dim, hidden=cfg["hidden"])
+
+
+def fusion_target(v_ref: torch.Tensor, q: torch.Tensor, v_tgt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The self-supervised target of w [B], from each triplet without labels: sigmoid((cos(v_t, v_ref) -
+    cos(v_t, q)) / temperature). A target that looks more like the reference image than like the text-side
+    query asks for more image weight; one that the text describes better, for less."""
+    return torch.sigmoid(((v_tgt * v_ref).sum(-1) - (v_tgt * q).sum(-1)) / temperature)
 
 
 @dataclass

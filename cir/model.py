@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cir.backbone import Backbone, create_backbone, save_backbone
-from cir.composer import AdapterConfig, AdaptiveFusion, ComposingAdapters
+from cir.composer import AdapterConfig, ComposingAdapters, Fusion, fusion_from_config
 from cir.mapping import MappingConfig, MappingNetwork, encode_text_with_pseudo, placeholder_id
 
 CONFIG_FILE = "cir_config.json"
@@ -44,7 +44,7 @@ def text_encoder_shape(backbone: Backbone) -> tuple[int, int]:
 
 def save_cir_model(out_dir: str | Path, backbone: Backbone, mapping: MappingNetwork, mapping_cfg: MappingConfig,
                    prompt: str, stage: int, adapters: Optional[ComposingAdapters] = None,
-                   fusion: Optional[AdaptiveFusion] = None, template: Optional[str] = None) -> Path:
+                   fusion: Optional[Fusion] = None, template: Optional[str] = None) -> Path:
     out = Path(out_dir)
     save_backbone(backbone, out / "clip")
     _save_module(mapping, out / MAPPING_FILE)
@@ -54,7 +54,7 @@ def save_cir_model(out_dir: str | Path, backbone: Backbone, mapping: MappingNetw
         config["adapters"] = asdict(adapters.cfg)
     if fusion is not None:
         _save_module(fusion, out / "fusion.safetensors")
-        config["fusion"] = {"hidden": fusion.mlp[0].out_features}
+        config["fusion"] = fusion.describe()
     if template is not None:
         config["template"] = template
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -69,7 +69,7 @@ class CIRModel:
     prompt: str
     stage: int
     adapters: Optional[ComposingAdapters] = None
-    fusion: Optional[AdaptiveFusion] = None
+    fusion: Optional[Fusion] = None
     template: str = "a photo of $ that {}"
 
 
@@ -94,7 +94,7 @@ def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
         adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
         adapters.to(device).eval()
     if "fusion" in config:
-        fusion = AdaptiveFusion(backbone.embed_dim, hidden=config["fusion"]["hidden"])
+        fusion = fusion_from_config(backbone.embed_dim, config["fusion"])
         fusion.load_state_dict(load_file(str(path / "fusion.safetensors")))
         fusion.to(device).eval()
     return CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]), adapters, fusion,
@@ -103,7 +103,7 @@ def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
 
 def compose(clip, mapping: MappingNetwork, placeholder: int, v: torch.Tensor, patches: Optional[torch.Tensor],
             prompts: torch.Tensor, adapters: Optional[ComposingAdapters] = None,
-            fusion: Optional[AdaptiveFusion] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            fusion: Optional[Fusion] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Composed query features [B, d] (and the fusion weight w [B] when adaptive) from reference features
     v [B, d] / patches and prompt tokens [B, L] with the placeholder: stage I without adapters/fusion."""
     pseudo = mapping(v, patches)

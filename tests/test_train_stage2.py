@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cir.composer import (AdaptiveFusion, AdapterConfig, ComposingAdapters, MURConfig, augment_targets,
-                          hard_negative_infonce, mur_gamma, uncertainty_loss)
+from cir.composer import (AdaptiveFusion, AdapterConfig, ComposingAdapters, FixedFusion, MURConfig, augment_targets,
+                          fusion_target, hard_negative_infonce, mur_gamma, uncertainty_loss)
 from cir.model import compose, load_cir_model, text_encoder_shape
 from train.stage2 import main
 
@@ -196,7 +196,20 @@ def test_fusion_weight_starts_at_its_init_and_stays_in_0_1():
     assert torch.allclose(out.norm(dim=-1), torch.ones(5))
 
 
-@pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"]])
+def test_fusion_target_leans_on_the_image_when_the_target_looks_like_the_reference():
+    ref = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), dim=-1)
+    q = F.normalize(torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]), dim=-1)
+    tgt = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [0.2, 1.0, 0.0]]), dim=-1)  # like the reference; like the text
+    w = fusion_target(ref, q, tgt, 0.05)
+    assert w[0] > 0.99 and w[1] < 0.01
+    fixed = FixedFusion(0.25)
+    out, ws = fixed(ref, q)
+    assert torch.allclose(ws, torch.full((2,), 0.25)) and torch.allclose(out, F.normalize(0.25 * ref + 0.75 * q))
+    with pytest.raises(ValueError, match="lies in"):
+        FixedFusion(1.5)
+
+
+@pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"], ["fusion=fixed", "fusion_weight=0.3"]])
 def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tmp_path, option):
     out = tmp_path / "s2"
     assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']", "max_steps=30",
@@ -211,6 +224,10 @@ def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tm
         ws = [r["fusion_w_mean"] for r in log]
         assert all(0 < w < 1 for w in ws) and abs(ws[-1] - ws[0]) > 1e-3  # it moved, inside (0, 1)
         assert model.fusion is not None
+        assert {"fusion_aux", "fusion_target_mean", "fusion_target_std"} <= set(log[-1])  # self-supervised target
+    if option[:1] == ["fusion=fixed"]:
+        assert all(abs(r["fusion_w_mean"] - 0.3) < 1e-6 for r in log)
+        assert isinstance(model.fusion, FixedFusion) and model.fusion.fixed == 0.3  # the export keeps it
     if option == ["loss=mur"]:
         assert {"coarse", "gamma", "fine_grad_norm", "coarse_grad_norm"} <= set(log[-1])
         assert log[-1]["gamma"] < log[0]["gamma"]  # the coarse term's weight falls as fine matching takes over

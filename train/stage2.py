@@ -13,7 +13,10 @@ loss=mur: gamma(t) x the coarse term + (1 - gamma(t)) x the fine term, gamma(t) 
     fluctuation), scaled by their std sigma (cir.composer.augment_targets / uncertainty_loss), as the
     authors' released code does (METHODS.md). Both terms and their gradient norms w.r.t. the queries are logged.
 fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
-    the retrieval loss; mean and std of w are logged.
+    the retrieval loss and, self-supervised, by fusion_aux_weight x BCE(w, w*) towards a target derived from each
+    triplet without labels: w* = sigmoid((cos(v_t, v_ref) - cos(v_t, q)) / fusion_aux_temperature), how much
+    more the target looks like the reference image than like the text-side query (cir.composer.fusion_target).
+    Mean and std of w and w* are logged. fusion=fixed: one constant w = fusion_weight (CTI-IR's baseline).
 grad_accum > 1 (with accum_features): every micro-batch's queries meet the targets of the whole accumulated
     batch, as one batch of grad_accum x batch_size would (train.loop.feature_cached_step); only the targets are
     computed ahead, so the text tower runs once per micro-batch.
@@ -37,7 +40,7 @@ from train.negatives import HardNegativeConfig
 from train.stage1 import gather
 
 LOSSES = ("infonce", "mur")
-FUSIONS = ("text", "adaptive")
+FUSIONS = ("text", "adaptive", "fixed")
 
 
 @dataclass
@@ -49,8 +52,11 @@ class Stage2Config(TrainConfig):
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)  # the triplets' mined ones
     loss: str = "infonce"  # infonce | mur (multi-grained uncertainty regularization)
     mur: MURConfig = field(default_factory=MURConfig)
-    fusion: str = "text"  # text | adaptive (learned image/text weighting of the query)
+    fusion: str = "text"  # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight)
     fusion_hidden: int = 128  # hidden size of the adaptive fusion MLP
+    fusion_aux_weight: float = 1.0  # adaptive: weight of the self-supervised BCE(w, w*) (0: retrieval loss only)
+    fusion_aux_temperature: float = 0.05  # adaptive: temperature of the target w* (cir.composer.fusion_target)
+    fusion_weight: float = 0.5  # fixed: the image weight w of every query
     train_mapping: bool = False  # also fine-tune the stage I mapping
 
 
@@ -70,9 +76,14 @@ class StageTwoModel(torch.nn.Module):
         return self
 
     def forward(self, v_ref, patches, prompts):
+        """(query [B, d], w [B] or None, the text-side query before fusion [B, d])."""
         from cir.model import compose
 
-        return compose(self.clip, self.mapping, self.placeholder, v_ref, patches, prompts, self.adapters, self.fusion)
+        q_text, _ = compose(self.clip, self.mapping, self.placeholder, v_ref, patches, prompts, self.adapters)
+        if self.fusion is None:
+            return q_text, None, q_text
+        query, w = self.fusion(v_ref, q_text)
+        return query, w, q_text
 
 
 class Stage2:
@@ -96,7 +107,7 @@ class Stage2:
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import clip_fingerprint
-        from cir.composer import AdaptiveFusion, ComposingAdapters
+        from cir.composer import AdaptiveFusion, ComposingAdapters, FixedFusion
         from cir.model import load_cir_model, text_encoder_shape
 
         try:
@@ -111,7 +122,10 @@ class Stage2:
             adapters = ComposingAdapters(self.cfg.adapters, width, blocks)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        fusion = AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden) if self.cfg.fusion == "adaptive" else None
+        fusion = {"text": None, "fixed": lambda: FixedFusion(self.cfg.fusion_weight),
+                  "adaptive": lambda: AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden)
+                  }[self.cfg.fusion]
+        fusion = fusion() if fusion else None
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
                              self.cfg.train_mapping)
 
@@ -183,10 +197,10 @@ class Stage2:
         with torch.no_grad():
             v_ref, patches = image_features(clip, batch["refs"], self.cir.mapping.cfg.use_patches)
         v_tgt = self._targets(clip, batch)
-        q, w = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None
+        q, w, q_text = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None, [B, d]
         features = {"q": q, "v_ref": v_ref, "v_tgt": v_tgt}
         if w is not None:
-            features["w"] = w
+            features["w"], features["q_text"] = w, q_text
         if "hn_rows" in batch:
             features["negatives"], features["mask"] = self.bank.lookup(batch["hn_rows"], q.device)  # [B, H, d], [B, H]
         return features
@@ -195,7 +209,7 @@ class Stage2:
         return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
 
     def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
-        from cir.composer import augment_targets, hard_negative_infonce, mur_gamma, uncertainty_loss
+        from cir.composer import augment_targets, fusion_target, hard_negative_infonce, mur_gamma, uncertainty_loss
 
         q, v_ref, v_tgt, mask = features["q"], features["v_ref"], features["v_tgt"], features.get("mask")
         # the queries' rows among the targets (all rows, unless a micro-batch of an accumulated step)
@@ -220,8 +234,15 @@ class Stage2:
                     grad, = torch.autograd.grad(term, q, retain_graph=True)
                     scalars[f"{name}_grad_norm"] = grad.norm(dim=-1).mean()
         if "w" in features:
-            w = features["w"].detach()
-            scalars.update(fusion_w_mean=w.mean(), fusion_w_std=w.std())
+            w = features["w"]
+            scalars.update(fusion_w_mean=w.detach().mean(), fusion_w_std=w.detach().std())
+            if self.cfg.fusion == "adaptive" and self.cfg.fusion_aux_weight > 0:
+                rows = v_tgt[start:stop]
+                target = fusion_target(v_ref, features["q_text"].detach(), rows, self.cfg.fusion_aux_temperature)
+                wf = w.float().clamp(1e-6, 1 - 1e-6)  # BCE by hand: F.binary_cross_entropy refuses CUDA autocast
+                aux = -(target * wf.log() + (1 - target) * (1 - wf).log()).mean()
+                loss = loss + self.cfg.fusion_aux_weight * aux
+                scalars.update(fusion_aux=aux.detach(), fusion_target_mean=target.mean(), fusion_target_std=target.std())
         return loss, scalars
 
     def export(self, model, out_dir: Path) -> None:
