@@ -165,24 +165,31 @@ def mur_gamma(step: int, max_steps: int, cfg: MURConfig) -> float:
 
 def hard_negative_infonce(q: torch.Tensor, targets: torch.Tensor, refs: torch.Tensor, temperature: float,
                           ref_weight: float, offset: int = 0, negatives: Optional[torch.Tensor] = None,
-                          negative_mask: Optional[torch.Tensor] = None, negative_weight: float = 0.0
-                          ) -> torch.Tensor:
+                          negative_mask: Optional[torch.Tensor] = None, negative_weight: float = 0.0,
+                          max_similarity: float = 1.0) -> torch.Tensor:
     """-log exp(q.v_t/tau) / (exp(q.v_t/tau) + sum_{n in batch targets} exp(q.v_n/tau) + w_ref exp(q.v_ref/tau)
     + w_hn sum_{h in the triplet's mined hard negatives} exp(q.v_h/tau)).
 
     q: [B, d] local queries; targets: [N, d] the global batch of targets (row offset + i is query i's);
     refs: [B, d] each query's own reference, the negative that stops "return the reference"; negatives:
     [B, H, d] each query's own mined hard negatives, negative_mask [B, H] which of them exist. A weight w
-    enters as log(w) added to the logit.
+    enters as log(w) added to the logit. A hard negative (the reference or a mined one) whose image feature
+    has cosine > max_similarity with the query's own target is left out: the frozen image tower cannot tell
+    it from the target, so as a negative it would only push the query along the tower's noise.
     """
     logits = q @ targets.T / temperature  # [B, N]
     labels = torch.arange(q.shape[0], device=q.device) + offset
+    own = targets[offset:offset + q.shape[0]]  # [B, d] each query's target
     if ref_weight > 0:
-        ref_logit = (q * refs).sum(dim=-1, keepdim=True) / temperature + math.log(ref_weight)
+        ref_logit = (q * refs).sum(dim=-1, keepdim=True) / temperature + math.log(ref_weight)  # [B, 1]
+        if max_similarity < 1:
+            ref_logit = ref_logit.masked_fill((own * refs).sum(-1, keepdim=True) > max_similarity, float("-inf"))
         logits = torch.cat([logits, ref_logit], dim=1)
     if negatives is not None and negative_weight > 0 and negatives.shape[1] > 0:
         hn_logits = torch.einsum("bd,bhd->bh", q, negatives) / temperature + math.log(negative_weight)  # [B, H]
-        if negative_mask is not None:
-            hn_logits = hn_logits.masked_fill(~negative_mask, float("-inf"))
+        keep = negative_mask if negative_mask is not None else torch.ones_like(hn_logits, dtype=torch.bool)
+        if max_similarity < 1:
+            keep = keep & (torch.einsum("bd,bhd->bh", own, negatives) <= max_similarity)
+        hn_logits = hn_logits.masked_fill(~keep, float("-inf"))
         logits = torch.cat([logits, hn_logits], dim=1)
     return F.cross_entropy(logits, labels)

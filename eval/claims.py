@@ -49,8 +49,8 @@ class RowSpec:
 class ClaimSpec:
     id: str  # e.g. TSCIR-2
     text: str  # the paper's claim, in a sentence
-    better: str  # the row the claim says wins
-    than: list[str]  # the rows it must beat
+    better: list[str]  # the row(s) the claim says win (each must beat each of `than`)
+    than: list[str]  # the rows they must beat
     benchmarks: dict[str, str]  # benchmark name (of `benchmarks`) -> the metric the claim is judged on
     source: str = ""  # where the paper says it
 
@@ -68,6 +68,7 @@ class ClaimsConfig:
     stage0_config: str = "train/configs/toy_stage0.yaml"
     stage1_config: str = "train/configs/toy_stage1.yaml"
     stage2_config: str = "train/configs/toy_stage2.yaml"
+    overrides: list[str] = field(default_factory=list)  # key=value for every stage's training (e.g. max_steps=3 in tests)
     benchmarks: dict[str, str] = field(default_factory=dict)  # name -> cirr | circo | fashioniq
     rows: dict[str, RowSpec] = field(default_factory=dict)
     claims: list[ClaimSpec] = field(default_factory=list)
@@ -96,7 +97,7 @@ def load(path: str) -> ClaimsConfig:
         if row.stage == "stage2" and row.data not in SOURCES:
             raise PredictionError(f"rows.{name}.data: one of {SOURCES}, got {row.data!r}")
     for claim in claims:
-        for name in [claim.better, *claim.than]:
+        for name in [*claim.better, *claim.than]:
             if name not in rows:
                 raise PredictionError(f"claim {claim.id}: no row named {name!r} (rows: {sorted(rows)})")
         for bench in claim.benchmarks:
@@ -139,7 +140,7 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     if not (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file():
         _log("stage 0 (the toy CLIP, shared by every row and seed)")
         _check(stage0(["--config", cfg.stage0_config, f"output_dir={paths['stage0']}",
-                       f"data.train=['{paths['captions']}']", f"seed={cfg.world_seed}"]), "stage 0")
+                       f"data.train=['{paths['captions']}']", f"seed={cfg.world_seed}", *cfg.overrides]), "stage 0")
     return paths
 
 
@@ -158,7 +159,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     final = Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
     if (final / "cir_config.json").is_file():
         return final
-    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50"]
+    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50", *cfg.overrides]
     _log(f"train {name} seed {seed}")
     if row.stage == "stage1":
         from train.stage1 import main as stage1
@@ -222,13 +223,14 @@ def judge(claim: ClaimSpec, values: dict, min_effect: float) -> dict:
     """values: row -> benchmark -> metric groups per seed. The claim's comparisons and its verdict."""
     comparisons = []
     for bench, metric in claim.benchmarks.items():
-        better = stats.mean_over(values[claim.better][bench])
-        for other in claim.than:
-            diff = stats.paired_difference(better, stats.mean_over(values[other][bench]))
-            lo, hi = stats.bootstrap_ci(diff)
-            comparisons.append({"benchmark": bench, "metric": metric, "better": claim.better, "other": other,
-                                "difference": round(stats.metric_of(diff), 2), "ci95": [lo, hi],
-                                "verdict": verdict(lo, hi, min_effect)})
+        for name in claim.better:
+            better = stats.mean_over(values[name][bench])
+            for other in claim.than:
+                diff = stats.paired_difference(better, stats.mean_over(values[other][bench]))
+                lo, hi = stats.bootstrap_ci(diff)
+                comparisons.append({"benchmark": bench, "metric": metric, "better": name, "other": other,
+                                    "difference": round(stats.metric_of(diff), 2), "ci95": [lo, hi],
+                                    "verdict": verdict(lo, hi, min_effect)})
     return {"id": claim.id, "text": claim.text, "source": claim.source,
             "verdict": combine([c["verdict"] for c in comparisons]), "comparisons": comparisons}
 
@@ -238,7 +240,7 @@ def claims(cfg: ClaimsConfig) -> dict:
     paths = prepare(cfg)
     needed = {}  # row -> {benchmark: metric}, in the order rows are first named
     for claim in cfg.claims:
-        for name in [claim.better, *claim.than]:
+        for name in [*claim.better, *claim.than]:
             needed.setdefault(name, {}).update(claim.benchmarks)
     values: dict = {}  # row -> benchmark -> [metric groups per seed]
     rows_out: dict = {}

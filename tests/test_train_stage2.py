@@ -57,6 +57,29 @@ def test_reference_as_negative_pushes_the_reference_away():
     assert push[1.0] < push[0.0]
 
 
+def test_negatives_the_tower_cannot_tell_from_the_target_are_left_out():
+    """negative_max_similarity: a reference (or mined negative) with cos > max to the query's own target is not a
+    negative; the others still are."""
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=-1)
+    targets = F.normalize(torch.randn(4, 8), dim=-1)
+    refs = F.normalize(torch.randn(4, 8), dim=-1)
+    refs[0] = F.normalize(targets[0] + 0.01 * torch.randn(8), dim=0)  # query 0's reference looks like its target
+    negs = torch.stack([targets + 0.01, F.normalize(torch.randn(4, 8), dim=-1)], dim=1)  # [4, 2, 8]: one copy each
+    mask = torch.ones(4, 2, dtype=torch.bool)
+
+    def per_query(ref_w, hn_w, max_sim, n=None, m=None):
+        return torch.stack([hard_negative_infonce(q[i:i + 1], targets, refs[i:i + 1], 0.07, ref_w, i,
+                                                  None if n is None else n[i:i + 1], None if m is None else m[i:i + 1],
+                                                  hn_w, max_sim) for i in range(4)])
+
+    kept, filtered, none = per_query(1.0, 0.0, 1.0), per_query(1.0, 0.0, 0.9), per_query(0.0, 0.0, 1.0)
+    assert torch.allclose(filtered[0], none[0]) and not torch.allclose(kept[0], none[0])  # query 0: ref left out
+    assert torch.allclose(filtered[1:], kept[1:])  # the others keep their reference negative
+    only_second = per_query(0.0, 1.0, 1.0, negs, torch.tensor([[False, True]] * 4))
+    assert torch.allclose(per_query(0.0, 1.0, 0.9, negs, mask), only_second)  # the near-copies are dropped
+
+
 def test_mined_hard_negatives_push_away_and_masked_ones_do_nothing():
     torch.manual_seed(0)
     q = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_()

@@ -50,6 +50,9 @@ class Stage2Config(TrainConfig):
     temperature: float = 0.07  # InfoNCE temperature
     ref_negative_weight: float = 1.0  # w of the reference as an extra negative (0: not a negative)
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)  # the triplets' mined ones
+    negative_max_similarity: float = 1.0  # a hard negative (reference or mined) whose image feature has cosine
+    # above this with the query's target is left out (1.0: never): a negative the image tower cannot tell from
+    # the target is a false negative in feature space
     loss: str = "infonce"  # infonce | mur (multi-grained uncertainty regularization)
     mur: MURConfig = field(default_factory=MURConfig)
     fusion: str = "text"  # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight)
@@ -217,7 +220,8 @@ class Stage2:
         targets = gather(v_tgt, accelerator, False)
         offset = accelerator.process_index * v_tgt.shape[0] + start
         fine = hard_negative_infonce(q, targets, v_ref, self.cfg.temperature, self.cfg.ref_negative_weight, offset,
-                                     features.get("negatives"), mask, self.cfg.hard_negatives.weight)
+                                     features.get("negatives"), mask, self.cfg.hard_negatives.weight,
+                                     self.cfg.negative_max_similarity)
         scalars = {"fine": fine.detach()}
         if mask is not None:
             scalars["hard_negatives_per_query"] = mask.float().sum(dim=1).mean()

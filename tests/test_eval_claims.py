@@ -1,0 +1,85 @@
+"""`python -m eval claims`: verdicts from paired intervals, the config's checks, and one tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.claims import ClaimSpec, combine, judge, load, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_verdicts_follow_the_interval_of_the_difference():
+    assert verdict(0.5, 4.0, 1.0) == "holds"
+    assert verdict(-3.0, 0.8, 1.0) == "does not hold"  # a gain of a point or more is ruled out
+    assert verdict(-2.0, 3.0, 1.0) == "inconclusive"
+    assert combine(["holds", "holds"]) == "holds"
+    assert combine(["holds", "inconclusive"]) == "inconclusive"
+    assert combine(["holds", "does not hold", "inconclusive"]) == "does not hold"
+
+
+def test_judge_pairs_queries_and_averages_seeds():
+    n = 400
+    base = [100.0 if i % 4 == 0 else 0.0 for i in range(n)]
+    better = [100.0 if i % 4 == 0 or i % 4 == 1 else 0.0 for i in range(n)]  # +25 points, on top of base's hits
+    noisy = [100.0 if i % 4 == 0 else 0.0 for i in range(n // 2)] + [0.0] * (n // 2)  # worse by half base's hits
+    values = {"a": {"b1": [{"": better}, {"": better}, {"": base}]},  # seeds averaged: +16.7 over base
+              "base": {"b1": [{"": base}] * 3}, "worse": {"b1": [{"": noisy}] * 3}}
+    got = judge(ClaimSpec("X-1", "a beats base and worse", ["a"], ["base", "worse"], {"b1": "recall@1"}), values, 1.0)
+    assert got["verdict"] == "holds"
+    assert [c["other"] for c in got["comparisons"]] == ["base", "worse"]
+    assert abs(got["comparisons"][0]["difference"] - 16.67) < 0.01
+    flipped = judge(ClaimSpec("X-2", "worse beats base", ["worse"], ["base"], {"b1": "recall@1"}), values, 1.0)
+    assert flipped["verdict"] == "does not hold" and flipped["comparisons"][0]["ci95"][1] < 0
+
+
+def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
+    from eval.score import PredictionError
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("output_dir: x\nbenchmarks: {b: cirr}\nrows: {r: {stage: stage1}}\n"
+                   "claims: [{id: C, text: t, better: r, than: [nope], benchmarks: {b: avg}}]\n")
+    with pytest.raises(PredictionError, match="no row named 'nope'"):
+        load(str(bad))
+    bad.write_text("output_dir: x\nseedz: [1]\n")
+    with pytest.raises(PredictionError, match="unknown key.*seedz"):
+        load(str(bad))
+    bad.write_text("rows: {r: {stage: stage2, init: r}}\n")
+    with pytest.raises(PredictionError, match="is not a stage1 row"):
+        load(str(bad))
+    assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
+
+
+def test_a_tiny_claims_run_end_to_end(tmp_path):
+    """Every step of the command at toy sizes: world, datasets, stage 0, a stage I and a stage II row over two
+    seeds, baselines, the report files. Numbers mean nothing here; the shape and the reuse on rerun do."""
+    config = tmp_path / "claims.yaml"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"), "world_images": 48, "bench_queries": 12, "hq_triplets": 20,
+        "seeds": [0, 1], "split": "test1",
+        "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
+        "benchmarks": {"toy-cirr": "cirr"},
+        "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
+                 "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
+                 "stage2": {"stage": "stage2", "count": 10, "data": "high"}},
+        "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
+                    "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg"}}]}))
+    args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "claims.json").read_text())
+    claim = report["claims"][0]
+    assert claim["id"] == "T-1" and claim["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert [c["other"] for c in claim["comparisons"]] == ["stage1", "image_only"]
+    row = report["rows"]["stage2"]["toy-cirr/avg"]
+    assert len(row["seeds"]) == 2 and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+    assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-test1" / "per_query.json").is_file()
+    assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"T-1": claim["verdict"]}
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
+    assert again.returncode == 0 and "[claims] train" not in again.stderr
+    assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
