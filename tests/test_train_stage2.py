@@ -275,6 +275,23 @@ def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     assert "not a stage I/II export" in capsys.readouterr().err
 
 
+def test_target_neighbours_are_the_nearest_bank_images_but_not_copies_of_the_target():
+    from train.negatives import NegativeBank
+
+    torch.manual_seed(0)
+    feats = F.normalize(torch.randn(50, 8), dim=-1)
+    bank = NegativeBank([f"k{i}" for i in range(50)], feats.numpy())
+    v = feats[:3].clone()  # each target is itself in the bank (an LQ target is a real image)
+    near, mask = bank.nearest(v, 4, 0.999)
+    sims = v @ bank.features.float().T
+    for i in range(3):
+        expected = sims[i].masked_fill(sims[i] > 0.999, -2).topk(4).indices
+        assert torch.allclose(near[i], bank.features.float()[expected])  # the nearest, the target itself left out
+    assert mask.all() and near.shape == (3, 4, 8)
+    _, few = bank.nearest(v, 4, -0.9)  # hardly any bank image is that far: the rest are masked, not made up
+    assert few.sum() < 12
+
+
 def test_two_ranks_train_stage2_with_a_shared_negative_bank(tiny_stage1_export, low_triplets, tmp_path):
     import os
     import subprocess
@@ -299,7 +316,8 @@ def test_two_ranks_train_stage2_with_a_shared_negative_bank(tiny_stage1_export, 
     assert load_cir_model(out / "final").stage == 2
 
 
-@pytest.mark.parametrize("option", [["hard_negatives.weight=1.0", "hard_negatives.per_query=2"],
+@pytest.mark.parametrize("option", [["hard_negatives.weight=1.0", "hard_negatives.per_query=2",
+                                     "hard_negatives.target_neighbours=2", "negative_max_similarity=0.95"],
                                     ["loss=mur", "fusion=adaptive"]])
 def test_accumulated_features_make_the_step_of_the_whole_batch(tiny_stage1_export, low_triplets, tmp_path, option,
                                                                monkeypatch):

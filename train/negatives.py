@@ -32,16 +32,19 @@ BANK_VERSION = 2  # 2: cached emb.npy taken only from the same CLIP (train.data.
 
 @dataclass
 class HardNegativeConfig:
-    weight: float = 0.0  # w of each mined hard negative in the InfoNCE denominator (0: unused, no bank built)
+    weight: float = 0.1  # w of each mined hard negative in the InfoNCE denominator (0: unused, no bank built);
+    # 0.1 measured on the toy val split (docs/CLAIMS.md): weights of 1 trade global recall for local ranking
     per_query: int = 3  # at most this many of a triplet's hard negatives (in their stored order) are used
     bank: list[str] = field(default_factory=list)  # caption dataset dirs (or FORMAT:ROOT annotated sets) the
     # keys come from ([]: each triplet dataset's own input, as recorded in its dataset.json, and each annotated
     # set of data.train that names hard negatives)
     batch_size: int = 256  # images per forward pass while encoding the bank
+    target_neighbours: int = 0  # also the k bank images nearest to each query's target (near-copies of it, over
+    # negative_max_similarity, left out) as negatives: the images a query that drifts from its target would rank first
 
 
 def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str]:
-    """The caption datasets (and annotated sets) whose keys the triplets' hard negatives name."""
+    """The caption datasets (and annotated sets) whose keys the triplets' hard negatives name ([]: none known)."""
     from train.supervised import parse_entry, triplet_source
 
     if cfg.bank:
@@ -59,9 +62,6 @@ def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str
             source = ((card or {}).get("config") or {}).get("input")
             if source and source not in found:
                 found.append(source)
-    if not found:
-        raise DataError("hard_negatives.weight > 0 needs the caption dataset(s) the hard negative keys refer to: "
-                        "set hard_negatives.bank=[DIR] (data.train gave no dataset.json with an input)")
     return found
 
 
@@ -71,6 +71,7 @@ class NegativeBank:
     def __init__(self, keys: list[str], features: np.ndarray):
         self.row = {k: i for i, k in enumerate(keys)}
         self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float16))
+        self._device_features: Optional[torch.Tensor] = None  # float32 copy for `nearest`, made on first use
 
     def __len__(self) -> int:
         return len(self.row)
@@ -83,6 +84,16 @@ class NegativeBank:
             for j, key in enumerate(keys[:per_query]):
                 out[i, j] = self.row[key]
         return out
+
+    def nearest(self, v: torch.Tensor, k: int, max_similarity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """For features v [B, d]: the k bank features nearest to each row with cosine <= max_similarity
+        ([B, k, d] float32 on v's device) and the mask [B, k] of real entries."""
+        if self._device_features is None or self._device_features.device != v.device:
+            self._device_features = self.features.to(device=v.device, dtype=torch.float32)
+        sims = v.detach().float() @ self._device_features.T  # [B, M]
+        sims = sims.masked_fill(sims > max_similarity, float("-inf"))
+        top, idx = sims.topk(min(k, sims.shape[1]), dim=1)  # [B, k]
+        return self._device_features[idx], torch.isfinite(top)
 
     def lookup(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [B, H, d] (float32, on device) and the mask [B, H] of real entries."""
