@@ -144,7 +144,8 @@ def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> d
     grids = [f"![{name} {method}](eval/{name}-{method}/examples.png)" for name in BENCHMARKS
              for method in ("stage1", "stage2_mix") if (out / "eval" / f"{name}-{method}" / "examples.png").is_file()]
     (out / "report.md").write_text(
-        "# Toy-world demo results\n\n" + report_table(results) + "\n\n## Example queries\n\nReference | "
+        "# Toy-world demo results\n\nEach cell: the metric and its 95% bootstrap interval over the benchmark's "
+        "queries.\n" + report_table(results) + "\n\n" + significance(out) + "\n\n## Example queries\n\nReference | "
         "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
         + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "
         "`search_example.png`; browse: `python -m eval serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
@@ -165,14 +166,45 @@ def search_example(out: Path, cirr: Path, checkpoint: Path) -> None:
     print(f"[demo] browse the gallery: python -m eval serve --index {index}  (http://127.0.0.1:7860/)")
 
 
+HEADLINE = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy-circo": ["map@5", "map@25"]}
+
+
 def report_table(results: dict) -> str:
-    headline = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy-circo": ["map@5", "map@25"]}
     lines = []
     for name, by_method in results.items():
-        keys = headline[name]
+        keys = HEADLINE[name]
         lines += [f"\n{name}\n", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in keys) + " |"
-                  for m, r in by_method.items()]
+        for m, r in by_method.items():
+            ci = r.get("ci95", {})
+            cells = [f"{r.get(k, float('nan')):.1f}" + (f" [{ci[k][0]:.0f}, {ci[k][1]:.0f}]" if k in ci else "")
+                     for k in keys]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def significance(out: Path) -> str:
+    """Every method against stage I, query by query: the paired difference and its 95% bootstrap interval."""
+    from eval import stats
+
+    lines = ["## Against stage I (paired over queries)", "",
+             "Method minus stage I on the same queries; an interval that excludes 0 is a significant difference.", "",
+             "| benchmark | metric | method | difference | 95% CI | |", "|---|---|---|---|---|---|"]
+    for name, keys in HEADLINE.items():
+        base_file = out / "eval" / f"{name}-stage1" / "per_query.json"
+        if not base_file.is_file():
+            continue
+        base = json.loads(base_file.read_text())
+        for method in [*METHODS, "stage2_low", "stage2_high", "stage2_mix"]:
+            other = out / "eval" / f"{name}-{method}" / "per_query.json"
+            if method == "stage1" or not other.is_file():
+                continue
+            per_query = json.loads(other.read_text())
+            for key in keys[:1] + keys[-1:]:
+                diff = stats.paired_difference(per_query[key], base[key])
+                lo, hi = stats.bootstrap_ci(diff)
+                mark = "better" if lo > 0 else "worse" if hi < 0 else "not significant"
+                lines.append(f"| {name} | {key} | {method} | {stats.metric_of(diff):+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
+                             f"{mark} |")
     return "\n".join(lines)
 
 

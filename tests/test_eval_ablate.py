@@ -43,6 +43,8 @@ def test_tiny_ablation_grid(toy_world, toy_captions, tmp_path, capsys):
     assert all(0 <= float(r["avg"]) <= 100 for r in rows)
     table = (out / "ablation.md").read_text()
     assert "| low |" in table and "±" in table
+    lo, hi = map(float, table.split("| low | ")[1].split("[")[1].split("]")[0].split(", "))  # the interval
+    assert 0 <= lo <= hi <= 100
     assert Image.open(out / "ablation.png").size[0] > 300
     stamp = (out / "cells" / "low-20-seed0" / "train" / "final" / "adapters.safetensors").stat().st_mtime_ns
     assert main(["ablate", "--config", str(config)]) == 0  # rerun: finished cells are reused

@@ -41,7 +41,7 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     from eval.score import PredictionError
 
     bad = tmp_path / "c.yaml"
-    bad.write_text("output_dir: x\nbenchmarks: {b: cirr}\nrows: {r: {stage: stage1}}\n"
+    bad.write_text("output_dir: x\nbenchmarks: {b: {benchmark: cirr}}\nrows: {r: {stage: stage1}}\n"
                    "claims: [{id: C, text: t, better: r, than: [nope], benchmarks: {b: avg}}]\n")
     with pytest.raises(PredictionError, match="no row named 'nope'"):
         load(str(bad))
@@ -60,24 +60,26 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     config = tmp_path / "claims.yaml"
     config.write_text(json.dumps({
         "output_dir": str(tmp_path / "out"), "world_images": 48, "bench_queries": 12, "hq_triplets": 20,
-        "seeds": [0, 1], "split": "test1",
+        "seeds": [0, 1], "split": "test",
         "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
-        "benchmarks": {"toy-cirr": "cirr"},
+        "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"}},
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
                  "stage2": {"stage": "stage2", "count": 10, "data": "high"}},
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
-                    "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg"}}]}))
+                    "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "claims.json").read_text())
     claim = report["claims"][0]
     assert claim["id"] == "T-1" and claim["verdict"] in ("holds", "does not hold", "inconclusive")
-    assert [c["other"] for c in claim["comparisons"]] == ["stage1", "image_only"]
+    assert [(c["benchmark"], c["other"]) for c in claim["comparisons"]] == [
+        ("toy-cirr", "stage1"), ("toy-cirr", "image_only"), ("toy-circo", "stage1"), ("toy-circo", "image_only")]
     row = report["rows"]["stage2"]["toy-cirr/avg"]
     assert len(row["seeds"]) == 2 and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
-    assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-test1" / "per_query.json").is_file()
+    assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-test" / "per_query.json").is_file()
+    assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-circo-val" / "per_query.json").is_file()
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"T-1": claim["verdict"]}
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused

@@ -271,6 +271,8 @@ def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     assert main([*args, f"init_from={tiny_stage1_export}", "loss=triplet"]) == 2
     assert "loss must be one of" in capsys.readouterr().err
     assert main([*args, f"init_from={tiny_stage1_export}", "fusion=concat"]) == 2
+    assert main([*args, f"init_from={tiny_stage1_export}", "fusion=fixed", "fusion_weight=1.5"]) == 2
+    assert "fusion_weight must lie in [0, 1]" in capsys.readouterr().err
     assert main([*args, f"init_from={tmp_path}"]) == 2
     assert "not a stage I/II export" in capsys.readouterr().err
 

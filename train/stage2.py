@@ -103,6 +103,8 @@ class Stage2:
             raise ConfigError("stage II needs init_from=<stage I export>/final")
         if "$" not in cfg.template or "{}" not in cfg.template:
             raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
+        if not 0 <= cfg.fusion_weight <= 1:
+            raise ConfigError(f"fusion_weight must lie in [0, 1], got {cfg.fusion_weight}")
         if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
             raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
         self.cfg = cfg
@@ -126,10 +128,11 @@ class Stage2:
             adapters = ComposingAdapters(self.cfg.adapters, width, blocks)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        fusion = {"text": None, "fixed": lambda: FixedFusion(self.cfg.fusion_weight),
-                  "adaptive": lambda: AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden)
-                  }[self.cfg.fusion]
-        fusion = fusion() if fusion else None
+        fusion = None
+        if self.cfg.fusion == "adaptive":
+            fusion = AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden)
+        elif self.cfg.fusion == "fixed":
+            fusion = FixedFusion(self.cfg.fusion_weight)
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
                              self.cfg.train_mapping)
 
