@@ -146,8 +146,9 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
             beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
                               "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed), *extra,
                               *beam])
-    paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low']}, weight: 1.0}}\n"
-                            f"  - {{path: {paths['high']}, weight: 1.0}}\n")
+    # a manifest's relative paths are read relative to the manifest: write them absolute
+    paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low'].resolve()}, weight: 1.0}}\n"
+                            f"  - {{path: {paths['high'].resolve()}, weight: 1.0}}\n")
     if not (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file():
         _log("stage 0 (the toy CLIP, shared by every row and seed)")
         _check(stage0(["--config", cfg.stage0_config, f"output_dir={paths['stage0']}",
@@ -214,7 +215,11 @@ def verdict(lo: float, hi: float, min_effect: float) -> str:
     return "inconclusive"
 
 
+SATURATED = 99.0  # both rows at or above this (percent): the benchmark cannot tell them apart
+
+
 def combine(verdicts: list[str]) -> str:
+    """A claim is the conjunction of its comparisons: it holds when all hold, fails when any fails."""
     if verdicts and all(v == "holds" for v in verdicts):
         return "holds"
     if "does not hold" in verdicts:
@@ -232,38 +237,45 @@ def row_summary(per_seed: list[dict]) -> dict:
 
 
 def judge(claim: ClaimSpec, values: dict, min_effect: float) -> dict:
-    """values: row -> benchmark -> metric groups per seed. The claim's comparisons and its verdict."""
+    """values: row -> (benchmark, metric) -> metric groups per seed. The claim's comparisons and its verdict."""
     comparisons = []
     for bench, metric in claim.benchmarks.items():
         for name in claim.better:
-            better = stats.mean_over(values[name][bench])
+            better = stats.mean_over(values[name][(bench, metric)])
             for other in claim.than:
-                diff = stats.paired_difference(better, stats.mean_over(values[other][bench]))
+                worse = stats.mean_over(values[other][(bench, metric)])
+                diff = stats.paired_difference(better, worse)
                 lo, hi = stats.bootstrap_ci(diff)
+                saturated = min(stats.metric_of(better), stats.metric_of(worse)) >= SATURATED
                 comparisons.append({"benchmark": bench, "metric": metric, "better": name, "other": other,
                                     "difference": round(stats.metric_of(diff), 2), "ci95": [lo, hi],
-                                    "verdict": verdict(lo, hi, min_effect)})
+                                    "verdict": "inconclusive" if saturated else verdict(lo, hi, min_effect),
+                                    "saturated": saturated})
+    held = sum(c["verdict"] == "holds" for c in comparisons)
+    failed = sum(c["verdict"] == "does not hold" for c in comparisons)
     return {"id": claim.id, "text": claim.text, "source": claim.source,
-            "verdict": combine([c["verdict"] for c in comparisons]), "comparisons": comparisons}
+            "verdict": combine([c["verdict"] for c in comparisons]), "comparisons": comparisons,
+            "summary": f"holds in {held} of {len(comparisons)} comparisons, does not hold in {failed}"}
 
 
 def claims(cfg: ClaimsConfig) -> dict:
     started = time.time()
     paths = prepare(cfg)
-    needed = {}  # row -> {benchmark: metric}, in the order rows are first named
+    needed: dict[str, list] = {}  # row -> [(benchmark, metric)], rows in the order claims first name them
     for claim in cfg.claims:
         for name in [*claim.better, *claim.than]:
-            needed.setdefault(name, {}).update(claim.benchmarks)
-    values: dict = {}  # row -> benchmark -> [metric groups per seed]
+            for pair in claim.benchmarks.items():
+                if pair not in needed.setdefault(name, []):
+                    needed[name].append(pair)
+    values: dict = {}  # row -> (benchmark, metric) -> [metric groups per seed]
     rows_out: dict = {}
-    for name, benches in needed.items():
+    for name, pairs in needed.items():
         seeds = [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" else cfg.seeds  # baselines are deterministic
-        for bench, metric in benches.items():
+        for bench, metric in pairs:
             per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in seeds]
-            missing = [m for m in [metric] if m not in per_seed[0]]
-            if missing:
+            if metric not in per_seed[0]:
                 raise PredictionError(f"row {name} on {bench} has no metric {metric!r} (has {sorted(per_seed[0])})")
-            values.setdefault(name, {})[bench] = [p[metric] for p in per_seed] * (len(cfg.seeds) // len(seeds))
+            values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]
             rows_out.setdefault(name, {"text": cfg.rows[name].text, "stage": cfg.rows[name].stage})[
                 f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed])
     report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds, "bench_queries": cfg.bench_queries,
@@ -283,9 +295,11 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
              "A row's number is the mean over seeds of its metric; [lo, hi] is the 95% bootstrap interval over "
              "queries of the seed-averaged values; ± is the seeds' standard deviation. A comparison holds when the "
              "95% interval of the paired per-query difference lies above 0, does not hold when it lies below "
-             f"{report['min_effect']} point(s), and is inconclusive otherwise.", "",
-             "| claim | verdict | what |", "|---|---|---|"]
-    lines += [f"| {c['id']} | **{c['verdict']}** | {c['text']} |" for c in report["claims"]]
+             f"{report['min_effect']} point(s), and is inconclusive otherwise (also when both rows are at the "
+             "metric's ceiling). A claim is the conjunction of its comparisons.", "",
+             "| claim | verdict | comparisons | what |", "|---|---|---|---|"]
+    lines += [f"| {c['id']} | **{c['verdict']}** | {c['summary'].replace(' comparisons,', ';')} | {c['text']} |"
+              for c in report["claims"]]
     for c in report["claims"]:
         lines += ["", f"## {c['id']}: {c['verdict']}", "", c["text"] + (f" ({c['source']})" if c["source"] else ""), "",
                   "| row | benchmark / metric | mean | 95% CI | ± seeds |", "|---|---|---|---|---|"]
@@ -301,7 +315,8 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
                              f"{r['seed_std']:.1f} |")
         lines += ["", "| comparison | difference | 95% CI | verdict |", "|---|---|---|---|"]
         lines += [f"| {x['better']} − {x['other']} on {x['benchmark']} {x['metric']} | {x['difference']:+.1f} | "
-                  f"[{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] | {x['verdict']} |" for x in c["comparisons"]]
+                  f"[{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] | {x['verdict']}"
+                  f"{' (saturated)' if x['saturated'] else ''} |" for x in c["comparisons"]]
     lines += ["", "## Rows", "", "| row | stage | what |", "|---|---|---|"]
     lines += [f"| {n} | {r['stage']} | {r['text']} |" for n, r in report["rows"].items()]
     return "\n".join(lines) + "\n"

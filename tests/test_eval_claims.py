@@ -27,12 +27,18 @@ def test_judge_pairs_queries_and_averages_seeds():
     base = [100.0 if i % 4 == 0 else 0.0 for i in range(n)]
     better = [100.0 if i % 4 == 0 or i % 4 == 1 else 0.0 for i in range(n)]  # +25 points, on top of base's hits
     noisy = [100.0 if i % 4 == 0 else 0.0 for i in range(n // 2)] + [0.0] * (n // 2)  # worse by half base's hits
-    values = {"a": {"b1": [{"": better}, {"": better}, {"": base}]},  # seeds averaged: +16.7 over base
-              "base": {"b1": [{"": base}] * 3}, "worse": {"b1": [{"": noisy}] * 3}}
+    key = ("b1", "recall@1")
+    values = {"a": {key: [{"": better}, {"": better}, {"": base}]},  # seeds averaged: +16.7 over base
+              "base": {key: [{"": base}] * 3}, "worse": {key: [{"": noisy}] * 3}}
     got = judge(ClaimSpec("X-1", "a beats base and worse", ["a"], ["base", "worse"], {"b1": "recall@1"}), values, 1.0)
     assert got["verdict"] == "holds"
     assert [c["other"] for c in got["comparisons"]] == ["base", "worse"]
     assert abs(got["comparisons"][0]["difference"] - 16.67) < 0.01
+    assert got["summary"] == "holds in 2 of 2 comparisons, does not hold in 0"
+    top = {"b1": [100.0] * n}
+    ceiling = judge(ClaimSpec("X-3", "a beats b", ["a"], ["b"], {"b1": "recall@50"}),
+                    {"a": {("b1", "recall@50"): [top]}, "b": {("b1", "recall@50"): [top]}}, 1.0)
+    assert ceiling["verdict"] == "inconclusive" and ceiling["comparisons"][0]["saturated"]  # not "does not hold"
     flipped = judge(ClaimSpec("X-2", "worse beats base", ["worse"], ["base"], {"b1": "recall@1"}), values, 1.0)
     assert flipped["verdict"] == "does not hold" and flipped["comparisons"][0]["ci95"][1] < 0
 
@@ -65,7 +71,7 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"}},
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
-                 "stage2": {"stage": "stage2", "count": 10, "data": "high"}},
+                 "stage2": {"stage": "stage2", "count": 10}},  # the LQ + HQ mix manifest
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
                     "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
