@@ -21,7 +21,7 @@ def test_quick_demo_end_to_end(tmp_path):
                         ("toy-circo", {"map@5", "map@10", "map@25", "map@50"})):
         assert set(results[bench]) == METHODS
         assert all(keys <= set(metrics) for metrics in results[bench].values())
-    assert all(set(m["ci95"]) >= keys for m in results["toy-cirr"].values())  # every metric has its interval
+    assert all({"recall@1", "avg"} <= set(m["ci95"]) for m in results["toy-cirr"].values())  # with intervals
     report = (out / "report.md").read_text()
     assert "stage2_mix" in report and "## Against stage I (paired over queries)" in report
     assert "| toy-circo | map@5 | stage2_mix |" in report

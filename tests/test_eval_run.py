@@ -52,7 +52,7 @@ def _check_example_grid(path, bench, queries, recall):
 
 def test_circo_and_fashioniq_and_baselines(toy_world, tiny_stage1_export, tmp_path):
     circo = run("circo", str(toy_world / "bench" / "circo"), str(tiny_stage1_export), output=str(tmp_path / "c"))
-    assert set(circo) == {"map@5", "map@10", "map@25", "map@50"}
+    assert set(circo) == {"map@5", "map@10", "map@25", "map@50", "ci95"}
     preds = json.loads((tmp_path / "c" / "predictions.json").read_text())
     assert all(isinstance(i, int) for ranked in preds.values() for i in ranked)
     for method in ("image_only", "text_only", "sum"):
