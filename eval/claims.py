@@ -134,18 +134,18 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     beam = ["--runner", "DirectRunner"]
     if not (paths["world"] / "world.json").is_file():
         _log("toy world")
-        beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
-                          "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed)])
+        _check(beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
+                                 "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed)]), "toy world")
     if not (paths["captions"] / "stats.json").is_file():
         _log("caption job")
-        beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output", str(paths["captions"]),
-                          "--shard-size", "500", *beam])
+        _check(beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output",
+                                 str(paths["captions"]), "--shard-size", "500", *beam]), "caption job")
     for quality, extra in (("low", []), ("high", ["--num-triplets", str(cfg.hq_triplets)])):
         if not (paths[quality] / "stats.json").is_file():
             _log(f"{quality}-quality triplets")
-            beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
-                              "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed), *extra,
-                              *beam])
+            _check(beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
+                                     "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed),
+                                     *extra, *beam]), f"{quality}-quality synthesis")
     # a manifest's relative paths are read relative to the manifest: write them absolute
     paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low'].resolve()}, weight: 1.0}}\n"
                             f"  - {{path: {paths['high'].resolve()}, weight: 1.0}}\n")
