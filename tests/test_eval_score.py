@@ -248,7 +248,7 @@ def test_shoes_recall_by_hand(tmp_path):
 
     preds = {"0": ranking("img_0.jpg", ["img_1.jpg"]),  # target first
              "1": ranking("img_2.jpg", [n for n in gallery if n not in ("img_2.jpg", "img_3.jpg")][:20] + ["img_3.jpg"])}
-    assert score_shoes(tmp_path, preds) == {"recall@1": 50.0, "recall@10": 50.0, "recall@50": 100.0}
+    assert score_shoes(tmp_path, preds) == {"recall@1": 50.0, "recall@10": 50.0, "recall@50": 100.0, "avg": 66.6667}
     preds["0"][5] = "img_0.jpg"
     with pytest.raises(PredictionError, match="reference img_0.jpg must be excluded"):
         score_shoes(tmp_path, preds)
