@@ -105,9 +105,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "claims":
             from eval.claims import claims, load
 
-            report = claims(load(args.config))
-            out = load(args.config).output_dir
-            print(f"claims: {out}/claims.md, {out}/claims.json", file=sys.stderr)
+            cfg = load(args.config)
+            report = claims(cfg)
+            print(f"claims: {cfg.output_dir}/claims.md, {cfg.output_dir}/claims.json", file=sys.stderr)
             result = {c["id"]: c["verdict"] for c in report["claims"]}
         elif args.command == "run":
             from eval.run import run

@@ -1,7 +1,8 @@
 """The official metrics, as pure functions over ranked lists (no file handling here; see eval/score.py).
 
-Each function takes, per query, the ranked candidate list and the ground truth, and returns percentages,
-following the benchmark's own evaluation code:
+Each function takes, per query, the ranked candidate list and the ground truth, and returns per-query values in
+percent (a metric is their mean; eval/score.py averages, eval/stats.py bootstraps them), following the
+benchmark's own evaluation code:
 - CIRR (Liu et al. 2021, test server / cirr eval code): Recall@K against `target_hard`, the reference
   *removed* from the ranking beforehand (the file format requires it gone); Recall_subset@K ranks only
   the img_set members other than the reference.
@@ -20,7 +21,7 @@ import numpy as np
 
 def recall_hits(ranked: Sequence[Sequence[Hashable]], targets: Sequence[Hashable], ks: Sequence[int]
                 ) -> dict[int, list[float]]:
-    """Per query, 100 when its target is within the first k of its ranking, else 0 (means: `recall_at_k`)."""
+    """Per query, 100 when its target is within the first k of its ranking, else 0 (their mean is Recall@K)."""
     if len(ranked) != len(targets):
         raise ValueError("one ranking per target")
     return {k: [100.0 * (t in list(r[:k])) for r, t in zip(ranked, targets)] for k in ks}
@@ -44,28 +45,8 @@ def average_precision_at_k(ranked: Sequence[Hashable], gt: Sequence[Hashable], k
 
 def average_precisions(ranked: Sequence[Sequence[Hashable]], gts: Sequence[Sequence[Hashable]], ks: Sequence[int]
                        ) -> dict[int, list[float]]:
-    """Per query, 100 x AP@K (means: `mean_ap_at_k`)."""
+    """Per query, 100 x AP@K (their mean is mAP@K)."""
     return {k: [100.0 * average_precision_at_k(r, g, k) for r, g in zip(ranked, gts)] for k in ks}
-
-
-def _means(per_query: dict[int, list[float]]) -> dict[int, float]:
-    return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in per_query.items()}
-
-
-def recall_at_k(ranked: Sequence[Sequence[Hashable]], targets: Sequence[Hashable], ks: Sequence[int]) -> dict[int, float]:
-    """% of queries whose target is within the first k of its ranking."""
-    return _means(recall_hits(ranked, targets, ks))
-
-
-def recall_at_k_any(ranked: Sequence[Sequence[Hashable]], is_hit: Sequence[Callable[[Hashable], bool]],
-                    ks: Sequence[int]) -> dict[int, float]:
-    """% of queries with any hit within the first k."""
-    return _means(recall_hits_any(ranked, is_hit, ks))
-
-
-def mean_ap_at_k(ranked: Sequence[Sequence[Hashable]], gts: Sequence[Sequence[Hashable]], ks: Sequence[int]
-                 ) -> dict[int, float]:
-    return _means(average_precisions(ranked, gts, ks))
 
 
 def without(ranked: Sequence[Hashable], excluded: Hashable) -> list:
