@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Optional
 
+from cir.benchmarks import BENCHMARKS, BenchmarkError
 from eval.score import (PredictionError, load_json, score_circo, score_cirr, score_fashion200k, score_fashioniq,
                         score_shoes)
 
@@ -15,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="metrics from a predictions file, as the official code computes them")
-    s.add_argument("--benchmark", required=True, choices=("cirr", "circo", "fashioniq", "shoes", "fashion200k"))
+    s.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     s.add_argument("--annotations", required=True,
                    help="CIRR: cap.rc2.<split>.json; CIRCO: annotations/<split>.json; "
                         "FashionIQ: the dataset root, its captions/ folder or one cap.<cat>.<split>.json; "
@@ -25,11 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--categories", help="FashionIQ: comma-separated subset of categories (default: all)")
     s.add_argument("--split", default="val", help="FashionIQ split of the caption files")
     r = sub.add_parser("run", help="encode, rank and score a benchmark with a checkpoint")
-    r.add_argument("--benchmark", required=True, choices=("cirr", "circo", "fashioniq"))
+    r.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     r.add_argument("--data", required=True, help="the benchmark's root in its official layout")
     r.add_argument("--checkpoint", required=True, help="a stage I/II export (or any CLIP for the baselines)")
     r.add_argument("--pretrained", help="with a CLIP architecture name (baselines): its open_clip tag or weights file")
-    r.add_argument("--split", default="val")
+    r.add_argument("--split", help="default: the benchmark's evaluation split (val; test for Shoes and Fashion200k)")
     r.add_argument("--method", default="model", choices=("model", "image_only", "text_only", "sum"))
     r.add_argument("--output", help="where predictions, submission files and metrics go (default: "
                                     "CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD; runs/eval/NAME/... for a CLIP by name)")
@@ -121,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return getattr(gallery_cli, args.command)(args)
         else:
             result = score(args)
-    except PredictionError as err:
+    except BenchmarkError as err:  # PredictionError, GalleryError and errors in a benchmark's files
         print(f"python -m eval {args.command}: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, sort_keys=True))

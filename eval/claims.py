@@ -27,6 +27,7 @@ from typing import Optional
 
 import yaml
 
+from cir.benchmarks import BENCHMARKS
 from eval import stats
 from eval.score import PredictionError
 
@@ -41,7 +42,9 @@ class RowSpec:
     method: str = "model"  # eval run --method (baselines: image_only | text_only | sum)
     overrides: list[str] = field(default_factory=list)  # key=value for train/stage1.py or train/stage2.py
     init: str = "stage1"  # stage II rows: the stage I row (same seed) they start from
-    data: str = "mix"  # stage II rows: low | high | mix (the world's triplet datasets)
+    # stage II rows: low | high | mix (the world's synthetic triplets), or a benchmark of `benchmarks` whose own
+    # train split is read through the supervised loader (a supervised upper bound, not zero-shot)
+    data: str = "mix"
     count: Optional[int] = None  # stage II rows: train on a fixed subset of this many triplets
 
 
@@ -57,8 +60,12 @@ class ClaimSpec:
 
 @dataclass
 class BenchSpec:
-    benchmark: str  # cirr | circo | fashioniq (the toy world's bench/<benchmark>/)
+    benchmark: str  # its layout: cirr | circo | fashioniq | shoes | fashion200k
+    folder: str = ""  # under the toy world's bench/ (default: the benchmark's name; e.g. circo_coarse)
     split: Optional[str] = None  # the split reported (None: the config's `split`)
+
+    def root(self, world: Path) -> Path:
+        return world / "bench" / (self.folder or self.benchmark)
 
 
 @dataclass
@@ -98,15 +105,18 @@ def load(path: str) -> ClaimsConfig:
         raise PredictionError(str(err)) from err
     cfg.rows, cfg.claims, cfg.benchmarks = rows, claims, benches
     for name, bench in benches.items():
-        if bench.benchmark not in ("cirr", "circo", "fashioniq"):
-            raise PredictionError(f"benchmarks.{name}.benchmark: cirr, circo or fashioniq, got {bench.benchmark!r}")
+        if bench.benchmark not in BENCHMARKS:
+            raise PredictionError(f"benchmarks.{name}.benchmark: one of {BENCHMARKS}, got {bench.benchmark!r}")
     for name, row in rows.items():
         if row.stage not in STAGES:
             raise PredictionError(f"rows.{name}.stage: one of {STAGES}, got {row.stage!r}")
         if row.stage == "stage2" and (row.init not in rows or rows[row.init].stage != "stage1"):
             raise PredictionError(f"rows.{name}.init: {row.init!r} is not a stage1 row")
-        if row.stage == "stage2" and row.data not in SOURCES:
-            raise PredictionError(f"rows.{name}.data: one of {SOURCES}, got {row.data!r}")
+        if row.stage == "stage2" and row.data not in SOURCES and row.data not in benches:
+            raise PredictionError(f"rows.{name}.data: one of {SOURCES} or a benchmark {sorted(benches)}, "
+                                  f"got {row.data!r}")
+        if row.count and row.data not in SOURCES:
+            raise PredictionError(f"rows.{name}.count: only for the synthetic datasets {SOURCES}")
     for claim in claims:
         for name in [*claim.better, *claim.than]:
             if name not in rows:
@@ -181,7 +191,11 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     else:
         from train.stage2 import main as stage2
 
-        data = str(paths[row.data])
+        if row.data in SOURCES:
+            data = str(paths[row.data])
+        else:  # a benchmark's own train split, read by train.supervised
+            bench = cfg.benchmarks[row.data]
+            data = f"{bench.benchmark}:{bench.root(paths['world']).resolve()}#train"
         subset = [f"data.subset_fraction={min(1.0, row.count / max(1, source_size(data)))}"] if row.count else []
         _check(stage2(["--config", cfg.stage2_config, *common, f"data.train=['{data}']",
                        f"init_from={export(cfg, paths, row.init, seed)}", *subset, *row.overrides]),
@@ -198,7 +212,7 @@ def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, be
     seed_dir = "" if row.stage == "baseline" else f"-seed{seed}"
     out = Path(cfg.output_dir) / "cells" / f"{name}{seed_dir}" / "eval" / f"{bench}-{split}"
     if not (out / "per_query.json").is_file():
-        run(spec.benchmark, str(paths["world"] / "bench" / spec.benchmark), str(export(cfg, paths, name, seed)),
+        run(spec.benchmark, str(spec.root(paths["world"])), str(export(cfg, paths, name, seed)),
             split=split, method=row.method, output=str(out), grids=0,
             cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
     return json.loads((out / "per_query.json").read_text())

@@ -4,8 +4,9 @@ predictions / test-server files, score them with `eval score` and print the metr
 Methods: `model` (a stage I/II export: query "a photo of $ that {caption}" with $ := the reference's pseudo
 tokens), and the baselines every table shows: `image_only` (v_ref), `text_only` (E_T(caption)) and `sum`
 (normalize(v_ref + E_T(caption))), which need only a CLIP (a stage export or any CLIP directory / name).
-Query building follows each benchmark's protocol: FashionIQ joins its two captions in both orders and
-averages; CIRR removes the reference from the ranking and also ranks the image set (recall_subset).
+Queries and galleries come from cir.benchmarks, built as each benchmark's protocol does: FashionIQ joins its two
+captions in both orders and averages; CIRR, Shoes and Fashion200k remove the reference from the ranking; CIRR
+also ranks the image set (recall_subset); Fashion200k's text is TIRG's "replace OLD with NEW".
 """
 from __future__ import annotations
 
@@ -13,74 +14,18 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
+from cir import benchmarks
+from cir.benchmarks import Benchmark
 from eval import score as scoring
 from eval import stats
 from eval.encoder import Encoder, top_k
-from eval.score import TOP, PredictionError, load_json
-
-
-@dataclass
-class Query:
-    qid: str  # key in the predictions file
-    reference: str  # gallery name of the reference image
-    texts: list[str]  # one caption, or several whose features are averaged (FashionIQ's two orders)
-    exclude_reference: bool  # CIRR / Shoes remove the reference from the ranking
-    subset: Optional[list[str]] = None  # CIRR: the image set members other than the reference
-    targets: tuple[str, ...] = ()  # gallery names of the known target(s), for the example grids
-
-
-@dataclass
-class Benchmark:
-    gallery: dict[str, Path]  # name -> image file (names as the predictions file uses them)
-    queries: dict[str, list[Query]]  # group (FashionIQ category, else "") -> queries
-    ids: Callable[[str], object]  # gallery name -> what the predictions file lists (CIRCO: int ids)
-    group_gallery: Optional[dict[str, list[str]]] = None  # FashionIQ: each category ranks its own gallery
-
-
-# ------------------------------------------------------------------------------------------ benchmarks
-
-def load_cirr(root: Path, split: str) -> Benchmark:
-    split_name = {"val": "val", "test": "test1", "test1": "test1"}[split]
-    names = load_json(root / "image_splits" / f"split.rc2.{split_name}.json", "CIRR image split")
-    gallery = {n: root / rel for n, rel in names.items()}
-    queries = [Query(str(q["pairid"]), q["reference"], [q["caption"]], True,
-                     [m for m in q["img_set"]["members"] if m != q["reference"]],
-                     (q["target_hard"],) if "target_hard" in q else ())
-               for q in load_json(root / "captions" / f"cap.rc2.{split_name}.json", "CIRR captions")]
-    return Benchmark(gallery, {"": queries}, str)
-
-
-def load_circo(root: Path, split: str, shared_concept: bool) -> Benchmark:
-    info = load_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json", "CIRCO images")
-    image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
-    gallery = {str(i["id"]): image_dir / i["file_name"] for i in info["images"]}
-    queries = []
-    for q in load_json(root / "annotations" / f"{split}.json", "CIRCO annotations"):
-        text = f"{q['shared_concept']} that {q['relative_caption']}" if shared_concept else q["relative_caption"]
-        queries.append(Query(str(q["id"]), str(q["reference_img_id"]), [text], False,
-                             targets=tuple(str(t) for t in q.get("gt_img_ids", ()))))
-    return Benchmark(gallery, {"": queries}, int)
-
-
-def load_fashioniq(root: Path, split: str) -> Benchmark:
-    gallery, groups, group_gallery = {}, {}, {}
-    for cat, caption_file in scoring.fashioniq_files(root, split).items():
-        group_gallery[cat] = load_json(root / "image_splits" / f"split.{cat}.{split}.json", "FashionIQ split")
-        for name in group_gallery[cat]:
-            gallery[name] = next((root / "images" / f"{name}.{e}" for e in ("png", "jpg")
-                                  if (root / "images" / f"{name}.{e}").is_file()), root / "images" / f"{name}.png")
-        groups[cat] = [Query(str(i), q["candidate"], [f"{q['captions'][0]} and {q['captions'][1]}",
-                                                      f"{q['captions'][1]} and {q['captions'][0]}"], False,
-                                  targets=(q["target"],) if "target" in q else ())
-                       for i, q in enumerate(load_json(caption_file, "FashionIQ captions"))]
-    return Benchmark(gallery, groups, str, group_gallery)
+from eval.score import TOP, PredictionError
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -93,16 +38,17 @@ def default_output(checkpoint: str) -> Path:
     return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint)
 
 
-def run(benchmark: str, data: str, checkpoint: str, split: str = "val", method: str = "model",
+def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None, method: str = "model",
         output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
         device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None,
         cache_dir: Optional[str] = None) -> dict:
-    """Metrics (and ci95) of a checkpoint on a benchmark split; files under `output`. Gallery features are cached
-    in `cache_dir` (default: `output`), keyed by the image tower's weights and the image list, so runs that
-    share an image tower (every stage II variant of one CLIP) can share one cache."""
+    """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
+    cir.benchmarks.SPLITS); files under `output`. Gallery features are cached in `cache_dir` (default: `output`),
+    keyed by the image tower's weights and the image list, so runs that share an image tower (every stage II
+    variant of one CLIP) can share one cache."""
     root = Path(data)
-    bench = {"cirr": lambda: load_cirr(root, split), "circo": lambda: load_circo(root, split, shared_concept),
-             "fashioniq": lambda: load_fashioniq(root, split)}[benchmark]()
+    split = benchmarks.split_name(benchmark, split)  # as the files name it (CIRR's test is test1)
+    bench = benchmarks.load(benchmark, root, split, shared_concept)
     out = Path(output) if output else default_output(checkpoint) / f"{benchmark}-{split}-{method}"
     out.mkdir(parents=True, exist_ok=True)
     missing = sorted(n for n, p in bench.gallery.items() if not p.is_file())
@@ -188,12 +134,15 @@ def _write_and_score(benchmark: str, split: str, root: Path, out: Path, predicti
     metrics: dict = {}
     try:
         if benchmark == "cirr":
-            split_name = "test1" if split.startswith("test") else "val"
-            per_query = scoring.cirr_per_query(root / "captions" / f"cap.rc2.{split_name}.json", predictions, subset)
+            per_query = scoring.cirr_per_query(root / "captions" / f"cap.rc2.{split}.json", predictions, subset)
         elif benchmark == "circo":
             per_query = scoring.circo_per_query(root / "annotations" / f"{split}.json", predictions)
-        else:
+        elif benchmark == "fashioniq":
             per_query = scoring.fashioniq_per_query(root, predictions, split=split)
+        elif benchmark == "shoes":
+            per_query = scoring.shoes_per_query(root, predictions, split)
+        else:
+            per_query = scoring.fashion200k_per_query(root, predictions)
         # per-query values (claims pair two methods query by query) and a bootstrap interval per metric
         (out / "per_query.json").write_text(json.dumps(per_query))
         metrics = {**scoring.summarize(per_query), "ci95": stats.ci95(per_query)}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cir import jsonfile
+from cir.benchmarks import BenchmarkError, fashion200k_queries, fashioniq_files, shoes_queries
 from eval.metrics import average_precisions, recall_hits, recall_hits_any
 
 TOP = 50  # every benchmark's server takes top-50 lists
@@ -19,8 +20,9 @@ CIRCO_KS = (5, 10, 25, 50)
 FASHIONIQ_KS = (10, 50)
 
 
-class PredictionError(ValueError):
-    """The predictions (or annotations) do not fit the protocol; the message says where."""
+class PredictionError(BenchmarkError):
+    """The predictions (or annotations) do not fit the protocol; the message says where. Errors in a benchmark's
+    own files are `cir.benchmarks.BenchmarkError`, this class's base: the command line catches that."""
 
 
 # metric -> group (FashionIQ category; "" elsewhere) -> one value per query, in annotation order, such that the
@@ -175,18 +177,6 @@ def circo_per_query(annotations: str | Path, predictions: Any) -> PerQuery:
 
 # ------------------------------------------------------------------------------------------ FashionIQ
 
-def fashioniq_files(annotations: str | Path, split: str = "val") -> dict[str, Path]:
-    """category -> caption file, from the dataset root, its captions/ folder, or one cap.{cat}.{split}.json."""
-    path = Path(annotations)
-    if path.is_file():
-        return {path.name.split(".")[1]: path}
-    folder = path / "captions" if (path / "captions").is_dir() else path
-    files = {p.name.split(".")[1]: p for p in sorted(folder.glob(f"cap.*.{split}.json"))}
-    if not files:
-        raise PredictionError(f"no FashionIQ caption files cap.*.{split}.json under {folder}")
-    return files
-
-
 def _fashioniq_gallery_size(caption_file: Path, category: str, split: str) -> Optional[int]:
     split_file = caption_file.parent.parent / "image_splits" / f"split.{category}.{split}.json"
     return len(load_json(split_file, "FashionIQ image split")) if split_file.is_file() else None
@@ -243,20 +233,6 @@ def _ranked_without_reference(name: str, ranked: Any, reference: str, length: in
     return r
 
 
-def shoes_queries(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Shoes layout: relative_captions_shoes.json + eval_im_names.txt. The evaluation queries are the caption
-    entries whose reference and target are both evaluation images, in file order; the gallery is those images."""
-    root = Path(root)
-    captions = load_json(root / "relative_captions_shoes.json", "Shoes captions")
-    names_file = root / "eval_im_names.txt"
-    if not names_file.is_file():
-        raise PredictionError(f"Shoes split not found: {names_file}")
-    gallery = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-    in_split = set(gallery)
-    queries = [c for c in captions if c["ImageName"] in in_split and c["ReferenceImageName"] in in_split]
-    return queries, gallery
-
-
 def _check_indexed(benchmark: str, predictions: Any, n_queries: int) -> None:
     """Predictions keyed by the query's index in the annotation order: every index once, nothing else."""
     if not isinstance(predictions, dict):
@@ -264,14 +240,14 @@ def _check_indexed(benchmark: str, predictions: Any, n_queries: int) -> None:
     _check_keys(f"{benchmark} predictions", set(predictions), {str(i) for i in range(n_queries)})
 
 
-def score_shoes(root: str | Path, predictions: Any) -> dict:
+def score_shoes(root: str | Path, predictions: Any, split: str = "eval") -> dict:
     """Shoes: Recall@1/10/50 of the target, the reference excluded from the gallery ranking, and their mean
     (`avg`, the mean of Recall@K that CTI-IR reports)."""
-    return summarize(shoes_per_query(root, predictions))
+    return summarize(shoes_per_query(root, predictions, split))
 
 
-def shoes_per_query(root: str | Path, predictions: Any) -> PerQuery:
-    queries, gallery = shoes_queries(root)
+def shoes_per_query(root: str | Path, predictions: Any, split: str = "eval") -> PerQuery:
+    queries, gallery = shoes_queries(root, split)
     _check_indexed("Shoes", predictions, len(queries))
     length = min(TOP, len(gallery) - 1)
     ranked = [_ranked_without_reference(f"query {i}", predictions[str(i)], q["ReferenceImageName"], length)
@@ -281,28 +257,6 @@ def shoes_per_query(root: str | Path, predictions: Any) -> PerQuery:
     # CTI-IR's headline for Shoes: the mean of Recall@1, @10 and @50
     out["avg"] = {"": [sum(vals) / len(RECALL_KS) for vals in zip(*(out[f"recall@{k}"][""] for k in RECALL_KS))]}
     return out
-
-
-def fashion200k_queries(root: str | Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """Fashion200k (TIRG protocol): labels/*_test_detect_all.txt ("path<TAB>score<TAB>caption") give the test
-    gallery and captions; test_queries.txt lists "source target" paths, one query a line."""
-    root = Path(root)
-    captions: dict[str, str] = {}
-    for label_file in sorted((root / "labels").glob("*_test_detect_all.txt")):
-        for line in label_file.read_text(encoding="utf-8").splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3:
-                captions[parts[0]] = parts[2].strip()
-    if not captions:
-        raise PredictionError(f"no Fashion200k test labels under {root / 'labels'}")
-    queries_file = root / "test_queries.txt"
-    if not queries_file.is_file():
-        raise PredictionError(f"Fashion200k queries not found: {queries_file}")
-    queries = [tuple(line.split()[:2]) for line in queries_file.read_text().splitlines() if line.strip()]
-    unknown = [p for q in queries for p in q if p not in captions]
-    if unknown:
-        raise PredictionError(f"test_queries.txt names images without a test caption, e.g. {unknown[0]}")
-    return queries, captions
 
 
 def score_fashion200k(root: str | Path, predictions: Any) -> dict:

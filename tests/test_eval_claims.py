@@ -57,6 +57,13 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     bad.write_text("rows: {r: {stage: stage2, init: r}}\n")
     with pytest.raises(PredictionError, match="is not a stage1 row"):
         load(str(bad))
+    bad.write_text("benchmarks: {b: {benchmark: shoes}}\nrows: {stage1: {stage: stage1}, r: {stage: stage2, data: nope}}\n")
+    with pytest.raises(PredictionError, match=r"rows.r.data: one of .* or a benchmark \['b'\], got 'nope'"):
+        load(str(bad))
+    bad.write_text("benchmarks: {b: {benchmark: shoes}}\n"
+                   "rows: {stage1: {stage: stage1}, r: {stage: stage2, data: b, count: 5}}\n")
+    with pytest.raises(PredictionError, match="rows.r.count: only for the synthetic datasets"):
+        load(str(bad))
     assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
 
 
@@ -68,12 +75,16 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "output_dir": str(tmp_path / "out"), "world_images": 48, "bench_queries": 12, "hq_triplets": 20,
         "seeds": [0, 1], "split": "test",
         "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
-        "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"}},
+        "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"},
+                       "toy-coarse": {"benchmark": "circo", "folder": "circo_coarse"}, "toy-shoes": {"benchmark": "shoes"}},
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
-                 "stage2": {"stage": "stage2", "count": 10}},  # the LQ + HQ mix manifest
+                 "stage2": {"stage": "stage2", "count": 10},  # the LQ + HQ mix manifest
+                 "upper": {"stage": "stage2", "data": "toy-shoes"}},  # the toy Shoes train split, supervised
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
-                    "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}}]}))
+                    "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}},
+                   {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2"],
+                    "benchmarks": {"toy-shoes": "avg", "toy-coarse": "map@5"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,8 +97,13 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     assert len(row["seeds"]) == 2 and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
     assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-test" / "per_query.json").is_file()
     assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-circo-val" / "per_query.json").is_file()
+    assert (tmp_path / "out" / "cells" / "upper-seed0" / "eval" / "toy-shoes-test" / "per_query.json").is_file()
+    assert (tmp_path / "out" / "cells" / "upper-seed0" / "eval" / "toy-coarse-test" / "per_query.json").is_file()
+    upper = json.loads((tmp_path / "out" / "cells" / "upper-seed0" / "train" / "config.json").read_text())
+    assert upper["data"]["train"] == [f"shoes:{(tmp_path / 'out' / 'world' / 'bench' / 'shoes').resolve()}#train"]
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"T-1": claim["verdict"]}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"T-1": claim["verdict"],
+                                                                "T-2": report["claims"][1]["verdict"]}
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
     assert again.returncode == 0 and "[claims] train" not in again.stderr
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]

@@ -38,7 +38,8 @@ def _check_example_grid(path, bench, queries, recall):
     from PIL import Image
 
     from eval.grids import TARGET_COLOUR, grid_size, panel_box
-    from eval.run import _grid_sample, load_cirr
+    from cir.benchmarks import load_cirr
+    from eval.run import _grid_sample
 
     sample = _grid_sample(load_cirr(bench, "val"), 6)
     sheet = Image.open(path).convert("RGB")
@@ -59,6 +60,30 @@ def test_circo_and_fashioniq_and_baselines(toy_world, tiny_stage1_export, tmp_pa
         got = run("fashioniq", str(toy_world / "bench" / "fashioniq"), str(tiny_stage1_export / "clip"), method=method,
                   output=str(tmp_path / method))
         assert {"dress/recall@10", "avg/recall@50", "avg"} <= set(got)
+
+
+def test_shoes_fashion200k_and_coarse_circo(toy_world, tiny_stage1_export, tmp_path):
+    """The other layouts round trip too: Shoes and Fashion200k rank without the reference (their scorers refuse
+    it) on their test split by default; the coarse CIRCO queries score as CIRCO, with several answers each."""
+    from cir.benchmarks import load
+
+    shoes = run("shoes", str(toy_world / "bench" / "shoes"), str(tiny_stage1_export), output=str(tmp_path / "s"))
+    assert set(shoes) == {"recall@1", "recall@10", "recall@50", "avg", "ci95"}
+    assert shoes["avg"] == pytest.approx((shoes["recall@1"] + shoes["recall@10"] + shoes["recall@50"]) / 3, abs=1e-3)
+    f200k = run("fashion200k", str(toy_world / "bench" / "fashion200k"), str(tiny_stage1_export),
+                output=str(tmp_path / "f"))
+    assert set(f200k) == {"recall@1", "recall@10", "recall@50", "ci95"}
+    preds = json.loads((tmp_path / "f" / "predictions.json").read_text())
+    queries = (toy_world / "bench" / "fashion200k" / "test_queries.txt").read_text().splitlines()
+    assert len(preds) == len(queries) == 12
+    assert all(line.split()[0] not in preds[str(i)] for i, line in enumerate(queries))
+    coarse = run("circo", str(toy_world / "bench" / "circo_coarse"), str(tiny_stage1_export), split="test",
+                 output=str(tmp_path / "c"))
+    assert {"map@5", "map@50"} <= set(coarse)
+    assert all(len(q.targets) >= 2 for q in load("circo", toy_world / "bench" / "circo_coarse", "test").queries[""])
+    with pytest.raises(ValueError, match="shoes has no split 'val'"):
+        run("shoes", str(toy_world / "bench" / "shoes"), str(tiny_stage1_export), split="val",
+            output=str(tmp_path / "v"))
 
 
 def test_a_baseline_clip_by_architecture_name_and_its_weights(toy_world, tiny_stage1_export, tmp_path):
@@ -97,3 +122,7 @@ def test_cli_needs_an_export_for_the_model_method(toy_world, tiny_stage1_export)
     bad = subprocess.run([*args, "--checkpoint", str(tiny_stage1_export / "clip")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "not a stage I/II export" in bad.stderr
+    args = [sys.executable, "-m", "eval", "run", "--benchmark", "fashion200k", "--data",
+            str(toy_world / "bench" / "fashion200k"), "--checkpoint", str(tiny_stage1_export), "--split", "val"]
+    bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "fashion200k has no split 'val'" in bad.stderr

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from toyworld.cli import run
-from toyworld.edits import apply_edit, enumerate_edits, mod_texts
+from toyworld.edits import apply_edit, coarse_edits, coarse_texts, enumerate_edits, mod_texts
 from toyworld.scene import COLOURS, Scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,12 @@ def test_layout(toy_world):
                                   "image_splits/split.rc2.val.json", "image_splits/split.rc2.test1.json"],
                          "circo": ["annotations/val.json", "annotations/test.json",
                                    "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"],
+                         "circo_coarse": ["annotations/val.json", "annotations/test.json"],
                          "fashioniq": [f"{kind}/{pre}.{cat}.val.json" for cat in ("dress", "shirt", "toptee")
-                                       for kind, pre in (("captions", "cap"), ("image_splits", "split"))]}.items():
+                                       for kind, pre in (("captions", "cap"), ("image_splits", "split"))],
+                         "shoes": ["relative_captions_shoes.json", "train_im_names.txt", "eval_im_names.txt"],
+                         "fashion200k": ["test_queries.txt", "labels/circle_train_detect_all.txt",
+                                         "labels/circle_test_detect_all.txt"]}.items():
         for f in files:
             assert (toy_world / "bench" / bench / f).is_file(), f"missing {bench}/{f}"
 
@@ -170,12 +174,77 @@ def test_fashioniq_queries_are_consistent(toy_world):
                                       Scene.from_json(scenes[q["target"]]))
 
 
+def test_coarse_circo_queries_list_every_answer(toy_world):
+    """A coarse query ("give the red circle another colour") is answered by several different scenes: its
+    ground truth is every gallery image showing any edit of that kind of that object, and nothing else."""
+    root = toy_world / "bench" / "circo_coarse"
+    scenes = {int(k): Scene.from_json(v) for k, v in load(root / "toy_scenes.json").items()}
+    for split in ("val", "test"):
+        queries = load(root / "annotations" / f"{split}.json")
+        assert len(queries) == 12
+        for q in queries:
+            ref = scenes[q["reference_img_id"]]
+            requests = [(kind, noun) for kind in ("colour", "shape", "position", "background")
+                        for noun in ([""] if kind == "background" else [o.noun for o in ref.objects])
+                        if q["relative_caption"] in coarse_texts(kind, noun)]
+            assert len(requests) == 1, q["relative_caption"]
+            answers = {apply_edit(ref, e).key for e in coarse_edits(ref, *requests[0])}
+            assert len(answers) >= 2
+            assert sorted(q["gt_img_ids"]) == sorted(i for i, s in scenes.items() if s.key in answers)
+            assert len({scenes[i].key for i in q["gt_img_ids"]}) >= 2, "several different scenes answer"
+            assert q["gt_img_ids"][0] == q["target_img_id"]
+
+
+def test_shoes_queries_are_consistent(toy_world):
+    """Shoes: the images live in nested folders and are named in {train,eval}_im_names.txt; each split shows a
+    canonical scene once, so the edited reference is the one right answer."""
+    from cir.benchmarks import find_images, shoes_queries
+
+    root = toy_world / "bench" / "shoes"
+    scenes = load(root / "toy_scenes.json")
+    splits = {}
+    for split in ("train", "eval"):
+        entries, names = shoes_queries(root, split)
+        splits[split] = set(names)
+        assert len(entries) == 12
+        keys = [Scene.from_json(scenes[n]).key for n in names]
+        assert len(set(keys)) == len(keys)
+        found = find_images(root, set(names))
+        assert set(found) == set(names) and all(p.parent != root for p in found.values())
+        for c in entries:
+            assert set(c) == {"ReferenceImageName", "ImageName", "RelativeCaption"}
+            assert_text_describes(Scene.from_json(scenes[c["ReferenceImageName"]]), c["RelativeCaption"],
+                                  Scene.from_json(scenes[c["ImageName"]]))
+    assert not splits["train"] & splits["eval"]
+
+
+def test_fashion200k_queries_differ_in_one_title_word(toy_world):
+    """Fashion200k: the title names every attribute of the one object, so an image's title is its scene; a
+    query's source and target titles differ in one word, which TIRG's "replace OLD with NEW" names."""
+    from cir.benchmarks import different_word, fashion200k_captions, fashion200k_queries
+    from toyworld.bench import fashion200k_caption
+
+    root = toy_world / "bench" / "fashion200k"
+    scenes = load(root / "toy_scenes.json")
+    queries, titles = fashion200k_queries(root)
+    assert len(queries) == 12 and len(set(titles.values())) == 6 * 3 * 2 * 4 * 3  # every product once per split
+    assert not set(titles) & set(fashion200k_captions(root, "train"))
+    for path, title in titles.items():
+        assert (root / path).is_file() and path.endswith(".jpeg")
+        assert fashion200k_caption(Scene.from_json(scenes[path])) == title
+    for source, target in queries:
+        a, b = titles[source].split(), titles[target].split()
+        assert sum(x != y for x, y in zip(a, b)) == 1
+        old, new = different_word(titles[source], titles[target])
+        assert old in a and new in b and old not in b
+
+
 def test_benchmark_images_are_disjoint_from_training_images(toy_world):
     def digests(paths):
         return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
     train = digests(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))
-    bench = digests(p for p in (toy_world / "bench").rglob("*") if p.suffix in (".jpg", ".png"))
+    bench = digests(p for p in (toy_world / "bench").rglob("*") if p.suffix in (".jpg", ".jpeg", ".png"))
     assert len(bench) > 100 and not train & bench
 
 

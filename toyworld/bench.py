@@ -1,8 +1,11 @@
-"""Held-out toy benchmarks written in the official CIRR, CIRCO and FashionIQ layouts.
+"""Held-out toy benchmarks written in the official CIRR, CIRCO, FashionIQ, Shoes and Fashion200k layouts.
 
 Ground truth comes from canonical scene keys: a gallery image answers a query when it shows exactly the
 reference scene with the modification applied. Each benchmark also gets `toy_scenes.json` (image name or
 id -> scene) beside the official files, so tests and curious users can check every answer.
+
+`circo_coarse` is a CIRCO-layout benchmark whose every query is coarse ("give the red circle another colour"):
+several different scenes answer it, and mAP@K scores how many of them rank high (one-to-many retrieval).
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .edits import apply_edit, enumerate_edits, mod_texts, random_edit, shared_concept
-from .scene import BACKGROUNDS, COLOURS, SIZES, SLOTS, Obj, Scene, random_scene
+from .edits import (COARSE_KINDS, Edit, apply_edit, coarse_edits, coarse_texts, enumerate_edits, mod_texts,
+                    random_edit, shared_concept)
+from .scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOT_WORD, SLOTS, Obj, Scene, random_scene
 from .world import WorldConfig, dump_json, stream, write_image
 
 CIRR_SET_SIZE = 6  # CIRR image sets have six members, reference and target among them
@@ -21,9 +25,12 @@ CIRR_QUERIES_PER_SET = 2
 CIRCO_HARD_NEGATIVES = 2  # other edits of the reference put in the gallery
 CIRCO_MAX_TARGET_RENDERS = 3  # a query has 1..3 correct images
 CIRCO_RANDOM_PER_QUERY = 2  # unrelated distractors per query
+CIRCO_COARSE_MAX_ANSWERS = 4  # different answering scenes a coarse query puts in the gallery (2..4)
 # FashionIQ's three categories; each is one object of one shape, edited in its attributes only.
 FASHIONIQ_SHAPES = {"dress": "triangle", "shirt": "square", "toptee": "circle"}
 FASHIONIQ_EDIT_KINDS = ("colour", "size", "position", "background")
+SHOES_EDIT_KINDS = ("colour", "shape", "size", "position", "background")  # attribute changes of one or two objects
+FASHION200K_MAX_IMAGES = 3  # photos per product (1..3)
 
 
 def _cirr_set(rng: random.Random, used: set[str]) -> tuple[Scene, list]:
@@ -84,26 +91,47 @@ def write_cirr(out: Path, cfg: WorldConfig) -> None:
     dump_json(scenes, out / "toy_scenes.json")
 
 
-def write_circo(out: Path, cfg: WorldConfig) -> None:
-    """CIRCO/annotations/{val,test}.json and the COCO-style gallery under COCO2017_unlabeled/."""
-    rng = stream(cfg.seed, "circo", 0)
+def _circo_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene], list[Scene], set[str]]:
+    """A one-answer CIRCO query: (caption, shared concept, answer renders, distractors, answer keys)."""
+    edit = random_edit(ref, rng)
+    target = apply_edit(ref, edit)
+    answers = [target] * rng.randint(1, CIRCO_MAX_TARGET_RENDERS)
+    others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key != target.key]
+    distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
+    distractors += [random_scene(rng) for _ in range(CIRCO_RANDOM_PER_QUERY)]
+    return rng.choice(mod_texts(ref, edit)), shared_concept(ref, edit), answers, distractors, {target.key}
+
+
+def _coarse_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene], list[Scene], set[str]]:
+    """A coarse query: some other value of one attribute; 2..4 of the scenes that answer it are in the gallery,
+    with other edits of the reference (which do not answer it) as hard distractors."""
+    options = [(kind, noun, accepted) for kind in COARSE_KINDS
+               for noun in ([""] if kind == "background" else [o.noun for o in ref.objects])
+               for accepted in [coarse_edits(ref, kind, noun)] if len(accepted) >= 2]
+    kind, noun, accepted = rng.choice(options)
+    keys = {apply_edit(ref, e).key for e in accepted}
+    answers = [apply_edit(ref, e) for e in rng.sample(accepted, min(len(accepted), CIRCO_COARSE_MAX_ANSWERS))]
+    others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key not in keys]
+    distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
+    distractors += [random_scene(rng) for _ in range(CIRCO_RANDOM_PER_QUERY)]
+    return (rng.choice(coarse_texts(kind, noun)), shared_concept(ref, Edit(kind, noun)), answers, distractors, keys)
+
+
+def write_circo(out: Path, cfg: WorldConfig, name: str = "circo", make_query=_circo_query) -> None:
+    """CIRCO/annotations/{val,test}.json and the COCO-style gallery under COCO2017_unlabeled/. `make_query` draws
+    a query for a reference; a gallery image answers it when its scene is one of the query's answer keys."""
+    rng = stream(cfg.seed, name, 0)
     gallery: list[Scene] = []  # index into this list until ids are assigned
     queries: dict[str, list[dict]] = {"val": [], "test": []}
     for split in queries:
         for _ in range(cfg.bench_queries):
             ref = random_scene(rng)
-            edit = random_edit(ref, rng)
-            target = apply_edit(ref, edit)
             ref_idx = len(gallery)
             gallery.append(ref)
-            target_idx = len(gallery)
-            gallery += [target] * rng.randint(1, CIRCO_MAX_TARGET_RENDERS)
-            others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key != target.key]
-            gallery += [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
-            gallery += [random_scene(rng) for _ in range(CIRCO_RANDOM_PER_QUERY)]
-            queries[split].append({"ref": ref_idx, "target": target_idx, "target_scene": target,
-                                   "caption": rng.choice(mod_texts(ref, edit)),
-                                   "shared_concept": shared_concept(ref, edit)})
+            caption, concept, answers, distractors, keys = make_query(ref, rng)
+            queries[split].append({"ref": ref_idx, "target": len(gallery), "keys": keys, "caption": caption,
+                                   "shared_concept": concept})
+            gallery += answers + distractors
     # Shuffle before numbering so a query's answers are not adjacent ids.
     order = list(range(len(gallery)))
     rng.shuffle(order)
@@ -117,20 +145,20 @@ def write_circo(out: Path, cfg: WorldConfig) -> None:
     (out / "COCO2017_unlabeled" / "annotations").mkdir()
     (out / "annotations").mkdir()
     scenes, infos = {}, []
-    for idx, scene in enumerate(tqdm(gallery, desc="toy circo gallery", unit="img")):
+    for idx, scene in enumerate(tqdm(gallery, desc=f"toy {name} gallery", unit="img")):
         img_id = ids[idx]
-        name = f"{img_id:012d}"
-        scenes[str(img_id)] = write_image(image_dir / name, scene, stream(cfg.seed, "circo-image", img_id), "jpg",
+        file = f"{img_id:012d}"
+        scenes[str(img_id)] = write_image(image_dir / file, scene, stream(cfg.seed, f"{name}-image", img_id), "jpg",
                                           cfg.image_size)
-        infos.append({"id": img_id, "file_name": f"{name}.jpg", "width": cfg.image_size, "height": cfg.image_size})
+        infos.append({"id": img_id, "file_name": f"{file}.jpg", "width": cfg.image_size, "height": cfg.image_size})
     infos.sort(key=lambda d: d["id"])
     dump_json({"images": infos}, out / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
     for split, qs in queries.items():
         rows = []
         for qid, q in enumerate(qs):
             target_id = ids[q["target"]]
-            # gt_img_ids: every gallery image showing the target scene, the designated target first.
-            gt = [target_id] + sorted(i for i in by_key[q["target_scene"].key] if i != target_id)
+            # gt_img_ids: every gallery image showing an answer, the designated target first.
+            gt = [target_id] + sorted(i for key in q["keys"] for i in by_key.get(key, []) if i != target_id)
             rows.append({"id": qid, "reference_img_id": ids[q["ref"]], "target_img_id": target_id,
                          "relative_caption": q["caption"], "shared_concept": q["shared_concept"], "gt_img_ids": gt})
         dump_json(rows, out / "annotations" / f"{split}.json")
@@ -169,7 +197,94 @@ def write_fashioniq(out: Path, cfg: WorldConfig) -> None:
     dump_json(scenes, out / "toy_scenes.json")
 
 
+def write_shoes(out: Path, cfg: WorldConfig) -> None:
+    """Shoes layout: relative_captions_shoes.json (both splits), {train,eval}_im_names.txt, images nested under
+    attributedata/womens_toy_SPLIT/0/ (found by name, as in the real dataset). Scenes have one or two objects; a
+    query is one attribute edit; a split's gallery shows each canonical scene once (one right answer): every
+    query's reference and target and one unrelated scene per query."""
+    entries, scenes = [], {}
+    for split in ("train", "eval"):
+        rng = stream(cfg.seed, f"shoes-{split}", 0)
+        folder = out / "attributedata" / f"womens_toy_{split}" / "0"
+        folder.mkdir(parents=True)
+        used: set[str] = set()
+        names: list[str] = []
+
+        def add(scene: Scene) -> str:
+            name = f"img_womens_toy_{split}_{len(names):06d}"
+            scenes[f"{name}.jpg"] = write_image(folder / name, scene, stream(cfg.seed, f"shoes-{split}-image",
+                                                                             len(names)), "jpg", cfg.image_size)
+            names.append(f"{name}.jpg")
+            used.add(scene.key)
+            return names[-1]
+
+        for _ in tqdm(range(cfg.bench_queries), desc=f"toy shoes {split}", unit="query"):
+            while True:
+                ref = random_scene(rng, rng.randint(1, 2))
+                edit = random_edit(ref, rng, SHOES_EDIT_KINDS)
+                target = apply_edit(ref, edit)
+                if ref.key not in used and target.key not in used:
+                    break
+            text = rng.choice(mod_texts(ref, edit))
+            entries.append({"ReferenceImageName": add(ref), "ImageName": add(target), "RelativeCaption": text})
+            other = random_scene(rng)
+            if other.key not in used:
+                add(other)
+        (out / f"{split}_im_names.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    dump_json(entries, out / "relative_captions_shoes.json")
+    dump_json(scenes, out / "toy_scenes.json")
+
+
+def fashion200k_caption(scene: Scene) -> str:
+    """A product title listing the single object's attributes ("small red circle left on gray"): one word per
+    attribute, so two products one edit apart have titles one word apart (TIRG's queries)."""
+    (o,) = scene.objects
+    return f"{o.size} {o.colour} {o.shape} {SLOT_WORD[o.slot]} on {scene.background}"
+
+
+def write_fashion200k(out: Path, cfg: WorldConfig) -> None:
+    """Fashion200k layout: labels/{shape}_{train,test}_detect_all.txt ("path<TAB>score<TAB>title") and images
+    women/{shape}/{product}/{product}_{k}.jpeg. Every single-object scene is one product per split with 1..3
+    photos; test_queries.txt holds `bench_queries` "source target" pairs whose titles differ in one word."""
+    (out / "labels").mkdir(parents=True)
+    scenes = {}
+    product = 0
+    test_photos: dict[str, list[str]] = {}  # title -> photo paths (test split)
+    for split in ("train", "test"):
+        rng = stream(cfg.seed, f"fashion200k-{split}", 0)
+        for shape in SHAPES:
+            lines = []
+            for bg, colour, size, slot in itertools.product(BACKGROUNDS, COLOURS, SIZES, SLOTS):
+                scene = Scene(bg, (Obj(slot, shape, colour, size),))
+                title = fashion200k_caption(scene)
+                folder = out / "women" / shape / str(product)
+                folder.mkdir(parents=True)
+                for k in range(rng.randint(1, FASHION200K_MAX_IMAGES)):
+                    path = f"women/{shape}/{product}/{product}_{k}.jpeg"
+                    scenes[path] = write_image(folder / f"{product}_{k}", scene,
+                                               stream(cfg.seed, "fashion200k-image", len(scenes)), "jpg",
+                                               cfg.image_size, ext="jpeg")
+                    lines.append(f"{path}\t{rng.uniform(0.5, 1.0):.3f}\t{title}\n")
+                    if split == "test":
+                        test_photos.setdefault(title, []).append(path)
+                product += 1
+            (out / "labels" / f"{shape}_{split}_detect_all.txt").write_text("".join(lines), encoding="utf-8")
+    rng = stream(cfg.seed, "fashion200k-queries", 0)
+    titles = sorted(test_photos)
+    queries = []
+    for _ in range(cfg.bench_queries):
+        source_photo = rng.choice(test_photos[rng.choice(titles)])
+        source = Scene.from_json(scenes[source_photo])
+        target_title = fashion200k_caption(apply_edit(source, random_edit(source, rng, SHOES_EDIT_KINDS)))
+        queries.append(f"{source_photo} {rng.choice(test_photos[target_title])}\n")
+    (out / "test_queries.txt").write_text("".join(queries), encoding="utf-8")
+    dump_json(scenes, out / "toy_scenes.json")
+
+
 def write_benchmarks(out: Path, cfg: WorldConfig) -> None:
     write_cirr(out / "cirr", cfg)
     write_circo(out / "circo", cfg)
+    write_circo(out / "circo_coarse", cfg, "circo_coarse", _coarse_query)
     write_fashioniq(out / "fashioniq", cfg)
+    write_shoes(out / "shoes", cfg)
+    write_fashion200k(out / "fashion200k", cfg)

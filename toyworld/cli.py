@@ -62,7 +62,8 @@ def world_card(cfg: WorldConfig, num_images: int) -> dict:
                        "sizes": list(SIZES), "slots": list(SLOTS)},
         "fashioniq_categories": FASHIONIQ_SHAPES,
         "layout": {"images": "images/{name}.{jpg,png} + {name}.txt caption + {name}.json scene",
-                   "bench": "bench/{cirr,circo,fashioniq} in the official layouts + toy_scenes.json"},
+                   "bench": "bench/{cirr,circo,circo_coarse,fashioniq,shoes,fashion200k} in the official layouts "
+                            "(circo_coarse: CIRCO's, every query one-to-many) + toy_scenes.json"},
     }
 
 

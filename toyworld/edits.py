@@ -109,6 +109,33 @@ def mod_texts(scene: Scene, edit: Edit) -> list[str]:
     raise ValueError(f"unknown edit kind {edit.kind!r}")
 
 
+# A coarse modification asks for *some* other value of one attribute; every such edit answers it (one-to-many).
+COARSE_KINDS = ("colour", "shape", "position", "background")
+
+
+def coarse_edits(scene: Scene, kind: str, target: str = "") -> list[Edit]:
+    """Every edit a coarse request of this kind on this object (noun; "" for the background) accepts."""
+    return [e for e in enumerate_edits(scene, (kind,)) if e.target == target]
+
+
+def coarse_texts(kind: str, target: str = "") -> list[str]:
+    """Every phrasing of a coarse request: what changes, not what it becomes."""
+    the = f"the {target}"
+    if kind == "colour":
+        return [f"give {the} another colour", f"change the colour of {the}", f"{the} should be a different colour",
+                f"make {the} any other colour"]
+    if kind == "shape":
+        return [f"turn {the} into another shape", f"change the shape of {the}", f"{the} should be a different shape",
+                f"make {the} any other shape"]
+    if kind == "position":
+        return [f"move {the} somewhere else", f"put {the} in another place", f"{the} should be elsewhere",
+                f"change where {the} is"]
+    if kind == "background":
+        return ["change the background", "use another background", "put it on a different background",
+                "the background should be different"]
+    raise ValueError(f"no coarse request of kind {kind!r}")
+
+
 def shared_concept(scene: Scene, edit: Edit) -> str:
     """What reference and target have in common (CIRCO's `shared_concept`): an untouched object, or the
     unchanged attribute of the edited object when it is the only one."""

@@ -38,10 +38,10 @@ def dump_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_image(path_stem: Path, scene: Scene, rng: random.Random, fmt: str, size: int) -> dict:
-    """Render one scene to `{path_stem}.{fmt}`; returns the scene json with its layout."""
+def write_image(path_stem: Path, scene: Scene, rng: random.Random, fmt: str, size: int, ext: str = "") -> dict:
+    """Render one scene to `{path_stem}.{ext or fmt}`; returns the scene json with its layout."""
     placed = layout(scene, rng)
-    path_stem.with_name(f"{path_stem.name}.{fmt}").write_bytes(encode(render(scene, placed, size), fmt))
+    path_stem.with_name(f"{path_stem.name}.{ext or fmt}").write_bytes(encode(render(scene, placed, size), fmt))
     return {**scene.to_json(), "layout": placed}
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from cir import jsonfile
+from cir.benchmarks import BenchmarkError, fashioniq_image, find_images, shoes_queries
 
 FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
 FIELDS = ("ref.jpg", "ref.png", "tgt.jpg", "tgt.png", "mod.txt", "json")
@@ -84,10 +84,7 @@ def load_fashioniq(root: Path, split: str) -> list[Record]:
     if not files:
         raise SupervisedError(f"no FashionIQ caption files captions/cap.*.{split}.json under {root}")
 
-    def image(name: str) -> Path:
-        return next((p for p in (root / "images" / f"{name}.png", root / "images" / f"{name}.jpg") if p.is_file()),
-                    root / "images" / f"{name}.png")
-
+    image = functools.partial(fashioniq_image, root)
     records = []
     for f in files:
         for q in _load_json(f, "FashionIQ captions"):
@@ -115,21 +112,16 @@ def load_cirr(root: Path, split: str) -> list[Record]:
 
 
 def load_shoes(root: Path, split: str) -> list[Record]:
-    names_file = root / f"{split}_im_names.txt"
-    if not names_file.is_file():
-        raise SupervisedError(f"Shoes split not found: {names_file}")
-    in_split = {line.strip() for line in names_file.read_text().splitlines() if line.strip()}
-    found: dict[str, Path] = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name in in_split:
-                found.setdefault(name, Path(folder) / name)
+    try:
+        entries, images = shoes_queries(root, split)
+    except BenchmarkError as err:
+        raise SupervisedError(str(err)) from None
+    found = find_images(root, set(images))
     records = []
-    for c in _load_json(root / "relative_captions_shoes.json", "Shoes captions"):
+    for c in entries:
         ref, tgt = c["ReferenceImageName"], c["ImageName"]
-        if ref in in_split and tgt in in_split:
-            records.append(Record(found.get(ref, root / ref), ref,
-                                  [Choice(found.get(tgt, root / tgt), tgt, c["RelativeCaption"].strip())]))
+        records.append(Record(found.get(ref, root / ref), ref,
+                              [Choice(found.get(tgt, root / tgt), tgt, c["RelativeCaption"].strip())]))
     return records
 
 

@@ -1,0 +1,42 @@
+"""cir.benchmarks: one reader per layout; splits named as the benchmarks name them; errors that name the file."""
+from __future__ import annotations
+
+import pytest
+
+from cir.benchmarks import BenchmarkError, different_word, load, split_name
+
+
+def test_split_names_follow_each_benchmark():
+    assert split_name("cirr", None) == "val" and split_name("cirr", "test") == "test1"
+    assert split_name("shoes", None) == "eval" and split_name("shoes", "test") == "eval"
+    assert split_name("fashion200k", None) == "test"
+    for benchmark in ("cirr", "circo", "fashioniq", "shoes", "fashion200k"):
+        name = split_name(benchmark, None)
+        assert split_name(benchmark, name) == name  # a file's split name is accepted as given
+    with pytest.raises(BenchmarkError, match="shoes has no split 'val'"):
+        split_name("shoes", "val")
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'coco'"):
+        split_name("coco", None)
+
+
+def test_different_word_is_tirgs():
+    assert different_word("black mini dress", "red mini dress") == ("black", "red")
+    assert different_word("a b c", "a c b") is None  # the same words: nothing to replace
+    assert different_word("long red skirt", "red long dress") == ("skirt", "dress")
+
+
+def test_fashion200k_query_without_a_word_to_replace_names_its_line(tmp_path):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "dress_test_detect_all.txt").write_text(
+        "women/a.jpeg\t0.9\tred dress\nwomen/b.jpeg\t0.9\tblue dress\nwomen/c.jpeg\t0.8\tred dress\n")
+    (tmp_path / "test_queries.txt").write_text("women/a.jpeg women/b.jpeg\nwomen/a.jpeg women/c.jpeg\n")
+    with pytest.raises(BenchmarkError, match="line 2: .*have no word to replace"):
+        load("fashion200k", tmp_path)
+    (tmp_path / "test_queries.txt").write_text("women/a.jpeg women/b.jpeg\n")
+    bench = load("fashion200k", tmp_path)
+    (q,) = bench.queries[""]
+    assert q.texts == ["replace red with blue"] and q.exclude_reference and q.targets == ("women/b.jpeg",)
+    assert sorted(bench.gallery) == ["women/a.jpeg", "women/b.jpeg", "women/c.jpeg"]
+    with pytest.raises(BenchmarkError, match="Fashion200k queries not found"):
+        (tmp_path / "test_queries.txt").unlink()
+        load("fashion200k", tmp_path)
