@@ -74,6 +74,7 @@ class ClaimsConfig:
     world_images: int = 2000  # training images of the toy world
     bench_queries: int = 1000  # queries per benchmark split (~ +-3 points at R@1 ~ 30)
     world_seed: int = 0
+    world_vocabulary: str = "shapes"  # the toy world's words: shapes, or gems (a second world, for transfer)
     hq_triplets: int = 3000  # high-quality triplets to synthesize
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stage I and II seeds (stage 0 is shared)
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
@@ -145,7 +146,12 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     if not (paths["world"] / "world.json").is_file():
         _log("toy world")
         _check(beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
-                                 "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed)]), "toy world")
+                                 "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed),
+                                 "--vocabulary", cfg.world_vocabulary]), "toy world")
+    for name, bench in cfg.benchmarks.items():
+        if not bench.root(paths["world"]).is_dir():
+            raise PredictionError(f"benchmarks.{name}: {bench.root(paths['world'])} does not exist: the toy world in "
+                                  f"{paths['world']} was written before it; delete {out} to rebuild everything")
     if not (paths["captions"] / "stats.json").is_file():
         _log("caption job")
         _check(beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output",

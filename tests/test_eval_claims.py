@@ -68,11 +68,13 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
 
 
 def test_a_tiny_claims_run_end_to_end(tmp_path):
-    """Every step of the command at toy sizes: world, datasets, stage 0, a stage I and a stage II row over two
-    seeds, baselines, the report files. Numbers mean nothing here; the shape and the reuse on rerun do."""
+    """Every step of the command at toy sizes, in the second toy world (gems): world, datasets (the exact toy
+    editor reads that world's captions too), stage 0, stage I and II rows over two seeds, a supervised row,
+    baselines, the report files. Numbers mean nothing here; the shape and the reuse on rerun do."""
     config = tmp_path / "claims.yaml"
     config.write_text(json.dumps({
         "output_dir": str(tmp_path / "out"), "world_images": 48, "bench_queries": 12, "hq_triplets": 20,
+        "world_vocabulary": "gems",
         "seeds": [0, 1], "split": "test",
         "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
         "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"},
@@ -89,6 +91,9 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert json.loads((tmp_path / "out" / "world" / "world.json").read_text())["config"]["vocabulary"] == "gems"
+    high = json.loads((tmp_path / "out" / "data" / "triplets_high" / "stats.json").read_text())
+    assert high["written"] > 0, high  # the toy editor parsed the gems captions
     claim = report["claims"][0]
     assert claim["id"] == "T-1" and claim["verdict"] in ("holds", "does not hold", "inconclusive")
     assert [(c["benchmark"], c["other"]) for c in claim["comparisons"]] == [
@@ -107,3 +112,17 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
     assert again.returncode == 0 and "[claims] train" not in again.stderr
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
+
+
+def test_a_world_without_a_configured_benchmark_is_named(tmp_path):
+    """A world written before a benchmark existed must not be half used: the run stops and says what to delete."""
+    from eval.claims import prepare
+    from eval.score import PredictionError
+
+    (tmp_path / "out" / "world" / "bench" / "cirr").mkdir(parents=True)
+    (tmp_path / "out" / "world" / "world.json").write_text("{}")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nbenchmarks: {{a: {{benchmark: cirr}}, "
+                      "b: {benchmark: circo, folder: circo_coarse}}\n")
+    with pytest.raises(PredictionError, match=r"benchmarks.b: .*circo_coarse does not exist.*delete"):
+        prepare(load(str(config)))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from toyworld.cli import run
 from toyworld.edits import apply_edit, coarse_edits, coarse_texts, enumerate_edits, mod_texts
-from toyworld.scene import COLOURS, Scene
+from toyworld.scene import Scene, vocabulary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_sidecars_describe_the_pixels(toy_world):
         # The object's centre pixel has the object's colour (JPEG may shift it a little).
         for obj, place in zip(scene.objects, meta["layout"]):
             px = img.getpixel((int(place["x"] * 64), int(place["y"] * 64)))
-            assert max(abs(a - b) for a, b in zip(px, COLOURS[obj.colour])) < 40, (meta["file"], obj, px)
+            assert max(abs(a - b) for a, b in zip(px, vocabulary_of(scene).colours[obj.colour])) < 40, (meta["file"], obj, px)
 
 
 def test_training_images_come_in_families_of_edits(toy_world):
@@ -246,6 +246,49 @@ def test_benchmark_images_are_disjoint_from_training_images(toy_world):
     train = digests(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))
     bench = digests(p for p in (toy_world / "bench").rglob("*") if p.suffix in (".jpg", ".jpeg", ".png"))
     assert len(bench) > 100 and not train & bench
+
+
+# ---------------------------------------------------------------- the second world
+
+def test_vocabularies_share_no_word():
+    """A scene's words say which world it belongs to: no shape, colour or background word is in two worlds."""
+    from toyworld.scene import VOCABULARIES
+
+    seen: dict[str, str] = {}
+    for vocab in VOCABULARIES.values():
+        for word in (*vocab.shapes, *vocab.colours, *vocab.backgrounds):
+            assert word not in seen, f"{word!r} is in {seen.get(word)} and {vocab.name}"
+            seen[word] = vocab.name
+        assert set(vocab.fashioniq.values()) <= set(vocab.shapes)
+
+
+def test_the_gems_world_has_its_own_words_and_parses_back(tmp_path):
+    """The second world: other shapes, colours, backgrounds and caption openings; its captions parse back to the
+    scenes they were written from (the exact toy editor relies on it); its benchmarks are as consistent."""
+    from toyworld.parse import parse_caption
+    from toyworld.scene import GEMS_WORLD, SHAPES_WORLD
+
+    world = tmp_path / "gems"
+    run(["--output", str(world), "--num-images", "24", "--bench-queries", "6", "--seed", "3", "--vocabulary", "gems"])
+    assert load(world / "world.json")["vocabulary"]["shapes"] == list(GEMS_WORLD.shapes)
+    prefixes = set()
+    for meta_path in sorted((world / "images").glob("*.json")):
+        meta = load(meta_path)
+        scene = Scene.from_json(meta)
+        assert vocabulary_of(scene) is GEMS_WORLD and scene.valid()
+        assert parse_caption(meta["caption"]) == scene
+        prefixes |= {p for p in GEMS_WORLD.caption_prefixes if p and meta["caption"].startswith(p)}
+        img = Image.open(world / "images" / meta["file"])
+        for obj, place in zip(scene.objects, meta["layout"]):  # every gems shape is filled at its centre
+            px = img.getpixel((int(place["x"] * 64), int(place["y"] * 64)))
+            assert max(abs(a - b) for a, b in zip(px, GEMS_WORLD.colours[obj.colour])) < 40, (meta["file"], obj, px)
+    assert prefixes and not prefixes & set(SHAPES_WORLD.caption_prefixes)
+    scenes = load(world / "bench" / "cirr" / "toy_scenes.json")
+    for q in load(world / "bench" / "cirr" / "captions" / "cap.rc2.test1.json"):
+        assert_text_describes(Scene.from_json(scenes[q["reference"]]), q["caption"],
+                              Scene.from_json(scenes[q["target_hard"]]))
+    cats = load(world / "world.json")["fashioniq_categories"]
+    assert cats == GEMS_WORLD.fashioniq
 
 
 # ---------------------------------------------------------------- command line

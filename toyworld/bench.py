@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .edits import (COARSE_KINDS, Edit, apply_edit, coarse_edits, coarse_texts, enumerate_edits, mod_texts,
                     random_edit, shared_concept)
-from .scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOT_WORD, SLOTS, Obj, Scene, random_scene
+from .scene import SIZES, SLOT_WORD, SLOTS, Obj, Scene, Vocabulary, random_scene, vocabulary_of
 from .world import WorldConfig, dump_json, stream, write_image
 
 CIRR_SET_SIZE = 6  # CIRR image sets have six members, reference and target among them
@@ -26,17 +26,16 @@ CIRCO_HARD_NEGATIVES = 2  # other edits of the reference put in the gallery
 CIRCO_MAX_TARGET_RENDERS = 3  # a query has 1..3 correct images
 CIRCO_RANDOM_PER_QUERY = 2  # unrelated distractors per query
 CIRCO_COARSE_MAX_ANSWERS = 4  # different answering scenes a coarse query puts in the gallery (2..4)
-# FashionIQ's three categories; each is one object of one shape, edited in its attributes only.
-FASHIONIQ_SHAPES = {"dress": "triangle", "shirt": "square", "toptee": "circle"}
+# FashionIQ's three categories are each one object of one shape (Vocabulary.fashioniq), edited in its attributes only.
 FASHIONIQ_EDIT_KINDS = ("colour", "size", "position", "background")
 SHOES_EDIT_KINDS = ("colour", "shape", "size", "position", "background")  # attribute changes of one or two objects
 FASHION200K_MAX_IMAGES = 3  # photos per product (1..3)
 
 
-def _cirr_set(rng: random.Random, used: set[str]) -> tuple[Scene, list]:
+def _cirr_set(rng: random.Random, used: set[str], vocab: Vocabulary) -> tuple[Scene, list]:
     """A reference and five single-edit variants, all canonical scenes new to this split's gallery."""
     while True:
-        ref = random_scene(rng)
+        ref = random_scene(rng, vocab=vocab)
         if ref.key in used:
             continue
         candidates = enumerate_edits(ref)
@@ -65,7 +64,7 @@ def write_cirr(out: Path, cfg: WorldConfig) -> None:
         queries, image_split = [], {}
         n_sets = max(1, cfg.bench_queries // CIRR_QUERIES_PER_SET)
         for set_id in tqdm(range(n_sets), desc=f"toy cirr {split}", unit="set"):
-            ref, variants = _cirr_set(rng, used)
+            ref, variants = _cirr_set(rng, used, cfg.vocab)
             members = [ref] + [t for _, t in variants]
             order = list(range(CIRR_SET_SIZE))
             rng.shuffle(order)  # the reference is not always member 0
@@ -98,7 +97,7 @@ def _circo_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene],
     answers = [target] * rng.randint(1, CIRCO_MAX_TARGET_RENDERS)
     others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key != target.key]
     distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
-    distractors += [random_scene(rng) for _ in range(CIRCO_RANDOM_PER_QUERY)]
+    distractors += [random_scene(rng, vocab=vocabulary_of(ref)) for _ in range(CIRCO_RANDOM_PER_QUERY)]
     return rng.choice(mod_texts(ref, edit)), shared_concept(ref, edit), answers, distractors, {target.key}
 
 
@@ -113,7 +112,7 @@ def _coarse_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene]
     answers = [apply_edit(ref, e) for e in rng.sample(accepted, min(len(accepted), CIRCO_COARSE_MAX_ANSWERS))]
     others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key not in keys]
     distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
-    distractors += [random_scene(rng) for _ in range(CIRCO_RANDOM_PER_QUERY)]
+    distractors += [random_scene(rng, vocab=vocabulary_of(ref)) for _ in range(CIRCO_RANDOM_PER_QUERY)]
     return (rng.choice(coarse_texts(kind, noun)), shared_concept(ref, Edit(kind, noun)), answers, distractors, keys)
 
 
@@ -125,7 +124,7 @@ def write_circo(out: Path, cfg: WorldConfig, name: str = "circo", make_query=_ci
     queries: dict[str, list[dict]] = {"val": [], "test": []}
     for split in queries:
         for _ in range(cfg.bench_queries):
-            ref = random_scene(rng)
+            ref = random_scene(rng, vocab=cfg.vocab)
             ref_idx = len(gallery)
             gallery.append(ref)
             caption, concept, answers, distractors, keys = make_query(ref, rng)
@@ -165,10 +164,11 @@ def write_circo(out: Path, cfg: WorldConfig, name: str = "circo", make_query=_ci
     dump_json(scenes, out / "toy_scenes.json")
 
 
-def fashioniq_gallery(shape: str) -> list[Scene]:
-    """Every single-object scene of one shape: the category's gallery, each canonical scene once."""
+def single_object_scenes(vocab: Vocabulary, shape: str) -> list[Scene]:
+    """Every single-object scene of one shape, each canonical scene once (a toy FashionIQ category's gallery, a
+    toy Fashion200k category's products)."""
     return [Scene(bg, (Obj(slot, shape, colour, size),))
-            for bg, colour, size, slot in itertools.product(BACKGROUNDS, COLOURS, SIZES, SLOTS)]
+            for bg, colour, size, slot in itertools.product(vocab.backgrounds, vocab.colours, SIZES, SLOTS)]
 
 
 def write_fashioniq(out: Path, cfg: WorldConfig) -> None:
@@ -176,9 +176,9 @@ def write_fashioniq(out: Path, cfg: WorldConfig) -> None:
     for sub in ("images", "captions", "image_splits"):
         (out / sub).mkdir(parents=True)
     scenes = {}
-    for cat, shape in FASHIONIQ_SHAPES.items():
+    for cat, shape in cfg.vocab.fashioniq.items():
         rng = stream(cfg.seed, f"fashioniq-{cat}", 0)
-        gallery = fashioniq_gallery(shape)
+        gallery = single_object_scenes(cfg.vocab, shape)
         names = [f"toy{cat}{i:04d}" for i in range(len(gallery))]
         name_of = {scene.key: name for scene, name in zip(gallery, names)}
         for i, (scene, name) in enumerate(zip(gallery, names)):
@@ -220,14 +220,14 @@ def write_shoes(out: Path, cfg: WorldConfig) -> None:
 
         for _ in tqdm(range(cfg.bench_queries), desc=f"toy shoes {split}", unit="query"):
             while True:
-                ref = random_scene(rng, rng.randint(1, 2))
+                ref = random_scene(rng, rng.randint(1, 2), cfg.vocab)
                 edit = random_edit(ref, rng, SHOES_EDIT_KINDS)
                 target = apply_edit(ref, edit)
                 if ref.key not in used and target.key not in used:
                     break
             text = rng.choice(mod_texts(ref, edit))
             entries.append({"ReferenceImageName": add(ref), "ImageName": add(target), "RelativeCaption": text})
-            other = random_scene(rng)
+            other = random_scene(rng, vocab=cfg.vocab)
             if other.key not in used:
                 add(other)
         (out / f"{split}_im_names.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
@@ -252,10 +252,9 @@ def write_fashion200k(out: Path, cfg: WorldConfig) -> None:
     test_photos: dict[str, list[str]] = {}  # title -> photo paths (test split)
     for split in ("train", "test"):
         rng = stream(cfg.seed, f"fashion200k-{split}", 0)
-        for shape in SHAPES:
+        for shape in cfg.vocab.shapes:
             lines = []
-            for bg, colour, size, slot in itertools.product(BACKGROUNDS, COLOURS, SIZES, SLOTS):
-                scene = Scene(bg, (Obj(slot, shape, colour, size),))
+            for scene in single_object_scenes(cfg.vocab, shape):
                 title = fashion200k_caption(scene)
                 folder = out / "women" / shape / str(product)
                 folder.mkdir(parents=True)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .bench import FASHIONIQ_SHAPES, write_benchmarks
-from .scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOTS
+from .bench import write_benchmarks
+from .scene import SIZES, SLOTS, VOCABULARIES
 from .world import WorldConfig, dump_json, write_training_images
 
 MARKER = "world.json"  # a directory holding this was written by us and may be replaced with --overwrite
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images come in families of this many edited variants")
     p.add_argument("--bench-queries", type=int, default=WorldConfig.bench_queries,
                    help="queries per benchmark split (per category for FashionIQ)")
+    p.add_argument("--vocabulary", choices=sorted(VOCABULARIES), default=WorldConfig.vocabulary,
+                   help="the world's words: shapes (the default world) or gems (a second world for transfer checks)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing toy world in --output")
     return p
 
@@ -58,9 +60,9 @@ def world_card(cfg: WorldConfig, num_images: int) -> dict:
         "schema_version": SCHEMA_VERSION,
         "config": dataclasses.asdict(cfg),
         "counts": {"images": num_images},
-        "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
-                       "sizes": list(SIZES), "slots": list(SLOTS)},
-        "fashioniq_categories": FASHIONIQ_SHAPES,
+        "vocabulary": {"shapes": list(cfg.vocab.shapes), "colours": list(cfg.vocab.colours),
+                       "backgrounds": list(cfg.vocab.backgrounds), "sizes": list(SIZES), "slots": list(SLOTS)},
+        "fashioniq_categories": cfg.vocab.fashioniq,
         "layout": {"images": "images/{name}.{jpg,png} + {name}.txt caption + {name}.json scene",
                    "bench": "bench/{cirr,circo,circo_coarse,fashioniq,shoes,fashion200k} in the official layouts "
                             "(circo_coarse: CIRCO's, every query one-to-many) + toy_scenes.json"},
@@ -72,7 +74,7 @@ def run(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     cfg = WorldConfig(seed=args.seed, num_images=args.num_images, image_size=args.image_size,
-                      family_size=args.family_size, bench_queries=args.bench_queries)
+                      family_size=args.family_size, bench_queries=args.bench_queries, vocabulary=args.vocabulary)
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from .scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOT_PHRASE, SLOT_WORD, Obj, Scene
+from .scene import SIZES, SLOT_PHRASE, SLOT_WORD, Obj, Scene, vocabulary_of
 
 KINDS = ("colour", "shape", "size", "position", "background", "add", "remove")
 
@@ -46,13 +46,15 @@ def apply_edit(scene: Scene, edit: Edit) -> Scene:
 
 
 def enumerate_edits(scene: Scene, kinds: tuple[str, ...] = KINDS) -> list[Edit]:
-    """Every edit of the given kinds whose result is a valid scene different from this one."""
+    """Every edit of the given kinds whose result is a valid scene different from this one (in the scene's own
+    vocabulary)."""
+    vocab = vocabulary_of(scene)
     edits: list[Edit] = []
     for obj in scene.objects:
         if "colour" in kinds:
-            edits += [Edit("colour", obj.noun, c) for c in COLOURS if c != obj.colour]
+            edits += [Edit("colour", obj.noun, c) for c in vocab.colours if c != obj.colour]
         if "shape" in kinds:
-            edits += [Edit("shape", obj.noun, s) for s in SHAPES if s != obj.shape]
+            edits += [Edit("shape", obj.noun, s) for s in vocab.shapes if s != obj.shape]
         if "size" in kinds:
             edits += [Edit("size", obj.noun, s) for s in SIZES if s != obj.size]
         if "position" in kinds:
@@ -60,11 +62,11 @@ def enumerate_edits(scene: Scene, kinds: tuple[str, ...] = KINDS) -> list[Edit]:
         if "remove" in kinds and len(scene.objects) > 1:
             edits.append(Edit("remove", obj.noun))
     if "background" in kinds:
-        edits += [Edit("background", "", b) for b in BACKGROUNDS if b != scene.background]
+        edits += [Edit("background", "", b) for b in vocab.backgrounds if b != scene.background]
     if "add" in kinds:
         for slot in scene.free_slots():
-            for shape in SHAPES:
-                for colour in COLOURS:
+            for shape in vocab.shapes:
+                for colour in vocab.colours:
                     for size in SIZES:
                         edits.append(Edit("add", "", f"{slot}:{size}:{colour}:{shape}"))
     return [e for e in edits if apply_edit(scene, e).valid()]

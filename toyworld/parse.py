@@ -8,21 +8,30 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .scene import BACKGROUNDS, CAPTION_PREFIXES, COLOURS, SHAPES, SIZES, SLOT_PHRASE, Obj, Scene
+from .scene import SIZES, SLOT_PHRASE, VOCABULARIES, Obj, Scene, Vocabulary
 
 _SLOT_BY_PHRASE = {v: k for k, v in SLOT_PHRASE.items()}
-_OBJECT = (rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
+
+
+def _patterns(vocab: Vocabulary) -> tuple[re.Pattern, re.Pattern]:
+    """(one object, a whole caption) of this vocabulary's grammar."""
+    obj = (rf"a ({'|'.join(SIZES)}) ({'|'.join(vocab.colours)}) ({'|'.join(vocab.shapes)}) "
            rf"({'|'.join(map(re.escape, SLOT_PHRASE.values()))})")
-_OBJECT_RE = re.compile(_OBJECT)
-_CAPTION_RE = re.compile(rf"^(?:{'|'.join(re.escape(p) for p in CAPTION_PREFIXES if p)})?"
-                         rf"({_OBJECT}(?:(?:, | and ){_OBJECT})*) on a ({'|'.join(BACKGROUNDS)}) background$")
+    prefixes = "|".join(re.escape(p) for p in vocab.caption_prefixes if p)
+    whole = rf"^(?:{prefixes})?({obj}(?:(?:, | and ){obj})*) on a ({'|'.join(vocab.backgrounds)}) background$"
+    return re.compile(obj), re.compile(whole)
+
+
+_GRAMMARS = [_patterns(v) for v in VOCABULARIES.values()]
 
 
 def parse_caption(text: str) -> Optional[Scene]:
-    match = _CAPTION_RE.match(text.strip())
-    if not match:
-        return None
-    objects = tuple(Obj(_SLOT_BY_PHRASE[m.group(4)], m.group(3), m.group(2), m.group(1))
-                    for m in _OBJECT_RE.finditer(match.group(1)))
-    scene = Scene(match.groups()[-1], objects)
-    return scene if scene.valid() else None
+    """The scene a toy caption of any vocabulary describes; None for anything else."""
+    for object_re, caption_re in _GRAMMARS:
+        match = caption_re.match(text.strip())
+        if match:
+            objects = tuple(Obj(_SLOT_BY_PHRASE[m.group(4)], m.group(3), m.group(2), m.group(1))
+                            for m in object_re.finditer(match.group(1)))
+            scene = Scene(match.groups()[-1], objects)
+            return scene if scene.valid() else None
+    return None

@@ -6,11 +6,12 @@ anti-aliased edges from PIL's aliased primitives while staying byte-for-byte det
 from __future__ import annotations
 
 import io
+import math
 import random
 
 from PIL import Image, ImageDraw
 
-from .scene import BACKGROUNDS, COLOURS, SLOTS, Scene
+from .scene import SLOTS, Scene, vocabulary_of
 
 SUPERSAMPLE = 4
 # Radii as a fraction of the image side. A slot is 1/3 of the width: with the x jitter below, two large objects
@@ -31,6 +32,12 @@ def layout(scene: Scene, rng: random.Random) -> list[dict]:
     return placed
 
 
+def _polygon(cx: float, cy: float, radii: list[float], start: float = -math.pi / 2) -> list[tuple[float, float]]:
+    """Points at equal angles from `start` (the top), at the given distances from the centre in turn."""
+    step = 2 * math.pi / len(radii)
+    return [(cx + r * math.cos(start + i * step), cy + r * math.sin(start + i * step)) for i, r in enumerate(radii)]
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -43,16 +50,25 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         t = r * 0.38
         draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    elif shape == "star":  # five points
+        draw.polygon(_polygon(cx, cy, [r, r * 0.45] * 5), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, [r, r * 0.7] * 2), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, [r * 0.95] * 6, start=0.0), fill=fill)
+    elif shape == "bar":  # a wide, flat rectangle
+        draw.rectangle([cx - r, cy - r * 0.4, cx + r, cy + r * 0.4], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
 def render(scene: Scene, placed: list[dict], size: int = 64) -> Image.Image:
+    vocab = vocabulary_of(scene)
     big = size * SUPERSAMPLE
-    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (big, big), vocab.backgrounds[scene.background])
     draw = ImageDraw.Draw(img)
     for o, p in zip(scene.objects, placed):
-        _draw_shape(draw, o.shape, p["x"] * big, p["y"] * big, p["r"] * big, COLOURS[o.colour])
+        _draw_shape(draw, o.shape, p["x"] * big, p["y"] * big, p["r"] * big, vocab.colours[o.colour])
     return img.resize((size, size), Image.Resampling.BOX)
 
 

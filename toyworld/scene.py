@@ -3,6 +3,11 @@
 A scene's *canonical key* names what it shows (the attributes), not how it was drawn (jitter), so two
 renderings of one canonical scene are the same answer to a query. The benchmarks and the exact editor use
 canonical keys as ground truth.
+
+The words come from a `Vocabulary`: `shapes` (the default world: circles, squares, ... on gray, black or brown)
+or `gems` (stars, diamonds, ... in other colours on other backgrounds, with other caption openings), a second
+world to check that what was tuned on the first transfers. Vocabularies share no shape, colour or background
+word, so a scene's words say which world it belongs to (`vocabulary_of`).
 """
 from __future__ import annotations
 
@@ -10,21 +15,51 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {  # name -> RGB; far apart so a tiny CLIP at 64 px can tell them
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 230),
-    "yellow": (240, 215, 40),
-    "purple": (150, 60, 190),
-    "white": (245, 245, 245),
-}
-BACKGROUNDS = {"gray": (128, 128, 128), "black": (20, 20, 20), "brown": (120, 85, 50)}
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    name: str
+    shapes: tuple[str, ...]  # each drawn by toyworld.render
+    colours: dict[str, RGB]  # object colours, far apart so a tiny CLIP at 64 px can tell them
+    backgrounds: dict[str, RGB]
+    fashioniq: dict[str, str]  # the toy FashionIQ's categories -> the shape each is made of
+    caption_prefixes: tuple[str, ...]  # openings of the training captions ("" included)
+
+
+SHAPES_WORLD = Vocabulary(
+    name="shapes",
+    shapes=("circle", "square", "triangle", "cross"),
+    colours={"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 215, 40),
+             "purple": (150, 60, 190), "white": (245, 245, 245)},
+    backgrounds={"gray": (128, 128, 128), "black": (20, 20, 20), "brown": (120, 85, 50)},
+    fashioniq={"dress": "triangle", "shirt": "square", "toptee": "circle"},
+    caption_prefixes=("", "a picture of ", "an image of ", "a photo of "),
+)
+GEMS_WORLD = Vocabulary(
+    name="gems",
+    shapes=("star", "diamond", "hexagon", "bar"),
+    colours={"orange": (245, 140, 30), "pink": (240, 120, 200), "cyan": (50, 210, 220), "lime": (160, 230, 50),
+             "maroon": (120, 20, 40), "ivory": (250, 245, 215)},
+    backgrounds={"sand": (205, 185, 140), "slate": (70, 80, 100), "forest": (35, 90, 45)},
+    fashioniq={"dress": "diamond", "shirt": "hexagon", "toptee": "star"},
+    caption_prefixes=("", "a render of ", "a drawing of ", "an illustration of "),
+)
+VOCABULARIES = {v.name: v for v in (SHAPES_WORLD, GEMS_WORLD)}
 SIZES = ("small", "large")
 SLOTS = ("left", "center", "right")  # left-to-right order is the object order in captions
 SLOT_PHRASE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
 SLOT_WORD = {"left": "left", "center": "middle", "right": "right"}
 MAX_OBJECTS = len(SLOTS)
+
+
+def vocabulary_of(scene: "Scene") -> Vocabulary:
+    """The vocabulary whose backgrounds include the scene's (KeyError for a background no world has)."""
+    for vocab in VOCABULARIES.values():
+        if scene.background in vocab.backgrounds:
+            return vocab
+    raise KeyError(f"no toy vocabulary has the background {scene.background!r}")
 
 
 @dataclass(frozen=True, order=True)
@@ -60,11 +95,16 @@ class Scene:
         return f"{self.background}|{objs}"
 
     def valid(self) -> bool:
+        """One to three objects in distinct slots with distinct nouns, every word from one vocabulary."""
         slots = [o.slot for o in self.objects]
         nouns = [o.noun for o in self.objects]
+        try:
+            vocab = vocabulary_of(self)
+        except KeyError:
+            return False
         return (1 <= len(self.objects) <= MAX_OBJECTS and len(set(slots)) == len(slots)
-                and len(set(nouns)) == len(nouns) and self.background in BACKGROUNDS
-                and all(o.shape in SHAPES and o.colour in COLOURS and o.size in SIZES and o.slot in SLOTS
+                and len(set(nouns)) == len(nouns)
+                and all(o.shape in vocab.shapes and o.colour in vocab.colours and o.size in SIZES and o.slot in SLOTS
                         for o in self.objects))
 
     def free_slots(self) -> list[str]:
@@ -91,9 +131,6 @@ class Scene:
         return cls(d["background"], tuple(Obj(o["slot"], o["shape"], o["colour"], o["size"]) for o in d["objects"]))
 
 
-CAPTION_PREFIXES = ("", "a picture of ", "an image of ", "a photo of ")
-
-
 def caption(scene: Scene, rng: Optional[random.Random] = None) -> str:
     """A sidecar caption listing every object left to right and the background.
 
@@ -104,21 +141,21 @@ def caption(scene: Scene, rng: Optional[random.Random] = None) -> str:
         body = phrases[0]
     else:
         body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    prefix = rng.choice(CAPTION_PREFIXES) if rng else ""
+    prefix = rng.choice(vocabulary_of(scene).caption_prefixes) if rng else ""
     return f"{prefix}{body} on a {scene.background} background"
 
 
-def random_object(rng: random.Random, slot: str, taken_nouns: set[str], shapes=SHAPES) -> Obj:
+def random_object(rng: random.Random, slot: str, taken_nouns: set[str], vocab: Vocabulary = SHAPES_WORLD) -> Obj:
     while True:
-        obj = Obj(slot, rng.choice(shapes), rng.choice(list(COLOURS)), rng.choice(SIZES))
+        obj = Obj(slot, rng.choice(vocab.shapes), rng.choice(list(vocab.colours)), rng.choice(SIZES))
         if obj.noun not in taken_nouns:
             return obj
 
 
-def random_scene(rng: random.Random, num_objects: Optional[int] = None, shapes=SHAPES) -> Scene:
+def random_scene(rng: random.Random, num_objects: Optional[int] = None, vocab: Vocabulary = SHAPES_WORLD) -> Scene:
     n = num_objects or rng.randint(1, MAX_OBJECTS)
     slots = rng.sample(SLOTS, n)
     objs: list[Obj] = []
     for slot in slots:
-        objs.append(random_object(rng, slot, {o.noun for o in objs}, shapes))
-    return Scene(rng.choice(list(BACKGROUNDS)), tuple(objs))
+        objs.append(random_object(rng, slot, {o.noun for o in objs}, vocab))
+    return Scene(rng.choice(list(vocab.backgrounds)), tuple(objs))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .edits import apply_edit, random_edit
 from .render import encode, layout, render
-from .scene import Scene, caption, random_scene
+from .scene import VOCABULARIES, Scene, Vocabulary, caption, random_scene
 
 PNG_SHARE = 0.2  # some training images are PNG so every reader handles both formats
 
@@ -27,6 +27,11 @@ class WorldConfig:
     image_size: int = 64  # side in pixels
     family_size: int = 4  # training images come in families of edited variants, so pair mining finds pairs
     bench_queries: int = 100  # queries per benchmark split (per category for FashionIQ)
+    vocabulary: str = "shapes"  # the world's words: shapes, or gems (a second world, see toyworld.scene)
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return VOCABULARIES[self.vocabulary]
 
 
 def stream(seed: int, name: str, i: int) -> random.Random:
@@ -45,9 +50,9 @@ def write_image(path_stem: Path, scene: Scene, rng: random.Random, fmt: str, siz
     return {**scene.to_json(), "layout": placed}
 
 
-def family_scenes(rng: random.Random, n: int) -> list[Scene]:
+def family_scenes(rng: random.Random, n: int, vocab: Vocabulary) -> list[Scene]:
     """A base scene and n-1 variants, each one random edit of an earlier member."""
-    scenes = [random_scene(rng)]
+    scenes = [random_scene(rng, vocab=vocab)]
     while len(scenes) < n:
         parent = rng.choice(scenes)
         scenes.append(apply_edit(parent, random_edit(parent, rng)))
@@ -61,7 +66,7 @@ def write_training_images(out: Path, cfg: WorldConfig) -> int:
     family = 0
     with tqdm(total=cfg.num_images, desc="toy images", unit="img") as bar:
         while i < cfg.num_images:
-            for scene in family_scenes(stream(cfg.seed, "train-family", family), cfg.family_size):
+            for scene in family_scenes(stream(cfg.seed, "train-family", family), cfg.family_size, cfg.vocab):
                 if i == cfg.num_images:
                     break
                 rng = stream(cfg.seed, "train-image", i)
