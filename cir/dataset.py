@@ -25,6 +25,15 @@ SHARD_DIR = "shards"
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes equal samples give byte-identical tars
 KEY_HEX = 32  # hex digits of sha256 kept in a key (128 bits)
 KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
+IMAGE_EXTS = ("jpg", "png", "webp")  # a sample's image member is named by the format of its bytes
+# Every member a sample of each kind may carry (docs/SPEC.md), with its Hugging Face `datasets` type: the
+# dataset card declares them all, so samples whose image formats differ load as one table (absent: None).
+_EMBEDDING = "float16 vector"
+MEMBERS = {
+    "caption": {**{e: "image" for e in IMAGE_EXTS}, "txt": "string", "json": "json", "emb.npy": _EMBEDDING},
+    "triplet": {**{f"{role}.{e}": "image" for role in ("ref", "tgt") for e in IMAGE_EXTS}, "mod.txt": "string",
+                "json": "json", "ref.emb.npy": _EMBEDDING, "tgt.emb.npy": _EMBEDDING},
+}
 FAILED_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 
@@ -192,7 +201,25 @@ def sample_meta(sample: dict) -> dict:
 
 def image_field(sample: dict, prefix: str = "") -> Optional[str]:
     """The name of the sample's image member (`jpg`/`png`/`webp`, or `ref.jpg` ... with a prefix)."""
-    return next((f"{prefix}{e}" for e in ("jpg", "png", "webp") if f"{prefix}{e}" in sample), None)
+    return next((f"{prefix}{e}" for e in IMAGE_EXTS if f"{prefix}{e}" in sample), None)
+
+
+def dataset_card(kind: str, title: str) -> str:
+    """README.md in the Hugging Face dataset-card format: its YAML header names the shards and declares every
+    member's type, so `datasets.load_dataset(DIR)` reads the dataset as it is (without the declaration, its
+    webdataset loader refuses shards whose samples carry different image formats)."""
+    features = []
+    for name, kind_of in [*MEMBERS[kind].items(), ("__key__", "string"), ("__url__", "string")]:
+        dtype = "  list: float16" if kind_of == _EMBEDDING else f"  dtype: {kind_of}"
+        features += [f"  - name: {name}", f"  {dtype}"]
+    header = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
+              f"    path: {SHARD_DIR}/*.tar", "dataset_info:", "  features:", *features, "---"]
+    body = [f"# {title}", "",
+            f"A {kind} dataset of the CIR toolkit: WebDataset shards under `{SHARD_DIR}/`, their metadata in",
+            "`index.parquet`, dropped inputs in `failed.parquet`, the command that made it in `dataset.json`.",
+            "Members are described in the toolkit's docs/SPEC.md. Any WebDataset reader reads the shards;",
+            "`datasets.load_dataset(\"path/to/this/folder\")` reads them with the types declared above."]
+    return "\n".join(header + [""] + body) + "\n"
 
 
 def shard_urls(path: str) -> list[str]:

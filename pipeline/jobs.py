@@ -134,7 +134,8 @@ class WriteShards(beam.PTransform):
 
 def finalize(output: str, started: float, written_now: list, early_failed: list, extra: dict,
              log_name: str) -> dict:
-    """Merge the shards' sidecars into index.parquet / failed.parquet and write stats.json."""
+    """Merge the shards' sidecars into index.parquet / failed.parquet; write the Hugging Face dataset card
+    (README.md) and, last, stats.json (its presence means the dataset is complete)."""
     ds.remove_temp_files(output)
     index, failed = ds.merge_sidecars(output, early_failed)
     by_reason: dict[str, int] = {}
@@ -144,6 +145,9 @@ def finalize(output: str, started: float, written_now: list, early_failed: list,
              "failed_by_reason": dict(sorted(by_reason.items())), **extra,
              "shards": len(ds.complete_shards(output)), "shards_written_this_run": len(written_now),
              "seconds": round(time.time() - started, 2), "versions": ds.versions()}
+    card = ds.read_json(ds.join(output, "dataset.json")) or {}
+    ds.write_atomic(ds.join(output, "README.md"),
+                    ds.dataset_card(card["kind"], f"{card['kind'].capitalize()} dataset").encode("utf-8"))
     ds.write_json(ds.join(output, "stats.json"), stats)
     logging.getLogger(log_name).info("%s: %s", log_name, {k: v for k, v in stats.items() if k != "versions"})
     return stats
