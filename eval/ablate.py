@@ -86,8 +86,9 @@ def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
         if (target / "metrics.json").is_file():
             metrics[name] = json.loads((target / "metrics.json").read_text())
         else:
+            # the cells share one image tower (stage II trains text-side parts): one gallery encoding per benchmark
             metrics[name] = run(bench["benchmark"], bench["data"], str(final), bench.get("split", "val"),
-                                output=str(target))
+                                output=str(target), cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
     return metrics
 
 
