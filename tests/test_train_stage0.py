@@ -78,6 +78,32 @@ def test_loss_decreases_and_export_loads(toy_captions, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
 
 
+def test_trackers_are_accelerates_with_the_run_name_and_config(toy_captions, tmp_path, capsys):
+    """`log_with` goes to Accelerate's trackers (TensorBoard by default), under `run_name`, with the config as
+    hparams; a tracker that is unknown or not installed stops the run before training (Accelerate alone would
+    drop an uninstalled one silently)."""
+    import yaml
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    assert main(tiny_args(data, out, "max_steps=2", "save_every=100", "run_name=toy-run")) == 0
+    assert list((out / "logs" / "toy-run").glob("events.out.tfevents.*"))
+    hparams = yaml.safe_load(next((out / "logs" / "toy-run").rglob("hparams.yml")).read_text())
+    assert hparams["run_name"] == "toy-run" and hparams["max_steps"] == 2 and hparams["optim.lr"] > 0
+    assert main(tiny_args(data, tmp_path / "none", "max_steps=2", "save_every=100", "log_with=[]")) == 0
+    assert not list((tmp_path / "none" / "logs").rglob("events.out.tfevents.*"))
+    installed = {str(t) for t in get_available_trackers()}
+    missing = next(t for t in LoggerType.list() if t != "all" and t not in installed)
+    capsys.readouterr()
+    assert main(tiny_args(data, tmp_path / "m", "max_steps=2", f"log_with=[{missing}]")) == 2
+    assert f"{missing} is not installed" in capsys.readouterr().err
+    assert main(tiny_args(data, tmp_path / "u", "max_steps=2", "log_with=[neptunus]")) == 2
+    assert "unknown tracker 'neptunus'" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "final").exists() and not (tmp_path / "u" / "final").exists()
+
+
 def test_the_logit_scale_is_clamped_to_100_after_every_step(toy_captions, tmp_path):
     from train.loop import main as loop_main
     from train.stage0 import Stage0

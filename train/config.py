@@ -57,7 +57,11 @@ class TrainConfig:
     accum_features: bool = True  # contrastive stages (0, I, II) with grad_accum > 1: cache features so every
     # micro-batch's negatives are the whole accumulated batch (open_clip's accum_freq); false: plain accumulation
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
-    log_every: int = 10  # steps between TensorBoard scalars
+    log_every: int = 10  # steps between tracker scalars (and train_log.jsonl lines)
+    # Accelerate's experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim, ... (each must be installed;
+    # "all": every one installed; []: none). They log under {output_dir}/logs/{run_name} or their own service.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""  # the trackers' run (project) name; "" = the stage's name (stage0, stage1, stage2)
     save_every: int = 500  # steps between checkpoints (save_state)
     save_total_limit: int = 2  # checkpoints kept
     resume: Optional[str] = None  # 'latest' or a checkpoint directory: continue that run

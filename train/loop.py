@@ -166,6 +166,21 @@ def parse_args(cls, argv: Optional[list[str]]):
         parser.error(str(err))
 
 
+def check_trackers(names: list[str]) -> list[str]:
+    """`log_with` as Accelerate takes it; a tracker Accelerate does not know, or whose package is not installed,
+    is a ConfigError (Accelerate itself would drop an uninstalled one without a word)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known, available = set(LoggerType.list()), {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"log_with: unknown tracker {name!r}; Accelerate has {sorted(known)}")
+        if name != "all" and name not in available:
+            raise ConfigError(f"log_with: {name} is not installed here (pip install {name}), or leave it out")
+    return list(names)
+
+
 def train(stage: Stage, cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -181,7 +196,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         # Without a GPU, ask for CPU explicitly: only then do several launched processes form gloo ranks
         # (MULTI_CPU) instead of each training alone. The feature-cached step accumulates by itself.
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=1 if cached else cfg.grad_accum, log_with="tensorboard",
+        gradient_accumulation_steps=1 if cached else cfg.grad_accum, log_with=check_trackers(cfg.log_with) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
                                             automatic_checkpoint_naming=True, total_limit=cfg.save_total_limit))
     set_seed(cfg.seed)
@@ -214,7 +229,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
-    accelerator.init_trackers(stage.name, config=_flat(to_dict(cfg)))
+    accelerator.init_trackers(cfg.run_name or stage.name, config=_flat(to_dict(cfg)))
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
     # loader worker -> its running [skipped corrupt members/samples, extra samples drawn] as of its last batch
