@@ -38,3 +38,35 @@ def test_a_misspelt_key_in_a_config_is_an_error(tmp_path):
     bad.write_text((ROOT / "train/configs/toy_stage2.yaml").read_text().replace("temperature", "temprature"))
     with pytest.raises(ConfigError, match="temprature"):
         load_config(Stage2Config, str(bad))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=-3", "config.max_steps: must be at least 1, got -3"),
+    ("data.batch_size=0", "config.data.batch_size: must be at least 1, got 0"),
+    ("save_every=0", "config.save_every: must be at least 1"),
+    ("log_every=0", "config.log_every: must be at least 1"),
+    ("grad_accum=0", "config.grad_accum: must be at least 1"),
+    ("optim.lr=-1", "config.optim.lr: must be greater than 0, got -1.0"),
+    ("mixed_precision=fp8x", "config.mixed_precision: one of no, fp16, bf16, got 'fp8x'"),
+    ("data.weights=[0,0]", "config.data.weights: every item must be greater than 0"),
+    ("data.weights=[2,-1]", "config.data.weights: every item must be greater than 0"),
+    ("data.subset_fraction=1.5", "config.data.subset_fraction: must be at most 1"),
+])
+def test_impossible_settings_are_named_before_anything_trains(override, message):
+    """Issue #23: these trained and exported (or died in a traceback); now each is a one-line error."""
+    from train.stage0 import Stage0Config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(Stage0Config, str(ROOT / "train" / "configs" / "toy_stage0.yaml"), [override])
+    assert message in str(err.value)
+
+
+def test_an_impossible_setting_exits_2_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train/stage0.py", "--config", "train/configs/toy_stage0.yaml",
+                           f"output_dir={out}", "max_steps=-3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "config.max_steps: must be at least 1, got -3" in done.stderr
+    assert not out.exists()

@@ -268,11 +268,13 @@ def test_stage2_export_runs_in_eval(tiny_stage1_export, triplets, toy_world, tmp
 
 def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     args = [f"output_dir={tmp_path / 'o'}", f"data.train=['{triplets}']", "max_steps=1", *BASE]
-    assert main([*args, f"init_from={tiny_stage1_export}", "loss=triplet"]) == 2
-    assert "loss must be one of" in capsys.readouterr().err
-    assert main([*args, f"init_from={tiny_stage1_export}", "fusion=concat"]) == 2
-    assert main([*args, f"init_from={tiny_stage1_export}", "fusion=fixed", "fusion_weight=1.5"]) == 2
-    assert "fusion_weight must lie in [0, 1]" in capsys.readouterr().err
+    for bad, message in (("loss=triplet", "config.loss: one of infonce, mur, got 'triplet'"),
+                         ("fusion=concat", "config.fusion: one of text, adaptive, fixed"),
+                         ("fusion_weight=1.5", "config.fusion_weight: must be at most 1, got 1.5"),
+                         ("temperature=0", "config.temperature: must be greater than 0")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's error: exit 2 before anything trains
+            main([*args, f"init_from={tiny_stage1_export}", bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert main([*args, f"init_from={tmp_path}"]) == 2
     assert "not a stage I/II export" in capsys.readouterr().err
 

@@ -20,6 +20,33 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses; the message names the key."""
 
 
+def ranged(default: Any, *, min: Any = None, gt: Any = None, max: Any = None, choices: tuple = (),
+           item_gt: Any = None) -> Any:
+    """A field whose value `from_dict` checks before anything runs: `min <= v`, `v > gt`, `v <= max`,
+    `v in choices`, and for a list every item `> item_gt` (None values are not checked)."""
+    rules = {"min": min, "gt": gt, "max": max, "choices": choices, "item_gt": item_gt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def _check_range(value: Any, rules: dict, where: str) -> None:
+    if value is None or not rules:
+        return
+    if rules["min"] is not None and value < rules["min"]:
+        raise ConfigError(f"{where}: must be at least {rules['min']}, got {value!r}")
+    if rules["gt"] is not None and value <= rules["gt"]:
+        raise ConfigError(f"{where}: must be greater than {rules['gt']}, got {value!r}")
+    if rules["max"] is not None and value > rules["max"]:
+        raise ConfigError(f"{where}: must be at most {rules['max']}, got {value!r}")
+    if rules["choices"] and value not in rules["choices"]:
+        raise ConfigError(f"{where}: one of {', '.join(map(str, rules['choices']))}, got {value!r}")
+    if rules["item_gt"] is not None:
+        bad = [v for v in value if v <= rules["item_gt"]]
+        if bad:
+            raise ConfigError(f"{where}: every item must be greater than {rules['item_gt']}, got {value!r}")
+
+
 @dataclass
 class ClipConfig:
     model: str = "toy-clip-64"  # open_clip name, hf-hub: id, local directory (e.g. a stage export) or tiny name
@@ -30,40 +57,42 @@ class ClipConfig:
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)  # shard patterns (brace/glob), dataset dirs or mix manifests
-    weights: Optional[list[float]] = None  # one weight per `train` entry (mixing probabilities); None = equal
-    batch_size: int = 64  # per process, per micro-batch
-    workers: int = 0  # DataLoader workers per process
-    shuffle_buffer: int = 500  # samples in the (seeded) shuffle buffer
+    weights: Optional[list[float]] = ranged(None, item_gt=0)  # one weight per `train` entry (mixing
+    # probabilities, normalised); None = equal
+    batch_size: int = ranged(64, min=1)  # per process, per micro-batch
+    workers: int = ranged(0, min=0)  # DataLoader workers per process
+    shuffle_buffer: int = ranged(500, min=0)  # samples in the (seeded) shuffle buffer
     use_cached_embeddings: bool = True  # use emb.npy / ref.emb.npy / tgt.emb.npy instead of the image tower
-    subset_fraction: float = 1.0  # keep only samples whose key hashes below this fraction (same for every seed)
+    subset_fraction: float = ranged(1.0, gt=0, max=1)  # keep only samples whose key hashes below this fraction
+    # (the same samples for every seed)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4  # peak learning rate
-    weight_decay: float = 0.1  # AdamW weight decay (not on norms, biases, embeddings, logit scale)
+    lr: float = ranged(5e-4, gt=0)  # peak learning rate
+    weight_decay: float = ranged(0.1, min=0)  # AdamW weight decay (not on norms, biases, embeddings, logit scale)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
-    eps: float = 1e-6  # AdamW epsilon
-    warmup_steps: int = 50  # linear warmup, then cosine decay to 0 at max_steps
-    grad_clip: float = 1.0  # max gradient norm (0: off)
+    eps: float = ranged(1e-6, gt=0)  # AdamW epsilon
+    warmup_steps: int = ranged(50, min=0)  # linear warmup, then cosine decay to 0 at max_steps
+    grad_clip: float = ranged(1.0, min=0)  # max gradient norm (0: off)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/train"  # checkpoints/, logs/, final/
     seed: int = 0  # model init, data order (seed + epoch), everything random
-    max_steps: int = 1000  # optimizer steps
-    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = ranged(1000, min=1)  # optimizer steps
+    grad_accum: int = ranged(1, min=1)  # micro-batches per optimizer step
     accum_features: bool = True  # contrastive stages (0, I, II) with grad_accum > 1: cache features so every
     # micro-batch's negatives are the whole accumulated batch (open_clip's accum_freq); false: plain accumulation
-    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
-    log_every: int = 10  # steps between tracker scalars (and train_log.jsonl lines)
+    mixed_precision: str = ranged("no", choices=("no", "fp16", "bf16"))  # Accelerate's mixed precision
+    log_every: int = ranged(10, min=1)  # steps between tracker scalars (and train_log.jsonl lines)
     # Accelerate's experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim, ... (each must be installed;
     # "all": every one installed; []: none). They log under {output_dir}/logs/{run_name} or their own service.
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str = ""  # the trackers' run (project) name; "" = the stage's name (stage0, stage1, stage2)
-    save_every: int = 500  # steps between checkpoints (save_state)
-    save_total_limit: int = 2  # checkpoints kept
+    save_every: int = ranged(500, min=1)  # steps between checkpoints (save_state)
+    save_total_limit: int = ranged(2, min=1)  # checkpoints kept
     resume: Optional[str] = None  # 'latest' or a checkpoint directory: continue that run
     init_from: Optional[str] = None  # the previous stage's export ({output_dir}/final of that stage)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -124,6 +153,9 @@ def from_dict(cls, data: dict, where: str = "config"):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, _field_type(cls, name), f"{where}.{name}") for name, value in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            _check_range(kwargs[f.name], dict(f.metadata), f"{where}.{f.name}")
     return cls(**kwargs)
 
 

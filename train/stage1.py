@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
-from train.config import TrainConfig
+from train.config import TrainConfig, ranged
 from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.loop import main as loop_main
 
@@ -31,9 +31,9 @@ from train.loop import main as loop_main
 class Stage1Config(TrainConfig):
     mapping: MappingConfig = field(default_factory=MappingConfig)
     prompt: str = "a photo of $"  # the pseudo-prompt; "$" is replaced by the K pseudo tokens
-    temperature: float = 0.07  # InfoNCE temperature between pseudo-prompt and image features
-    sta_weight: float = 1.0  # lambda of the soft text alignment loss (0: off)
-    sta_temperature: float = 0.05  # tau_s of the similarity distributions over the batch's captions
+    temperature: float = ranged(0.07, gt=0)  # InfoNCE temperature between pseudo-prompt and image features
+    sta_weight: float = ranged(1.0, min=0)  # lambda of the soft text alignment loss (0: off)
+    sta_temperature: float = ranged(0.05, gt=0)  # tau_s of the similarity distributions over the batch's captions
 
 
 def gather(x: torch.Tensor, accelerator, with_grad: bool) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, ranged
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
@@ -47,20 +47,20 @@ FUSIONS = ("text", "adaptive", "fixed")
 class Stage2Config(TrainConfig):
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     template: str = "a photo of $ that {}"  # the composed query; "$" = the reference's pseudo tokens
-    temperature: float = 0.07  # InfoNCE temperature
-    ref_negative_weight: float = 0.1  # w of the reference as an extra negative (0: not a negative); 0.1 measured
+    temperature: float = ranged(0.07, gt=0)  # InfoNCE temperature
+    ref_negative_weight: float = ranged(0.1, min=0)  # w of the reference as an extra negative (0: not a negative); 0.1 measured
     # on the toy val split (docs/CLAIMS.md): at 1 the queries drift from the target's neighbourhood (R@50 falls)
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)  # the triplets' mined ones
     negative_max_similarity: float = 1.0  # a hard negative (reference or mined) whose image feature has cosine
     # above this with the query's target is left out (1.0: never): a negative the image tower cannot tell from
     # the target is a false negative in feature space
-    loss: str = "infonce"  # infonce | mur (multi-grained uncertainty regularization)
+    loss: str = ranged("infonce", choices=LOSSES)  # infonce | mur (multi-grained uncertainty regularization)
     mur: MURConfig = field(default_factory=MURConfig)
-    fusion: str = "text"  # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight)
-    fusion_hidden: int = 128  # hidden size of the adaptive fusion MLP
-    fusion_aux_weight: float = 1.0  # adaptive: weight of the self-supervised BCE(w, w*) (0: retrieval loss only)
-    fusion_aux_temperature: float = 0.05  # adaptive: temperature of the target w* (cir.composer.fusion_target)
-    fusion_weight: float = 0.5  # fixed: the image weight w of every query
+    fusion: str = ranged("text", choices=FUSIONS)  # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight)
+    fusion_hidden: int = ranged(128, min=1)  # hidden size of the adaptive fusion MLP
+    fusion_aux_weight: float = ranged(1.0, min=0)  # adaptive: weight of the self-supervised BCE(w, w*) (0: retrieval loss only)
+    fusion_aux_temperature: float = ranged(0.05, gt=0)  # adaptive: temperature of the target w* (cir.composer.fusion_target)
+    fusion_weight: float = ranged(0.5, min=0, max=1)  # fixed: the image weight w of every query
     train_mapping: bool = False  # also fine-tune the stage I mapping
 
 
@@ -95,16 +95,10 @@ class Stage2:
     required_fields = ("ref.jpg|ref.png|ref.webp", "tgt.jpg|tgt.png|tgt.webp", "mod.txt")
 
     def __init__(self, cfg: Stage2Config):
-        if cfg.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
-        if cfg.fusion not in FUSIONS:
-            raise ConfigError(f"fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
         if not cfg.init_from:
             raise ConfigError("stage II needs init_from=<stage I export>/final")
         if "$" not in cfg.template or "{}" not in cfg.template:
             raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
-        if not 0 <= cfg.fusion_weight <= 1:
-            raise ConfigError(f"fusion_weight must lie in [0, 1], got {cfg.fusion_weight}")
         if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
             raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
         self.cfg = cfg
