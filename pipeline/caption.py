@@ -283,7 +283,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
             "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}}
     try:
-        jobs.prepare_output(cfg.output, card, known.overwrite)
+        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
     except ValueError as err:
         parser.error(str(err))
     jobs.progress_logger(LOG.name)

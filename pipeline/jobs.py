@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import time
 from typing import Callable, Iterator, Optional
@@ -44,21 +45,63 @@ def progress_logger(name: str) -> logging.Logger:
     return log
 
 
-def prepare_output(output: str, card: dict, overwrite: bool) -> None:
-    """Refuse to mix two different jobs in one directory; write the dataset card before the job starts.
+# What a dataset job writes in its output directory: `--overwrite` deletes these and nothing else.
+OWN_ENTRIES = (ds.SHARD_DIR, "index.parquet", "failed.parquet", "stats.json", "README.md", "dataset.json")
 
-    A rerun with the same `card["config"]` resumes; another config needs `overwrite`, which deletes the
-    old dataset first.
+
+def _local_root(spec: str) -> Optional[tuple[str, bool]]:
+    """(the absolute directory an input spec reads in, whether the job walks all of it), or None for a remote
+    URL (gs://...), which cannot hold a local output. A folder is walked; a pattern or a file is read in its
+    folder's top (the part before any glob or brace)."""
+    if "://" in spec:
+        return None
+    cut = re.split(r"[*?\[{]", spec, maxsplit=1)[0]
+    path = os.path.realpath(os.path.abspath(os.path.expanduser(cut or ".")))
+    if cut == spec and os.path.isdir(path):
+        return path, True
+    return (path if cut.endswith(os.sep) else os.path.dirname(path)), False
+
+
+def check_apart(inputs: list[str], output: str) -> None:
+    """Refuse an output that is or contains an input, or lies inside a folder the job walks: a rerun would read
+    our own shards back, and `--overwrite` could delete the user's files."""
+    if "://" in output:
+        return
+    out = os.path.realpath(os.path.abspath(os.path.expanduser(output)))
+    for spec in inputs:
+        found = _local_root(spec)
+        if found is None:
+            continue
+        root, walked = found
+        if out == root or root.startswith(out + os.sep) or (walked and out.startswith(root + os.sep)):
+            raise ValueError(f"--output {output} and --input {spec} overlap: the job would read its own output and "
+                             f"--overwrite could delete inputs; write to a folder outside the input")
+
+
+def prepare_output(output: str, card: dict, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse to mix two different jobs in one directory, or a dataset with files that are not ours; write the
+    dataset card before the job starts.
+
+    A rerun with the same `card["config"]` resumes; another config needs `overwrite`, which deletes the old
+    dataset's own entries (OWN_ENTRIES) and nothing else. A non-empty directory without our card is refused.
     """
+    from apache_beam.io.filesystems import FileSystems
+
+    check_apart(inputs, output)
     card_path = ds.join(output, "dataset.json")
+    if "://" not in output and os.path.exists(output):
+        if not os.path.isdir(output):
+            raise ValueError(f"--output {output} exists and is not a directory")
+        if os.listdir(output) and not os.path.isfile(card_path):
+            raise ValueError(f"--output {output} is a non-empty folder without a dataset card (dataset.json): not "
+                             f"a dataset of ours, so nothing there is overwritten; use a new or empty --output")
     old = ds.read_json(card_path)
     if old is not None and (old.get("config") != card["config"] or old.get("kind") != card["kind"]):
         if not overwrite:
             raise ValueError(f"{output} holds a {old.get('kind')} dataset made with another configuration "
                              f"({old.get('config')}); use a new --output or pass --overwrite")
-        from apache_beam.io.filesystems import FileSystems
-
-        FileSystems.delete([output])
+        owned = [ds.join(output, name) for name in OWN_ENTRIES]
+        FileSystems.delete([path for path in owned if FileSystems.exists(path)])
     ds.write_json(card_path, {"schema_version": ds.SCHEMA_VERSION, **card})
 
 

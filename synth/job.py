@@ -388,7 +388,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
                           if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}),
                        **({"llm": cfg.llm} if cfg.llm else {})}}
     try:
-        jobs.prepare_output(cfg.output, card, known.overwrite)
+        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
     except ValueError as err:
         parser.error(str(err))
     jobs.progress_logger(LOG.name)
