@@ -24,7 +24,7 @@ from apache_beam.metrics import Metrics
 from cir import dataset as ds
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
-from pipeline.sources import FAILED, ReadInputs
+from pipeline.sources import FAILED, ReadInputs, input_fingerprint
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
@@ -281,7 +281,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
     card = {"kind": KIND, "config": asdict(cfg),
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
-            "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}}
+            "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained},
+            "inputs": input_fingerprint(cfg.input)}
     try:
         jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
     except ValueError as err:

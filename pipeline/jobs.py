@@ -82,8 +82,9 @@ def prepare_output(output: str, card: dict, overwrite: bool, inputs: list[str]) 
     """Refuse to mix two different jobs in one directory, or a dataset with files that are not ours; write the
     dataset card before the job starts.
 
-    A rerun with the same `card["config"]` resumes; another config needs `overwrite`, which deletes the old
-    dataset's own entries (OWN_ENTRIES) and nothing else. A non-empty directory without our card is refused.
+    A rerun with the same `card["config"]` and the same `card["inputs"]` (a fingerprint of what the job reads)
+    resumes; another config or changed inputs need `overwrite`, which deletes the old dataset's own entries
+    (OWN_ENTRIES) and nothing else. A non-empty directory without our card is refused.
     """
     from apache_beam.io.filesystems import FileSystems
 
@@ -96,7 +97,14 @@ def prepare_output(output: str, card: dict, overwrite: bool, inputs: list[str]) 
             raise ValueError(f"--output {output} is a non-empty folder without a dataset card (dataset.json): not "
                              f"a dataset of ours, so nothing there is overwritten; use a new or empty --output")
     old = ds.read_json(card_path)
-    if old is not None and (old.get("config") != card["config"] or old.get("kind") != card["kind"]):
+    same_job = old is not None and old.get("config") == card["config"] and old.get("kind") == card["kind"]
+    if same_job and old.get("inputs") not in (None, card.get("inputs")):
+        if not overwrite:
+            raise ValueError(f"the input changed since {output} was written ({old['inputs']} then, "
+                             f"{card.get('inputs')} now): a rerun would mix two inputs in one dataset; pass "
+                             f"--overwrite to rebuild it, or use a new --output")
+        same_job = False
+    if old is not None and not same_job:
         if not overwrite:
             raise ValueError(f"{output} holds a {old.get('kind')} dataset made with another configuration "
                              f"({old.get('config')}); use a new --output or pass --overwrite")

@@ -12,6 +12,7 @@ become `failed` rows instead. Supported inputs (`--input`):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from typing import Iterator, Optional
@@ -55,6 +56,22 @@ def expand_braces(pattern: str) -> list[str]:
     import braceexpand
 
     return list(braceexpand.braceexpand(pattern))
+
+
+def input_fingerprint(src: str) -> dict:
+    """What the job will read, in three numbers: the files its patterns match, their bytes, and a hash of the
+    sorted (path, size, mtime) listing. A rerun into the same output compares it, so a changed input is not
+    half-added to a finished dataset."""
+    kind = input_kind(src)
+    patterns = expand_braces(src) if kind == "tar" else [file_pattern(src)] if kind == "files" else [src]
+    found = {}
+    for result in FileSystems.match(patterns):
+        found.update({m.path: m for m in result.metadata_list})
+    digest = hashlib.sha256()
+    for path in sorted(found):
+        digest.update(f"{path}\t{found[path].size_in_bytes}\t{found[path].last_updated_in_seconds}\n".encode())
+    return {"files": len(found), "bytes": sum(m.size_in_bytes for m in found.values()),
+            "sha256": digest.hexdigest()[:16]}
 
 
 def _split_ext(path: str) -> tuple[str, str]:

@@ -15,6 +15,7 @@ hard negatives synth.mined, edited specs synth.edited.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import logging
 import sys
@@ -301,6 +302,17 @@ def resolve_knn(cfg: SynthConfig) -> SynthConfig:
     return replace(cfg, knn="global" if stats.get("written", 0) <= cfg.global_max else "sharded")
 
 
+def caption_fingerprint(path: str) -> dict:
+    """The caption dataset read, by content: its samples and the hash of its index (a caption dataset re-made at
+    the same path is another input)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(ds.join(path, "index.parquet")) as f:
+        index = f.read()
+    return {"samples": ds.read_table(ds.join(path, "index.parquet")).num_rows,
+            "sha256": hashlib.sha256(index).hexdigest()[:16]}
+
+
 def check_input(cfg: SynthConfig) -> None:
     """Bad input is a clear error before the job starts."""
     card = ds.read_json(ds.join(cfg.input, "dataset.json"))
@@ -384,6 +396,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     card = {"kind": KIND, "config": asdict(cfg), "quality": cfg.quality, "seed": cfg.seed,
             "command": ["beam_runner.py", "synth", *(argv if argv is not None else sys.argv[1:])],
             "source": ds.read_json(ds.join(cfg.input, "dataset.json")),
+            "inputs": caption_fingerprint(cfg.input),
             "models": {**({"editor": cfg.editor, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}
                           if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}),
                        **({"llm": cfg.llm} if cfg.llm else {})}}

@@ -64,3 +64,35 @@ def test_overwrite_deletes_only_what_the_job_wrote(toy_world, tmp_path):
 
     in_index = set(pq.read_table(out / "index.parquet").column("shard").to_pylist())
     assert {p.stem for p in (out / "shards").glob("*.tar")} == in_index  # no shard of the old layout is left
+
+
+def test_a_rerun_after_the_input_changed_is_refused(toy_world, tmp_path, capsys):
+    """Break 2: caption 6 images, add 3, rerun the same command: it wrote into the finished dataset (keys in two
+    shards, images missing). Now the rerun names the change; --overwrite rebuilds a consistent dataset."""
+    from pipeline.inspect import run as inspect
+
+    photos = images(toy_world, tmp_path)
+    out = tmp_path / "captions"
+    argv = ["--input", str(photos), "--output", str(out), "--shard-size", "2", *BEAM]
+    assert caption(argv)["written"] == 6
+    for p in sorted((toy_world / "images").glob("toy_00001*"))[:9]:
+        shutil.copy(p, photos / p.name)
+    exits_2(capsys, argv, "the input changed since")
+    assert caption([*argv, "--overwrite"])["written"] == 9
+    assert inspect([str(out)]) == 0
+    assert caption(argv)["shards_written_this_run"] == 0  # the same input again: a resume with nothing to do
+
+
+def test_synth_refuses_a_rerun_on_a_remade_caption_dataset(toy_world, tmp_path, capsys):
+    from synth.job import run as synth
+
+    photos = images(toy_world, tmp_path, n=8)
+    captions, triplets = tmp_path / "captions", tmp_path / "triplets"
+    caption(["--input", str(photos), "--output", str(captions), "--shard-size", "4", *BEAM])
+    argv = ["--input", str(captions), "--output", str(triplets), "--quality", "high", "--num-triplets", "4",
+            "--image-weight", "0", *BEAM]
+    assert synth(argv)["written"] > 0
+    caption(["--input", str(photos), "--output", str(captions), "--shard-size", "3", "--overwrite", *BEAM])
+    with pytest.raises(SystemExit) as done:
+        synth(argv)
+    assert done.value.code == 2 and "the input changed since" in capsys.readouterr().err
