@@ -109,11 +109,20 @@ def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
 
 
 def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: int) -> torch.Tensor:
-    """Gallery features are cached on disk, keyed by the model weights and the image list."""
-    key = hashlib.sha256((encoder.gallery_fingerprint + "\n".join(map(str, paths))).encode()).hexdigest()[:16]
+    """Gallery features, cached on disk and keyed by the image tower's weights and the images as they are now
+    (path, size, modification time): a benchmark regenerated at the same path is encoded anew. A cache that
+    does not load (truncated, foreign) is rebuilt with a warning."""
+    stamp = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
+    key = hashlib.sha256(f"{encoder.gallery_fingerprint}\n{stamp}".encode()).hexdigest()[:16]
     cache = out / f"gallery-{key}.npy"
     if cache.is_file():
-        return torch.from_numpy(np.load(cache, allow_pickle=False))
+        try:
+            feats = np.load(cache, allow_pickle=False)
+            if feats.ndim == 2 and feats.shape[0] == len(paths):
+                return torch.from_numpy(feats)
+        except (ValueError, OSError, EOFError) as err:
+            print(f"eval run: the gallery cache {cache} does not load ({err}); encoding the gallery again",
+                  file=sys.stderr)
     feats = encoder.images(paths, batch_size)
     out.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")

@@ -96,3 +96,23 @@ def test_synth_refuses_a_rerun_on_a_remade_caption_dataset(toy_world, tmp_path, 
     with pytest.raises(SystemExit) as done:
         synth(argv)
     assert done.value.code == 2 and "the input changed since" in capsys.readouterr().err
+
+
+def test_eval_run_never_scores_from_a_stale_or_broken_cache(toy_world, tiny_stage1_export, tmp_path, capsys):
+    """Break 3: the gallery cache was keyed by weights and paths: a benchmark regenerated at the same path was
+    scored with the old features (avg 5.0 against 40.0 fresh). A truncated cache failed every later run."""
+    from eval.run import run
+    from toyworld.cli import run as make_world
+
+    world = tmp_path / "w"
+    make_world(["--output", str(world), "--num-images", "4", "--bench-queries", "8", "--seed", "1"])
+    out = tmp_path / "eval"
+    run("cirr", str(world / "bench" / "cirr"), str(tiny_stage1_export), output=str(out))
+    make_world(["--output", str(world), "--num-images", "4", "--bench-queries", "8", "--seed", "2", "--overwrite"])
+    again = run("cirr", str(world / "bench" / "cirr"), str(tiny_stage1_export), output=str(out))
+    fresh = run("cirr", str(world / "bench" / "cirr"), str(tiny_stage1_export), output=str(tmp_path / "fresh"))
+    assert again == fresh
+    for cache in out.glob("gallery-*.npy"):
+        cache.write_bytes(cache.read_bytes()[:100])
+    assert run("cirr", str(world / "bench" / "cirr"), str(tiny_stage1_export), output=str(out)) == fresh
+    assert "does not load" in capsys.readouterr().err
