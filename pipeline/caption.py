@@ -104,13 +104,15 @@ class PrepareImage(beam.DoFn):
 
 
 class KeepOne(beam.DoFn):
-    """(key, [samples]) -> the sample with the smallest source; the others are counted as duplicates."""
+    """(key, [samples]) -> one sample of identical bytes: one that came with a caption (so a captioned image is
+    never dropped as `no_caption` for its uncaptioned copy), then the smallest source; the others are counted
+    as duplicates."""
 
     DUPLICATES = "duplicates"
 
     def process(self, element) -> Iterator:
         _, samples = element
-        samples = sorted(samples, key=lambda s: s["source"])
+        samples = sorted(samples, key=lambda s: (not (s.get("caption") or "").strip(), s["source"]))
         yield samples[0]
         for dup in samples[1:]:
             yield beam.pvalue.TaggedOutput(self.DUPLICATES, dup["source"])

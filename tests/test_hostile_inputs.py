@@ -116,3 +116,21 @@ def test_eval_run_never_scores_from_a_stale_or_broken_cache(toy_world, tiny_stag
         cache.write_bytes(cache.read_bytes()[:100])
     assert run("cirr", str(world / "bench" / "cirr"), str(tiny_stage1_export), output=str(out)) == fresh
     assert "does not load" in capsys.readouterr().err
+
+
+def test_of_two_identical_images_the_captioned_one_is_kept(toy_world, tmp_path):
+    """Break 7: de-duplication kept the copy with the smaller path before captions were looked at; when that copy
+    had no sidecar, the image was dropped as no_caption."""
+    import json
+
+    photos = images(toy_world, tmp_path, n=2)
+    first = sorted(photos.glob("*.jpg"))[0]
+    shutil.copy(first, photos / "a_copy_without_caption.jpg")  # sorts before the captioned original
+    out = tmp_path / "captions"
+    stats = caption(["--input", str(photos), "--output", str(out), *BEAM])
+    assert stats["written"] == 2 and stats["duplicates"] == 1 and stats["failed"] == 0
+    import pyarrow.parquet as pq
+
+    sources = pq.read_table(out / "index.parquet").column("source").to_pylist()
+    assert str(first) in sources and not any("a_copy" in s for s in sources)
+    assert json.loads((out / "stats.json").read_text())["failed_by_reason"] == {}
