@@ -134,3 +134,26 @@ def test_of_two_identical_images_the_captioned_one_is_kept(toy_world, tmp_path):
     sources = pq.read_table(out / "index.parquet").column("source").to_pylist()
     assert str(first) in sources and not any("a_copy" in s for s in sources)
     assert json.loads((out / "stats.json").read_text())["failed_by_reason"] == {}
+
+
+def test_a_shard_cut_short_is_counted_not_fatal(toy_captions, tmp_path):
+    """Break 5: a shard cut in half crashed stage 0 (KeyError: 'txt' in its collate); corrupt members are
+    documented as skipped and counted. Cut a shard right after a sample's image, before its caption."""
+    import json
+    import tarfile
+
+    from train.stage0 import main as stage0
+
+    src, _ = toy_captions
+    data = tmp_path / "captions"
+    shutil.copytree(src, data)
+    shard = sorted((data / "shards").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    caption_member = next(m for m in members[len(members) // 2:] if m.name.endswith(".txt"))
+    shard.write_bytes(shard.read_bytes()[:caption_member.offset])  # a key's txt sorts after its image and json
+    out = tmp_path / "s0"
+    assert stage0([f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "data.batch_size=8",
+                   "data.shuffle_buffer=0", "max_steps=6", "log_every=1", "save_every=100"]) == 0
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1]["data_errors"] >= 1 and (out / "final").is_dir()

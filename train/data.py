@@ -118,8 +118,16 @@ def _image_role(key: str) -> Optional[str]:
     return key[:-len(ext)] if ext.lower() in IMAGE_EXTS else None
 
 
-def decode_sample(sample: dict, lazy: tuple[str, ...] = ()) -> dict:
-    """Decode a raw sample's members; images of the roles in `lazy` stay encoded (see decode_images)."""
+class MissingMember(DataError):
+    """A sample without a member its stage needs (a shard cut short): counted and skipped like a corrupt one."""
+
+
+def decode_sample(sample: dict, lazy: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> dict:
+    """Decode a raw sample's members; images of the roles in `lazy` stay encoded (see decode_images). Each of
+    `required` ("txt", or alternatives "jpg|png") must be there, else MissingMember."""
+    missing = [need for need in required if not any(option in sample for option in need.split("|"))]
+    if missing:
+        raise MissingMember(f"sample {sample.get('__key__')} has no {', '.join(missing)}")
     out = {"__key__": sample["__key__"]}
     for key, value in sample.items():
         if key.startswith("__"):
@@ -231,7 +239,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
                  log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[str, ...] = (),
                  cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None,
-                 resume_counts: Optional[list[list[int]]] = None):
+                 resume_counts: Optional[list[list[int]]] = None, required: tuple[str, ...] = ()):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
@@ -247,6 +255,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.subset_fraction = subset_fraction
         # Images a stage may not need: those whose cached embedding it takes (cached_roles says, per batch).
         self.lazy_roles, self.cached_roles = (lazy_roles, cached_roles) if cached_roles else ((), None)
+        self.required = required  # the stage's members ("txt", "jpg|png|webp"): a sample without one is skipped
 
     def _mixed(self) -> Iterator[dict]:
         streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir, self.subset_fraction)
@@ -306,7 +315,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         """`sample` decoded (images of `lazy` roles left encoded), or the first next one that decodes."""
         while True:
             try:
-                return decode_sample(sample, lazy)
+                return decode_sample(sample, lazy, self.required)
             except Exception as err:  # noqa: BLE001 - whatever a damaged member raises, it is skipped, counted
                 self.handler(err)
                 self.extra += 1

@@ -224,7 +224,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
                          subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
-                         cached_roles=getattr(stage, "cached_image_roles", None), resume_counts=resumed)
+                         cached_roles=getattr(stage, "cached_image_roles", None), resume_counts=resumed,
+                         required=stage.required_fields)
     batches = iter(loader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda"))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
