@@ -157,3 +157,35 @@ def test_a_shard_cut_short_is_counted_not_fatal(toy_captions, tmp_path):
                    "data.shuffle_buffer=0", "max_steps=6", "log_every=1", "save_every=100"]) == 0
     logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert logged[-1]["data_errors"] >= 1 and (out / "final").is_dir()
+
+
+def test_training_reruns_resume_finish_or_refuse(toy_captions, tmp_path, capsys):
+    """Break 6: rerunning a finished training command without resume= retrained from scratch, Accelerate deleted
+    the old checkpoint, train_log.jsonl grew, and the run died at its final save: no export. Now one command
+    serves first start and restart (resume=auto), a finished run says so, another config is refused."""
+    import json
+
+    from train.stage0 import main as stage0
+
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    args = [f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "data.batch_size=8",
+            "data.shuffle_buffer=16", "max_steps=4", "save_every=2", "log_every=1"]
+    assert stage0(args) == 0
+    log = (out / "train_log.jsonl").read_text()
+    stamp = (out / "final" / "open_clip_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert stage0(args) == 0  # the same command again: finished, nothing trained or written
+    assert "finished" in capsys.readouterr().out
+    assert (out / "train_log.jsonl").read_text() == log
+    assert (out / "final" / "open_clip_model.safetensors").stat().st_mtime_ns == stamp
+    shutil.rmtree(out / "final")  # a kill after the step-4 checkpoint, before the export
+    assert stage0(args) == 0
+    assert "resumed from" in capsys.readouterr().out and (out / "final").is_dir()
+    assert stage0([*args, "optim.lr=1e-3"]) == 2  # another config into the same output_dir
+    assert "another config (optim.lr: 0.0005 -> 0.001)" in capsys.readouterr().err
+    (out / "notes.txt").write_text("keep me")
+    assert stage0([*args, "optim.lr=1e-3", "overwrite=true"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "notes.txt").read_text() == "keep me"
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3

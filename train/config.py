@@ -93,7 +93,11 @@ class TrainConfig:
     run_name: str = ""  # the trackers' run (project) name; "" = the stage's name (stage0, stage1, stage2)
     save_every: int = ranged(500, min=1)  # steps between checkpoints (save_state)
     save_total_limit: int = ranged(2, min=1)  # checkpoints kept
-    resume: Optional[str] = None  # 'latest' or a checkpoint directory: continue that run
+    # auto: a finished run (same config) says so and exits 0, a run cut short resumes from its newest complete
+    # checkpoint, an empty output_dir starts fresh; latest: resume or fail; never: start fresh; or a checkpoint dir
+    resume: Optional[str] = "auto"
+    overwrite: bool = False  # start afresh in an output_dir that holds a run with another config (its
+    # checkpoints, export and logs are deleted; other files stay)
     init_from: Optional[str] = None  # the previous stage's export ({output_dir}/final of that stage)
     clip: ClipConfig = field(default_factory=ClipConfig)
     data: DataConfig = field(default_factory=DataConfig)

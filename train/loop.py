@@ -3,7 +3,8 @@
 A stage supplies: `build()` -> trainable module, `collate(samples)` -> batch of tensors, `loss(model, batch)`
 -> (loss, scalars), `export(model, dir)`, and `required_fields` for the schema check. The loop owns the
 rest: data stream, AdamW with warmup + cosine, gradient accumulation and clipping, mixed precision,
-TensorBoard, tqdm, `save_state` checkpoints (automatic naming, total limit) and `resume=latest`.
+trackers, tqdm, `save_state` checkpoints (automatic naming, total limit) and restarts (`plan_start`: a rerun
+resumes a run cut short, says a finished one is finished, refuses another config in the same output_dir).
 
 A contrastive stage may also supply `features(model, batch, accelerator)` -> dict of tensors, `cached_keys`
 (the per-sample ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and
@@ -166,6 +167,45 @@ def parse_args(cls, argv: Optional[list[str]]):
         parser.error(str(err))
 
 
+# Settings that do not define a run: changing them between a run and its restart is not "another config".
+RUN_CONTROL = ("resume", "overwrite", "max_steps", "log_every", "save_every", "save_total_limit", "log_with",
+               "run_name", "data.workers")
+RUN_FILES = ("checkpoints", "final", "logs", "data_log", "train_log.jsonl", "config.json")  # what a run writes
+
+
+def _defining(config: dict) -> dict:
+    """The config without RUN_CONTROL settings, flattened."""
+    return {k: v for k, v in _flat(config).items() if k not in RUN_CONTROL}
+
+
+def plan_start(cfg: TrainConfig, out: Path) -> tuple[str, Optional[Path]]:
+    """What this command does in `out`: ("fresh", None), ("resume", checkpoint), ("finished", export) or
+    ("overwrite", None): start fresh after deleting the old run's files. ConfigError when `out` holds a run of
+    another config (or resume=never meets a run) and overwrite is off."""
+    saved = out / "config.json"
+    old = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    if old is not None:
+        before, now = _defining(old), _defining(to_dict(cfg))
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed or cfg.resume == "never":
+            if cfg.overwrite:
+                return "overwrite", None
+            why = (f"another config ({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed[:4])})"
+                   if changed else "a run, and resume=never")
+            raise ConfigError(f"{out} holds {why}; use another output_dir, or overwrite=true to replace that run")
+    if cfg.resume in ("auto", "latest"):
+        final = out / "final" / "train_config.json"
+        if cfg.resume == "auto" and final.is_file() and json.loads(final.read_text())["max_steps"] == cfg.max_steps:
+            return "finished", out / "final"
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None and cfg.resume == "latest":
+            raise DataError(f"resume=latest: no checkpoint under {out / 'checkpoints'}")
+        return ("resume", checkpoint) if checkpoint else ("fresh", None)
+    if cfg.resume in ("never", None):
+        return "fresh", None
+    return "resume", Path(cfg.resume)
+
+
 def check_trackers(names: list[str]) -> list[str]:
     """`log_with` as Accelerate takes it; a tracker Accelerate does not know, or whose package is not installed,
     is a ConfigError (Accelerate itself would drop an uninstalled one without a word)."""
@@ -199,6 +239,23 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=1 if cached else cfg.grad_accum, log_with=check_trackers(cfg.log_with) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
                                             automatic_checkpoint_naming=True, total_limit=cfg.save_total_limit))
+    start, path = plan_start(cfg, out)
+    accelerator.wait_for_everyone()  # every rank has decided before rank 0 deletes anything
+    if start == "finished":
+        accelerator.print(f"{out} holds this run, finished: its export is {path} (max_steps={cfg.max_steps}); "
+                          f"nothing to do")
+        return path
+    if start == "overwrite" and accelerator.is_main_process:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if start == "fresh" and accelerator.is_main_process:  # folders of a first save cut short: Accelerate
+        for path in (out / "checkpoints").glob("checkpoint_*"):  # would refuse to save over them
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     model = stage.build()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -208,11 +265,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     if hasattr(stage, "setup"):  # work a stage does once its model is on the device (stage II's negative bank)
         stage.setup(model, accelerator)
     state = TrainState()
-    if cfg.resume:
-        path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
-        if path is None:
-            raise DataError(f"resume=latest: no checkpoint under {out / 'checkpoints'}")
-        if cfg.resume == "latest":
+    if start == "resume":
+        if cfg.resume in ("auto", "latest"):
             _remove_incomplete_after(path, accelerator)
         _migrate_legacy_state(path, accelerator)
         accelerator.load_state(str(path))
