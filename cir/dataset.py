@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import stat
 import uuid
 from typing import Iterable, Iterator, Optional
 
@@ -173,6 +174,19 @@ def check_model_reference(name: str, what: str) -> None:
     # "org/name" is a hub id; only explicit paths are checked here (hub ids fail in load_model, offline).
     if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise ValueError(f"{what} model not found: {name}")
+
+
+class NotARegularFile(OSError):
+    """A local input path that is a FIFO, a device or a socket: opening it could block forever, so it is not."""
+
+
+def read_file(path: str) -> bytes:
+    """A file's bytes through Beam's FileSystems (local, gs://, ...). A local path that is not a regular file
+    raises NotARegularFile without being opened; a broken symlink raises FileNotFoundError."""
+    if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotARegularFile(f"{path} is not a regular file (a FIFO, device or socket): not read")
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read()
 
 
 def iter_shard(path: str) -> Iterator[dict]:

@@ -69,6 +69,7 @@ def _glob_root(pattern: str) -> str:
 def _files(src: str) -> Iterator[GalleryImage]:
     from apache_beam.io.filesystems import FileSystems
 
+    from cir.dataset import read_file
     from pipeline.sources import IMAGE_EXTS, file_pattern
 
     # local paths are made absolute: the index's sources must open from any working directory
@@ -80,10 +81,9 @@ def _files(src: str) -> Iterator[GalleryImage]:
         raise GalleryError(f"no images found in {src} (looked for {pattern})")
     for path in paths:
         name = os.path.relpath(path, root) if "://" not in path else path[len(root):].lstrip("/")
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                yield GalleryImage(name, path, f.read())
-        except Exception as err:  # permission denied, vanished file, remote errors
+        try:  # read_file never opens a FIFO, device or socket
+            yield GalleryImage(name, path, read_file(path))
+        except Exception as err:  # not a regular file, permission denied, vanished file, remote errors
             yield GalleryImage(name, path, None, f"unreadable: {err!r}")
 
 
@@ -201,10 +201,9 @@ class GalleryIndex:
                 if sample["__key__"] == key:
                     return sample[image_field(sample)]
             raise GalleryError(f"{key} is no longer in {url}")
-        from apache_beam.io.filesystems import FileSystems
+        from cir.dataset import read_file
 
-        with FileSystems.open(source, compression_type="uncompressed") as f:
-            return f.read()
+        return read_file(source)
 
     def top(self, queries: torch.Tensor, k: int, exclude: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, rows) [Q, <=k]: exact chunked top-k, or the faiss IVF index when the index has one."""

@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from cir.dataset import failed_row
+from cir.dataset import NotARegularFile, failed_row, read_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SIDECAR_EXTS = ("txt", "json")
@@ -94,11 +94,6 @@ def caption_from_json(text: bytes | str) -> Optional[str]:
     return None
 
 
-def _read(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
 class ByStem(beam.DoFn):
     """(stem, path) for image files and their sidecars; other files are not inputs."""
 
@@ -118,19 +113,22 @@ class ReadImageGroup(beam.DoFn):
         sidecar_caption = None
         if "txt" in by_ext:
             try:
-                sidecar_caption = _read(by_ext["txt"]).decode("utf-8").strip()
+                sidecar_caption = read_file(by_ext["txt"]).decode("utf-8").strip()
             except (OSError, UnicodeDecodeError):
                 sidecar_caption = None
         elif "json" in by_ext:
             try:
-                sidecar_caption = caption_from_json(_read(by_ext["json"]))
+                sidecar_caption = caption_from_json(read_file(by_ext["json"]))
             except OSError:
                 sidecar_caption = None
         for path in paths:
             if _split_ext(path)[1] not in IMAGE_EXTS:
                 continue
             try:
-                data = _read(path)
+                data = read_file(path)
+            except NotARegularFile as err:
+                yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "not_a_regular_file", str(err)))
+                continue
             except Exception as err:  # permission denied, vanished file, remote errors
                 yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
                 continue
@@ -237,7 +235,7 @@ class ReadParquetRow(beam.DoFn):
         if "://" not in path and not posixpath.isabs(path):
             path = FileSystems.join(posixpath.dirname(parquet_path), path)
         try:
-            data = _read(path)
+            data = read_file(path)
         except Exception as err:
             yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
             return

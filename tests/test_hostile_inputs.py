@@ -3,6 +3,7 @@ reproduces a break that was reported and asserts the new behaviour (a clear mess
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,34 @@ def test_training_reruns_resume_finish_or_refuse(toy_captions, tmp_path, capsys)
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3
+
+
+def test_a_fifo_among_the_images_is_a_failed_row_not_a_hang(toy_world, tmp_path):
+    """Break 4: a FIFO in an input folder hung the caption job and `eval index` forever (blocked in the read).
+    Both run in subprocesses with a timeout, so a regression fails instead of hanging the suite."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    root = Path(__file__).resolve().parents[1]
+    photos = images(toy_world, tmp_path, n=3)
+    os.mkfifo(photos / "pipe.jpg")
+    os.mkfifo(photos / "pipe2.txt")  # a FIFO sidecar beside a real image
+    shutil.copy(sorted(photos.glob("toy_*.jpg"))[0], photos / "pipe2.jpg")
+    out = tmp_path / "captions"
+    done = subprocess.run([sys.executable, "beam_runner.py", "caption", "--input", str(photos), "--output", str(out),
+                           *BEAM], cwd=root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    failed = pq.read_table(out / "failed.parquet").to_pylist()
+    assert {(r["source"].rsplit("/", 1)[1], r["reason"]) for r in failed} >= {("pipe.jpg", "not_a_regular_file")}
+    assert json.loads((out / "stats.json").read_text())["written"] == 3  # pipe2.jpg duplicates a captioned image
+    index = tmp_path / "index"
+    done = subprocess.run([sys.executable, "-m", "eval", "index", "--checkpoint", "tiny-clip-32", "--pretrained",
+                           "random", "--images", str(photos), "--output", str(index)], cwd=root, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["failed"] == 1
+    (row,) = pq.read_table(index / "failed.parquet").to_pylist()
+    assert "pipe.jpg" in json.dumps(row) and "not a regular file" in json.dumps(row)
