@@ -12,6 +12,16 @@ def load_json(path: str | Path, what: str, error: type[Exception] = ValueError) 
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # JSONDecodeError and undecodable bytes
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except ValueError as err:  # JSONDecodeError, undecodable bytes and a key given twice
         raise error(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object that gives a key twice (a query predicted twice) is an error: json keeps the last silently."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen

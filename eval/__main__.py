@@ -65,13 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", help="default: the one the index was built with")
     v.add_argument("--pretrained", help="with a CLIP architecture name: its tag or weights file (default: the index's)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--port", type=port, default=7860, help="1-65535 (default 7860)")
     v.add_argument("--device", default="cpu")
     a = sub.add_parser("ablate", help="train + evaluate a grid of data mixes; table and plot")
     a.add_argument("--config", required=True, help="ablation YAML (see eval/ablate.py)")
     c = sub.add_parser("claims", help="train + evaluate what the papers' claims need; claims.md / claims.json")
     c.add_argument("--config", required=True, help="claims YAML (see eval/claims.py, experiments/claims.yaml)")
     return p
+
+
+def port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
+    return value
 
 
 def score(args: argparse.Namespace) -> dict:

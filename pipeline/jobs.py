@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 import time
 from typing import Callable, Iterator, Optional
 
@@ -205,8 +206,14 @@ def finalize(output: str, started: float, written_now: list, early_failed: list,
 
 
 def run_and_read_stats(p: beam.Pipeline, output: str) -> dict:
+    """Run the job; its stats. A job that wrote nothing says so on stderr (exit 0 still: resuming a finished
+    dataset writes nothing new, and failed.parquet says why inputs were dropped)."""
     p.run().wait_until_finish()
-    return ds.read_json(ds.join(output, "stats.json")) or {}
+    stats = ds.read_json(ds.join(output, "stats.json")) or {}
+    if stats and stats.get("written") == 0:
+        print(f"warning: {output}: the dataset holds no samples ({stats.get('failed')} inputs failed: "
+              f"{stats.get('failed_by_reason')}; see failed.parquet)", file=sys.stderr)
+    return stats
 
 
 def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:

@@ -221,3 +221,32 @@ def test_a_fifo_among_the_images_is_a_failed_row_not_a_hang(toy_world, tmp_path)
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["failed"] == 1
     (row,) = pq.read_table(index / "failed.parquet").to_pylist()
     assert "pipe.jpg" in json.dumps(row) and "not a regular file" in json.dumps(row)
+
+
+def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
+    """Weak cases of #23: a predictions file naming a query twice was scored (the last one silently); a port
+    out of range gave a traceback; an input that yields nothing exited 0 without a word."""
+    import json
+    import subprocess
+    import sys
+
+    from eval.__main__ import main as eval_main
+
+    root = Path(__file__).resolve().parents[1]
+    cirr = toy_world / "bench" / "cirr"
+    queries = json.loads((cirr / "captions" / "cap.rc2.val.json").read_text())
+    first = str(queries[0]["pairid"])
+    body = ", ".join(f'"{q["pairid"]}": []' for q in queries)
+    preds = tmp_path / "p.json"
+    preds.write_text(f'{{"version": "rc2", "metric": "recall", {body}, "{first}": []}}')
+    assert eval_main(["score", "--benchmark", "cirr", "--annotations", str(cirr / "captions" / "cap.rc2.val.json"),
+                      "--predictions", str(preds)]) == 2
+    assert f"the key '{first}' appears twice" in capsys.readouterr().err
+    done = subprocess.run([sys.executable, "-m", "eval", "serve", "--index", str(tmp_path), "--port", "99999"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "a port is a number from 1 to 65535" in done.stderr
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.md").write_text("no images here")
+    stats = caption(["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM])
+    assert stats["written"] == 0 and "holds no samples" in capsys.readouterr().err
