@@ -30,6 +30,7 @@ from eval.gallery import GalleryError, Searcher
 
 MAX_BODY = 32 << 20  # an uploaded photo, base64-encoded, with room to spare
 MAX_K = 200
+SOCKET_TIMEOUT = 30  # seconds a connection may sit idle mid-request
 
 
 def _page() -> bytes:
@@ -67,6 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
     searcher: Searcher  # set on the subclass made by make_server
     lock: threading.Lock
     server_version = "cir-search/1"
+    timeout = SOCKET_TIMEOUT  # a client that stops sending does not hold a thread forever
 
     def log_message(self, format: str, *args) -> None:  # one short line per request, on stderr
         sys.stderr.write(f"eval serve: {self.address_string()} {format % args}\n")
@@ -119,6 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
         except ValueError as err:
             return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not JSON: {err}"})
+        except RecursionError:  # "[[[[...": nested deeper than the parser goes
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "the body is nested too deeply"})
         try:
             query = _query_from_json(body)
             with self.lock:  # one model, one search at a time

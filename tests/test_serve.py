@@ -66,6 +66,25 @@ def test_api_answers_bad_requests_and_keeps_serving(server):
     assert err.value.code == 404
 
 
+def test_a_deep_body_and_a_silent_client_do_not_hurt_the_server(server, monkeypatch):
+    """#23: a deeply nested JSON body dropped the connection (RecursionError); a client that stops mid-request
+    held a server thread forever (no socket timeout)."""
+    import socket
+
+    from eval import serve
+
+    httpd, _ = server
+    status, reply = _post(httpd, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in reply["error"]
+    assert serve._Handler.timeout == serve.SOCKET_TIMEOUT > 0
+    monkeypatch.setattr(serve._Handler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as silent:
+        silent.sendall(b"POST /api/search HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # and then nothing
+        silent.settimeout(10)
+        assert silent.recv(1024) == b""  # the server gave up on it and closed the connection
+    assert _post(httpd, json.dumps({"reference_row": 1, "text": "red", "k": 2}).encode())[0] == 200
+
+
 def test_a_taken_port_is_a_clear_error(server):
     httpd, searcher = server
     with pytest.raises(GalleryError, match=f"port {httpd.server_address[1]} .* is in use"):
