@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import sys
+from pathlib import Path
 
 from eval.gallery import GalleryError, GalleryIndex, IndexConfig, Searcher, build_index
 
@@ -53,6 +54,7 @@ def _write_grid(searcher: Searcher, args: argparse.Namespace, found: dict, row) 
     if args.image or row is not None:
         ref = searcher.query_image(args.image if args.image else gallery.image_bytes(row))[0]
     results = [(Image.open(io.BytesIO(gallery.thumb(r["row"]))), r["name"], r["score"]) for r in found["results"]]
+    Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
     render_grid([GridRow(ref, args.text or "", results)]).save(args.grid)
     print(f"eval search: wrote {args.grid}", file=sys.stderr)
 

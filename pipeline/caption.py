@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -266,6 +267,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams")
     jobs.check_prefix(parser, known.shard_prefix)
+    if "://" not in known.input and not any(ch in known.input for ch in "*?[{") and not os.path.exists(known.input):
+        parser.error(f"--input {known.input} does not exist")
     try:
         if known.captioner != "sidecar":
             ds.check_model_reference(known.captioner, "captioner")

@@ -12,8 +12,10 @@ become `failed` rows instead. Supported inputs (`--input`):
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import posixpath
 from typing import Iterator, Optional
 
@@ -37,7 +39,10 @@ def input_kind(src: str) -> str:
 
 
 def file_pattern(src: str) -> str:
-    """A directory means everything below it; anything else is taken as a glob."""
+    """A directory means everything below it; anything else is taken as a glob. A local path that exists is
+    taken literally, glob characters in its name escaped (a folder named "[2023]")."""
+    if "://" not in src and os.path.exists(src):
+        return os.path.join(glob.escape(src), "**") if os.path.isdir(src) else glob.escape(src)
     if any(ch in src for ch in "*?["):
         return src
     is_dir = src.endswith("/")  # the only way to say "directory" for object stores without listing them

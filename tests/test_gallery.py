@@ -90,7 +90,7 @@ def test_bad_queries_get_clear_errors(searcher, tmp_path):
 def test_search_command_prints_json_and_fails_cleanly(indexed, capsys, tmp_path):
     out, _ = indexed
     index = GalleryIndex(out)
-    grid = tmp_path / "grid.png"
+    grid = tmp_path / "not" / "yet" / "grid.png"  # a folder that does not exist yet is made (#23)
     assert eval_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
                       "--k", "4", "--json", "--grid", str(grid)]) == 0
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

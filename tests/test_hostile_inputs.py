@@ -250,3 +250,21 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
     (empty / "notes.md").write_text("no images here")
     stats = caption(["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM])
     assert stats["written"] == 0 and "holds no samples" in capsys.readouterr().err
+
+
+def test_input_paths_as_users_write_them(toy_world, tmp_path, capsys):
+    """Weak cases: a missing --input and a folder named "[2023]" gave Beam tracebacks without the path; broken
+    YAML in a training config gave a traceback (`eval search --grid` into a missing folder: test_gallery.py)."""
+    from train.config import ConfigError, load_config
+    from train.stage0 import Stage0Config
+
+    exits_2(capsys, ["--input", str(tmp_path / "no_such_folder"), "--output", str(tmp_path / "o"), *BEAM],
+            "no_such_folder does not exist")
+    photos = images(toy_world, tmp_path, n=2)
+    year = tmp_path / "[2023]"
+    photos.rename(year)
+    assert caption(["--input", str(year), "--output", str(tmp_path / "captions"), *BEAM])["written"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: [1, 2\nseed: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML \(line \d+, column \d+\)"):
+        load_config(Stage0Config, str(bad))

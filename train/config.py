@@ -180,7 +180,12 @@ def load_config(cls, path: Optional[str], overrides: list[str] = ()):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top")
     for item in overrides:
