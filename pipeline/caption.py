@@ -101,7 +101,8 @@ class PrepareImage(beam.DoFn):
         sha256 = hashlib.sha256(record["data"]).hexdigest()
         yield {"key": sha256[:ds.KEY_HEX], "sha256": sha256,  # the content key is this hash's prefix
                "source": record["source"], "caption": record["caption"], "data": img.data, "ext": img.ext,
-               "width": img.width, "height": img.height, "reencoded": img.reencoded}
+               "width": img.width, "height": img.height, "reencoded": img.reencoded,
+               **({"sidecar_problem": record["sidecar_problem"]} if "sidecar_problem" in record else {})}
 
 
 class KeepOne(beam.DoFn):
@@ -157,8 +158,12 @@ class ChooseCaption(beam.DoFn):
     def process(self, sample: dict) -> Iterator:
         candidates = sample.pop("candidates")
         if not candidates:
-            reason, message = ("no_caption", "no sidecar caption") if self.captioner == "sidecar" else (
-                "empty_caption", f"{self.captioner} generated only empty text")
+            if self.captioner != "sidecar":
+                reason, message = "empty_caption", f"{self.captioner} generated only empty text"
+            elif sample.get("sidecar_problem"):
+                reason, message = "bad_sidecar", sample["sidecar_problem"]
+            else:
+                reason, message = "no_caption", "no sidecar caption"
             yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", reason, message),
                                                     "shard": sample["shard"]})
             return

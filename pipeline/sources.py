@@ -115,17 +115,19 @@ class ReadImageGroup(beam.DoFn):
         stem, paths = element
         paths = sorted(paths)
         by_ext = {_split_ext(p)[1]: p for p in paths}
-        sidecar_caption = None
+        sidecar_caption, problem = None, None  # problem: why a sidecar there gave no caption (for failed.parquet)
         if "txt" in by_ext:
             try:
                 sidecar_caption = read_file(by_ext["txt"]).decode("utf-8").strip()
-            except (OSError, UnicodeDecodeError):
-                sidecar_caption = None
+            except UnicodeDecodeError as err:
+                problem = f"sidecar {by_ext['txt']} is not UTF-8 ({err.reason} at byte {err.start})"
+            except OSError as err:
+                problem = f"sidecar {by_ext['txt']} cannot be read ({err})"
         elif "json" in by_ext:
             try:
                 sidecar_caption = caption_from_json(read_file(by_ext["json"]))
-            except OSError:
-                sidecar_caption = None
+            except OSError as err:
+                problem = f"sidecar {by_ext['json']} cannot be read ({err})"
         for path in paths:
             if _split_ext(path)[1] not in IMAGE_EXTS:
                 continue
@@ -137,7 +139,8 @@ class ReadImageGroup(beam.DoFn):
             except Exception as err:  # permission denied, vanished file, remote errors
                 yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
                 continue
-            yield {"source": path, "data": data, "caption": sidecar_caption}
+            yield {"source": path, "data": data, "caption": sidecar_caption,
+                   **({"sidecar_problem": problem} if problem else {})}
 
 
 class TarIntegrity:

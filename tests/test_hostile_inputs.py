@@ -268,3 +268,18 @@ def test_input_paths_as_users_write_them(toy_world, tmp_path, capsys):
     bad.write_text("max_steps: [1, 2\nseed: 0\n")
     with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML \(line \d+, column \d+\)"):
         load_config(Stage0Config, str(bad))
+
+
+def test_a_latin1_sidecar_is_named_as_such(toy_world, tmp_path):
+    """Weak case: a sidecar in latin-1 was reported as "no sidecar caption"."""
+    import pyarrow.parquet as pq
+
+    photos = images(toy_world, tmp_path, n=2)
+    sidecar = sorted(photos.glob("*.txt"))[0]
+    sidecar.write_bytes("une photo d'un carré rouge".encode("latin-1"))
+    (sidecar.with_suffix(".json")).unlink()
+    out = tmp_path / "captions"
+    stats = caption(["--input", str(photos), "--output", str(out), *BEAM])
+    assert stats["written"] == 1 and stats["failed_by_reason"] == {"bad_sidecar": 1}
+    (row,) = pq.read_table(out / "failed.parquet").to_pylist()
+    assert sidecar.name in row["error"] and "not UTF-8" in row["error"]
