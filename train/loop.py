@@ -154,17 +154,14 @@ def load_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
 
 
 def parse_args(cls, argv: Optional[list[str]]):
-    """`--config FILE [key=value ...]` -> config dataclass; errors exit with status 2 before training."""
+    """`--config FILE [key=value ...]` -> config dataclass (ConfigError for a bad file, key or value)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Train a stage (see train/configs/*.yaml).")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 data.batch_size=32")
     args = parser.parse_args(argv)
-    try:
-        return load_config(cls, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    return load_config(cls, args.config, args.overrides)  # ConfigError: main says so and returns 2
 
 
 # Settings that do not define a run: changing them between a run and its restart is not "another config".
@@ -436,8 +433,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(stage_factory: Callable[[TrainConfig], Stage], config_cls, argv: Optional[list[str]] = None) -> int:
-    cfg = parse_args(config_cls, argv)
+    """Train a stage from the command line; 2 (with the error on stderr) when the config or data is wrong, so
+    callers in this process (eval ablate, eval claims) get a status, not a SystemExit."""
     try:
+        cfg = parse_args(config_cls, argv)
         stage = stage_factory(cfg)
         final = train(stage, cfg)
     except (DataError, ConfigError) as err:
