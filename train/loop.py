@@ -250,8 +250,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
             elif target.exists():
                 target.unlink()
     if start == "fresh" and accelerator.is_main_process:  # folders of a first save cut short: Accelerate
-        for path in (out / "checkpoints").glob("checkpoint_*"):  # would refuse to save over them
-            shutil.rmtree(path)
+        for stale in (out / "checkpoints").glob("checkpoint_*"):  # would refuse to save over them
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     model = stage.build()
