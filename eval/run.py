@@ -44,8 +44,8 @@ def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None,
         cache_dir: Optional[str] = None) -> dict:
     """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
     cir.benchmarks.SPLITS); files under `output`. Gallery features are cached in `cache_dir` (default: `output`),
-    keyed by the image tower's weights and the image list, so runs that share an image tower (every stage II
-    variant of one CLIP) can share one cache."""
+    keyed by the image tower's weights and the images (paths, sizes, mtimes), so runs that share an image tower
+    (every stage II variant of one CLIP) can share one cache."""
     root = Path(data)
     split = benchmarks.split_name(benchmark, split)  # as the files name it (CIRR's test is test1)
     bench = benchmarks.load(benchmark, root, split, shared_concept)
