@@ -283,3 +283,25 @@ def test_a_latin1_sidecar_is_named_as_such(toy_world, tmp_path):
     assert stats["written"] == 1 and stats["failed_by_reason"] == {"bad_sidecar": 1}
     (row,) = pq.read_table(out / "failed.parquet").to_pylist()
     assert sidecar.name in row["error"] and "not UTF-8" in row["error"]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "random_states_0.pkl"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(toy_captions, tmp_path, capsys, victim):
+    """Weak cases: truncated checkpoint files gave raw tracebacks, and a truncated RNG state file was silently
+    ignored. The train state lists every file's size; a resume passes a damaged checkpoint over, with a warning."""
+    from train.stage0 import main as stage0
+
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    args = [f"output_dir={out}", f"data.train=['{data}']", "clip.model=tiny-clip-32", "data.batch_size=8",
+            "data.shuffle_buffer=16", "max_steps=4", "save_every=2", "log_every=1"]
+    assert stage0(args) == 0
+    shutil.rmtree(out / "final")  # a kill after the last checkpoint, before the export
+    damaged = next((out / "checkpoints" / "checkpoint_1").rglob(victim))
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    capsys.readouterr()
+    assert stage0(args) == 0
+    logs = capsys.readouterr()
+    assert f"checkpoint_1 is damaged ({victim} has" in logs.err
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint_0'} at step 2" in logs.out
+    assert (out / "final").is_dir()

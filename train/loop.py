@@ -103,10 +103,35 @@ LEGACY_STATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint (its train state written, the last file of a save)."""
+    """The newest complete and intact checkpoint (its train state written, the last file of a save, and every
+    file it lists there of the size it had); a damaged one is passed over with a warning."""
     found = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
     complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file() or _is_legacy(p)]
-    return complete[-1] if complete else None
+    for checkpoint in reversed(complete):
+        problem = _damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        print(f"warning: {checkpoint} is damaged ({problem}); falling back to the checkpoint before it",
+              file=sys.stderr)
+    return None
+
+
+def _damage(checkpoint: Path) -> Optional[str]:
+    """What is wrong with a checkpoint, by the file list its train state keeps (older ones keep none)."""
+    path = checkpoint / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None  # a legacy checkpoint: nothing to check against
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+    except ValueError:
+        return f"{TRAIN_STATE_FILE} is not valid JSON"
+    for name, size in files.items():
+        f = checkpoint / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when saved"
+    return None
 
 
 def _is_legacy(checkpoint: Path) -> bool:
@@ -114,20 +139,25 @@ def _is_legacy(checkpoint: Path) -> bool:
 
 
 def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
-    """Checkpoint folders newer than the complete one resumed from were cut short by a kill mid-save; the
-    next save would reuse their names (Accelerate refuses an existing folder), so they go."""
+    """Checkpoint folders newer than the one resumed from were cut short by a kill mid-save, or damaged; the next
+    save would reuse their names (Accelerate refuses an existing folder), so they go."""
     number = int(checkpoint.name.split("_")[-1])
     if accelerator.is_main_process:
         for path in checkpoint.parent.glob("checkpoint_*"):
             if int(path.name.split("_")[-1]) > number:
-                accelerator.print(f"removing {path}: an incomplete checkpoint (no {TRAIN_STATE_FILE})")
+                accelerator.print(f"removing {path}: an incomplete or damaged checkpoint")
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
 
 def save_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
+    """The step, the scheduler and the data position, with the size of every file of the checkpoint (a resume
+    checks them: a truncated weights or RNG file is found, not loaded or silently skipped)."""
+    files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*"))
+             if f.is_file() and not f.name.startswith(TRAIN_STATE_FILE)}
     tmp = checkpoint / f"{TRAIN_STATE_FILE}.tmp"
-    tmp.write_text(json.dumps({**state.state_dict(), "scheduler": scheduler.state_dict()}), encoding="utf-8")
+    tmp.write_text(json.dumps({**state.state_dict(), "scheduler": scheduler.state_dict(), "files": files}),
+                   encoding="utf-8")
     tmp.replace(checkpoint / TRAIN_STATE_FILE)
 
 
@@ -316,6 +346,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
             saved = Path(accelerator.save_state())
             state.loader_counts = _per_rank(counts, max(1, cfg.data.workers), accelerator)  # every rank calls
+            accelerator.wait_for_everyone()  # every rank's files are written before their sizes are recorded
             if accelerator.is_main_process:
                 save_config(cfg, saved / "config.json")
                 save_train_state(saved, scheduler, state)  # last: it marks the checkpoint complete
