@@ -183,6 +183,23 @@ def load_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
     state.load_state_dict(saved)
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+        return math.inf
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after the checkpoint resumed from: they are trained again (and logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 def parse_args(cls, argv: Optional[list[str]]):
     """`--config FILE [key=value ...]` -> config dataclass (ConfigError for a bad file, key or value)."""
     import argparse
@@ -300,6 +317,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         load_train_state(path, scheduler, state)
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {path} at step {state.step}")
+        if accelerator.is_main_process:
+            _truncate_log(out / "train_log.jsonl", state.step)
     rank = accelerator.process_index
     resumed = state.loader_counts[rank] if rank < len(state.loader_counts) else []
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
