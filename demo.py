@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     step("inspect the caption dataset", None, [sys.executable, "beam_runner.py", "inspect", str(captions)])
     print(f"[demo] caption dataset: {captions}")
     # The DirectRunner's default in_memory mode: on these small jobs as fast as multi_threading or faster
-    # (Python threads share the GIL), and without its intermittent shuffle failure (see README).
+    # (Python threads share the GIL), and without its intermittent shuffle failure (see docs/CAPTION.md).
     beam = ["--runner", "DirectRunner"]
     low, high = out / "triplets_low", out / "triplets_high"
     # No CLIP is trained yet at this point of the demo, so low-quality pairs are mined by captions alone.
