@@ -404,6 +404,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
     except ValueError as err:
         parser.error(str(err))
+    except OSError as err:  # a path through a file, no permission, a full disk
+        parser.error(f"--output {cfg.output} cannot be written: {err.strerror or err}")
     jobs.progress_logger(LOG.name)
     vocab = None
     if cfg.quality == "high" and cfg.editor != "toy" and cfg.caption_edit == "swap":

@@ -305,3 +305,12 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(toy_captions, tmp_pat
     assert f"checkpoint_1 is damaged ({victim} has" in logs.err
     assert f"resumed from {out / 'checkpoints' / 'checkpoint_0'} at step 2" in logs.out
     assert (out / "final").is_dir()
+
+
+def test_an_output_that_cannot_be_written_is_named(toy_world, tmp_path, capsys):
+    """Weak case: an output path that is a file, or lies below one, gave a traceback."""
+    photos = images(toy_world, tmp_path, n=2)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    exits_2(capsys, ["--input", str(photos), "--output", str(a_file), *BEAM], "exists and is not a directory")
+    exits_2(capsys, ["--input", str(photos), "--output", str(a_file / "captions"), *BEAM], "cannot be written")
