@@ -224,8 +224,7 @@ def dataset_card(kind: str, title: str) -> str:
     webdataset loader refuses shards whose samples carry different image formats)."""
     features = []
     for name, kind_of in [*MEMBERS[kind].items(), ("__key__", "string"), ("__url__", "string")]:
-        dtype = "  list: float16" if kind_of == _EMBEDDING else f"  dtype: {kind_of}"
-        features += [f"  - name: {name}", f"  {dtype}"]
+        features += [f"  - name: {name}", "    list: float16" if kind_of == _EMBEDDING else f"    dtype: {kind_of}"]
     header = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
               f"    path: {SHARD_DIR}/*.tar", "dataset_info:", "  features:", *features, "---"]
     body = [f"# {title}", "",

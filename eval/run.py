@@ -112,7 +112,7 @@ def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: 
     """Gallery features, cached on disk and keyed by the image tower's weights and the images as they are now
     (path, size, modification time): a benchmark regenerated at the same path is encoded anew. A cache that
     does not load (truncated, foreign) is rebuilt with a warning."""
-    stamp = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
+    stamp = "\n".join(f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in paths))
     key = hashlib.sha256(f"{encoder.gallery_fingerprint}\n{stamp}".encode()).hexdigest()[:16]
     cache = out / f"gallery-{key}.npy"
     if cache.is_file():
