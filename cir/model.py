@@ -8,19 +8,29 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cir.backbone import Backbone, create_backbone, save_backbone
+from cir.backbone import Backbone, create_backbone, preprocess_batch, save_backbone
 from cir.composer import AdapterConfig, ComposingAdapters, Fusion, fusion_from_config
-from cir.mapping import MappingConfig, MappingNetwork, encode_text_with_pseudo, placeholder_id
+from cir.mapping import (MappingConfig, MappingNetwork, encode_text, encode_text_with_pseudo, image_features,
+                         placeholder_id)
 
 CONFIG_FILE = "cir_config.json"
 MAPPING_FILE = "mapping.safetensors"
+DEFAULT_TEMPLATE = "a photo of $ that {}"  # the composed query's prompt; $ is where the pseudo tokens go
+HUB_PREFIX = "hf-hub:"
+ImageLike = Union[str, Path, Image.Image]
+Images = Union[Sequence[ImageLike], torch.Tensor]  # PIL images / paths, or preprocessed pixels [N, 3, H, W]
+
+
+class ExportError(ValueError):
+    """A path or hub id that is not a loadable stage I/II export; the message names it."""
 
 
 def mapping_sizes(backbone: Backbone) -> dict:
@@ -61,44 +71,175 @@ def save_cir_model(out_dir: str | Path, backbone: Backbone, mapping: MappingNetw
     return out
 
 
-@dataclass
-class CIRModel:
-    backbone: Backbone
-    mapping: MappingNetwork
-    placeholder: int
-    prompt: str
-    stage: int
-    adapters: Optional[ComposingAdapters] = None
-    fusion: Optional[Fusion] = None
-    template: str = "a photo of $ that {}"
+class CIRModel(torch.nn.Module):
+    """A stage I/II export ready to use: `cir.load(path)`, then `encode_image` for gallery features and
+    `encode_query` for composed queries ("a photo of $ that {text}", $ := the reference's pseudo tokens), as
+    open_clip's `model.encode_image` / `encode_text`. All features are L2-normalised float32 on the model's
+    device; images are PIL images, paths, or tensors already through `preprocess` ([N, 3, H, W])."""
+
+    def __init__(self, backbone: Backbone, mapping: MappingNetwork, placeholder: int, prompt: str, stage: int,
+                 adapters: Optional[ComposingAdapters] = None, fusion: Optional[Fusion] = None,
+                 template: str = DEFAULT_TEMPLATE):
+        super().__init__()
+        self.backbone = backbone  # a plain dataclass: its CLIP is registered below, so .to() moves it
+        self.clip = backbone.model
+        self.mapping, self.adapters, self.fusion = mapping, adapters, fusion
+        self.placeholder, self.prompt, self.stage, self.template = placeholder, prompt, stage, template
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mapping.parameters()).device
+
+    @property
+    def preprocess(self):
+        """PIL image -> [3, H, W], the CLIP's eval transform."""
+        return self.backbone.preprocess
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def pixels(self, images: Images) -> torch.Tensor:
+        return pixels(self.backbone, images).to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, images: Images, batch_size: int = 64) -> torch.Tensor:
+        """[N, d] image features (gallery and reference side)."""
+        return encode_image(self.backbone, images, batch_size, self.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """[N, d] plain CLIP text features (the text-only baseline)."""
+        return encode_text_batched(self.backbone, texts, batch_size, self.device)
+
+    @torch.no_grad()
+    def encode_query(self, images: Images, texts: Sequence[str], batch_size: int = 64,
+                     return_weights: bool = False):
+        """[N, d] composed query features of images[i] modified by texts[i]; with `return_weights`, also the
+        image weight w [N] of adaptive or fixed fusion (None without fusion)."""
+        if isinstance(texts, str) or len(texts) != len(images):
+            raise ValueError(f"encode_query takes one text per image: got {len(images)} images and "
+                             f"{1 if isinstance(texts, str) else len(texts)} texts")
+        feats, weights = [], []
+        for start in range(0, len(texts), batch_size):
+            v, patches = image_features(self.clip, self.pixels(images[start:start + batch_size]),
+                                        self.mapping.cfg.use_patches)
+            prompts = self.tokenizer([self.template.format(t) for t in texts[start:start + batch_size]])
+            q, w = compose(self.clip, self.mapping, self.placeholder, v, patches, prompts.to(self.device),
+                           self.adapters, self.fusion)
+            feats.append(q.float())
+            weights.append(w)
+        q = torch.cat(feats) if feats else torch.empty(0, self.embed_dim, device=self.device)
+        if not return_weights:
+            return q
+        return q, (torch.cat(weights).float() if weights and weights[0] is not None else None)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the export layout (what `cir.load` reads)."""
+        return save_cir_model(out_dir, self.backbone, self.mapping, self.mapping.cfg, self.prompt, self.stage,
+                              self.adapters, self.fusion, self.template)
+
+    def push_to_hub(self, repo_id: str, private: bool = True, token: Optional[str] = None,
+                    commit_message: str = "Upload CIR model") -> str:
+        """Upload the export to the Hugging Face Hub (huggingface_hub's create_repo + upload_folder); load it
+        back with `cir.load("hf-hub:" + repo_id)`. Returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, device: str = "cpu", **hub_kwargs) -> "CIRModel":
+        """A local export directory, or "hf-hub:org/name[@revision]" resolved through huggingface_hub's cache
+        (`hub_kwargs` go to snapshot_download: cache_dir, local_files_only, token)."""
+        return load_cir_model(resolve_export(path_or_id, **hub_kwargs), device)
+
+
+def resolve_export(path_or_id: str | Path, **hub_kwargs) -> Path:
+    """The local directory of an export: the path itself, or an hf-hub: id's snapshot."""
+    text = str(path_or_id)
+    if not text.startswith(HUB_PREFIX):
+        return Path(path_or_id)
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = text[len(HUB_PREFIX):].partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, **hub_kwargs))
+    except Exception as err:  # offline without a cached copy, unknown repo, no access
+        raise ExportError(f"could not fetch {text} from the Hugging Face Hub: {err}. Offline, pass the "
+                          f"export's local directory, or download it once with network") from err
 
 
 def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path} is not a stage I/II export (missing file: {config_path})")
+        raise ExportError(f"{path} is not a stage I/II export (missing file: {config_path})")
     config = json.loads(config_path.read_text())
     backbone = create_backbone(str(path / "clip"), device=device)
     mapping_cfg = MappingConfig(**config["mapping"])
     mapping, placeholder = new_mapping(backbone, mapping_cfg)
     if mapping_sizes(backbone) != config["sizes"]:
-        raise ValueError(f"{path}: the CLIP does not match the mapping's sizes {config['sizes']}")
+        raise ExportError(f"{path}: the CLIP does not match the mapping's sizes {config['sizes']}")
     mapping.load_state_dict(load_file(str(path / MAPPING_FILE)))
-    mapping.to(device).eval()
-    backbone.model.eval()
     adapters = fusion = None
     if "adapters" in config:
         width, blocks = text_encoder_shape(backbone)
         adapters = ComposingAdapters(AdapterConfig(**config["adapters"]), width, blocks)
         adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
-        adapters.to(device).eval()
     if "fusion" in config:
         fusion = fusion_from_config(backbone.embed_dim, config["fusion"])
         fusion.load_state_dict(load_file(str(path / "fusion.safetensors")))
-        fusion.to(device).eval()
-    return CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]), adapters, fusion,
-                    config.get("template", "a photo of $ that {}"))
+    model = CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]), adapters, fusion,
+                     config.get("template", DEFAULT_TEMPLATE))
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ a CLIP alone
+# The same image and text features for a bare CLIP (the baselines of `eval run`, an index built from any CLIP).
+
+def rgb(image: ImageLike) -> Image.Image:
+    """A decoded RGB image from a path or an already opened image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as img:
+        return img.convert("RGB")
+
+
+def pixels(backbone: Backbone, images: Images) -> torch.Tensor:
+    """[N, 3, H, W] model input: preprocessed tensors pass through, PIL images and paths are transformed."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return preprocess_batch(backbone.preprocess, [rgb(x) for x in images])
+
+
+@torch.no_grad()
+def encode_image(backbone: Backbone, images: Images, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """[N, d] normalised image features of a CLIP, in batches."""
+    feats = [backbone.model.encode_image(pixels(backbone, images[start:start + batch_size]).to(device),
+                                         normalize=True).float()
+             for start in range(0, len(images), batch_size)]
+    return torch.cat(feats) if feats else torch.empty(0, backbone.embed_dim, device=device)
+
+
+@torch.no_grad()
+def encode_text_batched(backbone: Backbone, texts: Sequence[str], batch_size: int = 256,
+                        device: str | torch.device = "cpu") -> torch.Tensor:
+    """[N, d] normalised text features of a CLIP, in batches."""
+    feats = [encode_text(backbone.model, backbone.tokenizer(list(texts[start:start + batch_size])).to(device)).float()
+             for start in range(0, len(texts), batch_size)]
+    return torch.cat(feats) if feats else torch.empty(0, backbone.embed_dim, device=device)
 
 
 def compose(clip, mapping: MappingNetwork, placeholder: int, v: torch.Tensor, patches: Optional[torch.Tensor],
@@ -115,13 +256,3 @@ def compose(clip, mapping: MappingNetwork, placeholder: int, v: torch.Tensor, pa
     if fusion is not None:
         return fusion(v, q)
     return q, None
-
-
-def pseudo_prompt_features(model: CIRModel, images: torch.Tensor, prompt: Optional[str] = None) -> torch.Tensor:
-    """Normalised text features of the pseudo-prompt of each image: [B, d]."""
-    from cir.mapping import encode_text_with_pseudo, image_features
-
-    clip = model.backbone.model
-    v, patches = image_features(clip, images, model.mapping.cfg.use_patches)
-    tokens = model.backbone.tokenizer([prompt or model.prompt] * images.shape[0]).to(images.device)
-    return encode_text_with_pseudo(clip, tokens, model.placeholder, model.mapping(v, patches))

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default="model", choices=("model", "image_only", "text_only", "sum"))
     r.add_argument("--output", help="where predictions, submission files and metrics go (default: "
                                     "CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD; runs/eval/NAME/... for a CLIP by name)")
-    r.add_argument("--template", default="a photo of $ that {}", help="query prompt; $ = the pseudo tokens")
+    r.add_argument("--template", default=None,
+                   help="query prompt, $ = the pseudo tokens (default: the export's own, as trained)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--device", default="cpu")
     r.add_argument("--shared-concept", action="store_true", help="CIRCO: prepend the shared concept to the caption")

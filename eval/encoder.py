@@ -9,38 +9,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from cir.backbone import preprocess_batch, weights_fingerprint
+from cir.backbone import weights_fingerprint
+from cir.model import CONFIG_FILE, CIRModel, ImageLike, encode_image, encode_text_batched, load_cir_model
 from eval.score import PredictionError
 
 METHODS = ("model", "image_only", "text_only", "sum")
-ImageLike = Union[str, Path, Image.Image]
-
-
-def rgb(image: ImageLike) -> Image.Image:
-    """A decoded RGB image from a path or an already opened image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as img:
-        return img.convert("RGB")
 
 
 def image_tower(checkpoint: str) -> str:
     """The CLIP that makes gallery features: a stage export's `clip/` (stage I and II exports of one run
     share it, so one gallery index serves both), else the checkpoint itself."""
     path = Path(checkpoint)
-    return str(path / "clip") if (path / "cir_config.json").is_file() else checkpoint
+    return str(path / "clip") if (path / CONFIG_FILE).is_file() else checkpoint
 
 
 class Encoder:
-    """Image and query features for one method; CLIP from a stage export (`clip/`) or any CLIP."""
+    """Gallery and query features of one method, through the model's own API (`cir.model.CIRModel`: what a
+    user's code gets from `cir.load`), or a bare CLIP's features for the baselines."""
 
     def __init__(self, checkpoint: str, method: str, template: Optional[str], device: str,
                  pretrained: Optional[str] = None):
@@ -48,42 +40,39 @@ class Encoder:
 
         self.method, self.device = method, device
         path = Path(checkpoint)
-        if (path / "cir_config.json").is_file() and pretrained:
+        if (path / CONFIG_FILE).is_file() and pretrained:
             raise PredictionError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
                                   f"given by architecture name")
-        if (path / "cir_config.json").is_file():
-            from cir.model import load_cir_model
-
+        self.cir: Optional[CIRModel] = None
+        if (path / CONFIG_FILE).is_file():
             self.cir = load_cir_model(path, device)
+            if template:  # an evaluation-time prompt (eval run --template) replaces the export's own
+                self.cir.template = template
             self.backbone = self.cir.backbone
         else:
             if method == "model":
                 raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
                                       f"(baselines image_only, text_only, sum take any CLIP)")
-            self.cir = None
             try:  # a bare architecture name needs its pretrained tag or weights file (cir.backbone.check_weights)
                 self.backbone = create_backbone(checkpoint, pretrained, device=device)
             except BackboneError as err:
                 raise PredictionError(str(err)) from err
-        self.template = template or (self.cir.template if self.cir else "a photo of $ that {}")
-        self.backbone.model.eval()
+            self.backbone.model.eval()
         # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone
         self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
         if pretrained:  # an architecture name's weights are its pretrained tag or file
             weights = weights_fingerprint(pretrained)
             self.gallery_fingerprint = weights_fingerprint(f"{self.gallery_fingerprint}:{weights}")
 
-    def pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        return preprocess_batch(self.backbone.preprocess, [rgb(x) for x in images]).to(self.device)
-
-    @torch.no_grad()
     def images(self, images: Sequence[ImageLike], batch_size: int, progress: bool = True) -> torch.Tensor:
-        """[N, d] normalised image features, in batches."""
+        """[N, d] normalised image features on the CPU, in batches."""
         feats = []
         for start in tqdm(range(0, len(images), batch_size), desc="gallery", unit="batch", file=sys.stderr,
                           disable=not progress):
-            pixels = self.pixels(images[start:start + batch_size])
-            feats.append(self.backbone.model.encode_image(pixels, normalize=True).float().cpu())
+            chunk = images[start:start + batch_size]
+            f = (self.cir.encode_image(chunk, batch_size) if self.cir is not None
+                 else encode_image(self.backbone, chunk, batch_size, self.device))
+            feats.append(f.cpu())
         return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
 
     @torch.no_grad()
@@ -91,15 +80,11 @@ class Encoder:
                 batch_size: int, method: Optional[str] = None) -> torch.Tensor:
         """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
         features are averaged); ref_feats [Q, d] are the references' image features."""
-        from cir.mapping import encode_text, image_features
-        from cir.model import compose
-
         method = method or self.method
         if method == "image_only":
             return ref_feats
         if method == "model" and self.cir is None:
             raise PredictionError("method 'model' needs a stage I/II export")
-        clip, tok = self.backbone.model, self.backbone.tokenizer
         owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
         flat = [t for variants in texts for t in variants]
         out = torch.zeros(len(texts), ref_feats.shape[1])
@@ -107,13 +92,9 @@ class Encoder:
             idx = owner[start:start + batch_size]
             chunk = flat[start:start + batch_size]
             if method == "model":  # the pseudo tokens need the references' patch tokens: image tower again
-                v, patches = image_features(clip, self.pixels([refs[i] for i in idx]),
-                                            self.cir.mapping.cfg.use_patches)
-                prompts = tok([self.template.format(t) for t in chunk]).to(self.device)
-                f, _ = compose(clip, self.cir.mapping, self.cir.placeholder, v, patches, prompts,
-                               self.cir.adapters, self.cir.fusion)
+                f = self.cir.encode_query([refs[i] for i in idx], chunk, batch_size)
             else:
-                f = encode_text(clip, tok(chunk).to(self.device))
+                f = encode_text_batched(self.backbone, chunk, batch_size, self.device)
                 if method == "sum":
                     f = F.normalize(f + ref_feats[idx].to(f.device), dim=-1)
             out.index_add_(0, torch.tensor(idx), f.float().cpu())

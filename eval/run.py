@@ -39,7 +39,7 @@ def default_output(checkpoint: str) -> Path:
 
 
 def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None, method: str = "model",
-        output: Optional[str] = None, template: str = "a photo of $ that {}", batch_size: int = 64,
+        output: Optional[str] = None, template: Optional[str] = None, batch_size: int = 64,
         device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None,
         cache_dir: Optional[str] = None) -> dict:
     """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
@@ -99,7 +99,7 @@ def _grid_sample(bench: Benchmark, n: int) -> dict[tuple[str, str], int]:
 
 def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
     """reference | text | top 5 for the sampled queries, the known targets outlined."""
-    from eval.encoder import rgb
+    from cir.model import rgb
     from eval.grids import GridRow, render_grid
 
     rows = [GridRow(rgb(bench.gallery[q.reference]), q.texts[0],
