@@ -1,5 +1,5 @@
 """Our datasets read with the tools people already use, and no project code: webdataset, Hugging Face
-`datasets` (through the dataset card each job writes) and pandas / pyarrow for index.parquet."""
+`datasets` (through the dataset card each job writes) and pandas / pyarrow / duckdb for index.parquet."""
 from __future__ import annotations
 
 import glob
@@ -109,3 +109,17 @@ def test_index_parquet_queries_with_pandas_and_pyarrow(toy_captions, triplets):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nconfigs:") and "path: shards/*.tar" in card
     assert json.loads((out / "dataset.json").read_text())["kind"] == "triplet"
+
+
+def test_index_parquet_joins_in_duckdb(toy_captions, triplets):
+    """SQL over the two indexes, as a user's notebook would: every triplet's reference is a captioned image."""
+    import duckdb
+
+    captions, cap_stats = toy_captions
+    out, stats = triplets
+    con = duckdb.connect()
+    per_ext = dict(con.execute(f"SELECT ext, count(*) FROM '{captions / 'index.parquet'}' GROUP BY ext").fetchall())
+    assert sum(per_ext.values()) == cap_stats["written"] and set(per_ext) == {"jpg", "png"}
+    joined, = con.execute(f"SELECT count(*) FROM '{out / 'index.parquet'}' t JOIN '{captions / 'index.parquet'}' c "
+                          f"ON t.ref_key = c.key").fetchone()
+    assert joined == stats["written"] > 0
