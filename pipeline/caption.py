@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from cir import dataset as ds
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
-from pipeline.sources import FAILED, ReadInputs, input_fingerprint
+from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, input_fingerprint
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
@@ -105,21 +105,6 @@ class PrepareImage(beam.DoFn):
                **({"sidecar_problem": record["sidecar_problem"]} if "sidecar_problem" in record else {})}
 
 
-class KeepOne(beam.DoFn):
-    """(key, [samples]) -> one sample of identical bytes: one that came with a caption (so a captioned image is
-    never dropped as `no_caption` for its uncaptioned copy), then the smallest source; the others are counted
-    as duplicates."""
-
-    DUPLICATES = "duplicates"
-
-    def process(self, element) -> Iterator:
-        _, samples = element
-        samples = sorted(samples, key=lambda s: (not (s.get("caption") or "").strip(), s["source"]))
-        yield samples[0]
-        for dup in samples[1:]:
-            yield beam.pvalue.TaggedOutput(self.DUPLICATES, dup["source"])
-
-
 class SidecarCandidates(beam.DoFn):
     """The caption that came with the image is the only candidate."""
 
@@ -165,7 +150,7 @@ class ChooseCaption(beam.DoFn):
             else:
                 reason, message = "no_caption", "no sidecar caption"
             yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", reason, message),
-                                                    "shard": sample["shard"]})
+                                                    "shard": sample["shard"], "key": sample["key"]})
             return
         caption = candidates[0]
         if len(candidates) > 1 and self.backbone is not None and "emb" in sample:
@@ -238,7 +223,8 @@ class Finalize(beam.DoFn):
     def __init__(self, output: str, started: float):
         self.output, self.started = output, started
 
-    def process(self, _, written: list, early_failed: list, inputs: int, duplicates: int) -> Iterator[dict]:
+    def process(self, _, written: list, early_failed: list, inputs: int, skipped_duplicates: int) -> Iterator[dict]:
+        duplicates = skipped_duplicates + sum(w["duplicates"] for w in written)
         yield jobs.finalize(self.output, self.started, written, early_failed,
                             {"inputs": inputs, "duplicates": duplicates}, LOG.name)
 
@@ -246,25 +232,30 @@ class Finalize(beam.DoFn):
 # ------------------------------------------------------------------------------------------ pipeline
 
 def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollection:
+    """Image bytes cross one shuffle, the shard grouping: the number of shards comes from a count of the
+    listing (no bytes), each image goes to shard_of(its content key), so copies of the same bytes meet in one
+    shard group, where one is kept (jobs.keep_one_per_key). Only keys cross the other groupings."""
     read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column)
-    prepared = read.records | "Prepare" >> beam.ParDo(PrepareImage(cfg)).with_outputs(FAILED, main="ok")
-    dedup = (prepared.ok | "ByKey" >> beam.Map(lambda s: (s["key"], s))
-             | "GroupByKey" >> beam.GroupByKey()
-             | "KeepOne" >> beam.ParDo(KeepOne()).with_outputs(KeepOne.DUPLICATES, main="unique"))
-    unique_count = dedup.unique | "CountUnique" >> beam.combiners.Count.Globally()
-    assigned = dedup.unique | "AssignShard" >> beam.ParDo(
-        jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND), beam.pvalue.AsSingleton(unique_count))
-    captioned = assigned | "Caption" >> Caption(cfg)
+    prepared = read[RECORDS] | "Prepare" >> beam.ParDo(PrepareImage(cfg)).with_outputs(FAILED, main="ok")
+    expected = read[EXPECTED] | "CountExpected" >> beam.combiners.Count.Globally()
+    assigned = prepared.ok | "AssignShard" >> beam.ParDo(
+        jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND, report_skipped=True),
+        beam.pvalue.AsSingleton(expected)).with_outputs(jobs.AssignShard.SKIPPED, main="todo")
+    captioned = assigned.todo | "Caption" >> Caption(cfg)
     written = (captioned.ok, captioned[FAILED]) | "WriteShards" >> jobs.WriteShards(
-        cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name)
+        cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name, dedup=True)
+    # copies in shards committed before (a resumed run) are counted from their keys alone
+    skipped_duplicates = (assigned[jobs.AssignShard.SKIPPED] | "KeyCopies" >> beam.Map(lambda key: (key, 1))
+                          | "SkippedKeys" >> jobs.MeasuredGroupByKey()
+                          | "ExtraCopies" >> beam.Map(lambda kv: sum(kv[1]) - 1)
+                          | "SkippedDuplicates" >> beam.CombineGlobally(sum))
     early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
-    inputs = ((read.records, read[FAILED]) | "AllInputs" >> beam.Flatten()
+    inputs = ((read[RECORDS], read[FAILED]) | "AllInputs" >> beam.Flatten()
               | "CountInputs" >> beam.combiners.Count.Globally())
-    duplicates = dedup[KeepOne.DUPLICATES] | "CountDuplicates" >> beam.combiners.Count.Globally()
     return (p | "Once" >> beam.Create([None])
             | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                        beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),
-                                       beam.pvalue.AsSingleton(duplicates)))
+                                       beam.pvalue.AsSingleton(skipped_duplicates)))
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:

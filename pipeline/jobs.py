@@ -118,20 +118,27 @@ class AssignShard(beam.DoFn):
     """Attach the shard index to each item; drop items whose shard is already committed (resume).
 
     The shard depends only on the item's key and the total count, so a rerun on the same input assigns
-    the same shards and skips the finished ones *before* any expensive step downstream.
+    the same shards and skips the finished ones *before* any expensive step downstream. With
+    `report_skipped`, the key of each skipped item goes to the SKIPPED output (the caption job counts the
+    duplicates among them from keys alone).
     """
 
-    def __init__(self, output: str, shard_size: int, prefix: str, namespace: str):
+    SKIPPED = "skipped"
+
+    def __init__(self, output: str, shard_size: int, prefix: str, namespace: str, report_skipped: bool = False):
         self.output, self.shard_size, self.prefix = output, shard_size, prefix
+        self.report_skipped = report_skipped
         self.skipped = Metrics.counter(namespace, "skipped_complete_shard")
 
     def setup(self):
         self.done = set(ds.complete_shards(self.output))
 
-    def process(self, item: dict, count: int) -> Iterator[dict]:
+    def process(self, item: dict, count: int) -> Iterator:
         shard = ds.shard_of(item["key"], ds.num_shards_for(count, self.shard_size))
         if ds.shard_name(self.prefix, shard) in self.done:
             self.skipped.inc()
+            if self.report_skipped:
+                yield beam.pvalue.TaggedOutput(self.SKIPPED, item["key"])
             return
         yield {**item, "shard": shard}
 
@@ -141,24 +148,45 @@ def as_sample(sample: dict) -> tuple[int, dict]:
 
 
 def as_failed(row: dict) -> tuple[int, dict]:
+    """A failed row with its "shard" (and, where the job de-duplicates, the sample's "key")."""
     row = dict(row)
-    return row.pop("shard"), {"failed": row}
+    shard, key = row.pop("shard"), row.pop("key", None)
+    return shard, {"failed": row, **({"key": key} if key is not None else {})}
+
+
+def keep_one_per_key(items: list[dict]) -> tuple[list[dict], int]:
+    """Copies of the same bytes (one key) meet in their shard: keep a copy that got through (then the smallest
+    source), so a captioned image is never lost to its uncaptioned copy; (kept items, duplicates dropped).
+    Items without a key (failures of other jobs) are all kept."""
+    kept, by_key = [], {}
+    for item in items:
+        key = item["sample"]["key"] if "sample" in item else item.get("key")
+        if key is None:
+            kept.append(item)
+        else:
+            by_key.setdefault(key, []).append(item)
+    for copies in by_key.values():
+        kept.append(min(copies, key=lambda i: ("failed" in i, (i.get("sample") or i.get("failed"))["source"])))
+    return kept, len(items) - len(kept)
 
 
 class WriteShard(beam.DoFn):
-    """(shard, [{"sample": ...} | {"failed": ...}]) -> one committed shard; yields its name.
+    """(shard, [{"sample": ...} | {"failed": ...}]) -> one committed shard; yields {"shard": name,
+    "duplicates": copies dropped} (with `dedup`: identical samples meet here, as their key fixes the shard).
 
     to_webdataset(sample) -> webdataset dict and index_row(sample, shard_name) -> index row are
     module-level functions of the job (picklable).
     """
 
-    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str):
-        self.output, self.prefix, self.log_name = output, prefix, log_name
+    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str,
+                 dedup: bool = False):
+        self.output, self.prefix, self.log_name, self.dedup = output, prefix, log_name, dedup
         self.to_webdataset, self.index_row = to_webdataset, index_row
         self.written = Metrics.counter(log_name, "written")
 
-    def process(self, element) -> Iterator[str]:
+    def process(self, element) -> Iterator[dict]:
         shard, items = element
+        items, duplicates = keep_one_per_key(list(items)) if self.dedup else (list(items), 0)
         samples = [i["sample"] for i in items if "sample" in i]
         failed = [i["failed"] for i in items if "failed" in i]
         name = ds.shard_name(self.prefix, shard)
@@ -167,21 +195,89 @@ class WriteShard(beam.DoFn):
         self.written.inc(len(samples))
         logging.getLogger(self.log_name).info("wrote shard %s: %d samples, %d failed", name, len(samples),
                                               len(failed))
-        yield name
+        yield {"shard": name, "duplicates": duplicates}
 
 
 class WriteShards(beam.PTransform):
     """(samples, failed rows), each with its "shard" -> one committed shard per shard index; yields names."""
 
-    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str):
+    def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str,
+                 dedup: bool = False):
         super().__init__()
-        self.args = (output, prefix, to_webdataset, index_row, log_name)
+        self.args = (output, prefix, to_webdataset, index_row, log_name, dedup)
 
     def expand(self, pcolls):
         good, failed = pcolls
         return ((good | "SampleItems" >> beam.Map(as_sample), failed | "FailedItems" >> beam.Map(as_failed))
-                | "AllItems" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
+                | "AllItems" >> beam.Flatten() | "GroupByShard" >> MeasuredGroupByKey()
                 | "Write" >> beam.ParDo(WriteShard(*self.args)))
+
+
+# ------------------------------------------------------------------------------------------ shuffle volume
+# On a cluster a job's cost is its shuffles: every grouping step is measured (a Beam counter per step, in the
+# namespace below), and run_and_read_stats puts the figures in stats.json as "shuffle_bytes".
+
+SHUFFLE_NAMESPACE = "shuffle_bytes"
+
+
+def payload_bytes(obj) -> int:
+    """About the bytes an element takes on the wire: bytes, text and arrays by their size, containers summed,
+    anything else 8."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return len(obj)
+    if isinstance(obj, str):
+        return len(obj.encode("utf-8", "surrogatepass"))
+    if isinstance(obj, dict):
+        return sum(payload_bytes(k) + payload_bytes(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    nbytes = getattr(obj, "nbytes", None)  # numpy arrays
+    return int(nbytes) if isinstance(nbytes, int) else 8
+
+
+class MeasureShuffle(beam.DoFn):
+    """Counts the bytes of the elements about to enter the grouping step `step`, passing them on."""
+
+    def __init__(self, step: str):
+        self.step = step
+
+    def setup(self):
+        self.counter = Metrics.counter(SHUFFLE_NAMESPACE, self.step)
+
+    def start_bundle(self):
+        self.counter.inc(0)  # a step that moved nothing is reported as 0, not left out
+
+    def process(self, element):
+        self.counter.inc(payload_bytes(element))
+        yield element
+
+
+class MeasuredGroupByKey(beam.PTransform):
+    """GroupByKey whose input volume is counted under the transform's own label (`"GroupByShard" >> ...`)."""
+
+    def expand(self, pcoll):
+        step = self.label.rsplit("/", 1)[-1]
+        return pcoll | "Measure" >> beam.ParDo(MeasureShuffle(step)) | "Group" >> beam.GroupByKey()
+
+
+class MeasuredCoGroupByKey(beam.PTransform):
+    """CoGroupByKey of a dict of PCollections, its inputs' volume counted under the transform's label."""
+
+    def expand(self, pcolls: dict):
+        step = self.label.rsplit("/", 1)[-1]
+        measured = {tag: pc | f"Measure{tag}" >> beam.ParDo(MeasureShuffle(step)) for tag, pc in pcolls.items()}
+        return measured | "Group" >> beam.CoGroupByKey()
+
+
+def shuffle_bytes(result) -> dict[str, int]:
+    """The counters of SHUFFLE_NAMESPACE after a run, by step."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(SHUFFLE_NAMESPACE))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(found.items()))
 
 
 def finalize(output: str, started: float, written_now: list, early_failed: list, extra: dict,
@@ -207,8 +303,12 @@ def finalize(output: str, started: float, written_now: list, early_failed: list,
 def run_and_read_stats(p: beam.Pipeline, output: str) -> dict:
     """Run the job; its stats. A job that wrote nothing says so on stderr (exit 0 still: resuming a finished
     dataset writes nothing new, and failed.parquet says why inputs were dropped)."""
-    p.run().wait_until_finish()
+    result = p.run()
+    result.wait_until_finish()
     stats = ds.read_json(ds.join(output, "stats.json")) or {}
+    if stats:  # what each grouping step moved, known only once the run is over
+        stats["shuffle_bytes"] = shuffle_bytes(result)
+        ds.write_json(ds.join(output, "stats.json"), stats)
     if stats and stats.get("written") == 0:
         print(f"warning: {output}: the dataset holds no samples ({stats.get('failed')} inputs failed: "
               f"{stats.get('failed_by_reason')}; see failed.parquet)", file=sys.stderr)

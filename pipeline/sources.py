@@ -28,6 +28,8 @@ from cir.dataset import NotARegularFile, failed_row, read_file
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SIDECAR_EXTS = ("txt", "json")
 FAILED = "failed"
+RECORDS = "records"
+EXPECTED = "expected"  # ReadInputs' count of inputs before any bytes are read
 
 
 def input_kind(src: str) -> str:
@@ -252,7 +254,9 @@ class ReadParquetRow(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """--input -> records (main output) and failed rows (tag 'failed')."""
+    """--input -> {RECORDS: records, FAILED: failed rows, EXPECTED: one element per input known before its
+    bytes are read (an image path of the listing, a parquet row; a tar's members are known only by reading it),
+    which sizes the shards without waiting on the bytes}."""
 
     def __init__(self, src: str, path_column: str = "path", caption_column: Optional[str] = "caption"):
         super().__init__()
@@ -261,20 +265,27 @@ class ReadInputs(beam.PTransform):
         self.caption_column = caption_column
 
     def expand(self, p):
+        from pipeline.jobs import MeasureShuffle, MeasuredGroupByKey
+
         kind = input_kind(self.src)
         if kind == "tar":
-            return (p | "TarPatterns" >> beam.Create(expand_braces(self.src))
+            read = (p | "TarPatterns" >> beam.Create(expand_braces(self.src))
                     | "MatchTars" >> fileio.MatchAll()
+                    | "MeasureReshuffle" >> beam.ParDo(MeasureShuffle("Reshuffle"))  # file metadata, no bytes
                     | "Reshuffle" >> beam.Reshuffle()
-                    | "ReadTars" >> beam.ParDo(ReadTarShard()).with_outputs(FAILED, main="records"))
+                    | "ReadTars" >> beam.ParDo(ReadTarShard()).with_outputs(FAILED, main=RECORDS))
+            return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: read[RECORDS]}
         if kind == "parquet":
             from apache_beam.io.parquetio import ReadAllFromParquet
 
-            return (p | "ParquetPatterns" >> beam.Create([self.src])
-                    | "ReadParquet" >> ReadAllFromParquet(with_filename=True)
-                    | "ReadRows" >> beam.ParDo(ReadParquetRow(self.path_column, self.caption_column))
-                    .with_outputs(FAILED, main="records"))
-        return (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
-                | "ByStem" >> beam.ParDo(ByStem())
-                | "GroupSidecars" >> beam.GroupByKey()
-                | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main="records"))
+            rows = (p | "ParquetPatterns" >> beam.Create([self.src])
+                    | "ReadParquet" >> ReadAllFromParquet(with_filename=True))
+            read = rows | "ReadRows" >> beam.ParDo(ReadParquetRow(self.path_column, self.caption_column)).with_outputs(
+                FAILED, main=RECORDS)
+            return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: rows}
+        listing = (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
+                   | "ByStem" >> beam.ParDo(ByStem()))
+        read = (listing | "GroupSidecars" >> MeasuredGroupByKey()
+                | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main=RECORDS))
+        images = listing | "ImagePaths" >> beam.Filter(lambda item: _split_ext(item[1])[1] in IMAGE_EXTS)
+        return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: images}

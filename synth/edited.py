@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 import apache_beam as beam
 
 from cir import dataset as ds
+from pipeline import jobs
 from synth.specs import FAILED, REJECTED, PickOrder, each, triplet_key
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class PickSources(beam.PTransform):
         chosen = (samples | "Keys" >> beam.Keys()
                   | "Choose" >> beam.combiners.Top.Of(self.cfg.num_triplets, key=PickOrder(self.cfg.seed), reverse=True)
                   | "Each" >> beam.FlatMap(each) | "AsKeyed" >> beam.Map(_with_none))
-        return ({"sample": samples, "chosen": chosen} | "Join" >> beam.CoGroupByKey()
+        return ({"sample": samples, "chosen": chosen} | "Join" >> jobs.MeasuredCoGroupByKey()
                 | "ChosenSamples" >> beam.FlatMap(_chosen_sample))
 
 
@@ -130,7 +131,7 @@ class EditSources(beam.PTransform):
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
         filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
-                    | "GroupBySource" >> beam.GroupByKey()
+                    | "GroupBySource" >> jobs.MeasuredGroupByKey()
                     | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
                                                             cfg.keep_per_source, cfg.seed, cfg.editor))
                     .with_outputs(REJECTED, main="specs"))

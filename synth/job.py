@@ -265,7 +265,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
             hoods, _ = samples | "NeighbourSummaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
             neighbours = hoods | "NeighbourKeys" >> beam.Map(neighbour_keys)
             candidates = ({"spec": candidates | "ByRef" >> beam.Map(by_ref), "neighbours": neighbours}
-                          | "JoinNeighbours" >> beam.CoGroupByKey()
+                          | "JoinNeighbours" >> jobs.MeasuredCoGroupByKey()
                           | "HardNegatives" >> beam.FlatMap(attach_negatives, cfg))
         assigned = candidates
     if rewrites_mod_text(cfg):
@@ -277,10 +277,10 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         assigned = written_by_llm.specs
         rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
-    parts = ({"image": samples, "need": needs} | "JoinImages" >> beam.CoGroupByKey()
+    parts = ({"image": samples, "need": needs} | "JoinImages" >> jobs.MeasuredCoGroupByKey()
              | "Route" >> beam.FlatMap(_route_images))
     triplets = ({"spec": assigned | "BySpecKey" >> beam.Map(lambda s: (s["key"], s)), "part": parts}
-                | "JoinParts" >> beam.CoGroupByKey() | "Assemble" >> beam.FlatMap(_assemble))
+                | "JoinParts" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.FlatMap(_assemble))
     no_failed = p | "NoShardFailures" >> beam.Create([])
     written = (triplets, no_failed) | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset,
                                                                        index_row, LOG.name)

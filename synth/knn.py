@@ -27,6 +27,7 @@ import apache_beam as beam
 import numpy as np
 
 from cir import dataset as ds
+from pipeline import jobs
 from synth import mining
 from synth.mining import Neighbour
 from synth.specs import FAILED
@@ -138,7 +139,7 @@ class ShardedKnn(beam.PTransform):
                           | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROUTE_BATCH)
                           | "Route" >> beam.FlatMap(_route, beam.pvalue.AsSingleton(centroids), cfg.nprobe
                                                   ).with_output_types(Tuple[int, Any])
-                          | "ByList" >> beam.GroupByKey()
+                          | "ByList" >> jobs.MeasuredGroupByKey()
                           | "ScanList" >> beam.FlatMap(_scan_list, cfg).with_output_types(Tuple[Tuple[str, str], Any])
                           | "MergeTopK" >> beam.CombinePerKey(TopNeighbours(cfg.neighbours))
                           | "Neighbourhoods" >> beam.MapTuple(_neighbourhood))

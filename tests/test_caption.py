@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from cir.dataset import KEY_RE, content_key
-from pipeline.caption import CaptionConfig, KeepOne, PrepareImage, run
+from pipeline.caption import CaptionConfig, PrepareImage, run
 from pipeline.sources import FAILED
 from tests.zoo import jpeg, write_zoo
 
@@ -165,12 +166,49 @@ def test_prepare_image_dofn_with_test_pipeline():
                     label="failed")
 
 
-def test_keep_one_dofn_keeps_the_smallest_source():
-    with TestPipeline() as p:
-        out = (p | beam.Create([("k", [{"source": "z"}, {"source": "a"}, {"source": "m"}])])
-               | beam.ParDo(KeepOne()).with_outputs(KeepOne.DUPLICATES, main="unique"))
-        assert_that(out.unique | beam.Map(lambda s: s["source"]), equal_to(["a"]), label="unique")
-        assert_that(out[KeepOne.DUPLICATES], equal_to(["m", "z"]), label="dups")
+def test_copies_meet_in_their_shard_and_the_captioned_one_is_kept():
+    from pipeline.jobs import keep_one_per_key
+
+    items = [{"sample": {"key": "k", "source": "z"}}, {"sample": {"key": "k", "source": "m"}},
+             {"failed": {"source": "a", "reason": "no_caption"}, "key": "k"},  # the uncaptioned copy: a duplicate
+             {"failed": {"source": "b", "reason": "no_caption"}, "key": "j"},
+             {"failed": {"source": "c", "reason": "no_caption"}, "key": "j"},  # no copy captioned: one failed row
+             {"failed": {"source": "x", "reason": "other job"}}]  # no key: never merged
+    kept, duplicates = keep_one_per_key(items)
+    assert duplicates == 3
+    assert sorted((i.get("sample") or i.get("failed"))["source"] for i in kept) == ["b", "m", "x"]
+
+
+def test_image_bytes_cross_one_grouping_and_a_resume_counts_every_duplicate(toy_world, tmp_path):
+    """stats.json's shuffle_bytes: the shard grouping carries the images, the sidecar pairing and the resumed
+    shards' keys carry names only. Copies of the same bytes land in one shard (their key fixes it), and a
+    rerun that skips committed shards still counts the copies inside them."""
+    images = tmp_path / "in"
+    shutil.copytree(toy_world / "images", images)
+    originals = sorted(images.glob("*.png"))[:3]
+    for i, src in enumerate(originals):
+        shutil.copy(src, images / f"copy-{i}.png")  # an uncaptioned copy of a captioned image
+    out = tmp_path / "out"
+    stats = run(["--input", str(images), "--output", str(out), "--shard-size", "5", *BEAM])
+    assert stats["duplicates"] == 3 and stats["written"] == 48
+    stored = sum(len(s[image_ext(s)]) for s in read_dataset(out).values())
+    moved = stats["shuffle_bytes"]
+    assert set(moved) == {"GroupSidecars", "GroupByShard", "SkippedKeys"}
+    assert moved["GroupByShard"] > stored  # every image (and its copies) once, with its caption and metadata
+    names = sum(len(str(f)) for f in images.iterdir())
+    assert 0 < moved["GroupSidecars"] <= 2 * names  # (stem, path) of each listed file: names, no bytes
+    assert moved["SkippedKeys"] == 0
+
+    committed = sorted((out / "shards").glob("*.tar"))
+    for tar_path in committed[::2]:  # half the shards lost: the rerun writes those and skips the others
+        for sidecar in tar_path.parent.glob(tar_path.name[:-4] + ".*"):
+            sidecar.unlink()
+    again = run(["--input", str(images), "--output", str(out), "--shard-size", "5", *BEAM])
+    assert again["shards_written_this_run"] == len(committed[::2]) < again["shards"]
+    assert again["duplicates"] == 3 and again["written"] == 48
+    assert again["inputs"] == again["written"] + again["failed"] + again["duplicates"]
+    assert 0 < again["shuffle_bytes"]["SkippedKeys"] <= 40 * again["inputs"]  # (key, 1) per skipped image
+    assert again["shuffle_bytes"]["GroupByShard"] < moved["GroupByShard"]
 
 
 # ---------------------------------------------------------------- other input kinds
