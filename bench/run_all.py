@@ -35,9 +35,12 @@ class Figure:
 
 
 def _caption(lines: list[dict]) -> list[Figure]:
-    job, models = lines[0], (lines[1] if len(lines) > 1 else None)
-    out = [Figure("caption job images/s ÷ plain loop images/s", job["ratio_job_over_loop"], job["target_ratio"],
-                  f"{job['job_images_per_s']} vs {job['loop_images_per_s']} img/s")]
+    out = [Figure(f"caption command ÷ plain loop, {job['images']:,} images of {job['sizes']} px: loop s ÷ job s",
+                  job["ratio_job_over_loop"], job["target_ratio"],
+                  f"{job['job_seconds']} vs {job['loop_seconds']} s, peak {job['job_peak_mib']} vs "
+                  f"{job['loop_peak_mib']} MiB, {job['mean_kib']} KiB/image")
+           for job in lines if "ratio_job_over_loop" in job]
+    models = next((line for line in lines if "model_images_per_s_by_batch_size" in line), None)
     if models:
         out.append(Figure("tiny BLIP+CLIP images/s, largest batch ÷ batch 1", models["ratio_largest_over_batch_1"],
                           1.0, f"by batch size: {models['model_images_per_s_by_batch_size']}"))
@@ -97,7 +100,7 @@ class Script:
 
 
 SCRIPTS = [
-    Script("caption", "bench/caption_throughput.py", [], ["--num-images", "500", "--batch-sizes", "1,16",
+    Script("caption", "bench/caption_throughput.py", [], ["--sets", "500x256-512,2000x64-96", "--batch-sizes", "1,16",
                                                           "--model-images", "64"], _caption),
     Script("mining", "bench/mining_scale.py", ["--sizes", "10000,1000000"], ["--sizes", "10000,100000"], _mining),
     Script("mining-sharded", "bench/mining_scale.py", ["--sizes", "10000", "--knn", "sharded"],

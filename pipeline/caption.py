@@ -123,7 +123,8 @@ def _with_embedding(result) -> dict:
 
 
 class ChooseCaption(beam.DoFn):
-    """Keep one caption per sample; none is a failed row (never an empty caption).
+    """Keep one caption per sample; none is a failed row (never an empty caption). Both leave as shard items
+    (jobs.as_sample / as_failed), the one input of WriteShards.
 
     With several candidates and a CLIP embedding of the image, the candidate whose CLIP text embedding is
     closest to the image embedding wins; otherwise the first (the most likely under beam search).
@@ -149,13 +150,13 @@ class ChooseCaption(beam.DoFn):
                 reason, message = "bad_sidecar", sample["sidecar_problem"]
             else:
                 reason, message = "no_caption", "no sidecar caption"
-            yield beam.pvalue.TaggedOutput(FAILED, {**ds.failed_row(sample["source"], "caption", reason, message),
-                                                    "shard": sample["shard"], "key": sample["key"]})
+            yield jobs.as_failed({**ds.failed_row(sample["source"], "caption", reason, message),
+                                  "shard": sample["shard"], "key": sample["key"]})
             return
         caption = candidates[0]
         if len(candidates) > 1 and self.backbone is not None and "emb" in sample:
             caption = candidates[self._best(candidates, sample["emb"])]
-        yield {**sample, "caption": caption, "captioner": self.captioner}
+        yield jobs.as_sample({**sample, "caption": caption, "captioner": self.captioner})
 
     def _best(self, candidates: list[str], emb) -> int:
         import torch
@@ -169,7 +170,7 @@ class ChooseCaption(beam.DoFn):
 
 
 class Caption(beam.PTransform):
-    """samples -> captioned samples (+ emb) and failed rows (tag 'failed', with their shard)."""
+    """samples with their shard -> shard items: captioned samples (+ emb) and failed rows."""
 
     def __init__(self, cfg: CaptionConfig):
         super().__init__()
@@ -196,7 +197,7 @@ class Caption(beam.PTransform):
                                | "Embedding" >> beam.Map(_with_embedding))
         return with_candidates | "Choose" >> beam.ParDo(
             ChooseCaption(cfg.captioner, cfg.clip if cfg.num_captions > 1 else None, cfg.clip_pretrained,
-                          cfg.device)).with_outputs(FAILED, main="ok")
+                          cfg.device))
 
 
 def to_webdataset(sample: dict) -> dict:
@@ -231,6 +232,10 @@ class Finalize(beam.DoFn):
 
 # ------------------------------------------------------------------------------------------ pipeline
 
+def _one(_) -> int:
+    return 1
+
+
 def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollection:
     """Image bytes cross one shuffle, the shard grouping: the number of shards comes from a count of the
     listing (no bytes), each image goes to shard_of(its content key), so copies of the same bytes meet in one
@@ -241,8 +246,7 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
     assigned = prepared.ok | "AssignShard" >> beam.ParDo(
         jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND, report_skipped=True),
         beam.pvalue.AsSingleton(expected)).with_outputs(jobs.AssignShard.SKIPPED, main="todo")
-    captioned = assigned.todo | "Caption" >> Caption(cfg)
-    written = (captioned.ok, captioned[FAILED]) | "WriteShards" >> jobs.WriteShards(
+    written = assigned.todo | "Caption" >> Caption(cfg) | "WriteShards" >> jobs.WriteShards(
         cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name, dedup=True)
     # copies in shards committed before (a resumed run) are counted from their keys alone
     skipped_duplicates = (assigned[jobs.AssignShard.SKIPPED] | "KeyCopies" >> beam.Map(lambda key: (key, 1))
@@ -250,8 +254,8 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
                           | "ExtraCopies" >> beam.Map(lambda kv: sum(kv[1]) - 1)
                           | "SkippedDuplicates" >> beam.CombineGlobally(sum))
     early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
-    inputs = ((read[RECORDS], read[FAILED]) | "AllInputs" >> beam.Flatten()
-              | "CountInputs" >> beam.combiners.Count.Globally())
+    inputs = ((read[RECORDS] | "RecordOnes" >> beam.Map(_one), read[FAILED] | "FailedOnes" >> beam.Map(_one))
+              | "AllInputs" >> beam.Flatten() | "CountInputs" >> beam.CombineGlobally(sum))
     return (p | "Once" >> beam.Create([None])
             | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                        beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),

@@ -199,18 +199,17 @@ class WriteShard(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """(samples, failed rows), each with its "shard" -> one committed shard per shard index; yields names."""
+    """Shard items (shard, {"sample": ...} | {"failed": ...}), made by as_sample / as_failed, -> one committed
+    shard per shard index; yields {"shard", "duplicates"}. One PCollection in: a Flatten of samples and failures
+    before the grouping would be one more copy of every image on the DirectRunner (it materializes Flattens)."""
 
     def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str,
                  dedup: bool = False):
         super().__init__()
         self.args = (output, prefix, to_webdataset, index_row, log_name, dedup)
 
-    def expand(self, pcolls):
-        good, failed = pcolls
-        return ((good | "SampleItems" >> beam.Map(as_sample), failed | "FailedItems" >> beam.Map(as_failed))
-                | "AllItems" >> beam.Flatten() | "GroupByShard" >> MeasuredGroupByKey()
-                | "Write" >> beam.ParDo(WriteShard(*self.args)))
+    def expand(self, items):
+        return items | "GroupByShard" >> MeasuredGroupByKey() | "Write" >> beam.ParDo(WriteShard(*self.args))
 
 
 # ------------------------------------------------------------------------------------------ shuffle volume
@@ -221,18 +220,17 @@ SHUFFLE_NAMESPACE = "shuffle_bytes"
 
 
 def payload_bytes(obj) -> int:
-    """About the bytes an element takes on the wire: bytes, text and arrays by their size, containers summed,
-    anything else 8."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
+    """About the bytes an element takes on the wire: bytes and arrays by their size, text by its length,
+    containers summed, anything else 8. (Run on every element that enters a grouping: kept cheap.)"""
+    kind = type(obj)
+    if kind is bytes or kind is str or kind is bytearray:
         return len(obj)
-    if isinstance(obj, str):
-        return len(obj.encode("utf-8", "surrogatepass"))
-    if isinstance(obj, dict):
-        return sum(payload_bytes(k) + payload_bytes(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return sum(payload_bytes(v) for v in obj)
-    nbytes = getattr(obj, "nbytes", None)  # numpy arrays
-    return int(nbytes) if isinstance(nbytes, int) else 8
+    if kind is dict:
+        return sum(len(k) if type(k) is str else payload_bytes(k) for k in obj) + sum(map(payload_bytes, obj.values()))
+    if kind is tuple or kind is list:
+        return sum(map(payload_bytes, obj))
+    nbytes = getattr(obj, "nbytes", None)  # numpy arrays, memoryviews
+    return nbytes if type(nbytes) is int else 8
 
 
 class MeasureShuffle(beam.DoFn):

@@ -281,9 +281,8 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
              | "Route" >> beam.FlatMap(_route_images))
     triplets = ({"spec": assigned | "BySpecKey" >> beam.Map(lambda s: (s["key"], s)), "part": parts}
                 | "JoinParts" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.FlatMap(_assemble))
-    no_failed = p | "NoShardFailures" >> beam.Create([])
-    written = (triplets, no_failed) | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset,
-                                                                       index_row, LOG.name)
+    written = (triplets | "ShardItems" >> beam.Map(jobs.as_sample)
+               | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name))
     failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()
     n_sources = samples | "CountInputs" >> beam.combiners.Count.Globally()
     n_candidates = candidates | "CountCandidates" >> beam.combiners.Count.Globally()

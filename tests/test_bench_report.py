@@ -30,10 +30,15 @@ def test_figures_are_higher_is_better_ratios_with_their_targets():
                             {"ratio": 1.2, "target": 1.0}, {"speedup": 1.4, "target": 3.0, "stage1_step_s_tower": 0.1}])
     assert [f.met for f in train] == [True, True, True, False] and "stage1_step_s_tower 0.1" in train[3].detail
     assert train[3].name.startswith("stage I step") and "loader" in train[2].name
-    caption = run_all._caption([{"ratio_job_over_loop": 0.94, "target_ratio": 0.7, "job_images_per_s": 372,
-                                 "loop_images_per_s": 394},
+    caption = run_all._caption([{"images": 3000, "sizes": "256-512", "noise": 12.0, "mean_kib": 114.4,
+                                 "loop_seconds": 4.79, "job_seconds": 9.1, "loop_peak_mib": 587, "job_peak_mib": 2100,
+                                 "ratio_job_over_loop": 0.526, "target_ratio": 0.7},
+                                {"images": 12000, "sizes": "64-96", "noise": 12.0, "mean_kib": 5.5,
+                                 "loop_seconds": 3.09, "job_seconds": 4.0, "loop_peak_mib": 231, "job_peak_mib": 900,
+                                 "ratio_job_over_loop": 0.77, "target_ratio": 0.67},
                                 {"model_images_per_s_by_batch_size": {"1": 32, "32": 46},
                                  "ratio_largest_over_batch_1": 1.44}])
-    assert [f.ratio for f in caption] == [0.94, 1.44]
+    assert [(f.ratio, f.met) for f in caption] == [(0.526, False), (0.77, True), (1.44, True)]
+    assert "3,000 images of 256-512 px" in caption[0].name and "peak 2100 vs 587 MiB" in caption[0].detail
     text = run_all.table(mining + topk)
     assert text.count("\n") == len(mining + topk) + 1 and "**no**" in text
