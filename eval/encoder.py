@@ -140,10 +140,11 @@ def _top_k_faiss(faiss, queries: torch.Tensor, gallery: torch.Tensor, k: int, ex
 
 def _top_k_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: list[int], chunk: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    best_s = torch.full((queries.shape[0], 0), -float("inf"))
-    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    excl = torch.tensor(exclude, dtype=torch.long)
-    block = torch.empty(queries.shape[0], min(chunk, gallery.shape[0]))  # reused: no page faults per chunk
+    device = queries.device  # CPU tensors here; cuda ones work the same (bench/gpu.py)
+    best_s = torch.full((queries.shape[0], 0), -float("inf"), dtype=queries.dtype, device=device)
+    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=device)
+    excl = torch.tensor(exclude, dtype=torch.long, device=device)
+    block = torch.empty(queries.shape[0], min(chunk, gallery.shape[0]), dtype=queries.dtype, device=device)  # reused
     for start in range(0, gallery.shape[0], chunk):
         rows_g = gallery[start:start + chunk]
         s = block.view(-1)[:block.shape[0] * rows_g.shape[0]].view(block.shape[0], -1)  # contiguous

@@ -6,17 +6,7 @@ rest: data stream, AdamW with warmup + cosine, gradient accumulation and clippin
 trackers, tqdm, `save_state` checkpoints (automatic naming, total limit) and restarts (`plan_start`: a rerun
 resumes a run cut short, says a finished one is finished, refuses another config in the same output_dir).
 
-A contrastive stage may also supply `features(model, batch, accelerator)` -> dict of tensors, `cached_keys`
-(the per-sample ones) and `loss_on_features(features, accelerator)`: with `grad_accum > 1` and
-`accum_features` the loop then runs open_clip's accum_freq step (`feature_cached_step`), so the negatives of
-every micro-batch are the whole accumulated batch, as if it had fit in memory. A stage whose loss is a mean
-over queries, each query reading only its own features besides some shared ones (stage II: every query against
-all targets), says so with `shared_keys` and `shared_features(model, batch, accelerator)`: pass 1 then computes
-only those, and each pass-2 loss covers only its micro-batch's rows (`features["rows"]`).
-
-A stage that can take cached image embeddings supplies `cacheable_roles` (image roles: "" for `jpg`, "tgt."
-for `tgt.jpg`) and `cached_image_roles(samples)`: the stream leaves those images encoded and decodes them only
-for batches whose cached embeddings the stage will not use.
+The hooks a stage may supply beyond these are listed, with their defaults, in `train/stage.py`.
 
 Steps, logging and checkpoints happen under `sync_gradients`. The LR scheduler is stepped by hand once per
 optimizer step (Accelerate's prepared scheduler steps once per process); its state and the step go into the
@@ -34,27 +24,14 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
 from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from train.data import ERRORS_KEY, DataError, TrainStream, check_schema, expand_weighted_sources, loader
-
-
-class Stage(Protocol):
-    name: str
-    required_fields: tuple[str, ...]
-    step: int  # set by the loop before each micro-batch: optimizer steps done so far (resumes included)
-
-    def build(self) -> torch.nn.Module: ...
-
-    def collate(self, samples: list[dict]) -> dict: ...
-
-    def loss(self, model: torch.nn.Module, batch: dict, accelerator) -> tuple[torch.Tensor, dict]: ...
-
-    def export(self, model: torch.nn.Module, out_dir: Path) -> None: ...
+from train.stage import Stage
 
 
 @dataclass
@@ -275,7 +252,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     weights = cfg.data.weights or [w for _, w in weighted]  # data.weights overrides the manifests' weights
     for urls in sources:
         check_schema(urls, stage.required_fields)
-    cached = cfg.grad_accum > 1 and cfg.accum_features and hasattr(stage, "features")
+    cached = cfg.grad_accum > 1 and cfg.accum_features and stage.caches_features
     accelerator = Accelerator(
         # Without a GPU, ask for CPU explicitly: only then do several launched processes form gloo ranks
         # (MULTI_CPU) instead of each training alone. The feature-cached step accumulates by itself.
@@ -306,8 +283,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.max_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    if hasattr(stage, "setup"):  # work a stage does once its model is on the device (stage II's negative bank)
-        stage.setup(model, accelerator)
+    stage.setup(model, accelerator)  # once the model is on its device (stage II's negative bank)
     state = TrainState()
     if start == "resume":
         if cfg.resume in ("auto", "latest"):
@@ -323,8 +299,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     resumed = state.loader_counts[rank] if rank < len(state.loader_counts) else []
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
-                         subset_fraction=cfg.data.subset_fraction, lazy_roles=getattr(stage, "cacheable_roles", ()),
-                         cached_roles=getattr(stage, "cached_image_roles", None), resume_counts=resumed,
+                         subset_fraction=cfg.data.subset_fraction, lazy_roles=stage.cacheable_roles,
+                         cached_roles=stage.cached_image_roles, resume_counts=resumed,
                          required=stage.required_fields)
     batches = iter(loader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda"))
     if accelerator.is_main_process:
@@ -349,8 +325,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                 _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
             if not accelerator.sync_gradients:
                 continue
-        if hasattr(stage, "after_step"):  # constraints on the weights after each optimizer step (stage 0)
-            stage.after_step(accelerator.unwrap_model(model))
+        stage.after_step(accelerator.unwrap_model(model))  # constraints on the weights (stage 0)
         scheduler.step()
         state.step += 1
         progress.update(1)
@@ -383,7 +358,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     return final
 
 
-def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[torch.Tensor, dict]:
+def feature_cached_step(stage: Stage, model, micro: list[dict], accelerator) -> tuple[torch.Tensor, dict]:
     """open_clip's accum_freq: the gradient of the contrastive loss over all micro-batches at once.
 
     Pass 1 computes every micro-batch's features without gradients. Pass 2 recomputes micro-batch j with
@@ -392,13 +367,13 @@ def feature_cached_step(stage, model, micro: list[dict], accelerator) -> tuple[t
     gradient of one batch of grad_accum x batch_size, at the memory of one micro-batch plus cached features.
     DDP syncs once, on the last backward.
 
-    Row-wise stages (`shared_keys`, see the module docstring) cache only the shared features in pass 1 (no
+    Row-wise stages (`shared_keys`, see train/stage.py) cache only the shared features in pass 1 (no
     queries: stage II's text tower runs once per micro-batch, not twice), and micro-batch j's loss covers its
     own rows, weighted by its share of the accumulated batch so that the sum is the mean over all rows.
     """
     import contextlib
 
-    row_wise = hasattr(stage, "shared_keys")
+    row_wise = bool(stage.shared_keys)
     keys = stage.shared_keys if row_wise else stage.cached_keys
     with torch.no_grad():
         cache = [(stage.shared_features if row_wise else stage.features)(model, b, accelerator) for b in micro]

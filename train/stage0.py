@@ -22,6 +22,7 @@ from cir.mapping import encode_text
 from train.config import TrainConfig
 from train.data import image_of
 from train.loop import main as loop_main
+from train.stage import Stage
 
 
 @dataclass
@@ -51,13 +52,15 @@ def _prefix_bare_keys(module, state_dict, prefix, *_) -> None:
         state_dict[f"{prefix}clip.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
-class Stage0:
+class Stage0(Stage):
     name = "stage0"
     required_fields = ("jpg|png|webp", "txt")
 
     def __init__(self, cfg: Stage0Config):
+        super().__init__()
         self.cfg = cfg
         self.backbone = None
+        self._loss = None  # open_clip's ClipLoss, made at the first step (it needs the process's rank)
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import create_backbone
@@ -81,7 +84,7 @@ class Stage0:
     def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
         from open_clip.loss import ClipLoss
 
-        if not hasattr(self, "_loss"):
+        if self._loss is None:
             self._loss = ClipLoss(local_loss=self.cfg.local_loss, gather_with_grad=True, cache_labels=True,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
         scale = features["logit_scale"]

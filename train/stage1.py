@@ -24,7 +24,9 @@ from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
 from train.config import TrainConfig, ranged
 from train.data import cached_embeddings, has_cached_embeddings, image_of
+from train.distributed import gather
 from train.loop import main as loop_main
+from train.stage import Stage
 
 
 @dataclass
@@ -34,17 +36,6 @@ class Stage1Config(TrainConfig):
     temperature: float = ranged(0.07, gt=0)  # InfoNCE temperature between pseudo-prompt and image features
     sta_weight: float = ranged(1.0, min=0)  # lambda of the soft text alignment loss (0: off)
     sta_temperature: float = ranged(0.05, gt=0)  # tau_s of the similarity distributions over the batch's captions
-
-
-def gather(x: torch.Tensor, accelerator, with_grad: bool) -> torch.Tensor:
-    """[B, d] on each rank -> [world * B, d]; with_grad keeps this rank's slice in the graph."""
-    if accelerator.num_processes == 1:
-        return x
-    if with_grad:
-        import torch.distributed.nn
-
-        return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
-    return accelerator.gather(x.detach())
 
 
 class StageOneModel(torch.nn.Module):
@@ -70,11 +61,12 @@ class StageOneModel(torch.nn.Module):
         return self
 
 
-class Stage1:
+class Stage1(Stage):
     name = "stage1"
     required_fields = ("jpg|png|webp", "txt")
 
     def __init__(self, cfg: Stage1Config):
+        super().__init__()
         self.cfg = cfg
         self.cached = cfg.data.use_cached_embeddings and not cfg.mapping.use_patches
 

@@ -35,9 +35,10 @@ from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
 from train.config import ConfigError, TrainConfig, ranged
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
+from train.distributed import gather
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
-from train.stage1 import gather
+from train.stage import Stage
 
 LOSSES = ("infonce", "mur")
 FUSIONS = ("text", "adaptive", "fixed")
@@ -90,7 +91,7 @@ class StageTwoModel(torch.nn.Module):
         return query, w, q_text
 
 
-class Stage2:
+class Stage2(Stage):
     name = "stage2"
     required_fields = ("ref.jpg|ref.png|ref.webp", "tgt.jpg|tgt.png|tgt.webp", "mod.txt")
 
@@ -101,8 +102,8 @@ class Stage2:
             raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
         if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
             raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
+        super().__init__()
         self.cfg = cfg
-        self.step = 0  # set by the loop: optimizer steps so far
         self.bank = None  # NegativeBank when hard_negatives.weight > 0 (built in setup)
 
     def build(self) -> torch.nn.Module:
