@@ -169,11 +169,44 @@ def npy_bytes(vector: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def check_model_reference(name: str, what: str) -> None:
-    """Fail before the job starts when a model that looks like a local path is not there."""
-    # "org/name" is a hub id; only explicit paths are checked here (hub ids fail in load_model, offline).
-    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
-        raise ValueError(f"{what} model not found: {name}")
+def check_model_reference(name: str, what: str, markers: tuple[str, ...] = ()) -> None:
+    """Fail before the job starts, with one line, when a model cannot be loaded: a local path that is not
+    there. With `markers` (the files a Hugging Face model folder holds: config.json, or model_index.json for a
+    diffusers pipeline) also a folder without any of them, a malformed hub id, a hub id that is not in the local
+    Hugging Face cache while offline, and one the Hub does not know. Without markers (an open_clip name) the
+    model's own factory checks it."""
+    path = os.path.expanduser(name)
+    if name.startswith((".", "/", "~")) or os.path.isdir(path):
+        if not os.path.exists(path):
+            raise ValueError(f"{what} model not found: {name}")
+        if markers and os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, m)) for m in markers):
+            raise ValueError(f"{what} model {name} is a folder without {' or '.join(markers)}: not a Hugging Face "
+                             f"model folder (one written by save_pretrained)")
+        return
+    if not markers:
+        return
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ValueError(f"{what} model {name!r} is neither a local folder nor a Hugging Face Hub id ({err})") from None
+    if any(isinstance(try_to_load_from_cache(name, marker), str) for marker in markers):
+        return  # downloaded before: loads offline too
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{what} model {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         f"download it once (huggingface-cli download {name}) or pass a local folder")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{what} model {name} is not on the Hugging Face Hub (a typo? a private model needs "
+                         f"huggingface-cli login)") from None
+    except Exception as err:  # no network, a proxy, a timeout
+        raise ValueError(f"{what} model {name} is not in the local Hugging Face cache and the Hub cannot be reached "
+                         f"({err.__class__.__name__}): download it where there is a network, or pass a local "
+                         f"folder") from None
 
 
 class NotARegularFile(OSError):

@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from cir import dataset as ds
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
-from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, input_fingerprint
+from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, input_fingerprint, list_inputs
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
@@ -267,11 +267,12 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     known, pipeline_args = parser.parse_known_args(argv)
     jobs.check_positive(parser, known, "shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams")
     jobs.check_prefix(parser, known.shard_prefix)
+    options = jobs.pipeline_options(parser, pipeline_args, save_main_session)  # a mistyped flag is named first
     if "://" not in known.input and not any(ch in known.input for ch in "*?[{") and not os.path.exists(known.input):
         parser.error(f"--input {known.input} does not exist")
     try:
         if known.captioner != "sidecar":
-            ds.check_model_reference(known.captioner, "captioner")
+            ds.check_model_reference(known.captioner, "captioner", markers=("config.json",))
         if known.clip:
             ds.check_model_reference(known.clip, "CLIP")
             from cir.backbone import BackboneError, check_weights
@@ -280,14 +281,15 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
                 check_weights(known.clip, known.clip_pretrained)
             except BackboneError as err:
                 raise ValueError(str(err)) from err
+        listing = list_inputs(known.input)
+        check_has_inputs(known.input, listing)
     except ValueError as err:
         parser.error(str(err))
     cfg = CaptionConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
-    options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
     card = {"kind": KIND, "config": asdict(cfg),
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
             "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained},
-            "inputs": input_fingerprint(cfg.input)}
+            "inputs": input_fingerprint(listing)}
     try:
         jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
     except ValueError as err:

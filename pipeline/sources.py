@@ -65,20 +65,46 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def input_fingerprint(src: str) -> dict:
-    """What the job will read, in three numbers: the files its patterns match, their bytes, and a hash of the
-    sorted (path, size, mtime) listing. A rerun into the same output compares it, so a changed input is not
-    half-added to a finished dataset."""
+def list_inputs(src: str) -> dict:
+    """What the job will read: path -> Beam file metadata (size, mtime) of every file its patterns match."""
     kind = input_kind(src)
     patterns = expand_braces(src) if kind == "tar" else [file_pattern(src)] if kind == "files" else [src]
     found = {}
     for result in FileSystems.match(patterns):
         found.update({m.path: m for m in result.metadata_list})
+    return found
+
+
+def input_fingerprint(listing: dict) -> dict:
+    """A listing (list_inputs) in three numbers: its files, their bytes, and a hash of the sorted
+    (path, size, mtime) lines. A rerun into the same output compares it, so a changed input is not half-added to
+    a finished dataset."""
     digest = hashlib.sha256()
-    for path in sorted(found):
-        digest.update(f"{path}\t{found[path].size_in_bytes}\t{found[path].last_updated_in_seconds}\n".encode())
-    return {"files": len(found), "bytes": sum(m.size_in_bytes for m in found.values()),
+    for path in sorted(listing):
+        digest.update(f"{path}\t{listing[path].size_in_bytes}\t{listing[path].last_updated_in_seconds}\n".encode())
+    return {"files": len(listing), "bytes": sum(m.size_in_bytes for m in listing.values()),
             "sha256": digest.hexdigest()[:16]}
+
+
+def check_has_inputs(src: str, listing: dict) -> None:
+    """An input that matches nothing the job reads (a glob's typo, an empty folder) is an error, not an empty
+    dataset: ValueError naming what was looked for."""
+    kind = input_kind(src)
+    wanted = {"files": IMAGE_EXTS, "tar": ("tar",), "parquet": ("parquet",)}[kind]
+    if not any(_split_ext(path)[1] in wanted for path in listing):
+        what = f"image files ({', '.join(IMAGE_EXTS)})" if kind == "files" else f"{kind} files"
+        raise ValueError(f"--input {src} matches no {what}" + (f" ({len(listing)} other files)" if listing else ""))
+
+
+def broken_links(src: str) -> list[dict]:
+    """Failed rows for the image names under a local input whose symlink points nowhere: Beam's listing skips
+    them without a word, so they are counted here."""
+    if "://" in src or input_kind(src) != "files":
+        return []
+    paths = glob.glob(file_pattern(src), recursive=True)
+    return [failed_row(path, "read", "broken_symlink", f"{path} -> {os.readlink(path)}: the link's target does "
+                       f"not exist") for path in sorted(paths)
+            if _split_ext(path)[1] in IMAGE_EXTS and os.path.islink(path) and not os.path.exists(path)]
 
 
 def _split_ext(path: str) -> tuple[str, str]:
@@ -288,4 +314,5 @@ class ReadInputs(beam.PTransform):
         read = (listing | "GroupSidecars" >> MeasuredGroupByKey()
                 | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main=RECORDS))
         images = listing | "ImagePaths" >> beam.Filter(lambda item: _split_ext(item[1])[1] in IMAGE_EXTS)
-        return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: images}
+        failed = (read[FAILED], p | "BrokenLinks" >> beam.Create(broken_links(self.src))) | "ReadFailed" >> beam.Flatten()
+        return {RECORDS: read[RECORDS], FAILED: failed, EXPECTED: images}

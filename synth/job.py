@@ -343,7 +343,7 @@ def check_input(cfg: SynthConfig) -> None:
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
     if cfg.quality == "high" and cfg.editor != "toy":
-        ds.check_model_reference(cfg.editor, "editor")
+        ds.check_model_reference(cfg.editor, "editor", markers=("model_index.json",))
         if not cfg.clip:
             raise ValueError("the diffusers editor needs --clip: keyword swaps and the filters use CLIP")
         ds.check_model_reference(cfg.clip, "CLIP")
@@ -355,7 +355,7 @@ def check_input(cfg: SynthConfig) -> None:
     if cfg.caption_edit == "llm":
         check_prompt(cfg.llm_edit_prompt, EDIT_FIELDS, "--llm-edit-prompt")
     if cfg.llm:
-        ds.check_model_reference(cfg.llm, "LLM")
+        ds.check_model_reference(cfg.llm, "LLM", markers=("config.json",))
     if cfg.quality == "high" and cfg.editor != "toy":  # last: it reads the CLIP's config, after the flag checks
         _check_clip(cfg.clip, cfg.clip_pretrained)
 

@@ -225,7 +225,7 @@ def test_a_fifo_among_the_images_is_a_failed_row_not_a_hang(toy_world, tmp_path)
 
 def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
     """Weak cases of #23: a predictions file naming a query twice was scored (the last one silently); a port
-    out of range gave a traceback; an input that yields nothing exited 0 without a word."""
+    out of range gave a traceback; an input that matches nothing, or yields nothing, exited 0 without a word."""
     import json
     import subprocess
     import sys
@@ -248,6 +248,11 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
     empty = tmp_path / "nothing"
     empty.mkdir()
     (empty / "notes.md").write_text("no images here")
+    exits_2(capsys, ["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM],
+            f"--input {empty} matches no image files (jpg, jpeg, png")
+    exits_2(capsys, ["--input", str(tmp_path / "photos*"), "--output", str(tmp_path / "out"), *BEAM],
+            "photos* matches no image files")  # a glob's typo
+    (empty / "broken.jpg").write_bytes(b"not a jpeg")
     stats = caption(["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM])
     assert stats["written"] == 0 and "holds no samples" in capsys.readouterr().err
 
@@ -314,3 +319,43 @@ def test_an_output_that_cannot_be_written_is_named(toy_world, tmp_path, capsys):
     a_file.write_text("x")
     exits_2(capsys, ["--input", str(photos), "--output", str(a_file), *BEAM], "exists and is not a directory")
     exits_2(capsys, ["--input", str(photos), "--output", str(a_file / "captions"), *BEAM], "cannot be written")
+
+
+def test_a_broken_symlink_is_a_failed_row(toy_world, tmp_path):
+    """Weak case: Beam's listing skipped a symlink whose target is gone without counting it."""
+    import pyarrow.parquet as pq
+
+    photos = images(toy_world, tmp_path, n=2)
+    (photos / "gone.png").symlink_to(tmp_path / "deleted.png")
+    stats = caption(["--input", str(photos), "--output", str(tmp_path / "out"), *BEAM])
+    assert stats["written"] == 2 and stats["failed_by_reason"] == {"broken_symlink": 1}
+    assert stats["inputs"] == stats["written"] + stats["failed"] + stats["duplicates"] == 3
+    row, = pq.read_table(tmp_path / "out" / "failed.parquet").to_pylist()
+    assert row["source"].endswith("gone.png") and "deleted.png" in row["error"]
+
+
+def test_models_that_cannot_load_are_named_before_the_job(toy_world, toy_captions, tmp_path, capsys):
+    """Weak case: an HF captioner that could not be loaded (offline, or a typo in its id) failed 30 s into the job
+    inside RunInference; the editor and LLM of synth likewise. Now: one line, exit 2, before any work."""
+    from synth.job import run as synth
+
+    photos = images(toy_world, tmp_path, n=2)
+    out = ["--output", str(tmp_path / "out"), *BEAM]
+    exits_2(capsys, ["--input", str(photos), "--captioner", "Salesforce/not-downloaded", *out],
+            "captioner model Salesforce/not-downloaded is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    exits_2(capsys, ["--input", str(photos), "--captioner", "Salesforce//blip", *out],
+            "captioner model 'Salesforce//blip' is neither a local folder nor a Hugging Face Hub id")
+    not_a_model = tmp_path / "weights"
+    not_a_model.mkdir()
+    (not_a_model / "model.bin").write_bytes(b"")
+    exits_2(capsys, ["--input", str(photos), "--captioner", str(not_a_model), *out],
+            f"captioner model {not_a_model} is a folder without config.json")
+    with pytest.raises(SystemExit) as done:
+        synth(["--input", str(toy_captions[0]), "--quality", "high", "--editor", "timbrooks/not-here",
+               "--clip", "tiny-clip-32", "--image-weight", "0", *out])
+    assert done.value.code == 2 and "editor model timbrooks/not-here is not in the local Hugging Face cache" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        synth(["--input", str(toy_captions[0]), "--quality", "high", "--editor", str(not_a_model),
+               "--clip", "tiny-clip-32", "--image-weight", "0", *out])
+    assert done.value.code == 2 and "is a folder without model_index.json" in capsys.readouterr().err
