@@ -347,3 +347,21 @@ def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
     assert all(torch.allclose(whole[k], cached[k], atol=2e-6) for k in whole)
     assert not all(torch.allclose(whole[k], plain[k], atol=2e-6) for k in whole)
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(toy_captions, tmp_path):
+    """Weak case of #23: after a resume TensorBoard showed the steps between the checkpoint and the crash twice."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, _ = toy_captions
+    out = tmp_path / "s0"
+    assert main(tiny_args(data, out, "max_steps=4", "save_every=2", "log_every=1")) == 0
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint_*"), key=lambda c: int(c.name.split("_")[-1]))
+    shutil.rmtree(checkpoints[-1])  # as if killed after step 4 was logged, before it was saved
+    shutil.rmtree(out / "final")
+    assert main(tiny_args(data, out, "max_steps=4", "save_every=2", "log_every=1")) == 0
+    events = EventAccumulator(str(out / "logs" / "stage0"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]

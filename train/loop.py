@@ -306,7 +306,9 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
-    accelerator.init_trackers(cfg.run_name or stage.name, config=_flat(to_dict(cfg)))
+    # a resumed run logs again the steps after its checkpoint: TensorBoard hides the old events from there on
+    accelerator.init_trackers(cfg.run_name or stage.name, config=_flat(to_dict(cfg)),
+                              init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if state.step else None)
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
     # loader worker -> its running [skipped corrupt members/samples, extra samples drawn] as of its last batch
