@@ -13,15 +13,19 @@ the report split, and decides each claim from paired bootstrap intervals over qu
   inconclusive otherwise.
 
 Paths in the config are relative to the current directory. Finished steps (datasets, exports, evaluations)
-are reused on rerun, like `eval ablate`; `claims.md` and `claims.json` are rewritten from them.
+are reused on rerun, like `eval ablate`; `claims.md` and `claims.json` are rewritten from them. Each step
+records what it was made from (`{step}.made_from.json` beside it: the settings, the training configs' contents,
+and what it was built on, nested), and a finished step whose definition changed is refused by name, never
+reused: a report built on a stale world or row would be wrong without a sign.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -134,6 +138,46 @@ def _log(message: str) -> None:
     print(f"[claims] {message}", file=sys.stderr, flush=True)
 
 
+MADE_FROM = ".made_from.json"  # suffix of the stamp beside each step's folder
+
+
+def _digest(path: str) -> str:
+    """A training config file by its contents (an edit to it changes every step trained from it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _reusable(folder: Path, finished: bool, made_from: dict) -> bool:
+    """Whether the step in `folder` is done and may be reused: it is finished and was made from `made_from`.
+    Not finished: False (make it, then `_stamp`). Finished from another definition, or with none recorded: an
+    error naming what changed and the folder to delete."""
+    if not finished:
+        return False
+    stamp = folder.parent / (folder.name + MADE_FROM)
+    recorded = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if recorded == made_from:
+        return True
+    changed = "its definition was not recorded" if recorded is None else "changed: " + ", ".join(
+        sorted(k for k in {*recorded, *made_from} if recorded.get(k) != made_from.get(k)))
+    raise PredictionError(f"{folder} was made from another definition ({changed}): delete it (and {stamp.name}) "
+                          f"to make it again, or use another output_dir")
+
+
+def _stamp(folder: Path, made_from: dict) -> None:
+    stamp = folder.parent / (folder.name + MADE_FROM)
+    stamp.write_text(json.dumps(made_from, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def definitions(cfg: ClaimsConfig) -> dict[str, dict]:
+    """What each shared step is made from."""
+    world = {"images": cfg.world_images, "bench_queries": cfg.bench_queries, "seed": cfg.world_seed,
+             "vocabulary": cfg.world_vocabulary}
+    low = {"world": world, "seed": cfg.world_seed}
+    high = {"world": world, "seed": cfg.world_seed, "triplets": cfg.hq_triplets}
+    return {"world": world, "captions": {"world": world}, "low": low, "high": high, "mix": {"low": low, "high": high},
+            "stage0": {"world": world, "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
+                       "seed": cfg.world_seed}}
+
+
 def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     """The toy world, its caption dataset, LQ and HQ triplets, a mix manifest and the stage 0 CLIP."""
     import beam_runner
@@ -142,34 +186,56 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     out = Path(cfg.output_dir)
     paths = {"world": out / "world", "captions": out / "data" / "captions", "low": out / "data" / "triplets_low",
              "high": out / "data" / "triplets_high", "mix": out / "data" / "mix.yaml", "stage0": out / "stage0"}
+    made_from = definitions(cfg)
     beam = ["--runner", "DirectRunner"]
-    if not (paths["world"] / "world.json").is_file():
+    if not _reusable(paths["world"], (paths["world"] / "world.json").is_file(), made_from["world"]):
         _log("toy world")
         _check(beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
                                  "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed),
                                  "--vocabulary", cfg.world_vocabulary]), "toy world")
+        _stamp(paths["world"], made_from["world"])
     for name, bench in cfg.benchmarks.items():
         if not bench.root(paths["world"]).is_dir():
             raise PredictionError(f"benchmarks.{name}: {bench.root(paths['world'])} does not exist: the toy world in "
                                   f"{paths['world']} was written before it; delete {out} to rebuild everything")
-    if not (paths["captions"] / "stats.json").is_file():
+    if not _reusable(paths["captions"], (paths["captions"] / "stats.json").is_file(), made_from["captions"]):
         _log("caption job")
         _check(beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output",
                                  str(paths["captions"]), "--shard-size", "500", *beam]), "caption job")
+        _stamp(paths["captions"], made_from["captions"])
     for quality, extra in (("low", []), ("high", ["--num-triplets", str(cfg.hq_triplets)])):
-        if not (paths[quality] / "stats.json").is_file():
+        if not _reusable(paths[quality], (paths[quality] / "stats.json").is_file(), made_from[quality]):
             _log(f"{quality}-quality triplets")
             _check(beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
                                      "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed),
                                      *extra, *beam]), f"{quality}-quality synthesis")
+            _stamp(paths[quality], made_from[quality])
     # a manifest's relative paths are read relative to the manifest: write them absolute
     paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low'].resolve()}, weight: 1.0}}\n"
                             f"  - {{path: {paths['high'].resolve()}, weight: 1.0}}\n")
-    if not (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file():
+    if not _reusable(paths["stage0"], (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file(),
+                     made_from["stage0"]):
         _log("stage 0 (the toy CLIP, shared by every row and seed)")
         _check(stage0(["--config", cfg.stage0_config, f"output_dir={paths['stage0']}",
                        f"data.train=['{paths['captions']}']", f"seed={cfg.world_seed}", *cfg.overrides]), "stage 0")
+        _stamp(paths["stage0"], made_from["stage0"])
     return paths
+
+
+def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
+    """What a row's export for this seed is made from: the row, its training config's contents, the common
+    overrides, the seed, and what it starts from and reads (nested definitions)."""
+    row, shared = cfg.rows[name], definitions(cfg)
+    if row.stage == "baseline":
+        return {"baseline": shared["stage0"]}
+    config = cfg.stage1_config if row.stage == "stage1" else cfg.stage2_config
+    made = {"row": {k: v for k, v in asdict(row).items() if k != "text"}, "config": _digest(config), "overrides": cfg.overrides, "seed": seed,
+            "stage0": shared["stage0"]}
+    if row.stage == "stage2":
+        made["init"] = row_definition(cfg, row.init, seed)
+        made["data"] = shared[row.data] if row.data in SOURCES else {"benchmark": asdict(cfg.benchmarks[row.data]),
+                                                                      "world": shared["world"]}
+    return made
 
 
 def _check(code: int, what: str) -> None:
@@ -185,7 +251,8 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     if row.stage == "baseline":
         return paths["stage0"] / "final"
     final = Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
-    if (final / "cir_config.json").is_file():
+    made_from = row_definition(cfg, name, seed)
+    if _reusable(final.parent, (final / "cir_config.json").is_file(), made_from):
         return final
     common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50", *cfg.overrides]
     _log(f"train {name} seed {seed}")
@@ -206,6 +273,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
         _check(stage2(["--config", cfg.stage2_config, *common, f"data.train=['{data}']",
                        f"init_from={export(cfg, paths, row.init, seed)}", *subset, *row.overrides]),
                f"{name} seed {seed}")
+    _stamp(final.parent, made_from)
     return final
 
 
@@ -217,10 +285,13 @@ def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, be
     split = spec.split or cfg.split
     seed_dir = "" if row.stage == "baseline" else f"-seed{seed}"
     out = Path(cfg.output_dir) / "cells" / f"{name}{seed_dir}" / "eval" / f"{bench}-{split}"
-    if not (out / "per_query.json").is_file():
+    made_from = {"export": row_definition(cfg, name, seed), "benchmark": asdict(spec), "split": split,
+                 "method": row.method, "world": definitions(cfg)["world"]}
+    if not _reusable(out, (out / "per_query.json").is_file(), made_from):
         run(spec.benchmark, str(spec.root(paths["world"])), str(export(cfg, paths, name, seed)),
             split=split, method=row.method, output=str(out), grids=0,
             cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
+        _stamp(out, made_from)
     return json.loads((out / "per_query.json").read_text())
 
 

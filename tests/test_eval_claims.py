@@ -119,10 +119,56 @@ def test_a_world_without_a_configured_benchmark_is_named(tmp_path):
     from eval.claims import prepare
     from eval.score import PredictionError
 
+    from eval.claims import _stamp, definitions
+
     (tmp_path / "out" / "world" / "bench" / "cirr").mkdir(parents=True)
     (tmp_path / "out" / "world" / "world.json").write_text("{}")
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nbenchmarks: {{a: {{benchmark: cirr}}, "
                       "b: {benchmark: circo, folder: circo_coarse}}\n")
+    _stamp(tmp_path / "out" / "world", definitions(load(str(config)))["world"])  # the same settings, older code
     with pytest.raises(PredictionError, match=r"benchmarks.b: .*circo_coarse does not exist.*delete"):
         prepare(load(str(config)))
+
+
+def test_a_finished_step_made_from_another_definition_is_refused_not_reused(tmp_path):
+    """A world, a row's export or an evaluation made from other settings would make a report that is wrong
+    without a sign: each is refused with what changed and the folder to delete."""
+    from eval.claims import _stamp, definitions, evaluate, export, row_definition
+    from eval.score import PredictionError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nworld_images: 48\nbenchmarks: {{a: {{benchmark: cirr}}}}\n"
+                      "rows: {stage1: {stage: stage1, text: one token, overrides: [mapping.num_tokens=1]}}\n")
+    cfg = load(str(config))
+    world = tmp_path / "out" / "world"
+    (world / "bench" / "cirr").mkdir(parents=True)
+    (world / "world.json").write_text("{}")
+    _stamp(world, {**definitions(cfg)["world"], "images": 2000})
+    from eval.claims import prepare
+
+    with pytest.raises(PredictionError, match=r"out/world was made from another definition \(changed: images\): "
+                                              r"delete it"):
+        prepare(cfg)
+    final = tmp_path / "out" / "cells" / "stage1-seed0" / "train" / "final"
+    final.mkdir(parents=True)
+    (final / "cir_config.json").write_text("{}")
+    paths = {"world": world}
+    with pytest.raises(PredictionError, match="its definition was not recorded"):
+        export(cfg, paths, "stage1", 0)
+    _stamp(final.parent, row_definition(cfg, "stage1", 0))
+    assert export(cfg, paths, "stage1", 0) == final  # made from this definition: reused
+    cfg.rows["stage1"].text = "the report's words are not part of it"
+    assert export(cfg, paths, "stage1", 0) == final
+    cfg.rows["stage1"].overrides = ["mapping.num_tokens=4"]
+    with pytest.raises(PredictionError, match=r"stage1-seed0/train was made from another definition \(changed: row\)"):
+        export(cfg, paths, "stage1", 0)
+    cfg.rows["stage1"].overrides = ["mapping.num_tokens=1"]
+    done = tmp_path / "out" / "cells" / "stage1-seed0" / "eval" / "a-test"
+    done.mkdir(parents=True)
+    (done / "per_query.json").write_text("{}")
+    _stamp(done, {"export": row_definition(cfg, "stage1", 0), "benchmark": {"benchmark": "cirr", "folder": "",
+                                                                            "split": None},
+                  "split": "val", "method": "model", "world": definitions(cfg)["world"]})
+    with pytest.raises(PredictionError, match=r"changed: split"):
+        evaluate(cfg, paths, "stage1", 0, "a")
