@@ -36,7 +36,7 @@ from eval import stats
 from eval.score import PredictionError
 
 STAGES = ("baseline", "stage1", "stage2")
-SOURCES = ("low", "high", "mix")
+SOURCES = ("low", "high", "mix", "coarse")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class RowSpec:
     method: str = "model"  # eval run --method (baselines: image_only | text_only | sum)
     overrides: list[str] = field(default_factory=list)  # key=value for train/stage1.py or train/stage2.py
     init: str = "stage1"  # stage II rows: the stage I row (same seed) they start from
-    # stage II rows: low | high | mix (the world's synthetic triplets), or a benchmark of `benchmarks` whose own
+    # stage II rows: low | high | mix | coarse (the world's synthetic triplets; coarse: high quality with a share
+    # of one-to-many texts, `coarse_fraction`), or a benchmark of `benchmarks` whose own
     # train split is read through the supervised loader (a supervised upper bound, not zero-shot)
     data: str = "mix"
     count: Optional[int] = None  # stage II rows: train on a fixed subset of this many triplets
@@ -80,6 +81,7 @@ class ClaimsConfig:
     world_seed: int = 0
     world_vocabulary: str = "shapes"  # the toy world's words: shapes, or gems (a second world, for transfer)
     hq_triplets: int = 3000  # high-quality triplets to synthesize
+    coarse_fraction: float = 0.5  # the `coarse` dataset: high quality, this share of edits described coarsely
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stage I and II seeds (stage 0 is shared)
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
     min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
@@ -173,7 +175,9 @@ def definitions(cfg: ClaimsConfig) -> dict[str, dict]:
              "vocabulary": cfg.world_vocabulary}
     low = {"world": world, "seed": cfg.world_seed}
     high = {"world": world, "seed": cfg.world_seed, "triplets": cfg.hq_triplets}
+    coarse = {**high, "coarse_fraction": cfg.coarse_fraction}
     return {"world": world, "captions": {"world": world}, "low": low, "high": high, "mix": {"low": low, "high": high},
+            "coarse": coarse,
             "stage0": {"world": world, "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
                        "seed": cfg.world_seed}}
 
@@ -185,7 +189,8 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
 
     out = Path(cfg.output_dir)
     paths = {"world": out / "world", "captions": out / "data" / "captions", "low": out / "data" / "triplets_low",
-             "high": out / "data" / "triplets_high", "mix": out / "data" / "mix.yaml", "stage0": out / "stage0"}
+             "high": out / "data" / "triplets_high", "mix": out / "data" / "mix.yaml", "stage0": out / "stage0",
+             "coarse": out / "data" / "triplets_coarse"}
     made_from = definitions(cfg)
     beam = ["--runner", "DirectRunner"]
     if not _reusable(paths["world"], (paths["world"] / "world.json").is_file(), made_from["world"]):
@@ -203,13 +208,17 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
         _check(beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output",
                                  str(paths["captions"]), "--shard-size", "500", *beam]), "caption job")
         _stamp(paths["captions"], made_from["captions"])
-    for quality, extra in (("low", []), ("high", ["--num-triplets", str(cfg.hq_triplets)])):
-        if not _reusable(paths[quality], (paths[quality] / "stats.json").is_file(), made_from[quality]):
-            _log(f"{quality}-quality triplets")
-            _check(beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[quality]),
+    datasets = [("low", "low", []), ("high", "high", ["--num-triplets", str(cfg.hq_triplets)])]
+    if any(row.data == "coarse" for row in cfg.rows.values()):  # made only when a row reads it
+        datasets.append(("coarse", "high", ["--num-triplets", str(cfg.hq_triplets),
+                                            "--toy-coarse-fraction", str(cfg.coarse_fraction)]))
+    for name, quality, extra in datasets:
+        if not _reusable(paths[name], (paths[name] / "stats.json").is_file(), made_from[name]):
+            _log(f"{name} triplets")
+            _check(beam_runner.main(["synth", "--input", str(paths["captions"]), "--output", str(paths[name]),
                                      "--quality", quality, "--image-weight", "0", "--seed", str(cfg.world_seed),
-                                     *extra, *beam]), f"{quality}-quality synthesis")
-            _stamp(paths[quality], made_from[quality])
+                                     *extra, *beam]), f"{name} synthesis")
+            _stamp(paths[name], made_from[name])
     # a manifest's relative paths are read relative to the manifest: write them absolute
     paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low'].resolve()}, weight: 1.0}}\n"
                             f"  - {{path: {paths['high'].resolve()}, weight: 1.0}}\n")

@@ -23,13 +23,13 @@ class ToyEditor(beam.DoFn):
     high-quality set. Captions the toy grammar did not write are failed rows.
     """
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, coarse_fraction: float = 0.0):
+        self.seed, self.coarse_fraction = seed, coarse_fraction
 
     def process(self, item: tuple[str, dict]) -> Iterator:
         from PIL import Image
 
-        from toyworld.edits import apply_edit, describe_edit, random_edit
+        from toyworld.edits import COARSE_KINDS, apply_edit, coarse_edits, coarse_texts, describe_edit, random_edit
         from toyworld.parse import parse_caption
         from toyworld.render import encode, layout, render
         from toyworld.scene import caption
@@ -46,11 +46,19 @@ class ToyEditor(beam.DoFn):
         size = Image.open(io.BytesIO(sample["image"])).size[0]
         tgt_image = encode(render(target, layout(target, rng), size), "png")
         tgt_key = ds.content_key(tgt_image)
+        mod = describe_edit(scene, edit, rng)
+        # a coarse text names what changes, not what it becomes; its own random stream keeps the exact triplets
+        # (the edits, the images, the other texts) the same whatever the fraction
+        coarse = random.Random(f"{self.seed}:toy-coarse:{key}")
+        is_coarse = (coarse.random() < self.coarse_fraction and edit.kind in COARSE_KINDS
+                     and len(coarse_edits(scene, edit.kind, edit.target)) >= 2)
+        if is_coarse:
+            mod = coarse.choice(coarse_texts(edit.kind, edit.target))
         yield {"key": triplet_key(key, tgt_key, "toy-edit"), "ref_key": key, "tgt_key": tgt_key,
-               "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": describe_edit(scene, edit, rng),
+               "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": mod,
                "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
-               "seed": self.seed, "edit": edit.to_json(), "tgt_image": tgt_image, "tgt_ext": "png",
-               "shard": sample["shard"],
+               "seed": self.seed, "edit": {**edit.to_json(), **({"coarse": True} if is_coarse else {})},
+               "tgt_image": tgt_image, "tgt_ext": "png", "shard": sample["shard"],
                "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
 
 
@@ -103,7 +111,8 @@ class EditSources(beam.PTransform):
         cfg = self.cfg
         keyed = sources | "Keyed" >> beam.Map(_keyed)
         if cfg.editor == "toy":
-            edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed)).with_outputs(FAILED, main="specs")
+            edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed, cfg.toy_coarse_fraction)).with_outputs(
+                FAILED, main="specs")
             return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
         from apache_beam.ml.inference.base import RunInference
 

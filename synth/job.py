@@ -63,6 +63,8 @@ class SynthConfig:
     nlist: Optional[int] = None  # IVF lists; None = 4 sqrt(N), at most 4096
     # high quality: editing
     editor: str = "toy"  # 'toy' (exact toy-world editor) or a diffusers InstructPix2Pix model id / directory
+    toy_coarse_fraction: float = 0.0  # --editor toy: this share of the colour/shape/position/background edits gets a
+    # coarse text ("give the circle another colour": any other value answers it, one-to-many), not the exact one
     clip: Optional[str] = None  # CLIP for keyword swaps and filters (required by the diffusers editor)
     clip_pretrained: Optional[str] = None  # open_clip tag or weights file for --clip
     samples_per_source: int = 2  # edited candidates per source image (seeds and guidance scales differ)
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (default 4 sqrt(N), at most 4096)")
     p.add_argument("--editor", default=d.editor,
                    help="high quality: 'toy' (exact toy-world editor) or an InstructPix2Pix model id / directory")
+    p.add_argument("--toy-coarse-fraction", type=float, default=d.toy_coarse_fraction,
+                   help="--editor toy: share of the edits described coarsely ('give the circle another colour'), "
+                        "so that the data holds one-to-many modification texts")
     p.add_argument("--clip", default=d.clip, help="CLIP model for keyword swaps and filters (diffusers editor)")
     p.add_argument("--clip-pretrained", default=d.clip_pretrained)
     p.add_argument("--samples-per-source", type=int, default=d.samples_per_source)
@@ -340,6 +345,10 @@ def check_input(cfg: SynthConfig) -> None:
                          + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
     if mines and cfg.knn == "sharded" and importlib.util.find_spec("faiss") is None:
         raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
+    if not 0 <= cfg.toy_coarse_fraction <= 1:
+        raise ValueError(f"--toy-coarse-fraction is a share from 0 to 1, got {cfg.toy_coarse_fraction}")
+    if cfg.toy_coarse_fraction and not (cfg.quality == "high" and cfg.editor == "toy"):
+        raise ValueError("--toy-coarse-fraction describes the toy editor's edits: it needs --quality high --editor toy")
     if not cfg.band_low <= cfg.band_high:
         raise ValueError(f"--band-low {cfg.band_low} is above --band-high {cfg.band_high}")
     if cfg.quality == "high" and cfg.editor != "toy":

@@ -82,10 +82,11 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
                  "stage2": {"stage": "stage2", "count": 10},  # the LQ + HQ mix manifest
-                 "upper": {"stage": "stage2", "data": "toy-shoes"}},  # the toy Shoes train split, supervised
+                 "upper": {"stage": "stage2", "data": "toy-shoes"},  # the toy Shoes train split, supervised
+                 "coarse": {"stage": "stage2", "data": "coarse", "count": 10}},  # HQ with one-to-many texts
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
                     "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}},
-                   {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2"],
+                   {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2", "coarse"],
                     "benchmarks": {"toy-shoes": "avg", "toy-coarse": "map@5"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -94,6 +95,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     assert json.loads((tmp_path / "out" / "world" / "world.json").read_text())["config"]["vocabulary"] == "gems"
     high = json.loads((tmp_path / "out" / "data" / "triplets_high" / "stats.json").read_text())
     assert high["written"] > 0, high  # the toy editor parsed the gems captions
+    coarse = json.loads((tmp_path / "out" / "data" / "triplets_coarse" / "dataset.json").read_text())
+    assert coarse["config"]["toy_coarse_fraction"] == 0.5
     claim = report["claims"][0]
     assert claim["id"] == "T-1" and claim["verdict"] in ("holds", "does not hold", "inconclusive")
     assert [(c["benchmark"], c["other"]) for c in claim["comparisons"]] == [

@@ -235,6 +235,39 @@ def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
     assert with_negatives == 20
 
 
+def test_toy_coarse_texts_are_one_to_many_and_leave_the_rest_alone(toy_captions, tmp_path, capsys):
+    """--toy-coarse-fraction: a share of the colour/shape/position/background edits is described by what changes
+    ("give the red circle another colour"), a text every other value answers; the triplets are otherwise the
+    same as without it (same keys, images, and every other text)."""
+    from toyworld.edits import coarse_edits, coarse_texts
+
+    base = ["--input", str(toy_captions[0]), "--quality", "high", "--num-triplets", "30", "--image-weight", "0",
+            "--hard-negatives", "0", *BEAM]
+    run(["--output", str(tmp_path / "exact"), *base])
+    run(["--output", str(tmp_path / "coarse"), "--toy-coarse-fraction", "0.7", *base])
+    exact = {t["__key__"]: t for t in triplets(tmp_path / "exact")}
+    coarse = {t["__key__"]: t for t in triplets(tmp_path / "coarse")}
+    assert exact.keys() == coarse.keys()
+    n_coarse = 0
+    for key, t in coarse.items():
+        meta, mod = json.loads(t["json"]), t["mod.txt"].decode()
+        assert t["tgt.png"] == exact[key]["tgt.png"]
+        if not meta["edit"].get("coarse"):
+            assert mod == exact[key]["mod.txt"].decode()
+            continue
+        n_coarse += 1
+        edit = Edit(**{k: v for k, v in meta["edit"].items() if k != "coarse"})
+        ref_scene = parse_caption(meta["ref_caption"])
+        assert mod in coarse_texts(edit.kind, edit.target) and mod != exact[key]["mod.txt"].decode()
+        assert edit in coarse_edits(ref_scene, edit.kind, edit.target)
+        assert len(coarse_edits(ref_scene, edit.kind, edit.target)) >= 2  # one-to-many: other answers exist
+    assert 0 < n_coarse < len(coarse)
+    with pytest.raises(SystemExit) as done:
+        run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "low"), "--quality", "low",
+             "--toy-coarse-fraction", "0.5", "--image-weight", "0", *BEAM])
+    assert done.value.code == 2 and "needs --quality high --editor toy" in capsys.readouterr().err
+
+
 def test_edited_triplets_hard_negatives_by_sharded_knn(toy_captions, tmp_path):
     """High quality mines its hard negatives with either k-NN path: all lists probed, the same ones."""
     base = ["--input", str(toy_captions[0]), "--quality", "high", "--num-triplets", "10", "--image-weight", "0",
