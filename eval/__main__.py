@@ -138,4 +138,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cir.cli import run_and_exit
+
+    run_and_exit(main)

@@ -359,3 +359,24 @@ def test_models_that_cannot_load_are_named_before_the_job(toy_world, toy_caption
         synth(["--input", str(toy_captions[0]), "--quality", "high", "--editor", str(not_a_model),
                "--clip", "tiny-clip-32", "--image-weight", "0", *out])
     assert done.value.code == 2 and "is a folder without model_index.json" in capsys.readouterr().err
+
+
+def test_commands_end_with_their_own_status(toy_captions):
+    """Weak case: an argument error exited 134 ("terminate called without an active exception") about once in
+    seven runs: the interpreter's C++ teardown with torch and pyarrow loaded aborted after the command was done.
+    The entry points now leave with the command's status once the streams are flushed (cir.cli.run_and_exit)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\nfrom cir.cli import run_and_exit\nprint('written before the end', flush=False)\n"
+            "run_and_exit(lambda: sys.exit(sys.argv[1]) if sys.argv[1] != '3' else 3)")
+    message = subprocess.run([sys.executable, "-c", code, "a message"], cwd=root, capture_output=True, text=True)
+    assert message.returncode == 1 and message.stderr.strip() == "a message"
+    assert message.stdout.strip() == "written before the end"  # flushed, though os._exit skips the teardown
+    assert subprocess.run([sys.executable, "-c", code, "3"], cwd=root, capture_output=True).returncode == 3
+    # the reported case: synth's argument error after reading the caption dataset's parquet index, torch loaded
+    argv = [sys.executable, "beam_runner.py", "synth", "--input", str(toy_captions[0]), "--output", "unused",
+            "--quality", "low", "--image-weight", "0.5"]
+    codes = [subprocess.run(argv, cwd=root, capture_output=True, text=True).returncode for _ in range(8)]
+    assert codes == [2] * 8
