@@ -88,7 +88,9 @@ class ClaimsConfig:
     stage0_config: str = "train/configs/toy_stage0.yaml"
     stage1_config: str = "train/configs/toy_stage1.yaml"
     stage2_config: str = "train/configs/toy_stage2.yaml"
-    overrides: list[str] = field(default_factory=list)  # key=value for every stage's training (e.g. max_steps=3 in tests)
+    # key=value for every stage's training (e.g. max_steps=3 in tests); clip.* go to stage 0 alone, the stage that
+    # builds the CLIP (stages I and II take their init_from's)
+    overrides: list[str] = field(default_factory=list)
     benchmarks: dict[str, BenchSpec] = field(default_factory=dict)
     rows: dict[str, RowSpec] = field(default_factory=dict)
     claims: list[ClaimSpec] = field(default_factory=list)
@@ -231,6 +233,11 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     return paths
 
 
+def _later_stages(overrides: list[str]) -> list[str]:
+    """The common overrides for stages I and II: not clip.*, which they take from their init_from."""
+    return [o for o in overrides if not o.startswith("clip.")]
+
+
 def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
     """What a row's export for this seed is made from: the row, its training config's contents, the common
     overrides, the seed, and what it starts from and reads (nested definitions)."""
@@ -238,8 +245,8 @@ def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
     if row.stage == "baseline":
         return {"baseline": shared["stage0"]}
     config = cfg.stage1_config if row.stage == "stage1" else cfg.stage2_config
-    made = {"row": {k: v for k, v in asdict(row).items() if k != "text"}, "config": _digest(config), "overrides": cfg.overrides, "seed": seed,
-            "stage0": shared["stage0"]}
+    made = {"row": {k: v for k, v in asdict(row).items() if k != "text"}, "config": _digest(config),
+            "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": shared["stage0"]}
     if row.stage == "stage2":
         made["init"] = row_definition(cfg, row.init, seed)
         made["data"] = shared[row.data] if row.data in SOURCES else {"benchmark": asdict(cfg.benchmarks[row.data]),
@@ -263,7 +270,8 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     made_from = row_definition(cfg, name, seed)
     if _reusable(final.parent, (final / "cir_config.json").is_file(), made_from):
         return final
-    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50", *cfg.overrides]
+    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50",
+              *_later_stages(cfg.overrides)]
     _log(f"train {name} seed {seed}")
     if row.stage == "stage1":
         from train.stage1 import main as stage1

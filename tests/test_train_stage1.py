@@ -144,3 +144,20 @@ def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp
     whole, cached, plain = (load_file(str(tmp_path / name / "final" / "mapping.safetensors")) for name in runs)
     assert all(torch.allclose(whole[k], cached[k], atol=2e-6) for k in whole)
     assert not all(torch.allclose(whole[k], plain[k], atol=2e-6) for k in whole)
+
+
+def test_clip_settings_beside_init_from_are_refused(tiny_clip_dir, tmp_path, capsys):
+    """With init_from the stage uses that export's CLIP: clip.model / clip.pretrained would silently do nothing."""
+    import pytest
+
+    from train.config import ConfigError, load_config
+    from train.stage1 import Stage1Config
+    from train.stage2 import Stage2Config
+
+    with pytest.raises(ConfigError, match=r"clip.\* and init_from are both set: .*uses that export's CLIP"):
+        load_config(Stage1Config, None, [f"init_from={tiny_clip_dir}", "clip.model=ViT-B-32"])
+    with pytest.raises(ConfigError, match="remove them"):
+        load_config(Stage2Config, None, [f"init_from={tiny_clip_dir}", "clip.pretrained=openai"])
+    assert load_config(Stage1Config, None, [f"init_from={tiny_clip_dir}"]).init_from == str(tiny_clip_dir)
+    assert main([f"output_dir={tmp_path / 'o'}", f"init_from={tiny_clip_dir}", "clip.model=tiny-clip-32"]) == 2
+    assert "remove them" in capsys.readouterr().err

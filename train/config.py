@@ -198,7 +198,11 @@ def load_config(cls, path: Optional[str], overrides: list[str] = ()):
             raise ConfigError(f"override {item!r}: not a YAML value ({err.problem}); quote patterns with braces, "
                               f"e.g. data.train=['shards-{{000..009}}.tar']") from None
         _set_path(data, key.strip(), value)
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    if isinstance(cfg, TrainConfig) and cfg.init_from and "clip" in data:
+        raise ConfigError(f"clip.* and init_from are both set: a stage started from init_from uses that export's CLIP "
+                          f"({cfg.init_from}), so the clip settings would do nothing; remove them")
+    return cfg
 
 
 def to_dict(cfg) -> dict:
