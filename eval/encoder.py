@@ -69,10 +69,8 @@ class Encoder:
         feats = []
         for start in tqdm(range(0, len(images), batch_size), desc="gallery", unit="batch", file=sys.stderr,
                           disable=not progress):
-            chunk = images[start:start + batch_size]
-            f = (self.cir.encode_image(chunk, batch_size) if self.cir is not None
-                 else encode_image(self.backbone, chunk, batch_size, self.device))
-            feats.append(f.cpu())
+            # CIRModel.encode_image is this same function on the export's CLIP: one path for exports and baselines
+            feats.append(encode_image(self.backbone, images[start:start + batch_size], batch_size, self.device).cpu())
         return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
 
     @torch.no_grad()
