@@ -365,3 +365,39 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(toy_captions, tmp_pat
     events = EventAccumulator(str(out / "logs" / "stage0"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_a_subset_is_read_from_memory_after_each_shards_first_read(toy_captions, monkeypatch):
+    """data.subset_fraction keeps the same keys every epoch; once a shard has been read, its kept samples come
+    from memory (a 100-of-3,000 ablation would otherwise read all 3,000 every epoch), unless they exceed the
+    budget, when shards are read again."""
+    import webdataset as wds
+
+    from cir import dataset as ds
+    from train import data as td
+
+    data, _ = toy_captions
+    urls = ds.shard_urls(str(data))
+    opened: list[str] = []
+    real = wds.tarfile_to_samples
+
+    def counting(**kwargs):
+        def stage(src):
+            src = list(src)
+            opened.extend(s["url"] for s in src)
+            return real(**kwargs)(src)
+        return stage
+
+    monkeypatch.setattr(td.wds, "tarfile_to_samples", counting)
+    everything = {s["__key__"] for url in urls for s in ds.iter_shard(url)}
+    kept = {k for k in everything if td.in_subset(k, 0.5)}
+    assert 10 < len(kept) < 38
+
+    def epochs(reader: td.ShardReader, n: int = 3) -> list[set]:
+        opened.clear()
+        return [{s["__key__"] for s in td._samples(urls, 0, e, 8, td.CountingHandler(), None, reader)}
+                for e in range(n)]
+
+    assert epochs(td.ShardReader(0.5)) == [kept] * 3 and len(opened) == len(urls)  # each shard opened once
+    assert epochs(td.ShardReader(0.5, budget=0)) == [kept] * 3 and len(opened) == 3 * len(urls)  # no room
+    assert epochs(td.ShardReader(), 1) == [everything]  # no subset: nothing kept back
