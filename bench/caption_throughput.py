@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import random
-import resource
 import subprocess
 import sys
 import tarfile

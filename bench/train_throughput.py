@@ -111,7 +111,8 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
     import numpy as np
     import webdataset as wds
 
-    from cir.dataset import iter_shard, npy_bytes, sample_meta
+    from cir.dataset import iter_shard
+    from cir.schema import npy_bytes, parse_json
     from cir.mapping import MappingConfig
     from train.config import ClipConfig
     from train.data import TrainStream, loader
@@ -127,7 +128,7 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
         with wds.TarWriter(copies[-1]) as sink:
             for raw in iter_shard(url):
                 v = rng.standard_normal(dim).astype(np.float32)
-                meta = {**sample_meta(raw), "emb_clip": stage.clip_id}
+                meta = {**parse_json(raw), "emb_clip": stage.clip_id}
                 sink.write({**raw, "json": json.dumps(meta).encode(), "emb.npy": npy_bytes(v / np.linalg.norm(v))})
     lazy = TrainStream([copies], None, batch_size, 3, 500, stage.collate, lazy_roles=stage.cacheable_roles,
                        cached_roles=stage.cached_image_roles)

@@ -16,25 +16,17 @@ import stat
 import uuid
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from cir import schema
 
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes equal samples give byte-identical tars
 KEY_HEX = 32  # hex digits of sha256 kept in a key (128 bits)
 KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
-IMAGE_EXTS = ("jpg", "png", "webp")  # a sample's image member is named by the format of its bytes
-# Every member a sample of each kind may carry (docs/SPEC.md), with its Hugging Face `datasets` type: the
-# dataset card declares them all, so samples whose image formats differ load as one table (absent: None).
-_EMBEDDING = "float16 vector"
-MEMBERS = {
-    "caption": {**{e: "image" for e in IMAGE_EXTS}, "txt": "string", "json": "json", "emb.npy": _EMBEDDING},
-    "triplet": {**{f"{role}.{e}": "image" for role in ("ref", "tgt") for e in IMAGE_EXTS}, "mod.txt": "string",
-                "json": "json", "ref.emb.npy": _EMBEDDING, "tgt.emb.npy": _EMBEDDING},
-}
 FAILED_SCHEMA = pa.schema([("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                            ("error", pa.string())])
 
@@ -162,13 +154,6 @@ def versions() -> dict:
             "webdataset": getattr(webdataset, "__version__", "unknown"), "schema_version": SCHEMA_VERSION}
 
 
-def npy_bytes(vector: np.ndarray) -> bytes:
-    """`.npy` bytes, never pickled (SPEC: readers load with allow_pickle=False)."""
-    buf = io.BytesIO()
-    np.save(buf, vector, allow_pickle=False)
-    return buf.getvalue()
-
-
 def check_model_reference(name: str, what: str, markers: tuple[str, ...] = ()) -> None:
     """Fail before the job starts, with one line, when a model cannot be loaded: a local path that is not
     there. With `markers` (the files a Hugging Face model folder holds: config.json, or model_index.json for a
@@ -232,32 +217,14 @@ def iter_shard(path: str) -> Iterator[dict]:
             yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def sample_meta(sample: dict) -> dict:
-    """A raw sample's `json` member, parsed; {} when it has none or it does not parse (callers read optional
-    fields, such as `emb_clip`: which CLIP made the sample's emb.npy)."""
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def image_field(sample: dict, prefix: str = "") -> Optional[str]:
-    """The name of the sample's image member (`jpg`/`png`/`webp`, or `ref.jpg` ... with a prefix)."""
-    return next((f"{prefix}{e}" for e in IMAGE_EXTS if f"{prefix}{e}" in sample), None)
-
-
 def dataset_card(kind: str, title: str) -> str:
     """README.md in the Hugging Face dataset-card format: its YAML header names the shards and declares every
     member's type, so `datasets.load_dataset(DIR)` reads the dataset as it is (without the declaration, its
     webdataset loader refuses shards whose samples carry different image formats)."""
     features = []
-    for name, kind_of in [*MEMBERS[kind].items(), ("__key__", "string"), ("__url__", "string")]:
-        features += [f"  - name: {name}", "    list: float16" if kind_of == _EMBEDDING else f"    dtype: {kind_of}"]
+    for name, kind_of in [*schema.KINDS[kind].members().items(), ("__key__", "string"), ("__url__", "string")]:
+        features += [f"  - name: {name}",
+                     "    list: float16" if kind_of == schema.EMBEDDING else f"    dtype: {kind_of}"]
     header = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
               f"    path: {SHARD_DIR}/*.tar", "dataset_info:", "  features:", *features, "---"]
     body = [f"# {title}", "",

@@ -88,13 +88,14 @@ def _files(src: str) -> Iterator[GalleryImage]:
 
 
 def _shards(urls: list[str]) -> Iterator[GalleryImage]:
-    from cir.dataset import image_field, iter_shard
+    from cir.dataset import iter_shard
+    from cir.schema import IMAGE
 
     for url in urls:
         try:
             for sample in iter_shard(url):
                 key = sample["__key__"]
-                field = image_field(sample)
+                field = IMAGE.image_member(sample)
                 yield GalleryImage(key, f"{url}#{key}", sample[field] if field else None,
                                    "" if field else "sample has no jpg/png/webp member")
         except Exception as err:  # a damaged shard: what was read stays indexed, the rest is reported
@@ -192,14 +193,15 @@ class GalleryIndex:
 
     def image_bytes(self, row: int) -> bytes:
         """The full image of a row, from its source (a file, or a member of a shard)."""
-        from cir.dataset import image_field, iter_shard
+        from cir.dataset import iter_shard
+        from cir.schema import IMAGE
 
         source = self.sources[row]
         url, _, key = source.rpartition("#")
         if url and url.endswith(".tar"):
             for sample in iter_shard(url):
                 if sample["__key__"] == key:
-                    return sample[image_field(sample)]
+                    return sample[IMAGE.image_member(sample)]
             raise GalleryError(f"{key} is no longer in {url}")
         from cir.dataset import read_file
 

@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from cir import dataset as ds
+from cir import schema
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
 from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, input_fingerprint, list_inputs
@@ -205,11 +206,9 @@ def to_webdataset(sample: dict) -> dict:
             "sha256": sample["sha256"], "caption": sample["caption"], "captioner": sample["captioner"]}
     if sample.get("reencoded"):
         meta["reencoded"] = sample["reencoded"]
-    out = {"__key__": sample["key"], sample["ext"]: sample["data"], "txt": sample["caption"], "json": meta}
-    if sample.get("emb") is not None:
-        out["emb.npy"] = ds.npy_bytes(sample["emb"])
-        meta["emb_clip"] = sample["emb_clip"]  # which CLIP's weights (cir.backbone.clip_fingerprint)
-    return out
+    # emb_clip: which CLIP's weights made emb.npy (cir.backbone.clip_fingerprint)
+    image = schema.Picture(sample["data"], sample["ext"], sample.get("emb"), sample.get("emb_clip"))
+    return schema.CaptionSample(sample["key"], image, sample["caption"], meta).to_webdataset()
 
 
 def index_row(sample: dict, shard_name: str) -> dict:

@@ -19,12 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cir import schema
 from cir.dataset import KEY_RE, SCHEMA_VERSION, SHARD_DIR
-
-IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-CAPTION_JSON = {"key", "source", "width", "height", "sha256", "caption", "captioner"}
-TRIPLET_JSON = {"ref_key", "tgt_key", "ref_caption", "tgt_caption", "quality", "method", "scores",
-                "hard_negatives", "seed"}
 MAX_REPORTED = 50  # violations listed before "... and N more"
 
 
@@ -43,8 +39,8 @@ def _check_image(report: Report, where: str, ext: str, data: bytes) -> Optional[
     except Exception as err:
         report.bad(f"{where}.{ext}: not a readable image ({err})")
         return None
-    if img.format != IMAGE_FORMATS[ext]:
-        report.bad(f"{where}.{ext}: extension says {IMAGE_FORMATS[ext]}, bytes are {img.format}")
+    if img.format != schema.PIL_FORMATS[ext]:
+        report.bad(f"{where}.{ext}: extension says {schema.PIL_FORMATS[ext]}, bytes are {img.format}")
     return img.size
 
 
@@ -70,43 +66,31 @@ def _check_sample(report: Report, kind: str, where: str, key: str, fields: dict[
     if not isinstance(meta, dict):
         report.bad(f"{where}: missing or invalid json member")
         meta = {}
-    if kind == "caption":
-        images = [e for e in IMAGE_FORMATS if e in fields]
+    spec = schema.KINDS[kind]
+    for role in spec.roles:
+        images = [m for m in role.images if m in fields]
         if len(images) != 1:
-            report.bad(f"{where}: expected exactly one image member, found {images or 'none'}")
-        missing = CAPTION_JSON - set(meta)
-        if missing:
-            report.bad(f"{where}: json lacks {sorted(missing)}")
+            report.bad(f"{where}: expected exactly one {role.name} member, found {images or 'none'}")
+        for member in images:
+            ext = member[len(role.prefix):]
+            size = _check_image(report, f"{where}.{role.prefix}".rstrip("."), ext, fields[member])
+            if size and role is schema.IMAGE:
+                summary["sizes"].append(size)
+    missing = spec.json_fields - set(meta)
+    if missing:
+        report.bad(f"{where}: json lacks {sorted(missing)}")
+    text = fields.get(spec.text, b"").decode("utf-8", "replace")
+    if not text.strip():
+        report.bad(f"{where}: empty or missing {spec.text}")
+    summary["caption_words"].append(len(text.split()))
+    if kind == "caption":
         if meta.get("key", key) != key:
             report.bad(f"{where}: json key {meta.get('key')} differs from __key__")
-        text = fields.get("txt", b"").decode("utf-8", "replace")
-        if not text.strip():
-            report.bad(f"{where}: empty or missing txt caption")
-        elif meta.get("caption") not in (None, text):
+        if text.strip() and meta.get("caption") not in (None, text):
             report.bad(f"{where}: txt and json caption differ")
-        summary["caption_words"].append(len(text.split()))
-        for ext in images:
-            size = _check_image(report, where, ext, fields[ext])
-            if size:
-                summary["sizes"].append(size)
-        allowed = set(IMAGE_FORMATS) | {"txt", "json", "emb.npy"}
-    else:
-        for role in ("ref", "tgt"):
-            images = [e for e in IMAGE_FORMATS if f"{role}.{e}" in fields]
-            if len(images) != 1:
-                report.bad(f"{where}: expected one {role} image, found {images or 'none'}")
-            for ext in images:
-                _check_image(report, f"{where}.{role}", ext, fields[f"{role}.{ext}"])
-        missing = TRIPLET_JSON - set(meta)
-        if missing:
-            report.bad(f"{where}: json lacks {sorted(missing)}")
-        if meta.get("quality") not in (None, "low", "high"):
-            report.bad(f"{where}: quality must be 'low' or 'high', got {meta.get('quality')!r}")
-        if not fields.get("mod.txt", b"").strip():
-            report.bad(f"{where}: empty or missing mod.txt")
-        summary["caption_words"].append(len(fields.get("mod.txt", b"").split()))
-        allowed = {f"{r}.{e}" for r in ("ref", "tgt") for e in IMAGE_FORMATS} | {
-            "mod.txt", "json", "ref.emb.npy", "tgt.emb.npy"}
+    elif meta.get("quality") not in (None, *spec.qualities):
+        report.bad(f"{where}: quality must be one of {list(spec.qualities)}, got {meta.get('quality')!r}")
+    allowed = set(spec.members())
     for field, data in fields.items():
         if field.endswith("emb.npy"):
             _check_embedding(report, f"{where}.{field}", data)

@@ -25,6 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from cir.dataset import NotARegularFile, failed_row, read_file
 
+# Input files (and input tar members) read as images; the job writes them as one of cir.schema.IMAGE_EXTS.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SIDECAR_EXTS = ("txt", "json")
 FAILED = "failed"

@@ -27,6 +27,7 @@ import apache_beam as beam
 import numpy as np
 
 from cir import dataset as ds
+from cir import schema
 from pipeline import jobs
 from synth.edited import EditSources, PickSources
 from synth.knn import KNN_MODES, NeighbourGraph
@@ -155,16 +156,15 @@ class ReadCaptionShard(beam.DoFn):
 
     def process(self, path: str) -> Iterator[tuple[str, dict]]:
         for raw in ds.iter_shard(path):
-            field = ds.image_field(raw)
-            caption = raw.get("txt", b"").decode("utf-8").strip()
-            if field is None or not caption:
+            try:
+                sample = schema.CaptionSample.from_webdataset(raw)
+            except schema.SchemaError as err:
                 yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(f"{path}::{raw['__key__']}", "read",
-                                                                     "incomplete_sample", "no image or caption"))
+                                                                     "incomplete_sample", str(err)))
                 continue
-            emb = ds.load_npy(raw["emb.npy"]) if "emb.npy" in raw else None
-            yield raw["__key__"], {"key": raw["__key__"], "image": raw[field], "ext": field, "caption": caption,
-                                   # which CLIP made emb.npy: carried into the triplets for the trainers
-                                   "emb": emb, "emb_clip": ds.sample_meta(raw).get("emb_clip")}
+            image = sample.image  # with emb and emb_clip (which CLIP made it), carried into the triplets
+            yield sample.key, {"key": sample.key, "image": image.data, "ext": image.ext, "caption": sample.caption,
+                               "emb": image.emb, "emb_clip": image.emb_clip}
 
 
 def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
@@ -209,14 +209,9 @@ def to_webdataset(t: dict) -> dict:
     meta = {k: t[k] for k in ("ref_key", "tgt_key", "ref_caption", "tgt_caption", "quality", "method", "scores",
                               "hard_negatives", "seed")}
     meta.update({k: t[k] for k in ("changes", "edit", "provenance", "mod_template") if k in t})
-    out = {"__key__": t["key"], f"ref.{t['ref_ext']}": t["ref_image"], f"tgt.{t['tgt_ext']}": t["tgt_image"],
-           "mod.txt": t["mod"], "json": meta}
-    for role in ("ref", "tgt"):
-        if t.get(f"{role}_emb") is not None:
-            out[f"{role}.emb.npy"] = ds.npy_bytes(np.asarray(t[f"{role}_emb"], dtype=np.float16))
-            if t.get(f"{role}_emb_clip"):
-                meta[f"{role}_emb_clip"] = t[f"{role}_emb_clip"]
-    return out
+    ref, tgt = (schema.Picture(t[f"{role}_image"], t[f"{role}_ext"], t.get(f"{role}_emb"), t.get(f"{role}_emb_clip"))
+                for role in ("ref", "tgt"))
+    return schema.TripletSample(t["key"], ref, tgt, t["mod"], meta).to_webdataset()
 
 
 def index_row(t: dict, shard_name: str) -> dict:

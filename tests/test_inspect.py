@@ -92,4 +92,4 @@ def test_missing_caption_and_pickle_member(dataset, capsys):
         tar.addfile(info, io.BytesIO(b"\x80\x04N."))  # a pickle: never decoded, reported as unexpected
     assert run([str(dataset)]) == 1
     err = capsys.readouterr().err
-    assert "empty or missing txt caption" in err and "unexpected member .pyd" in err
+    assert "empty or missing txt" in err and "unexpected member .pyd" in err

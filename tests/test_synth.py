@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from cir.schema import TripletSample
 from synth import mining
 from synth.job import run
 from synth.modtext import caption_diff, modification_text
@@ -126,6 +127,10 @@ def test_mining_by_image_embeddings_stores_them(embedded_captions, tiny_clip_dir
             assert emb.dtype == np.float16 and abs(np.linalg.norm(emb.astype(np.float32)) - 1) < 1e-2
             # which CLIP made them travels with them, for the trainers' check
             assert json.loads(t["json"])[f"{role}_emb_clip"] == fingerprint
+        # the writer's sample is the schema's encoding of it, member for member
+        sample = TripletSample.from_webdataset(t)
+        assert sample.ref.emb_clip == sample.tgt.emb_clip == fingerprint
+        assert sample.to_webdataset() == {k: v for k, v in t.items() if not k.startswith("__") or k == "__key__"}
 
 
 def _mined(out: Path) -> dict[str, dict]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cir.schema import IMAGE
 from train.config import ConfigError, load_config
 from train.stage0 import Stage0Config, main
 
@@ -255,7 +256,7 @@ def _damage_one_image(data: Path, out: Path) -> str:
     for i, url in enumerate(urls):
         with wds.TarWriter(str(out / f"s-{i:03d}.tar")) as sink:
             for sample in ds.iter_shard(url):
-                image = ds.image_field(sample)
+                image = IMAGE.image_member(sample)
                 if damaged is None:
                     damaged = sample["__key__"]
                     sample = {**sample, image: sample[image][:60]}
@@ -325,8 +326,8 @@ def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, 
     def collate(batch):
         return {"keys": [s["__key__"] for s in batch], "types": {type(s.get("jpg", s.get("png"))) for s in batch}}
 
-    for cached, kind in (((lambda batch: ("",)), bytes), ((lambda batch: ()), Image.Image)):
-        stream = iter(TrainStream([urls], None, 8, 0, 0, collate, lazy_roles=("",), cached_roles=cached))
+    for cached, kind in (((lambda batch: (IMAGE,)), bytes), ((lambda batch: ()), Image.Image)):
+        stream = iter(TrainStream([urls], None, 8, 0, 0, collate, lazy_roles=(IMAGE,), cached_roles=cached))
         batches = [next(stream) for _ in range(6)]  # one epoch
         assert all(issubclass(t, kind) for b in batches for t in b["types"])
         seen = {k for b in batches for k in b["keys"]}

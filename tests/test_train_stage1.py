@@ -7,6 +7,7 @@ import torch
 
 from cir.mapping import MappingConfig, encode_text_with_pseudo, image_features
 from cir.model import load_cir_model, new_mapping
+from cir.schema import IMAGE
 from train.data import decode_sample
 from train.stage1 import main
 
@@ -94,7 +95,7 @@ def test_cached_embeddings_only_from_the_same_clip(toy_world, tiny_clip_dir, tmp
     same = stage(f"init_from={tiny_clip_dir}")
     batch = same.collate(samples)
     assert "emb" in batch and "images" not in batch
-    assert same.cached_image_roles(samples) == ("",)  # the stream leaves these images undecoded
+    assert same.cached_image_roles(samples) == (IMAGE,)  # the stream leaves these images undecoded
     with torch.no_grad():
         tower = same.backbone.model.encode_image(torch.stack([same.backbone.preprocess(s.get("jpg") or s.get("png"))
                                                               for s in samples]), normalize=True)

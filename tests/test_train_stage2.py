@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from cir.composer import (AdaptiveFusion, AdapterConfig, ComposingAdapters, FixedFusion, MURConfig, augment_targets,
                           fusion_target, hard_negative_infonce, mur_gamma, uncertainty_loss)
 from cir.model import compose, load_cir_model, text_encoder_shape
+from cir.schema import TGT
 from train.stage2 import main
 
 BASE = ["data.batch_size=8", "data.shuffle_buffer=16", "optim.warmup_steps=2", "log_every=1", "save_every=100",
@@ -168,7 +169,7 @@ def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_wo
     same, other = stage.collate(made["same"][1]), stage.collate(made["other"][1])
     assert "tgt_emb" in same and "tgts" not in same
     assert "tgts" in other and "tgt_emb" not in other
-    assert (stage.cached_image_roles(made["same"][1]), stage.cached_image_roles(made["other"][1])) == (("tgt.",), ())
+    assert (stage.cached_image_roles(made["same"][1]), stage.cached_image_roles(made["other"][1])) == ((TGT,), ())
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -30,8 +30,9 @@ import webdataset as wds
 from PIL import Image
 
 from cir import dataset as ds
+from cir import schema
+from cir.schema import IMAGE, Role
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOG = logging.getLogger(__name__)
 # In each batch: [worker id, that worker's skipped members/samples so far, the samples it has drawn beyond
 # batch_size per batch so far (replacements of samples that did not decode; its resume position)]
@@ -101,7 +102,7 @@ def check_schema(source, required: tuple[str, ...]) -> None:
 
 def decode_member(key: str, value: bytes):
     ext = key.rsplit(".", 1)[-1].lower()
-    if ext in IMAGE_EXTS:
+    if ext in schema.IMAGE_EXTS:
         return Image.open(io.BytesIO(value)).convert("RGB")
     if ext == "txt":
         return value.decode("utf-8")
@@ -112,17 +113,11 @@ def decode_member(key: str, value: bytes):
     return None  # never decoded (pickles included)
 
 
-def _image_role(key: str) -> Optional[str]:
-    """"" for `jpg`, "tgt." for `tgt.jpg`; None when the member is not an image."""
-    ext = key.rsplit(".", 1)[-1]
-    return key[:-len(ext)] if ext.lower() in IMAGE_EXTS else None
-
-
 class MissingMember(DataError):
     """A sample without a member its stage needs (a shard cut short): counted and skipped like a corrupt one."""
 
 
-def decode_sample(sample: dict, lazy: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> dict:
+def decode_sample(sample: dict, lazy: tuple[Role, ...] = (), required: tuple[str, ...] = ()) -> dict:
     """Decode a raw sample's members; images of the roles in `lazy` stay encoded (see decode_images). Each of
     `required` ("txt", or alternatives "jpg|png") must be there, else MissingMember."""
     missing = [need for need in required if not any(option in sample for option in need.split("|"))]
@@ -132,7 +127,7 @@ def decode_sample(sample: dict, lazy: tuple[str, ...] = (), required: tuple[str,
     for key, value in sample.items():
         if key.startswith("__"):
             continue
-        if lazy and _image_role(key) in lazy:
+        if lazy and schema.image_role(key) in lazy:
             out[key] = value
             continue
         decoded = decode_member(key, value)
@@ -141,10 +136,10 @@ def decode_sample(sample: dict, lazy: tuple[str, ...] = (), required: tuple[str,
     return out
 
 
-def decode_images(sample: dict, roles: tuple[str, ...]) -> dict:
+def decode_images(sample: dict, roles: tuple[Role, ...]) -> dict:
     """Decode, in place, the images of `roles` that decode_sample(lazy=...) left encoded."""
     for key, value in list(sample.items()):
-        if isinstance(value, bytes) and _image_role(key) in roles:
+        if isinstance(value, bytes) and schema.image_role(key) in roles:
             sample[key] = decode_member(key, value)
     return sample
 
@@ -189,7 +184,7 @@ def _annotated_samples(source, seed: int, epoch: int, handler: CountingHandler) 
     for index in _shards_for_epoch(range(len(source)), seed, epoch):
         try:
             yield source.sample(index, random.Random(f"{seed}:{epoch}:{index}"))
-        except OSError as err:
+        except (OSError, schema.SchemaError) as err:  # unreadable, or not one of the sample formats
             handler(err)
 
 
@@ -269,8 +264,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
-                 log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[str, ...] = (),
-                 cached_roles: Optional[Callable[[list[dict]], tuple[str, ...]]] = None,
+                 log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[Role, ...] = (),
+                 cached_roles: Optional[Callable[[list[dict]], tuple[Role, ...]]] = None,
                  resume_counts: Optional[list[list[int]]] = None, required: tuple[str, ...] = ()):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
@@ -343,7 +338,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     out[i], replaced = self._decode_or_next(next(samples), samples, lazy), True
         return out
 
-    def _decode_or_next(self, sample: dict, samples: Iterator[dict], lazy: tuple[str, ...]) -> dict:
+    def _decode_or_next(self, sample: dict, samples: Iterator[dict], lazy: tuple[Role, ...]) -> dict:
         """`sample` decoded (images of `lazy` roles left encoded), or the first next one that decodes."""
         while True:
             try:
@@ -362,41 +357,41 @@ def loader(stream: TrainStream, workers: int, pin_memory: bool = False) -> torch
                                        persistent_workers=False, in_order=True, pin_memory=pin_memory)
 
 
-def image_of(sample: dict, prefix: str = "") -> Image.Image:
-    for ext in IMAGE_EXTS:
-        if f"{prefix}{ext}" in sample:
-            return sample[f"{prefix}{ext}"]
-    raise DataError(f"sample {sample.get('__key__')} has no {prefix}image")
+def image_of(sample: dict, role: Role = IMAGE) -> Image.Image:
+    member = role.image_member(sample)
+    if member is None:
+        raise DataError(f"sample {sample.get('__key__')} has no {role.name} image")
+    return sample[member]
 
 
 _MISMATCH_WARNED: set = set()  # (role, found, expected) already warned about in this process
 
 
-def emb_made_by(meta: dict, role: str, clip_id: Optional[str]) -> bool:
-    """Whether a sample's cached `{role}emb.npy` came from the CLIP whose fingerprint is `clip_id`
-    (cir.backbone.clip_fingerprint), as its json's `{role}emb_clip` records. Another CLIP's embeddings lie in
+def emb_made_by(meta: dict, role: Role, clip_id: Optional[str]) -> bool:
+    """Whether a sample's cached embedding of `role` came from the CLIP whose fingerprint is `clip_id`
+    (cir.backbone.clip_fingerprint), as its json's `role.emb_clip` records. Another CLIP's embeddings lie in
     another space: using them would be a silent substitute, so the image tower runs instead (warned once)."""
-    found = (meta or {}).get(f"{role.replace('.', '_')}emb_clip")
+    found = (meta or {}).get(role.emb_clip)
     if clip_id is not None and found == clip_id:
         return True
     if clip_id is not None and (role, found, clip_id) not in _MISMATCH_WARNED:
         _MISMATCH_WARNED.add((role, found, clip_id))
-        made_by = f"CLIP {found}" if found else "an unrecorded CLIP (no emb_clip in its json)"
-        LOG.warning("cached %semb.npy made by %s; this stage's frozen CLIP is %s: computing those image "
-                    "features with the image tower instead", role, made_by, clip_id)
+        made_by = f"CLIP {found}" if found else f"an unrecorded CLIP (no {role.emb_clip} in its json)"
+        LOG.warning("cached %s made by %s; this stage's frozen CLIP is %s: computing those image "
+                    "features with the image tower instead", role.emb, made_by, clip_id)
     return False
 
 
-def has_cached_embeddings(samples: list[dict], role: str, clip_id: Optional[str]) -> bool:
-    """Whether every decoded sample has `{role}emb.npy` made by this CLIP (see emb_made_by); never when
+def has_cached_embeddings(samples: list[dict], role: Role, clip_id: Optional[str]) -> bool:
+    """Whether every decoded sample has `role`'s embedding made by this CLIP (see emb_made_by); never when
     clip_id is None (caching off)."""
-    return clip_id is not None and all(f"{role}emb.npy" in s and emb_made_by(s.get("json"), role, clip_id)
+    return clip_id is not None and all(role.emb in s and emb_made_by(s.get("json"), role, clip_id)
                                        for s in samples)
 
 
-def cached_embeddings(samples: list[dict], role: str, clip_id: Optional[str]) -> Optional[torch.Tensor]:
+def cached_embeddings(samples: list[dict], role: Role, clip_id: Optional[str]) -> Optional[torch.Tensor]:
     """The batch's cached image embeddings [B, d] (float32) when has_cached_embeddings; None means: run the
     image tower."""
     if not has_cached_embeddings(samples, role, clip_id):
         return None
-    return torch.from_numpy(np.stack([s[f"{role}emb.npy"] for s in samples]).astype(np.float32))
+    return torch.from_numpy(np.stack([s[role.emb] for s in samples]).astype(np.float32))

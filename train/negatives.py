@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from cir import dataset as ds
+from cir import schema
+from cir.schema import IMAGE
 from cir.backbone import preprocess_batch
 from train.data import DataError, decode_member, emb_made_by
 
@@ -151,11 +153,11 @@ def encode_datasets(datasets: list[str], encode: Callable[[torch.Tensor], torch.
             pending.clear()
 
     for sample in bank_samples(datasets, show):
-        if cached_clip and "emb.npy" in sample and emb_made_by(ds.sample_meta(sample), "", cached_clip):
+        if cached_clip and IMAGE.emb in sample and emb_made_by(schema.parse_json(sample), IMAGE, cached_clip):
             keys.append(sample["__key__"])
-            feats.append(ds.load_npy(sample["emb.npy"]).astype(np.float16)[None])
+            feats.append(schema.load_npy(sample[IMAGE.emb]).astype(np.float16)[None])
             continue
-        field = ds.image_field(sample)
+        field = IMAGE.image_member(sample)
         if field is None:
             continue
         try:
@@ -182,7 +184,7 @@ def load_or_build(out_dir: Path, datasets: list[str], clip_id: str, use_cached: 
         if meta.get("fingerprint") != fingerprint:
             keys, feats = build()
             where.mkdir(parents=True, exist_ok=True)
-            ds.write_atomic(str(where / "features.npy"), ds.npy_bytes(feats))
+            ds.write_atomic(str(where / "features.npy"), schema.npy_bytes(feats))
             ds.write_json(str(where / "bank.json"), {"fingerprint": fingerprint, "datasets": datasets,
                                                       "keys": keys})
     accelerator.wait_for_everyone()

@@ -7,7 +7,7 @@ optional hooks below default to doing nothing:
 
 - `setup(model, accelerator)`: work once the model is on its device (stage II's negative bank).
 - `after_step(model)`: constraints on the weights after each optimizer step (stage 0's logit scale).
-- Cached image embeddings: `cacheable_roles` (image roles: "" for `jpg`, "tgt." for `tgt.jpg`) and
+- Cached image embeddings: `cacheable_roles` (cir.schema image roles: IMAGE for `jpg`, TGT for `tgt.jpg`) and
   `cached_image_roles(samples)`: the stream leaves those images encoded and decodes them only for batches whose
   cached embeddings the stage will not use.
 - Feature-cached accumulation (open_clip's accum_freq, loop.feature_cached_step): a contrastive stage lists its
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from cir.schema import Role
+
 
 class Stage:
     name: str = "stage"
-    required_fields: tuple[str, ...] = ()  # members every sample needs ("txt", or alternatives "jpg|png")
+    required_fields: tuple[str, ...] = ()  # members every sample needs: cir.schema.Kind.required()
     cached_keys: tuple[str, ...] = ()  # per-sample feature keys: feature-cached accumulation (see above)
     shared_keys: tuple[str, ...] = ()  # row-wise stages: the features every query reads (see above)
 
@@ -57,10 +59,10 @@ class Stage:
         pass
 
     @property
-    def cacheable_roles(self) -> tuple[str, ...]:
+    def cacheable_roles(self) -> tuple[Role, ...]:
         return ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
+    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
         return ()
 
     @property

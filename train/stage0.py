@@ -10,13 +10,13 @@ stage and eval) loads by its path.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from cir import schema
 from cir.backbone import preprocess_batch
 from cir.mapping import encode_text
 from train.config import TrainConfig
@@ -54,7 +54,7 @@ def _prefix_bare_keys(module, state_dict, prefix, *_) -> None:
 
 class Stage0(Stage):
     name = "stage0"
-    required_fields = ("jpg|png|webp", "txt")
+    required_fields = schema.CAPTION.required()
 
     def __init__(self, cfg: Stage0Config):
         super().__init__()

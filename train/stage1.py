@@ -12,7 +12,6 @@ and `cir_config.json`; `cir.model.load_cir_model` loads it (stage II, eval).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,8 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from cir import schema
 from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
+from cir.schema import IMAGE, Role
 from train.config import TrainConfig, ranged
 from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
@@ -63,7 +64,7 @@ class StageOneModel(torch.nn.Module):
 
 class Stage1(Stage):
     name = "stage1"
-    required_fields = ("jpg|png|webp", "txt")
+    required_fields = schema.CAPTION.required()
 
     def __init__(self, cfg: Stage1Config):
         super().__init__()
@@ -85,16 +86,16 @@ class Stage1(Stage):
         return StageOneModel(self.backbone.model, mapping, self.placeholder)
 
     @property
-    def cacheable_roles(self) -> tuple[str, ...]:
-        return ("",) if self.cached else ()
+    def cacheable_roles(self) -> tuple[Role, ...]:
+        return (IMAGE,) if self.cached else ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
+    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
         """The image roles this batch's collate takes from emb.npy (their images are not decoded)."""
-        return ("",) if has_cached_embeddings(samples, "", self.clip_id) else ()
+        return (IMAGE,) if has_cached_embeddings(samples, IMAGE, self.clip_id) else ()
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]
-        emb = cached_embeddings(samples, "", self.clip_id)
+        emb = cached_embeddings(samples, IMAGE, self.clip_id)
         if emb is not None:
             batch["emb"] = emb
         else:

@@ -23,7 +23,6 @@ grad_accum > 1 (with accum_features): every micro-batch's queries meet the targe
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,8 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from cir import schema
 from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
+from cir.schema import REF, TGT, Role
 from train.config import ConfigError, TrainConfig, ranged
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
@@ -93,7 +94,7 @@ class StageTwoModel(torch.nn.Module):
 
 class Stage2(Stage):
     name = "stage2"
-    required_fields = ("ref.jpg|ref.png|ref.webp", "tgt.jpg|tgt.png|tgt.webp", "mod.txt")
+    required_fields = schema.TRIPLET.required()
 
     def __init__(self, cfg: Stage2Config):
         if not cfg.init_from:
@@ -162,22 +163,22 @@ class Stage2(Stage):
         accelerator.print(f"hard negatives: a bank of {len(self.bank)} images from {datasets}")
 
     @property
-    def cacheable_roles(self) -> tuple[str, ...]:
-        return ("tgt.",) if self.cfg.data.use_cached_embeddings else ()
+    def cacheable_roles(self) -> tuple[Role, ...]:
+        return (TGT,) if self.cfg.data.use_cached_embeddings else ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[str, ...]:
+    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
         """The image roles this batch's collate takes from tgt.emb.npy (their images are not decoded)."""
-        return ("tgt.",) if has_cached_embeddings(samples, "tgt.", self.clip_id) else ()
+        return (TGT,) if has_cached_embeddings(samples, TGT, self.clip_id) else ()
 
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
-        batch = {"refs": preprocess_batch(bb.preprocess, [image_of(s, "ref.") for s in samples]),
+        batch = {"refs": preprocess_batch(bb.preprocess, [image_of(s, REF) for s in samples]),
                  "prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples])}
-        tgt_emb = cached_embeddings(samples, "tgt.", self.clip_id)
+        tgt_emb = cached_embeddings(samples, TGT, self.clip_id)
         if tgt_emb is not None:
             batch["tgt_emb"] = tgt_emb
         else:
-            batch["tgts"] = preprocess_batch(bb.preprocess, [image_of(s, "tgt.") for s in samples])
+            batch["tgts"] = preprocess_batch(bb.preprocess, [image_of(s, TGT) for s in samples])
         if self.bank is not None:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch

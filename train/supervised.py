@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from cir import jsonfile
+from cir import jsonfile, schema
 from cir.benchmarks import BenchmarkError, fashioniq_image, find_images, shoes_queries
 
 FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
@@ -236,10 +236,9 @@ class TripletSource:
         meta = {"ref_key": record.reference_key, "tgt_key": choice.target_key, "ref_caption": "", "tgt_caption": "",
                 "quality": "supervised", "method": self.fmt, "scores": {}, "hard_negatives": list(record.hard_negatives),
                 "seed": None}
-        return {"__key__": key,
-                f"ref.{_image_suffix(record.reference)}": record.reference.read_bytes(),
-                f"tgt.{_image_suffix(choice.target)}": choice.target.read_bytes(),
-                "mod.txt": choice.text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+        ref = schema.Picture(record.reference.read_bytes(), _image_suffix(record.reference))
+        tgt = schema.Picture(choice.target.read_bytes(), _image_suffix(choice.target))
+        return schema.TripletSample(key, ref, tgt, choice.text, meta).to_webdataset()
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,83 @@
+"""cir.schema: the one definition of the sample formats, written by every writer and read by every reader."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from cir import dataset as ds
+from cir import schema
+from cir.schema import IMAGE, REF, TGT, CaptionSample, Picture, SchemaError, TripletSample
+
+
+def _emb(d: int = 8) -> np.ndarray:
+    v = np.arange(1, d + 1, dtype=np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float16)
+
+
+def test_roles_name_their_members():
+    assert IMAGE.images == ("jpg", "png", "webp") and IMAGE.emb == "emb.npy" and IMAGE.emb_clip == "emb_clip"
+    assert TGT.images == ("tgt.jpg", "tgt.png", "tgt.webp") and TGT.emb == "tgt.emb.npy"
+    assert REF.emb_clip == "ref_emb_clip" and TGT.name == "tgt" and IMAGE.name == "image"
+    assert [schema.image_role(m) for m in ("png", "ref.webp", "tgt.jpg", "mod.txt", "emb.npy", "tgt.gif")] == [
+        IMAGE, REF, TGT, None, None, None]
+    assert schema.TRIPLET.required() == ("ref.jpg|ref.png|ref.webp", "tgt.jpg|tgt.png|tgt.webp", "mod.txt")
+    assert set(schema.CAPTION.members()) == {"jpg", "png", "webp", "txt", "json", "emb.npy"}
+
+
+def test_samples_round_trip_through_their_members():
+    caption = CaptionSample("a" * 32, Picture(b"\x89PNG...", "png", _emb(), "clip-1"), "a red circle", {"key": "a" * 32})
+    raw = caption.to_webdataset()
+    assert set(raw) == {"__key__", "png", "emb.npy", "txt", "json"}
+    assert all(isinstance(v, bytes) for k, v in raw.items() if k != "__key__")
+    assert schema.parse_json(raw) == {"key": "a" * 32, "emb_clip": "clip-1"}
+    back = CaptionSample.from_webdataset(raw)
+    assert (back.key, back.caption, back.image.ext, back.image.emb_clip) == (caption.key, "a red circle", "png", "clip-1")
+    assert np.array_equal(back.image.emb, _emb()) and back.to_webdataset() == raw
+
+    triplet = TripletSample("b" * 32, Picture(b"ref", "jpg"), Picture(b"tgt", "webp", _emb(), "clip-2"), "make it blue",
+                            {"quality": "high"})
+    raw = triplet.to_webdataset()
+    assert set(raw) == {"__key__", "ref.jpg", "tgt.webp", "tgt.emb.npy", "mod.txt", "json"}
+    assert schema.parse_json(raw) == {"quality": "high", "tgt_emb_clip": "clip-2"}
+    assert TripletSample.from_webdataset(raw).to_webdataset() == raw
+    assert triplet.meta == {"quality": "high"}  # encoding does not change the sample
+
+
+def test_incomplete_samples_are_schema_errors_naming_the_sample():
+    raw = TripletSample("c" * 32, Picture(b"ref", "png"), Picture(b"tgt", "png"), "x").to_webdataset()
+    for member, what in (("tgt.png", "no tgt image"), ("mod.txt", "no mod.txt")):
+        with pytest.raises(SchemaError, match=f"{'c' * 32} has {what}"):
+            TripletSample.from_webdataset({k: v for k, v in raw.items() if k != member})
+    with pytest.raises(SchemaError, match="has no txt"):
+        CaptionSample.from_webdataset({"__key__": "k", "jpg": b"x", "txt": b"  "})
+    with pytest.raises(SchemaError, match="'gif' is not one of"):
+        Picture(b"GIF89a", "gif")
+
+
+def test_caption_job_writes_the_schema_and_the_card_declares_it(toy_captions):
+    data, _ = toy_captions
+    samples = [s for url in ds.shard_urls(str(data)) for s in ds.iter_shard(url)]
+    assert len(samples) == 48
+    for raw in samples:
+        assert CaptionSample.from_webdataset(raw).to_webdataset() == raw
+    card = (data / "README.md").read_text()
+    assert all(f"- name: {m}\n" in card for m in schema.CAPTION.members())
+
+
+def test_supervised_loader_writes_triplet_samples_that_inspect_accepts(tmp_path):
+    from pipeline.inspect import Report, _check_sample
+    from tests.test_supervised import write_cirr
+    from train.supervised import TripletSource
+
+    write_cirr(tmp_path / "cirr")
+    source = TripletSource("cirr", tmp_path / "cirr", "train")
+    raw = source.sample(0, random.Random(0))
+    sample = TripletSample.from_webdataset(raw)
+    assert sample.meta["quality"] == "supervised" and sample.ref.ext == sample.tgt.ext == "png"
+    assert sample.to_webdataset() == raw
+    report = Report()
+    _check_sample(report, "triplet", "s", "0" * 32, {k: v for k, v in raw.items() if k != "__key__"},
+                  {"caption_words": [], "rows": [], "sizes": []})
+    assert report.violations == []
