@@ -45,12 +45,12 @@ class AblationConfig:
 
 
 def load(path: str) -> AblationConfig:
+    """The YAML file -> AblationConfig (cir.config.ConfigError, a ValueError, names unknown, missing or mistyped
+    keys)."""
+    from cir.config import from_dict
+
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    known = set(AblationConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown} (known: {sorted(known)})")
-    cfg = AblationConfig(**data)
+    cfg = from_dict(AblationConfig, data, path)
     if not cfg.benchmarks:
         raise ValueError(f"{path}: no benchmarks")
     return cfg

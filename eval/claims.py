@@ -98,7 +98,7 @@ class ClaimsConfig:
 
 def load(path: str) -> ClaimsConfig:
     """The YAML file -> ClaimsConfig; unknown keys, unknown rows and benchmarks are named."""
-    from train.config import ConfigError, from_dict
+    from cir.config import ConfigError, from_dict
 
     p = Path(path)
     if not p.is_file():

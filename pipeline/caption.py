@@ -24,6 +24,7 @@ from apache_beam.metrics import Metrics
 
 from cir import dataset as ds
 from cir import schema
+from cir.config import add_arguments, from_args, ranged
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
 from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, input_fingerprint, list_inputs
@@ -34,50 +35,36 @@ KIND = "caption"
 
 @dataclass
 class CaptionConfig:
-    input: str  # directory, glob, tar shards or parquet of paths
-    output: str  # dataset directory
-    captioner: str = "sidecar"  # 'sidecar' (existing text) or an HF image-to-text model id / directory
-    prompt: str = ""  # text prompt for the captioner (BLIP: "a picture of")
-    max_new_tokens: int = 30  # generation length
-    num_beams: int = 1  # beam search width
-    num_captions: int = 1  # candidates per image; with --clip the one CLIP ranks highest is kept
-    clip: Optional[str] = None  # CLIP model for emb.npy (open_clip name, hf-hub: id, directory, tiny name)
-    clip_pretrained: Optional[str] = None  # open_clip pretrained tag or weights file for --clip
-    batch_size: int = 16  # RunInference max batch size
-    device: str = "cpu"  # torch device for the models
-    shard_size: int = 1000  # target samples per shard
-    shard_prefix: str = "part"  # shards/{prefix}-{00000}.tar
-    min_size: int = 1  # images with a side below this are dropped
-    max_size: Optional[int] = None  # longer side above this is resized down (bytes re-encoded)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
-    path_column: str = "path"  # parquet input: column with image paths
-    caption_column: str = "caption"  # parquet input: column with captions (optional)
+    """The caption job's settings; each field is also its flag (cir.config.add_arguments: `--max-new-tokens`)."""
+    input: str = ranged("", help="directory, glob, *.tar shards or a parquet of paths")
+    output: str = ranged("", help="dataset directory (local path or gs://...)")
+    captioner: str = ranged("sidecar", help="'sidecar' (the images' own .txt/.json captions) or a Hugging Face "
+                                            "image-to-text model id / directory")
+    prompt: str = ranged("", help="text prompt for the captioner (BLIP: 'a picture of')")
+    max_new_tokens: int = ranged(30, min=1, help="caption length, in tokens")
+    num_beams: int = ranged(1, min=1, help="beam search width")
+    num_captions: int = ranged(1, min=1, help="caption candidates per image; with --clip the best-matching one "
+                                              "is kept")
+    clip: Optional[str] = ranged(None, help="CLIP model for L2-normalised image embeddings (emb.npy): open_clip "
+                                            "name, hf-hub: id, directory or tiny name")
+    clip_pretrained: Optional[str] = ranged(None, help="open_clip tag or weights file for --clip")
+    batch_size: int = ranged(16, min=1, help="model batch size (RunInference)")
+    device: str = ranged("cpu", help="torch device for the models (cpu, cuda)")
+    shard_size: int = ranged(1000, min=1, help="target samples per shard")
+    shard_prefix: str = ranged("part", help="shard file names: PREFIX-00000.tar ...")
+    min_size: int = ranged(1, min=0, help="images with a side below this are dropped")
+    max_size: Optional[int] = ranged(None, min=1, help="a longer side above this is resized down (bytes "
+                                                       "re-encoded)")
+    max_pixels: int = ranged(DEFAULT_MAX_PIXELS, min=1, help="decompression-bomb guard")
+    path_column: str = ranged("path", help="parquet input: the column of image paths")
+    caption_column: str = ranged("caption", help="parquet input: the column of captions (optional)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beam_runner.py caption",
                                 description="Caption images into WebDataset shards (SPEC.md caption dataset).",
                                 epilog="Other flags are Beam PipelineOptions (--runner, --direct_num_workers, ...).")
-    d = CaptionConfig("", "")
-    p.add_argument("--input", required=True, help="directory, glob, *.tar shards or a parquet of paths")
-    p.add_argument("--output", required=True, help="dataset directory (local path or gs://...)")
-    p.add_argument("--captioner", default=d.captioner, help="'sidecar' or an HF image-to-text model")
-    p.add_argument("--prompt", default=d.prompt, help="captioner text prompt")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--num-beams", type=int, default=d.num_beams)
-    p.add_argument("--num-captions", type=int, default=d.num_captions,
-                   help="caption candidates per image; with --clip the best-matching one is kept")
-    p.add_argument("--clip", default=d.clip, help="CLIP model for L2-normalised image embeddings (emb.npy)")
-    p.add_argument("--clip-pretrained", default=d.clip_pretrained, help="open_clip tag or weights for --clip")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="model batch size (RunInference)")
-    p.add_argument("--device", default=d.device, help="torch device for the models (cpu, cuda)")
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
-    p.add_argument("--shard-prefix", default=d.shard_prefix)
-    p.add_argument("--min-size", type=int, default=d.min_size)
-    p.add_argument("--max-size", type=int, default=d.max_size)
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
-    p.add_argument("--path-column", default=d.path_column)
-    p.add_argument("--caption-column", default=d.caption_column)
+    add_arguments(p, CaptionConfig, required=("input", "output"))
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
     return p
 
@@ -264,7 +251,10 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float) -> beam.PCollect
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
-    jobs.check_positive(parser, known, "shard_size", "batch_size", "num_captions", "max_new_tokens", "num_beams")
+    try:
+        cfg = from_args(CaptionConfig, known)
+    except ValueError as err:
+        parser.error(str(err))
     jobs.check_prefix(parser, known.shard_prefix)
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)  # a mistyped flag is named first
     if "://" not in known.input and not any(ch in known.input for ch in "*?[{") and not os.path.exists(known.input):
@@ -284,7 +274,6 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         check_has_inputs(known.input, listing)
     except ValueError as err:
         parser.error(str(err))
-    cfg = CaptionConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     card = {"kind": KIND, "config": asdict(cfg),
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
             "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained},

@@ -313,13 +313,6 @@ def run_and_read_stats(p: beam.Pipeline, output: str) -> dict:
     return stats
 
 
-def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
-    for flag in flags:
-        value: Optional[int] = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-
-
 def check_prefix(parser: argparse.ArgumentParser, prefix: str) -> None:
     """Shard names come from the command line: letters, digits, '-' and '_' only, never a path."""
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", prefix):

@@ -13,7 +13,7 @@ from pipeline import jobs
 from synth.specs import FAILED, REJECTED, PickOrder, each, triplet_key
 
 if TYPE_CHECKING:
-    from synth.job import SynthConfig
+    from synth.config import SynthConfig
 
 
 class ToyEditor(beam.DoFn):

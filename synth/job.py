@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Iterator, Optional
 
 import apache_beam as beam
@@ -28,10 +28,12 @@ import numpy as np
 
 from cir import dataset as ds
 from cir import schema
+from cir.config import add_arguments, from_args
 from pipeline import jobs
+from synth.config import SynthConfig
 from synth.edited import EditSources, PickSources
-from synth.knn import KNN_MODES, NeighbourGraph
-from synth.llm import CHAT_MODES, DEFAULT_EDIT_PROMPT, DEFAULT_PROMPT, EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
+from synth.knn import NeighbourGraph
+from synth.llm import EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.mined import MinePairs, attach_negatives, by_ref, neighbour_keys
 from synth.specs import FAILED, REJECTED, SpecOrder, each
 
@@ -39,112 +41,10 @@ LOG = logging.getLogger("synth")
 KIND = "triplet"
 
 
-@dataclass
-class SynthConfig:
-    input: str  # caption dataset directory
-    output: str  # triplet dataset directory
-    quality: str  # low | high
-    num_triplets: Optional[int] = None  # keep at most this many (chosen by seed); None = all candidates
-    seed: int = 0  # drives selection, phrasings and edits
-    shard_size: int = 1000  # target triplets per shard
-    shard_prefix: str = "part"
-    # low quality: mining
-    image_weight: float = 0.5  # similarity = w * cos(image emb) + (1 - w) * cos(caption tf-idf)
-    band_low: float = 0.5  # keep pairs with similarity >= this (not unrelated) ...
-    band_high: float = 0.98  # ... and <= this (not near-duplicates)
-    neighbours: int = 8  # k of the k-NN search
-    pairs_per_image: int = 1  # targets per reference
-    hard_negatives: int = 3  # other neighbours stored as hard negative keys
-    max_changes: int = 2  # caption diffs with more changed spans are rejected
-    text_dim: int = 1024  # hashed TF-IDF size
-    exact_max: int = 50_000  # exact k-NN (quadratic) up to this many images, faiss IVF (near-linear) above
-    knn: str = "auto"  # global: all features in one worker | sharded: an IVF join over the workers (synth.knn)
-    global_max: int = 1_000_000  # --knn auto: global up to this many images (measured: 1M in ~7 min, 5 GB)
-    nprobe: int = 16  # IVF lists searched per query (faiss IVF and sharded)
-    nlist: Optional[int] = None  # IVF lists; None = 4 sqrt(N), at most 4096
-    # high quality: editing
-    editor: str = "toy"  # 'toy' (exact toy-world editor) or a diffusers InstructPix2Pix model id / directory
-    toy_coarse_fraction: float = 0.0  # --editor toy: this share of the colour/shape/position/background edits gets a
-    # coarse text ("give the circle another colour": any other value answers it, one-to-many), not the exact one
-    clip: Optional[str] = None  # CLIP for keyword swaps and filters (required by the diffusers editor)
-    clip_pretrained: Optional[str] = None  # open_clip tag or weights file for --clip
-    samples_per_source: int = 2  # edited candidates per source image (seeds and guidance scales differ)
-    keep_per_source: int = 1  # best candidates kept per source (by directional similarity)
-    swap_low: float = 0.5  # keyword swaps need CLIP text similarity in [swap_low, swap_high]
-    swap_high: float = 0.7
-    min_image_image: float = 0.70  # filters (InstructPix2Pix / CompoDiff defaults)
-    min_caption_image: float = 0.2
-    min_directional: float = 0.2
-    steps: int = 20  # diffusion steps
-    device: str = "cpu"  # torch device for the editor
-    batch_size: int = 4  # editor / LLM batch size (RunInference)
-    # both: modification text by a language model instead of templates (synth.llm)
-    llm: Optional[str] = None  # HF causal or encoder-decoder LM (hub id or directory); None = templates
-    llm_prompt: str = DEFAULT_PROMPT  # with {ref} and {tgt}: the two captions
-    llm_max_new_tokens: int = 32
-    llm_chat: str = "auto"  # prompts through the model's chat template: auto (when it has one) | on | off
-    caption_edit: str = "swap"  # high quality, diffusers editor: 'swap' (keyword swap in a CLIP band) or 'llm'
-    # (--llm writes the instruction and the edited caption; its instruction is then the modification text)
-    llm_edit_prompt: str = DEFAULT_EDIT_PROMPT  # with {caption}; the answer is 'instruction | edited caption'
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = SynthConfig("", "", "low")
     p = argparse.ArgumentParser(prog="beam_runner.py synth", description="Synthesize CIR triplets (SPEC.md).",
                                 epilog="Other flags are Beam PipelineOptions (--runner, --direct_num_workers, ...).")
-    p.add_argument("--input", required=True, help="caption dataset directory")
-    p.add_argument("--output", required=True, help="triplet dataset directory")
-    p.add_argument("--quality", required=True, choices=("low", "high"))
-    p.add_argument("--num-triplets", type=int, default=d.num_triplets)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
-    p.add_argument("--shard-prefix", default=d.shard_prefix)
-    p.add_argument("--image-weight", type=float, default=d.image_weight,
-                   help="mining similarity: weight of the image embedding (rest: caption tf-idf)")
-    p.add_argument("--band-low", type=float, default=d.band_low)
-    p.add_argument("--band-high", type=float, default=d.band_high)
-    p.add_argument("--neighbours", type=int, default=d.neighbours)
-    p.add_argument("--pairs-per-image", type=int, default=d.pairs_per_image)
-    p.add_argument("--hard-negatives", type=int, default=d.hard_negatives)
-    p.add_argument("--max-changes", type=int, default=d.max_changes)
-    p.add_argument("--text-dim", type=int, default=d.text_dim)
-    p.add_argument("--exact-max", type=int, default=d.exact_max,
-                   help="--knn global: exact k-NN up to this many images, faiss IVF above")
-    p.add_argument("--knn", default=d.knn, choices=KNN_MODES,
-                   help="global: every embedding in one worker (to ~1M); sharded: an IVF join spread over the "
-                        "workers (lists by k-means on a sample, grouped by list), for larger datasets; auto: "
-                        "global up to --global-max images, sharded above")
-    p.add_argument("--global-max", type=int, default=d.global_max, help="--knn auto: the most images for global")
-    p.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per query (faiss and sharded)")
-    p.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (default 4 sqrt(N), at most 4096)")
-    p.add_argument("--editor", default=d.editor,
-                   help="high quality: 'toy' (exact toy-world editor) or an InstructPix2Pix model id / directory")
-    p.add_argument("--toy-coarse-fraction", type=float, default=d.toy_coarse_fraction,
-                   help="--editor toy: share of the edits described coarsely ('give the circle another colour'), "
-                        "so that the data holds one-to-many modification texts")
-    p.add_argument("--clip", default=d.clip, help="CLIP model for keyword swaps and filters (diffusers editor)")
-    p.add_argument("--clip-pretrained", default=d.clip_pretrained)
-    p.add_argument("--samples-per-source", type=int, default=d.samples_per_source)
-    p.add_argument("--keep-per-source", type=int, default=d.keep_per_source)
-    p.add_argument("--swap-low", type=float, default=d.swap_low)
-    p.add_argument("--swap-high", type=float, default=d.swap_high)
-    p.add_argument("--min-image-image", type=float, default=d.min_image_image)
-    p.add_argument("--min-caption-image", type=float, default=d.min_caption_image)
-    p.add_argument("--min-directional", type=float, default=d.min_directional)
-    p.add_argument("--steps", type=int, default=d.steps, help="diffusion steps")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--llm", default=d.llm, help="write modification texts with this Hugging Face language model "
-                   "(hub id or directory; causal or encoder-decoder) instead of templates")
-    p.add_argument("--llm-prompt", default=d.llm_prompt, help="prompt with {ref} and {tgt} (the two captions)")
-    p.add_argument("--llm-max-new-tokens", type=int, default=d.llm_max_new_tokens)
-    p.add_argument("--llm-chat", default=d.llm_chat, choices=CHAT_MODES,
-                   help="send the prompt as a user message through the model's chat template (instruct models): "
-                        "auto = when its tokenizer has one")
-    p.add_argument("--caption-edit", default=d.caption_edit, choices=("swap", "llm"),
-                   help="high quality with the diffusers editor: keyword swap, or --llm writes the edit")
-    p.add_argument("--llm-edit-prompt", default=d.llm_edit_prompt,
-                   help="prompt with {caption}; the model answers 'instruction | edited caption'")
+    add_arguments(p, SynthConfig, required=("input", "output", "quality"))
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of another configuration")
     return p
 
@@ -383,12 +283,9 @@ def rewrites_mod_text(cfg: SynthConfig) -> bool:
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
     parser = build_parser()
     known, pipeline_args = parser.parse_known_args(argv)
-    jobs.check_positive(parser, known, "num_triplets", "shard_size", "neighbours", "pairs_per_image",
-                        "max_changes", "text_dim", "exact_max", "global_max", "nprobe", "nlist", "samples_per_source",
-                        "keep_per_source", "steps", "batch_size", "llm_max_new_tokens")
     jobs.check_prefix(parser, known.shard_prefix)
-    cfg = SynthConfig(**{k: v for k, v in vars(known).items() if k != "overwrite"})
     try:
+        cfg = from_args(SynthConfig, known)
         cfg = resolve_knn(cfg)
         check_input(cfg)
         if cfg.llm:  # auto -> on/off here, so that the card and every json say what was done

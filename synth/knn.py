@@ -33,10 +33,9 @@ from synth.mining import Neighbour
 from synth.specs import FAILED
 
 if TYPE_CHECKING:
-    from synth.job import SynthConfig
+    from synth.config import SynthConfig
 
 LOG = logging.getLogger("synth")
-KNN_MODES = ("auto", "global", "sharded")  # auto: resolved by synth.job.resolve_knn before the job
 
 
 class Neighbourhood(NamedTuple):

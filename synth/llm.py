@@ -28,16 +28,12 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from synth.config import CHAT_MODES, DEFAULT_PROMPT
 from synth.specs import REJECTED
 
 MODTEXT_FIELDS = {"ref": "reference caption", "tgt": "target caption"}
 EDIT_FIELDS = {"caption": "the source caption"}
-DEFAULT_PROMPT = ("Two images are described below. Write a short instruction that turns the first image into "
-                  "the second.\nFirst image: {ref}\nSecond image: {tgt}\nInstruction:")
-DEFAULT_EDIT_PROMPT = ("Write an edit for the image described below, as: instruction | caption after the "
-                       "edit.\nImage: {caption}\nEdit:")
 QUOTES = "\"'`“”‘’"
-CHAT_MODES = ("auto", "on", "off")
 LABEL_RE = re.compile(r"^(instruction|answer|output|edit)\s*:\s*", re.IGNORECASE)
 
 

@@ -14,7 +14,7 @@ from synth.modtext import modification_text
 from synth.specs import REJECTED, triplet_key
 
 if TYPE_CHECKING:
-    from synth.job import SynthConfig
+    from synth.config import SynthConfig
 
 
 class MinePairs(beam.DoFn):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config
+from cir.config import ConfigError
+from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train" / "configs").rglob("*.yaml"))
@@ -70,3 +71,45 @@ def test_an_impossible_setting_exits_2_and_writes_nothing(tmp_path):
                            f"output_dir={out}", "max_steps=-3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "config.max_steps: must be at least 1, got -3" in done.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ the data jobs' flags come from their configs
+
+@pytest.mark.parametrize("job", ["synth", "caption"])
+def test_job_flags_are_their_config_fields(job, capsys):
+    """One definition per setting: every field of SynthConfig / CaptionConfig is a flag of the same name, with
+    the field's default and help; a value out of a field's range exits 2 naming the flag."""
+    import dataclasses
+
+    if job == "synth":
+        from synth.config import SynthConfig as Config
+        from synth.job import build_parser, run
+        required = ["--input", "in", "--output", "out", "--quality", "low"]
+    else:
+        from pipeline.caption import CaptionConfig as Config
+        from pipeline.caption import build_parser, run
+        required = ["--input", "in", "--output", "out"]
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    fields = dataclasses.fields(Config)
+    assert {f.name for f in fields} | {"help", "overwrite"} == set(flags)
+    args = parser.parse_args(required)
+    for f in fields:
+        assert flags[f.name].option_strings == [f"--{f.name.replace('_', '-')}"] and flags[f.name].help
+        if f.name not in ("input", "output", "quality"):
+            assert getattr(args, f.name) == f.default
+    with pytest.raises(SystemExit) as exit_:
+        run([*required, "--shard-size", "0"])
+    assert exit_.value.code == 2 and "--shard-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_config_file_missing_a_required_key_is_named(tmp_path):
+    from eval.ablate import load
+
+    path = tmp_path / "ablate.yaml"
+    path.write_text("output_dir: x\nstage1: y\ncounts: [10]\nbenchmarks: {b: {}}\n")
+    with pytest.raises(ConfigError, match="missing key.*sources"):
+        load(str(path))
+    path.write_text("output_dir: x\nstage1: y\nsources: {a: b}\ncounts: [ten]\nbenchmarks: {b: {}}\n")
+    with pytest.raises(ConfigError, match=r"counts\[0\]: expected a number"):
+        load(str(path))

@@ -260,7 +260,8 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
 def test_input_paths_as_users_write_them(toy_world, tmp_path, capsys):
     """Weak cases: a missing --input and a folder named "[2023]" gave Beam tracebacks without the path; broken
     YAML in a training config gave a traceback (`eval search --grid` into a missing folder: test_gallery.py)."""
-    from train.config import ConfigError, load_config
+    from cir.config import ConfigError
+    from train.config import load_config
     from train.stage0 import Stage0Config
 
     exits_2(capsys, ["--input", str(tmp_path / "no_such_folder"), "--output", str(tmp_path / "o"), *BEAM],

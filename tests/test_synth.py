@@ -180,7 +180,7 @@ def test_sharded_knn_recall_and_failed_rows():
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that
 
-    from synth.job import SynthConfig
+    from synth.config import SynthConfig
     from synth.knn import NeighbourGraph
 
     rng = np.random.default_rng(3)

@@ -7,8 +7,9 @@ import json
 import pytest
 from apache_beam.ml.inference.base import PredictionResult
 
+from synth.config import DEFAULT_PROMPT
 from synth.job import run
-from synth.llm import DEFAULT_PROMPT, REJECTED, LLMHandler, WithLLMText, clean, provenance
+from synth.llm import REJECTED, LLMHandler, WithLLMText, clean, provenance
 from tests.test_synth import BEAM, triplets
 
 LOW = ["--quality", "low", "--image-weight", "0", "--band-low", "0.3", "--seed", "1"]

@@ -151,7 +151,8 @@ def test_clip_settings_beside_init_from_are_refused(tiny_clip_dir, tmp_path, cap
     """With init_from the stage uses that export's CLIP: clip.model / clip.pretrained would silently do nothing."""
     import pytest
 
-    from train.config import ConfigError, load_config
+    from cir.config import ConfigError
+    from train.config import load_config
     from train.stage1 import Stage1Config
     from train.stage2 import Stage2Config
 

@@ -23,7 +23,8 @@ from cir import schema
 from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
 from cir.schema import IMAGE, Role
-from train.config import TrainConfig, ranged
+from cir.config import ranged
+from train.config import TrainConfig
 from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
 from train.loop import main as loop_main

@@ -34,7 +34,8 @@ from cir import schema
 from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
 from cir.schema import REF, TGT, Role
-from train.config import ConfigError, TrainConfig, ranged
+from cir.config import ConfigError, ranged
+from train.config import TrainConfig
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
 from train.loop import main as loop_main
