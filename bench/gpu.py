@@ -124,7 +124,7 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
     from accelerate import Accelerator
 
     from cir.dataset import shard_urls
-    from train.data import TrainStream, loader
+    from train.data import ShardSource, TrainLoader, TrainStream
     from train.loop import _to_device
 
     stage, dataset = make_stage(n, size, data, tmp)
@@ -137,9 +137,10 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
     pin = device.type == "cuda"
 
     def streamed():
-        stream = TrainStream([urls], None, size["batch"], 0, 500, stage.collate, lazy_roles=stage.cacheable_roles,
-                             cached_roles=stage.cached_image_roles, required=stage.required_fields)
-        return iter(loader(stream, size["workers"], pin_memory=pin))
+        stream = TrainStream([ShardSource(urls)], None, size["batch"], 0, 500, stage.collate,
+                             lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles,
+                             required=stage.required_fields)
+        return TrainLoader(stream, size["workers"], pin_memory=pin)
 
     first = streamed()
     predecoded = [_to_device(next(first), device) for _ in range(min(4, size["warmup"] + size["steps"]))]

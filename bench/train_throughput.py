@@ -115,7 +115,7 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
     from cir.schema import npy_bytes, parse_json
     from cir.mapping import MappingConfig
     from train.config import ClipConfig
-    from train.data import TrainStream, loader
+    from train.data import ShardSource, TrainLoader, TrainStream
     from train.stage1 import Stage1, Stage1Config
 
     stage = Stage1(Stage1Config(clip=ClipConfig(model="toy-clip-64"), mapping=MappingConfig(num_tokens=1, use_patches=False)))
@@ -130,16 +130,16 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
                 v = rng.standard_normal(dim).astype(np.float32)
                 meta = {**parse_json(raw), "emb_clip": stage.clip_id}
                 sink.write({**raw, "json": json.dumps(meta).encode(), "emb.npy": npy_bytes(v / np.linalg.norm(v))})
-    lazy = TrainStream([copies], None, batch_size, 3, 500, stage.collate, lazy_roles=stage.cacheable_roles,
-                       cached_roles=stage.cached_image_roles)
-    eager = TrainStream([copies], None, batch_size, 3, 500, stage.collate)
-    return (loader_rate(loader(lazy, workers), n_batches, batch_size),
-            loader_rate(loader(eager, workers), n_batches, batch_size))
+    lazy = TrainStream([ShardSource(copies)], None, batch_size, 3, 500, stage.collate,
+                       lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles)
+    eager = TrainStream([ShardSource(copies)], None, batch_size, 3, 500, stage.collate)
+    return (loader_rate(TrainLoader(lazy, workers), n_batches, batch_size),
+            loader_rate(TrainLoader(eager, workers), n_batches, batch_size))
 
 
 def main(argv=None) -> int:
     from cir.dataset import iter_shard, shard_urls
-    from train.data import TrainStream, loader
+    from train.data import ShardSource, TrainLoader, TrainStream
     from train.stage0 import Stage0, Stage0Config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     stage = Stage0(cfg)
     model = stage.build()
     urls = shard_urls(args.captions)
-    stream = loader(TrainStream([urls], None, args.batch_size, 0, 500, stage.collate), args.workers)
+    stream = TrainLoader(TrainStream([ShardSource(urls)], None, args.batch_size, 0, 500, stage.collate), args.workers)
     in_memory = []
     it = iter(stream)
     for _ in range(args.steps + 1):
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     stage0_steps(stage, model, in_memory, args.steps)
     streamed, memory = [], []
     for _ in range(args.repeats):
-        streamed.append(stage0_steps(stage, model, loader(TrainStream(
-            [urls], None, args.batch_size, 1, 500, stage.collate), args.workers), args.steps))
+        streamed.append(stage0_steps(stage, model, TrainLoader(TrainStream(
+            [ShardSource(urls)], None, args.batch_size, 1, 500, stage.collate), args.workers), args.steps))
         memory.append(stage0_steps(stage, model, in_memory, args.steps))
     streamed_s, memory_s = statistics.median(streamed), statistics.median(memory)
     print(json.dumps({"stage0_steps_per_s_streamed": round(streamed_s, 3), "stage0_steps_per_s_in_memory":
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
                       "ratios_per_repeat": [round(a / b, 3) for a, b in zip(streamed, memory)],
                       "workers": args.workers}), flush=True)
 
-    ours = loader_rate(loader(TrainStream([urls], None, args.batch_size, 2, 500, stage.collate), args.workers),
+    ours = loader_rate(TrainLoader(TrainStream([ShardSource(urls)], None, args.batch_size, 2, 500, stage.collate),
+                                   args.workers),
                        args.steps, args.batch_size)
     theirs = loader_rate(openclip_style(urls, stage.backbone, args.batch_size, args.workers), args.steps,
                          args.batch_size)

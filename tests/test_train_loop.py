@@ -71,3 +71,36 @@ def test_overridden_hooks_are_called_and_feature_caching_needs_its_keys(toy_capt
     train(stage, _config(tmp_path / "run", toy_captions[0], grad_accum=2))
     assert stage.calls == {"setup": 1, "after_step": 4}
     assert len(stage.steps_seen) == 8  # two micro-batches per optimizer step
+
+
+def test_the_loader_resumes_from_its_own_state_on_each_of_two_ranks_with_two_workers(toy_captions, monkeypatch):
+    """TrainLoader owns the stream's position: after k batches its state_dict() is all a new loader needs to
+    go on exactly where the first would have, on every rank, with the batches coming from two loader workers
+    in turn (and the same resume from a JSON round trip, as a checkpoint keeps it)."""
+    from cir import dataset as ds
+    from train.data import ShardSource, TrainLoader, TrainStream
+
+    data, _ = toy_captions
+    urls = ds.shard_urls(str(data))
+
+    def loader(state=None) -> TrainLoader:
+        stream = TrainStream([ShardSource(urls)], None, 4, 7, 8, lambda batch: {"keys": [s["__key__"] for s in batch]})
+        out = TrainLoader(stream, workers=2)
+        if state is not None:
+            out.load_state_dict(json.loads(json.dumps(state)))
+        return out
+
+    seen: dict[int, list] = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        whole = [next(b)["keys"] for b in [loader()] for _ in range(9)]
+        first = loader()
+        head = [next(first)["keys"] for _ in range(5)]
+        state = first.state_dict()
+        assert state == {"batches": 5, "workers": [[0, 0], [0, 0]]}
+        resumed = loader(state)
+        assert head + [next(resumed)["keys"] for _ in range(4)] == whole
+        assert resumed.state_dict()["batches"] == 9
+        seen[rank] = whole
+    assert seen[0] != seen[1]  # each rank reads its own split

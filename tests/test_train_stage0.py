@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from cir.schema import IMAGE
-from train.config import ConfigError, load_config
+from cir.config import ConfigError
+from train.config import load_config
 from train.stage0 import Stage0Config, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +243,7 @@ def test_mix_manifest_weights_reach_the_stream(toy_captions, tmp_path):
     manifest.write_text(f"datasets:\n  - {{path: {data}, weight: 3}}\n  - {{path: {data}, weight: 1}}\n")
     weighted = expand_weighted_sources([str(manifest), str(data)])
     assert [w for _, w in weighted] == [0.75, 0.25, 1.0]
-    assert all(len(urls) == 5 for urls, _ in weighted)
+    assert all(len(source.urls) == 5 for source, _ in weighted)
 
 
 def _damage_one_image(data: Path, out: Path) -> str:
@@ -265,19 +266,19 @@ def _damage_one_image(data: Path, out: Path) -> str:
 
 
 def test_a_corrupt_sample_mid_stream_is_skipped_and_counted(toy_captions, tmp_path, capsys):
-    from train.data import ERRORS_KEY, TrainStream
+    from train.data import POSITION_KEY, ShardSource, TrainStream
 
     data, _ = toy_captions
     shards = tmp_path / "shards"
     damaged = _damage_one_image(data, shards)
     urls = sorted(str(p) for p in shards.glob("*.tar"))
-    stream = iter(TrainStream([urls], None, 8, 0, 0, lambda batch: {"keys": [s["__key__"] for s in batch]}))
+    stream = iter(TrainStream([ShardSource(urls)], None, 8, 0, 0, lambda batch: {"keys": [s["__key__"] for s in batch]}))
     batches = [next(stream) for _ in range(12)]  # two epochs of 48 samples
     assert all(len(b["keys"]) == 8 for b in batches)  # the corrupt one is replaced: batches keep their size
     seen = [k for b in batches for k in b["keys"]]
     assert damaged not in seen and len(set(seen[:47])) == 47
     # worker 0: skipped once per epoch, and so drew one replacement per epoch
-    assert [int(x) for x in batches[-1][ERRORS_KEY]] == [0, 2, 2]
+    assert [int(x) for x in batches[-1][POSITION_KEY]] == [0, 2, 2]
 
     out = tmp_path / "run"
     assert main(tiny_args(shards / "s-{000..004}.tar", out, "max_steps=8")) == 0
@@ -297,9 +298,11 @@ def test_resume_after_a_replaced_sample_equals_uninterrupted(toy_captions, tmp_p
     args = ["max_steps=10", "save_every=6"]  # 6 batches of 8 draw all 48 samples of epoch 0: the damaged one too
     assert main(tiny_args(pattern, whole, *args)) == 0
     assert main(tiny_args(pattern, broken, *args)) == 0
-    state = json.loads((broken / "checkpoints" / "checkpoint_0" / "train_state.json").read_text())
-    # rank 0, its one loader slot: one sample skipped, one replacement drawn
-    assert (state["step"], state["loader_counts"]) == (6, [[[1, 1]]])
+    checkpoint = broken / "checkpoints" / "checkpoint_0"
+    state, position = (json.loads((checkpoint / f).read_text()) for f in ("train_state.json", "loader_state_0.json"))
+    # rank 0's loader: 6 batches taken; its one slot: one sample skipped, one replacement drawn
+    assert (state["step"], position) == (6, {"batches": 6, "workers": [[1, 1]]})
+    assert "loader_state_0.json" in state["files"]  # checked for damage like every file of the checkpoint
     shutil.rmtree(broken / "checkpoints" / "checkpoint_1")
     shutil.rmtree(broken / "final")
     (broken / "train_log.jsonl").write_text("\n".join((broken / "train_log.jsonl").read_text().splitlines()[:6]) + "\n")
@@ -316,7 +319,7 @@ def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, 
     damaged image nobody looks at costs nothing); otherwise they are decoded, and a damaged one is replaced."""
     from PIL import Image
 
-    from train.data import ERRORS_KEY, TrainStream
+    from train.data import POSITION_KEY, ShardSource, TrainStream
 
     data, _ = toy_captions
     shards = tmp_path / "shards"
@@ -327,11 +330,12 @@ def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, 
         return {"keys": [s["__key__"] for s in batch], "types": {type(s.get("jpg", s.get("png"))) for s in batch}}
 
     for cached, kind in (((lambda batch: (IMAGE,)), bytes), ((lambda batch: ()), Image.Image)):
-        stream = iter(TrainStream([urls], None, 8, 0, 0, collate, lazy_roles=(IMAGE,), cached_roles=cached))
+        stream = iter(TrainStream([ShardSource(urls)], None, 8, 0, 0, collate, lazy_roles=(IMAGE,),
+                                  cached_roles=cached))
         batches = [next(stream) for _ in range(6)]  # one epoch
         assert all(issubclass(t, kind) for b in batches for t in b["types"])
         seen = {k for b in batches for k in b["keys"]}
-        errors = int(batches[-1][ERRORS_KEY][1])
+        errors = int(batches[-1][POSITION_KEY][1])
         assert (damaged in seen, errors) == ((True, 0) if kind is bytes else (False, 1))
 
 
@@ -394,11 +398,13 @@ def test_a_subset_is_read_from_memory_after_each_shards_first_read(toy_captions,
     kept = {k for k in everything if td.in_subset(k, 0.5)}
     assert 10 < len(kept) < 38
 
-    def epochs(reader: td.ShardReader, n: int = 3) -> list[set]:
+    def epochs(fraction: float, n: int = 3) -> list[set]:
         opened.clear()
-        return [{s["__key__"] for s in td._samples(urls, 0, e, 8, td.CountingHandler(), None, reader)}
+        source, handler = td.ShardSource(urls), td.CountingHandler()
+        return [{s["__key__"] for s in source.epoch(0, e, td.current_slot(), handler, td.ReadOptions(8, fraction))}
                 for e in range(n)]
 
-    assert epochs(td.ShardReader(0.5)) == [kept] * 3 and len(opened) == len(urls)  # each shard opened once
-    assert epochs(td.ShardReader(0.5, budget=0)) == [kept] * 3 and len(opened) == 3 * len(urls)  # no room
-    assert epochs(td.ShardReader(), 1) == [everything]  # no subset: nothing kept back
+    assert epochs(0.5) == [kept] * 3 and len(opened) == len(urls)  # each shard opened once
+    monkeypatch.setattr(td, "SUBSET_CACHE_BYTES", 0)
+    assert epochs(0.5) == [kept] * 3 and len(opened) == 3 * len(urls)  # no room: read again every epoch
+    assert epochs(1.0, 1) == [everything]  # no subset: nothing kept back

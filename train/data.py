@@ -1,9 +1,11 @@
 """The training stream: an explicit list of webdataset stages, seeded, split by rank and worker.
 
-Per source (a list of shard urls):
+Per source (a ShardSource of WebDataset shards; an annotated set, train.supervised.TripletSource, takes its
+records in a seeded permutation instead):
 
     shard list (seed + epoch shuffle) -> split_by_node -> split_by_worker -> tarfile_to_samples
-    -> [subset by key, kept in memory after a shard's first read] -> shuffle (seed + epoch) -> [sources mixed by weight] -> skip (resume) -> batched raw samples -> decode
+    -> [subset by key, kept in memory after a shard's first read] -> shuffle (seed + epoch)
+    -> [sources mixed by weight] -> skip (resume) -> batched raw samples -> decode
 
 Epochs repeat forever; the trainer stops at max_steps, so every rank runs the same number of steps whatever
 its share of shards (no DDP hang on uneven counts). With fewer shards than rank x worker slots, shards are
@@ -21,7 +23,8 @@ import json
 import logging
 import os
 import random
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import braceexpand
 import numpy as np
@@ -34,24 +37,25 @@ from cir import schema
 from cir.schema import IMAGE, Role
 
 LOG = logging.getLogger(__name__)
-# In each batch: [worker id, that worker's skipped members/samples so far, the samples it has drawn beyond
-# batch_size per batch so far (replacements of samples that did not decode; its resume position)]
-ERRORS_KEY = "_data_errors"
+# In each batch from the stream: [worker id, that worker's skipped members/samples so far, the samples it has
+# drawn beyond batch_size per batch so far (replacements of samples that did not decode)]; TrainLoader takes it
+# out and keeps it as its position.
+POSITION_KEY = "_position"
 
 
 class DataError(ValueError):
     """Training data that cannot be used; raised before training starts."""
 
 
-def expand_weighted_sources(entries: list[str]) -> list[tuple[list, float]]:
-    """Each `data.train` entry -> (its shard urls, its mixing weight). An entry is a dataset directory, a mix
+def expand_weighted_sources(entries: list[str]) -> list[tuple["Source", float]]:
+    """Each `data.train` entry -> (its Source, its mixing weight). An entry is a dataset directory, a mix
     manifest (its datasets become separate sources, in order, with the manifest's normalised weights), a
-    brace/glob pattern of tar files (weight 1.0), or `FORMAT:ROOT[#SPLIT]`, an annotated triplet set read
-    from its official layout (a train.supervised.TripletSource instead of urls). To weigh a manifest against
-    other entries, set data.weights."""
+    brace/glob pattern of tar files (weight 1.0): ShardSources; or `FORMAT:ROOT[#SPLIT]`, an annotated triplet
+    set read from its official layout: a train.supervised.TripletSource. To weigh a manifest against other
+    entries, set data.weights."""
     from train.supervised import SupervisedError, TripletSource, parse_entry
 
-    sources: list[tuple[list[str] | TripletSource, float]] = []
+    sources: list[tuple[Source, float]] = []
     for entry in entries:
         annotated = parse_entry(entry)
         if annotated is not None:  # FORMAT:ROOT, an annotated triplet set in its official layout
@@ -62,7 +66,7 @@ def expand_weighted_sources(entries: list[str]) -> list[tuple[list, float]]:
             continue
         if entry.endswith((".yaml", ".yml", ".json")) and os.path.isfile(entry):
             try:
-                sources += [(m["shards"], m["weight"]) for m in ds.load_mix(entry)]
+                sources += [(ShardSource(m["shards"]), m["weight"]) for m in ds.load_mix(entry)]
             except ValueError as err:
                 raise DataError(str(err)) from err
             continue
@@ -75,20 +79,17 @@ def expand_weighted_sources(entries: list[str]) -> list[tuple[list, float]]:
                 raise DataError(f"data.train {entry!r}: missing shard(s) {missing[:3]}")
         if not urls:
             raise DataError(f"data.train {entry!r}: no shards")
-        sources.append((urls, 1.0))
+        sources.append((ShardSource(urls), 1.0))
     if not sources:
         raise DataError("data.train is empty: give shard patterns, dataset directories or a mix manifest")
     return sources
 
 
-def check_schema(source, required: tuple[str, ...]) -> None:
-    """The first sample of the first shard (or of an annotated set) must have the fields this stage needs."""
-    from train.supervised import TripletSource
-
-    where = source if isinstance(source, TripletSource) else source[0]
+def check_schema(source: "Source", required: tuple[str, ...]) -> None:
+    """The source's first sample must have the fields this stage needs."""
+    where = repr(source)
     try:
-        first = source.sample(0, random.Random(0)) if isinstance(source, TripletSource) else next(
-            iter(ds.iter_shard(source[0])))
+        first = source.first()
     except StopIteration:
         raise DataError(f"{where} is empty") from None
     except Exception as err:
@@ -155,18 +156,30 @@ class CountingHandler:
         return True
 
 
-def _slot() -> tuple[int, int, int, int]:
-    """(rank, world, worker, workers) of the code running now."""
+class Slot(NamedTuple):
+    """Which share of the data the code running now reads: its rank, and its loader worker's place in the
+    order the DataLoader takes batches (global batch b comes from worker b % workers)."""
+    rank: int
+    world: int
+    worker: int
+    workers: int
+
+
+def current_slot(skipped_batches: int = 0) -> Slot:
+    """The slot of the rank and loader worker running now. A stream resumed after `skipped_batches` goes on
+    where it stopped: the DataLoader asks its worker 0 first, so worker i plays the part of worker
+    (i + skipped_batches) % workers of the interrupted run (its shards, its shuffle, its counts)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     info = torch.utils.data.get_worker_info()
-    return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
+    workers = info.num_workers if info else 1
+    return Slot(rank, world, ((info.id if info else 0) + skipped_batches) % workers, workers)
 
 
-def _shards_for_epoch(urls: list, seed: int, epoch: int) -> list:
+def slot_share(urls: list, seed: int, epoch: int, slot: Slot) -> list:
     """This slot's shards (or record indices): the epoch's seeded permutation, split by node then worker (or
     resampled when there are fewer than slots)."""
-    rank, world, worker, workers = _slot()
+    rank, world, worker, workers = slot
     slots = world * workers
     slot = rank * workers + worker
     if len(urls) < slots:
@@ -175,17 +188,6 @@ def _shards_for_epoch(urls: list, seed: int, epoch: int) -> list:
     order = list(urls)
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order[rank::world][worker::workers]  # what split_by_node + split_by_worker do, on this order
-
-
-def _annotated_samples(source, seed: int, epoch: int, handler: CountingHandler) -> Iterator[dict]:
-    """An annotated triplet set: this slot's records of the epoch's permutation (the permutation is the
-    shuffle), each with its target/text drawn by a generator seeded by (seed, epoch, record). An image that
-    cannot be read any more is skipped and counted, like a corrupt tar member."""
-    for index in _shards_for_epoch(range(len(source)), seed, epoch):
-        try:
-            yield source.sample(index, random.Random(f"{seed}:{epoch}:{index}"))
-        except (OSError, schema.SchemaError) as err:  # unreadable, or not one of the sample formats
-            handler(err)
 
 
 # Per loader worker: the most bytes of a subset's samples kept in memory (see ShardReader).
@@ -198,8 +200,9 @@ class ShardReader:
     shards are read again), so a data-size ablation's 100 of 3,000 samples cost 100 reads per epoch, not
     3,000. A corrupt member is met, and counted, on a shard's first read only."""
 
-    def __init__(self, fraction: float = 1.0, budget: int = SUBSET_CACHE_BYTES):
-        self.fraction, self.budget, self.used = fraction, budget, 0
+    def __init__(self, fraction: float = 1.0, budget: Optional[int] = None):
+        self.fraction, self.used = fraction, 0
+        self.budget = SUBSET_CACHE_BYTES if budget is None else budget
         self.cached: dict[str, list[dict]] = {}  # url -> its kept raw samples, in shard order
 
     def keep(self, key: str) -> bool:
@@ -228,80 +231,119 @@ def in_subset(key: str, fraction: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) < fraction * 16 ** 12
 
 
-def _samples(urls: list[str], seed: int, epoch: int, buffer: int, handler: CountingHandler,
-             log_dir: Optional[str], reader: ShardReader) -> Iterator[dict]:
-    if not isinstance(urls, list):
-        yield from (s for s in _annotated_samples(urls, seed, epoch, handler) if reader.keep(s["__key__"]))
-        return
-    shards = _shards_for_epoch(urls, seed, epoch)
-    if log_dir:  # which rank read which shard, per epoch: the way to check the split
-        rank, _, worker, _ = _slot()
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, f"rank{rank}-worker{worker}.txt"), "a", encoding="utf-8") as f:
-            f.writelines(f"{epoch} {u}\n" for u in shards)
-    stream = (sample for url in shards for sample in reader.read(url, handler))
-    rank, _, worker, _ = _slot()
-    rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}:shuffle")
-    yield from wds.shuffle(buffer, min(buffer, 100), rng=rng)(stream) if buffer > 1 else stream
+@dataclass
+class ReadOptions:
+    """What the stream asks of each of its sources."""
+    buffer: int = 0  # samples in the seeded shuffle buffer (shards; an annotated set's permutation is its shuffle)
+    fraction: float = 1.0  # data.subset_fraction: keep only the keys in_subset
+    log_dir: Optional[str] = None  # shard sources log there which slot read which shard, per epoch
 
 
-def _forever(urls: list[str], seed: int, buffer: int, handler: CountingHandler, source: int,
-             log_dir: Optional[str], fraction: float = 1.0) -> Iterator[dict]:
-    reader = ShardReader(fraction)
+class Source:
+    """Where a stream's samples come from (a `data.train` entry, or one dataset of a mix manifest): the raw
+    samples of an epoch for the slot (rank x loader worker) running now, in a seeded order. ShardSource reads
+    WebDataset shards; train.supervised.TripletSource an annotated set in its official layout."""
+
+    def first(self) -> dict:
+        """Its first raw sample (the stage's schema check)."""
+        raise NotImplementedError
+
+    def epoch(self, seed: int, epoch: int, slot: Slot, handler: CountingHandler,
+              options: ReadOptions) -> Iterator[dict]:
+        """The raw samples of `epoch` for `slot`; what cannot be read is counted by `handler` and skipped."""
+        raise NotImplementedError
+
+
+class ShardSource(Source):
+    """WebDataset shards: the epoch's shard permutation, this slot's share (split_by_node, split_by_worker),
+    tarfile_to_samples, the subset, a seeded shuffle buffer."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)
+        self._reader: Optional[ShardReader] = None  # made in the process that reads (a loader worker)
+
+    def __repr__(self) -> str:
+        return self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} (+{len(self.urls) - 1} shards)"
+
+    def first(self) -> dict:
+        return next(iter(ds.iter_shard(self.urls[0])))
+
+    def epoch(self, seed: int, epoch: int, slot: Slot, handler: CountingHandler,
+              options: ReadOptions) -> Iterator[dict]:
+        if self._reader is None or self._reader.fraction != options.fraction:
+            self._reader = ShardReader(options.fraction)
+        shards = slot_share(self.urls, seed, epoch, slot)
+        rank, worker = slot.rank, slot.worker
+        if options.log_dir:  # which rank read which shard, per epoch: the way to check the split
+            os.makedirs(options.log_dir, exist_ok=True)
+            with open(os.path.join(options.log_dir, f"rank{rank}-worker{worker}.txt"), "a", encoding="utf-8") as f:
+                f.writelines(f"{epoch} {u}\n" for u in shards)
+        stream = (sample for url in shards for sample in self._reader.read(url, handler))
+        rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}:shuffle")
+        buffer = options.buffer
+        yield from wds.shuffle(buffer, min(buffer, 100), rng=rng)(stream) if buffer > 1 else stream
+
+
+def _forever(source: Source, seed: int, slot: Slot, handler: CountingHandler,
+             options: ReadOptions) -> Iterator[dict]:
     epoch = 0
     while True:
         got = False
-        for sample in _samples(urls, seed + 1000 * source, epoch, buffer, handler, log_dir, reader):
+        for sample in source.epoch(seed, epoch, slot, handler, options):
             got = True
             yield sample
         if not got:
-            raise DataError(f"no readable samples in {urls[:3] if isinstance(urls, list) else urls}...")
+            raise DataError(f"no readable samples in {source!r}")
         epoch += 1
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """Batches of decoded samples, endless; `skip_batches` resumes mid-stream (counted in global batches)."""
+    """Batches of decoded samples, endless; read through a TrainLoader, which keeps its position."""
 
-    def __init__(self, sources: list[list[str]], weights: Optional[list[float]], batch_size: int, seed: int,
-                 shuffle_buffer: int, collate: Callable[[list[dict]], dict], skip_batches: int = 0,
-                 log_dir: Optional[str] = None, subset_fraction: float = 1.0, lazy_roles: tuple[Role, ...] = (),
+    def __init__(self, sources: list[Source], weights: Optional[list[float]], batch_size: int, seed: int,
+                 shuffle_buffer: int, collate: Callable[[list[dict]], dict], log_dir: Optional[str] = None,
+                 subset_fraction: float = 1.0, lazy_roles: tuple[Role, ...] = (),
                  cached_roles: Optional[Callable[[list[dict]], tuple[Role, ...]]] = None,
-                 resume_counts: Optional[list[list[int]]] = None, required: tuple[str, ...] = ()):
+                 required: tuple[str, ...] = ()):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
         self.sources, self.batch_size, self.seed = sources, batch_size, seed
         self.weights = weights or [1.0] * len(sources)
-        self.buffer, self.collate, self.skip_batches = shuffle_buffer, collate, skip_batches
-        # per worker, at the resumed checkpoint: [members/samples skipped, samples drawn beyond batch_size per
-        # batch (replacements of samples that did not decode)] (the ERRORS_KEY counts of its last batch)
-        self.resume_counts = list(resume_counts or [])
+        self.options = ReadOptions(shuffle_buffer, subset_fraction, log_dir)
+        self.collate = collate
+        self.skip_batches = 0  # global batches already taken (set by resume_at)
+        # per worker, where it was: [members/samples skipped, samples drawn beyond batch_size per batch
+        # (replacements of samples that did not decode)] (the POSITION_KEY counts of its last batch)
+        self.resume_counts: list[list[int]] = []
         self.extra = 0  # this worker's running count of extra samples drawn, resumed ones included
         self.handler = CountingHandler()
-        self.log_dir = log_dir
-        self.subset_fraction = subset_fraction
         # Images a stage may not need: those whose cached embedding it takes (cached_roles says, per batch).
         self.lazy_roles, self.cached_roles = (lazy_roles, cached_roles) if cached_roles else ((), None)
         self.required = required  # the stage's members ("txt", "jpg|png|webp"): a sample without one is skipped
 
-    def _mixed(self) -> Iterator[dict]:
-        streams = [_forever(u, self.seed, self.buffer, self.handler, i, self.log_dir, self.subset_fraction)
-                   for i, u in enumerate(self.sources)]
+    def resume_at(self, batches: int, workers: list[list[int]]) -> None:
+        """Start after `batches` global batches, each worker from its [skipped, extra] counts (TrainLoader)."""
+        self.skip_batches, self.resume_counts = batches, [list(c) for c in workers]
+
+    def _mixed(self, slot: Slot) -> Iterator[dict]:
+        streams = [_forever(source, self.seed + 1000 * i, slot, self.handler, self.options)
+                   for i, source in enumerate(self.sources)]
         if len(streams) == 1:
             yield from streams[0]
             return
-        rank, _, worker, _ = _slot()
-        rng = random.Random(f"{self.seed}:mix:{rank}:{worker}")
+        rng = random.Random(f"{self.seed}:mix:{slot.rank}:{slot.worker}")
         while True:
             yield next(streams[rng.choices(range(len(streams)), weights=self.weights)[0]])
 
     def __iter__(self) -> Iterator[dict]:
-        _, _, worker, workers = _slot()
+        slot = current_slot(self.skip_batches)
+        worker, workers = slot.worker, slot.workers
         # The DataLoader takes batches from workers in turn: global batch b is worker (b % W)'s (b // W)-th.
         # Resuming skips, undecoded, the samples this worker's consumed batches drew: batch_size each, plus the
         # replacements it drew for samples that did not decode.
         errors, self.extra = self.resume_counts[worker] if worker < len(self.resume_counts) else (0, 0)
-        samples = self._mixed()
+        samples = self._mixed(slot)
         for _ in range(len(range(worker, self.skip_batches, workers)) * self.batch_size + self.extra):
             next(samples)
         self.handler.errors = errors  # corrupt members met again while skipping were counted before
@@ -313,7 +355,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             out = self.collate(self._decoded(batch, samples))
             # this worker's running counts: skipped members/samples (the loop's `data_errors` log) and extra
             # samples drawn (its resume position)
-            out[ERRORS_KEY] = torch.tensor([worker, self.handler.errors, self.extra])
+            out[POSITION_KEY] = torch.tensor([worker, self.handler.errors, self.extra])
             yield out
             batch = []
 
@@ -349,12 +391,51 @@ class TrainStream(torch.utils.data.IterableDataset):
                 sample = next(samples)
 
 
-def loader(stream: TrainStream, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Not passed to accelerator.prepare: every rank reads its own split (no dispatch from rank 0). With a
-    GPU, batches come in pinned memory (as open_clip_train's loaders), so their copy to the device can be
+class TrainLoader:
+    """The stream's batches on this rank, with their position: `state_dict()` is what a checkpoint keeps (the
+    batches taken, each loader worker's skipped and extra samples), `load_state_dict()` before the first batch
+    resumes there (consumed batches are skipped undecoded). Workers report their counts inside each batch
+    (POSITION_KEY, taken out here), as torchdata's StatefulDataLoader does with its workers' states.
+
+    Not passed to accelerator.prepare: every rank reads its own split (no dispatch from rank 0). With a GPU,
+    batches come in pinned memory (as open_clip_train's loaders), so their copy to the device can be
     asynchronous."""
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       persistent_workers=False, in_order=True, pin_memory=pin_memory)
+
+    def __init__(self, stream: TrainStream, workers: int, pin_memory: bool = False):
+        self.stream, self.workers, self.pin_memory = stream, workers, pin_memory
+        self.taken = 0  # batches taken, resumed ones included
+        self.counts: dict[int, list[int]] = {}  # loader worker -> [skipped, extra] as of its last batch
+        self._batches: Optional[Iterator[dict]] = None
+
+    def state_dict(self) -> dict:
+        return {"batches": self.taken,
+                "workers": [self.counts.get(w, [0, 0]) for w in range(max(1, self.workers))]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._batches is not None:
+            raise RuntimeError("TrainLoader.load_state_dict after the first batch")
+        self.taken = int(state["batches"])
+        self.counts = {w: [int(n) for n in pair] for w, pair in enumerate(state["workers"])}
+
+    @property
+    def errors(self) -> int:
+        """Corrupt members and samples skipped so far on this rank."""
+        return sum(errors for errors, _ in self.counts.values())
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self.stream.resume_at(self.taken, self.state_dict()["workers"])
+            self._batches = iter(torch.utils.data.DataLoader(
+                self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False, in_order=True,
+                pin_memory=self.pin_memory))
+        batch = next(self._batches)
+        worker, errors, extra = (int(x) for x in batch.pop(POSITION_KEY))
+        self.counts[worker] = [errors, extra]
+        self.taken += 1
+        return batch
 
 
 def image_of(sample: dict, role: Role = IMAGE) -> Image.Image:

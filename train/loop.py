@@ -22,33 +22,30 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
-from train.data import ERRORS_KEY, DataError, TrainStream, check_schema, expand_weighted_sources, loader
+from cir.config import ConfigError, save_config, to_dict
+from train.config import TrainConfig, load_config
+from train.data import DataError, TrainLoader, TrainStream, check_schema, expand_weighted_sources
 from train.stage import Stage
 
 
 @dataclass
 class TrainState:
-    """What `save_state` does not know about: the optimizer step and the rest of the data position."""
+    """What `save_state` does not know about: the optimizer step (the data position is the loader's)."""
 
     step: int = 0
-    # [rank][loader worker] -> [corrupt members/samples skipped, samples drawn beyond batch_size per batch
-    # (replacements of samples that did not decode)]: the resumed stream skips the latter too
-    loader_counts: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "loader_counts": self.loader_counts}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.loader_counts = [[[int(n) for n in pair] for pair in row] for row in state.get("loader_counts", [])]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -74,6 +71,7 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
 
 
 TRAIN_STATE_FILE = "train_state.json"  # in each checkpoint: the step and the LR scheduler's state
+LOADER_STATE_FILE = "loader_state_{rank}.json"  # in each checkpoint, one per rank: TrainLoader.state_dict()
 # What Accelerate's register_for_checkpointing wrote before (the scheduler's and TrainState's state dicts):
 # older checkpoints still resume, read with weights_only=True (_migrate_legacy_state).
 LEGACY_STATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
@@ -128,7 +126,7 @@ def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
 
 
 def save_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
-    """The step, the scheduler and the data position, with the size of every file of the checkpoint (a resume
+    """The step and the scheduler, with the size of every file of the checkpoint (a resume
     checks them: a truncated weights or RNG file is found, not loaded or silently skipped)."""
     files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*"))
              if f.is_file() and not f.name.startswith(TRAIN_STATE_FILE)}
@@ -248,10 +246,10 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
 
     out = Path(cfg.output_dir)
     weighted = expand_weighted_sources(cfg.data.train)
-    sources = [urls for urls, _ in weighted]
+    sources = [source for source, _ in weighted]
     weights = cfg.data.weights or [w for _, w in weighted]  # data.weights overrides the manifests' weights
-    for urls in sources:
-        check_schema(urls, stage.required_fields)
+    for source in sources:
+        check_schema(source, stage.required_fields)
     cached = cfg.grad_accum > 1 and cfg.accum_features and stage.caches_features
     accelerator = Accelerator(
         # Without a GPU, ask for CPU explicitly: only then do several launched processes form gloo ranks
@@ -295,14 +293,14 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         accelerator.print(f"resumed from {path} at step {state.step}")
         if accelerator.is_main_process:
             _truncate_log(out / "train_log.jsonl", state.step)
-    rank = accelerator.process_index
-    resumed = state.loader_counts[rank] if rank < len(state.loader_counts) else []
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
-                         stage.collate, skip_batches=state.step * cfg.grad_accum, log_dir=str(out / "data_log"),
-                         subset_fraction=cfg.data.subset_fraction, lazy_roles=stage.cacheable_roles,
-                         cached_roles=stage.cached_image_roles, resume_counts=resumed,
+                         stage.collate, log_dir=str(out / "data_log"), subset_fraction=cfg.data.subset_fraction,
+                         lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles,
                          required=stage.required_fields)
-    batches = iter(loader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda"))
+    batches = TrainLoader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda")
+    loader_state = LOADER_STATE_FILE.format(rank=accelerator.process_index)
+    if start == "resume":
+        batches.load_state_dict(_loader_state(path / loader_state, state.step * cfg.grad_accum))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
@@ -311,16 +309,14 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                               init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if state.step else None)
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process)
     model.train()
-    # loader worker -> its running [skipped corrupt members/samples, extra samples drawn] as of its last batch
-    counts: dict[int, list[int]] = dict(enumerate(resumed))
     while state.step < cfg.max_steps:
         stage.step = state.step  # for schedules inside a loss (stage II's lambda_fine), restored by resume
         if cached:
-            micro = [_next_batch(batches, counts, accelerator.device) for _ in range(cfg.grad_accum)]
+            micro = [_to_device(next(batches), accelerator.device) for _ in range(cfg.grad_accum)]
             loss, scalars = feature_cached_step(stage, model, micro, accelerator)
             _clip_and_step(model, optimizer, accelerator, cfg.optim.grad_clip)
         else:
-            batch = _next_batch(batches, counts, accelerator.device)
+            batch = _to_device(next(batches), accelerator.device)
             with accelerator.accumulate(model):
                 loss, scalars = stage.loss(model, batch, accelerator)
                 accelerator.backward(loss)
@@ -333,7 +329,7 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0],
-                    "data_errors": _total(counts, accelerator), **{k: float(v) for k, v in scalars.items()}}
+                    "data_errors": _total(batches, accelerator), **{k: float(v) for k, v in scalars.items()}}
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if accelerator.is_main_process:
@@ -341,13 +337,13 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
                     f.write(json.dumps({"step": state.step, **logs}) + "\n")
         if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:
             saved = Path(accelerator.save_state())
-            state.loader_counts = _per_rank(counts, max(1, cfg.data.workers), accelerator)  # every rank calls
+            (saved / loader_state).write_text(json.dumps(batches.state_dict()), encoding="utf-8")  # every rank
             accelerator.wait_for_everyone()  # every rank's files are written before their sizes are recorded
             if accelerator.is_main_process:
                 save_config(cfg, saved / "config.json")
                 save_train_state(saved, scheduler, state)  # last: it marks the checkpoint complete
     progress.close()
-    total = _total(counts, accelerator)
+    total = _total(batches, accelerator)
     if total:
         accelerator.print(f"warning: skipped {total} corrupt tar member(s) or sample(s) (see data_errors in the logs)")
     accelerator.wait_for_everyone()
@@ -419,25 +415,17 @@ def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:
     optimizer.zero_grad()
 
 
-def _next_batch(batches, counts: dict[int, list[int]], device) -> dict:
-    """The next batch on the device; its loader worker's running counts (skipped corrupt members/samples,
-    extra samples drawn) go to `counts`."""
-    batch = next(batches)
-    worker, errors, extra = (int(x) for x in batch.pop(ERRORS_KEY))
-    counts[worker] = [errors, extra]
-    return _to_device(batch, device)
+def _loader_state(path: Path, batches: int) -> dict:
+    """This rank's loader position in a checkpoint; a checkpoint without one (saved by another number of ranks,
+    or before loaders kept their own) resumes after its `batches` with no samples known to be skipped."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"batches": batches, "workers": []}
 
 
-def _per_rank(counts: dict[int, list[int]], workers: int, accelerator) -> list[list[list[int]]]:
-    """Every rank's per-worker counts, [rank][worker] -> [skipped, extra] (a collective: every rank calls)."""
-    row = torch.tensor([counts.get(w, [0, 0]) for w in range(workers)], device=accelerator.device)
-    return accelerator.gather(row[None]).tolist()
-
-
-def _total(counts: dict[int, list[int]], accelerator) -> int:
-    """Corrupt members/samples skipped so far, summed over workers and ranks (a collective: every rank calls)."""
-    count = torch.tensor(sum(errors for errors, _ in counts.values()), device=accelerator.device)
-    return int(accelerator.reduce(count, "sum").item())
+def _total(batches: TrainLoader, accelerator) -> int:
+    """Corrupt members/samples skipped so far, summed over ranks (a collective: every rank calls)."""
+    return int(accelerator.reduce(torch.tensor(batches.errors, device=accelerator.device), "sum").item())
 
 
 def _to_device(batch: dict, device) -> dict:

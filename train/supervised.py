@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 
 from cir import jsonfile, schema
 from cir.benchmarks import BenchmarkError, fashioniq_image, find_images, shoes_queries
+from train.data import CountingHandler, ReadOptions, Slot, Source, in_subset, slot_share
 
 FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
 FIELDS = ("ref.jpg", "ref.png", "tgt.jpg", "tgt.png", "mod.txt", "json")
@@ -190,7 +191,7 @@ def _image_suffix(path: Path) -> str:
     return {"jpeg": "jpg"}.get(ext, ext)
 
 
-class TripletSource:
+class TripletSource(Source):
     """An annotated triplet set as a source of raw triplet samples (what a triplet shard holds)."""
 
     def __init__(self, fmt: str, root: Path, split: str):
@@ -226,6 +227,23 @@ class TripletSource:
 
     def __repr__(self) -> str:
         return f"{self.fmt}:{self.root}#{self.split}"
+
+    def first(self) -> dict:
+        return self.sample(0, random.Random(0))
+
+    def epoch(self, seed: int, epoch: int, slot: Slot, handler: CountingHandler,
+              options: ReadOptions) -> Iterator[dict]:
+        """This slot's records of the epoch's permutation (the permutation is the shuffle), each with its
+        target/text drawn by a generator seeded by (seed, epoch, record), those of the subset kept. An image
+        that cannot be read any more is skipped and counted, like a corrupt tar member."""
+        for index in slot_share(range(len(self)), seed, epoch, slot):
+            try:
+                sample = self.sample(index, random.Random(f"{seed}:{epoch}:{index}"))
+            except (OSError, schema.SchemaError) as err:  # unreadable, or not one of the sample formats
+                handler(err)
+                continue
+            if in_subset(sample["__key__"], options.fraction):
+                yield sample
 
     def sample(self, index: int, rng: random.Random) -> dict:
         """Raw sample (bytes) of record `index`, its target/text drawn with rng."""
