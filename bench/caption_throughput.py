@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         if args.skip_models:
             return 0
 
-        from cir.tiny_models import make_tiny_blip, make_tiny_clip
+        from tests.tiny_models import make_tiny_blip, make_tiny_clip
 
         blip, clip = make_tiny_blip(tmp / "blip"), make_tiny_clip(tmp / "clip")
         subset = tmp / "subset"

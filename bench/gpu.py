@@ -155,7 +155,7 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
 
 
 def caption_images_per_s(size: dict, data: dict[str, Path], tmp: Path, device: torch.device) -> float:
-    from cir.tiny_models import make_tiny_blip, make_tiny_clip
+    from tests.tiny_models import make_tiny_blip, make_tiny_clip
 
     images = tmp / "caption_input"
     images.mkdir()

@@ -230,8 +230,6 @@ def check_input(cfg: SynthConfig) -> None:
         raise ValueError(f"{cfg.input} is incomplete (no stats.json): rerun its caption job")
     if index.num_rows < 2:
         raise ValueError(f"{cfg.input} has {index.num_rows} image(s); synthesis needs at least two")
-    if not 0.0 <= cfg.image_weight <= 1.0:
-        raise ValueError(f"--image-weight must be in [0, 1], got {cfg.image_weight}")
     mines = cfg.quality == "low" or cfg.hard_negatives > 0  # high quality mines its hard negatives
     if mines and cfg.image_weight > 0 and not (card.get("models") or {}).get("clip"):
         what = "pairs" if cfg.quality == "low" else "hard negatives"
@@ -240,8 +238,6 @@ def check_input(cfg: SynthConfig) -> None:
                          + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
     if mines and cfg.knn == "sharded" and importlib.util.find_spec("faiss") is None:
         raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
-    if not 0 <= cfg.toy_coarse_fraction <= 1:
-        raise ValueError(f"--toy-coarse-fraction is a share from 0 to 1, got {cfg.toy_coarse_fraction}")
     if cfg.toy_coarse_fraction and not (cfg.quality == "high" and cfg.editor == "toy"):
         raise ValueError("--toy-coarse-fraction describes the toy editor's edits: it needs --quality high --editor toy")
     if not cfg.band_low <= cfg.band_high:

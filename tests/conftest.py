@@ -40,28 +40,28 @@ def toy_captions(toy_world, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
-    from cir.tiny_models import make_tiny_blip
+    from tests.tiny_models import make_tiny_blip
 
     return make_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from cir.tiny_models import make_tiny_clip
+    from tests.tiny_models import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_causal_lm(tmp_path_factory) -> Path:
-    from cir.tiny_models import make_tiny_causal_lm
+    from tests.tiny_models import make_tiny_causal_lm
 
     return make_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_ip2p(tmp_path_factory) -> Path:
-    from cir.tiny_models import make_tiny_instruct_pix2pix
+    from tests.tiny_models import make_tiny_instruct_pix2pix
 
     return make_tiny_instruct_pix2pix(tmp_path_factory.mktemp("models") / "tiny-ip2p")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cir.backbone import clip_fingerprint, create_backbone
 from pipeline.caption import run
-from cir.tiny_models import TINY_BLIP_WORDS
+from tests.tiny_models import TINY_BLIP_WORDS
 
 BEAM = ["--runner", "DirectRunner"]
 

@@ -139,7 +139,7 @@ def test_incremental_index_equals_a_full_rebuild(toy_world, tiny_stage1_export, 
 
 
 def test_index_refuses_a_checkpoint_with_another_clip(indexed, toy_world, tmp_path):
-    from cir.tiny_models import make_tiny_clip
+    from tests.tiny_models import make_tiny_clip
 
     out, _ = indexed
     other = make_tiny_clip(tmp_path / "other-clip", seed=1)

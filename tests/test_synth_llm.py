@@ -51,7 +51,7 @@ def test_llm_writes_the_modification_text_from_both_captions(toy_captions, tiny_
 def test_encoder_decoder_models_generate_through_their_own_generate(tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from cir.tiny_models import make_tiny_seq2seq_lm
+    from tests.tiny_models import make_tiny_seq2seq_lm
     from synth.llm import Seq2SeqGenerator
 
     path = make_tiny_seq2seq_lm(tmp_path / "t5")
@@ -118,7 +118,7 @@ def test_chat_models_get_the_prompt_through_their_chat_template(toy_captions, ti
 def test_encoder_decoder_chat_template_is_applied_before_generate(tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from cir.tiny_models import make_tiny_seq2seq_lm
+    from tests.tiny_models import make_tiny_seq2seq_lm
 
     path = with_chat_template(make_tiny_seq2seq_lm(tmp_path / "t5"), tmp_path / "t5-chat")
     handler = LLMHandler(str(path), "from {ref} to {tgt}:", max_new_tokens=5, chat=True)

@@ -145,7 +145,7 @@ def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_wo
     from cir import dataset as ds
     from cir.backbone import clip_fingerprint, create_backbone
     from cir.mapping import image_features
-    from cir.tiny_models import make_tiny_clip
+    from tests.tiny_models import make_tiny_clip
     from pipeline.caption import run as caption
     from synth.job import run as synth
     from train.config import load_config

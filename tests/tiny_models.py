@@ -1,5 +1,5 @@
 """Tiny random models built from configs, saved to local directories: offline stand-ins for real ones
-(tests, benchmarks and the demo; never a substitute for a model a user named)."""
+(tests and benchmarks; never a substitute for a model a user named). Not part of the library."""
 from __future__ import annotations
 
 from pathlib import Path
