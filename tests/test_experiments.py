@@ -1,0 +1,59 @@
+"""experiments/lq_diagnosis.py: single-edit LQ pairs found from the toy scenes, and the two datasets it writes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+from cir import dataset as ds
+from cir import schema
+from toyworld.edits import Edit, apply_edit, mod_texts
+from toyworld.scene import Obj, Scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _diagnosis():
+    spec = importlib.util.spec_from_file_location("lq_diagnosis", ROOT / "experiments" / "lq_diagnosis.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_edit_and_differences():
+    lq = _diagnosis()
+    ref = Scene("gray", (Obj("left", "circle", "red", "large"), Obj("right", "cross", "blue", "small")))
+    moved = apply_edit(ref, Edit("position", "red circle", "center"))
+    assert lq.one_edit(ref, moved) == Edit("position", "red circle", "center")
+    assert lq.differences(ref, moved) == 2  # a move empties one slot and fills another
+    both = apply_edit(apply_edit(ref, Edit("colour", "red circle", "green")), Edit("background", "", "black"))
+    assert lq.one_edit(ref, both) is None and lq.differences(ref, both) == 2
+    assert lq.one_edit(ref, ref) is None and lq.differences(ref, ref) == 0
+
+
+def test_the_derived_datasets_keep_the_pairs_and_change_only_the_text(toy_captions, tmp_path, capsys):
+    from synth.job import run as synth
+
+    captions, _ = toy_captions
+    data = tmp_path / "claims" / "data"
+    shutil.copytree(captions, data / "captions")
+    synth(["--input", str(data / "captions"), "--output", str(data / "triplets_low"), "--quality", "low",
+           "--image-weight", "0", "--band-low", "0.3", "--runner", "DirectRunner"])
+    lq = _diagnosis()
+    assert lq.main(["--claims", str(tmp_path / "claims"), "--out", str(tmp_path / "lq")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    read = {name: {s["__key__"]: s for url in ds.shard_urls(str(tmp_path / "lq" / name)) for s in ds.iter_shard(url)}
+            for name in ("lq_single", "lq_single_toytext")}
+    mined = {s["__key__"]: s for url in ds.shard_urls(str(data / "triplets_low")) for s in ds.iter_shard(url)}
+    assert 0 < summary["single_edit"] == len(read["lq_single"]) == len(read["lq_single_toytext"]) <= len(mined)
+    sources = {json.loads(s["json"])["key"]: json.loads(s["json"])["source"]
+               for url in ds.shard_urls(str(data / "captions")) for s in ds.iter_shard(url)}
+    for key, sample in read["lq_single"].items():
+        assert sample == mined[key]  # the mined triplet, byte for byte
+        toy = schema.TripletSample.from_webdataset(read["lq_single_toytext"][key])
+        ref, tgt = (lq.scene_of(sources[toy.meta[k]]) for k in ("ref_key", "tgt_key"))
+        assert toy.mod in mod_texts(ref, lq.one_edit(ref, tgt))  # the toy editor's phrasing of its one edit
+        assert (toy.ref.data, toy.tgt.data) == (schema.TripletSample.from_webdataset(sample).ref.data,
+                                                schema.TripletSample.from_webdataset(sample).tgt.data)
+    assert (tmp_path / "lq" / "lq_single" / "index.parquet").is_file()
