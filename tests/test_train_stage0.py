@@ -126,10 +126,13 @@ def test_the_logit_scale_is_clamped_to_100_after_every_step(toy_captions, tmp_pa
     assert weights(out)["logit_scale"].item() <= math.log(100) + 1e-6
 
 
-def test_resume_equals_uninterrupted(toy_captions, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_equals_uninterrupted(toy_captions, tmp_path, workers):
+    """With 2 loader workers the checkpoint falls after an odd number of batches (3): the resumed loader's worker
+    0 must take up the interrupted run's worker 1."""
     data, _ = toy_captions
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    args = ["max_steps=6", "save_every=3"]
+    args = ["max_steps=6", "save_every=3", f"data.workers={workers}"]
     assert main(tiny_args(data, whole, *args)) == 0
     assert main(tiny_args(data, broken, *args)) == 0
     # What a kill right after the step-3 checkpoint leaves behind: later checkpoints and the export gone.
