@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
+import fsspec
 
 from cir import schema
 
@@ -37,7 +37,36 @@ def content_key(data: bytes) -> str:
 
 
 def join(*parts: str) -> str:
-    return FileSystems.join(*parts)
+    """A path under a local folder or a URL (gs://bucket/dir)."""
+    if "://" in parts[0]:
+        return "/".join([parts[0].rstrip("/"), *(p.strip("/") for p in parts[1:])])
+    return os.path.join(*parts)
+
+
+def _fs(path: str):
+    """The fsspec filesystem that holds `path` (local, or gs:// etc. with its fsspec package, e.g. gcsfs), and
+    the path as that filesystem names it."""
+    return fsspec.core.url_to_fs(path)
+
+
+def check_filesystem(path: str) -> None:
+    """ValueError naming what to install when fsspec has no filesystem here for `path`'s scheme (gs:// needs
+    gcsfs: `pip install -e '.[gcp]'`; Dataflow workers get it from requirements-dataflow.txt)."""
+    try:
+        _fs(path)
+    except ImportError as err:
+        raise ValueError(f"{path}: {err} (for gs:// paths: pip install -e '.[gcp]')") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _names(folder: str) -> list[str]:
+    """The names of the entries of a folder ([] when it does not exist). Listed, not globbed: a folder named
+    like a pattern ("[2023]") is still just a folder."""
+    fs, path = _fs(folder)
+    if not fs.isdir(path):
+        return []
+    return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -59,10 +88,13 @@ def failed_row(source: str, stage: str, reason: str, error: str) -> dict:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp) as f:
+    """Written under a temp name, then renamed into place: a reader sees the whole file or none."""
+    fs, target = _fs(path)
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
         f.write(data)
-    FileSystems.rename([tmp], [path])
+    fs.mv(tmp, target)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -72,7 +104,7 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def read_table(path: str) -> pa.Table:
-    with FileSystems.open(path) as f:
+    with fsspec.open(path, "rb") as f:
         return pq.read_table(io.BytesIO(f.read()))
 
 
@@ -103,16 +135,15 @@ def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], inde
 
 def complete_shards(out_dir: str) -> list[str]:
     """Names of committed shards (their tar exists), sorted."""
-    pattern = join(out_dir, SHARD_DIR, "*.tar")
-    found = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path.rsplit("/", 1)[-1][: -len(".tar")] for m in found)
+    return sorted(name[: -len(".tar")] for name in _names(join(out_dir, SHARD_DIR)) if name.endswith(".tar"))
 
 
 def remove_temp_files(out_dir: str) -> int:
     """Temp files left by a killed run; readers never see them (no .tar suffix) but they take space."""
-    found = FileSystems.match([join(out_dir, SHARD_DIR, "*.tmp-*")])[0].metadata_list
-    if found:
-        FileSystems.delete([m.path for m in found])
+    found = [join(out_dir, SHARD_DIR, name) for name in _names(join(out_dir, SHARD_DIR)) if ".tmp-" in name]
+    for path in found:
+        fs, target = _fs(path)
+        fs.rm(target)
     return len(found)
 
 
@@ -139,10 +170,10 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def read_json(path: str) -> Optional[dict]:
-    if not FileSystems.exists(path):
+    fs, target = _fs(path)
+    if not fs.exists(target):
         return None
-    with FileSystems.open(path) as f:
-        return json.loads(f.read().decode("utf-8"))
+    return json.loads(fs.cat_file(target).decode("utf-8"))
 
 
 def versions() -> dict:
@@ -199,11 +230,11 @@ class NotARegularFile(OSError):
 
 
 def read_file(path: str) -> bytes:
-    """A file's bytes through Beam's FileSystems (local, gs://, ...). A local path that is not a regular file
-    raises NotARegularFile without being opened; a broken symlink raises FileNotFoundError."""
+    """A file's bytes (local, or gs:// etc. through fsspec). A local path that is not a regular file raises
+    NotARegularFile without being opened; a broken symlink raises FileNotFoundError."""
     if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):
         raise NotARegularFile(f"{path} is not a regular file (a FIFO, device or socket): not read")
-    with FileSystems.open(path, compression_type="uncompressed") as f:
+    with fsspec.open(path, "rb") as f:
         return f.read()
 
 
@@ -211,7 +242,7 @@ def iter_shard(path: str) -> Iterator[dict]:
     """The samples of one committed shard as raw webdataset dicts ({"__key__", "jpg": bytes, ...})."""
     from webdataset import tariterators
 
-    with FileSystems.open(path, compression_type="uncompressed") as stream:
+    with fsspec.open(path, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": path, "stream": stream}])
         for sample in tariterators.group_by_keys(files):
             yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
@@ -252,7 +283,7 @@ def load_mix(manifest: str) -> list[dict]:
     """
     import yaml
 
-    with FileSystems.open(manifest) as f:
+    with fsspec.open(manifest, "rb") as f:
         spec = yaml.safe_load(f.read().decode("utf-8"))
     entries = spec.get("datasets") if isinstance(spec, dict) else None
     if not entries:

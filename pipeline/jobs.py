@@ -89,6 +89,7 @@ def prepare_output(output: str, card: dict, overwrite: bool, inputs: list[str]) 
     """
     from apache_beam.io.filesystems import FileSystems
 
+    ds.check_filesystem(output)
     check_apart(inputs, output)
     card_path = ds.join(output, "dataset.json")
     if "://" not in output and os.path.exists(output):

@@ -2,6 +2,7 @@
 reproduces a break that was reported and asserts the new behaviour (a clear message, exit 2, nothing lost)."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -320,6 +321,10 @@ def test_an_output_that_cannot_be_written_is_named(toy_world, tmp_path, capsys):
     a_file.write_text("x")
     exits_2(capsys, ["--input", str(photos), "--output", str(a_file), *BEAM], "exists and is not a directory")
     exits_2(capsys, ["--input", str(photos), "--output", str(a_file / "captions"), *BEAM], "cannot be written")
+    # a URL whose filesystem is not installed here (the library writes through fsspec)
+    exits_2(capsys, ["--input", str(photos), "--output", "nofs://bucket/captions", *BEAM], "Protocol not known: nofs")
+    if importlib.util.find_spec("gcsfs") is None:
+        exits_2(capsys, ["--input", str(photos), "--output", "gs://bucket/captions", *BEAM], "gcsfs")
 
 
 def test_a_broken_symlink_is_a_failed_row(toy_world, tmp_path):
