@@ -176,6 +176,8 @@ def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
         tp = _field_type(cls, f.name)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
             typing.Union, types.UnionType) else [tp]
+        if inner[0] not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float and str fields only")
         kwargs: dict = {"help": f.metadata.get("help")}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
