@@ -3,7 +3,8 @@
 A dataset directory holds `shards/{prefix}-{i:05d}.tar` plus, per shard, `{prefix}-{i:05d}.index.parquet`
 and `{prefix}-{i:05d}.failed.parquet` sidecars. A shard is committed by renaming its tar into place, after
 its sidecars: a tar that a reader can see is complete, and a rerun skips it. `finalize` merges the sidecars
-into `index.parquet` / `failed.parquet` and writes `stats.json` and `dataset.json`.
+into `index.parquet` / `failed.parquet` and writes `stats.json` and `dataset.json`. Files are read and
+written through fsspec (local paths, and gs:// etc. when their fsspec package is installed), never Beam.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import stat
 import uuid
 from typing import Iterable, Iterator, Optional
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import fsspec
 
 from cir import schema
 
