@@ -141,10 +141,10 @@ def complete_shards(out_dir: str) -> list[str]:
 
 def remove_temp_files(out_dir: str) -> int:
     """Temp files left by a killed run; readers never see them (no .tar suffix) but they take space."""
-    found = [join(out_dir, SHARD_DIR, name) for name in _names(join(out_dir, SHARD_DIR)) if ".tmp-" in name]
-    for path in found:
-        fs, target = _fs(path)
-        fs.rm(target)
+    fs, shard_dir = _fs(join(out_dir, SHARD_DIR))
+    found = [f"{shard_dir}/{name}" for name in _names(join(out_dir, SHARD_DIR)) if ".tmp-" in name]
+    if found:
+        fs.rm(found)
     return len(found)
 
 

@@ -255,23 +255,23 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         cfg = from_args(CaptionConfig, known)
     except ValueError as err:
         parser.error(str(err))
-    jobs.check_prefix(parser, known.shard_prefix)
+    jobs.check_prefix(parser, cfg.shard_prefix)
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)  # a mistyped flag is named first
-    if "://" not in known.input and not any(ch in known.input for ch in "*?[{") and not os.path.exists(known.input):
-        parser.error(f"--input {known.input} does not exist")
+    if "://" not in cfg.input and not any(ch in cfg.input for ch in "*?[{") and not os.path.exists(cfg.input):
+        parser.error(f"--input {cfg.input} does not exist")
     try:
-        if known.captioner != "sidecar":
-            ds.check_model_reference(known.captioner, "captioner", markers=("config.json",))
-        if known.clip:
-            ds.check_model_reference(known.clip, "CLIP")
+        if cfg.captioner != "sidecar":
+            ds.check_model_reference(cfg.captioner, "captioner", markers=("config.json",))
+        if cfg.clip:
+            ds.check_model_reference(cfg.clip, "CLIP")
             from cir.backbone import BackboneError, check_weights
 
             try:  # an unknown model, or random embeddings (a silent substitute)
-                check_weights(known.clip, known.clip_pretrained)
+                check_weights(cfg.clip, cfg.clip_pretrained)
             except BackboneError as err:
                 raise ValueError(str(err)) from err
-        listing = list_inputs(known.input)
-        check_has_inputs(known.input, listing)
+        listing = list_inputs(cfg.input)
+        check_has_inputs(cfg.input, listing)
     except ValueError as err:
         parser.error(str(err))
     card = {"kind": KIND, "config": asdict(cfg),
