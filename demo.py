@@ -151,22 +151,22 @@ def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> d
         "queries.\n" + report_table(results) + "\n\n" + significance(out) + "\n\n## Example queries\n\nReference | "
         "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
         + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "
-        "`search_example.png`; browse: `python -m eval serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
+        "`search_example.png`; browse: `python -m search serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
     return results
 
 
 def search_example(out: Path, cirr: Path, checkpoint: Path) -> None:
-    """Index the toy CIRR gallery with the stage II export and run one of its queries through `eval search`."""
+    """Index the toy CIRR gallery with the stage II export and run one of its queries through `python -m search search`."""
     index = out / "index"
     step("index the toy CIRR gallery", index / "index.json",
-         [sys.executable, "-m", "eval", "index", "--checkpoint", str(checkpoint), "--images", str(cirr / "dev"),
+         [sys.executable, "-m", "search", "index", "--checkpoint", str(checkpoint), "--images", str(cirr / "dev"),
           "--output", str(index)])
     query = json.loads((cirr / "captions" / "cap.rc2.val.json").read_text())[0]
     print(f"[demo] search: {query['reference']} + \"{query['caption']}\" (target {query['target_hard']})")
     step("search the index", None,
-         [sys.executable, "-m", "eval", "search", "--index", str(index), "--reference", f"{query['reference']}.png",
+         [sys.executable, "-m", "search", "search", "--index", str(index), "--reference", f"{query['reference']}.png",
           "--text", query["caption"], "--k", "5", "--grid", str(out / "search_example.png")])
-    print(f"[demo] browse the gallery: python -m eval serve --index {index}  (http://127.0.0.1:7860/)")
+    print(f"[demo] browse the gallery: python -m search serve --index {index}  (http://127.0.0.1:7860/)")
 
 
 HEADLINE = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy-circo": ["map@5", "map@25"]}

@@ -172,7 +172,7 @@ def caption_images_per_s(size: dict, data: dict[str, Path], tmp: Path, device: t
 
 
 def topk_seconds(size: dict, device: torch.device) -> float:
-    from eval.encoder import top_k
+    from cir.encoder import top_k
 
     generator = torch.Generator(device="cpu").manual_seed(0)
     gallery = torch.nn.functional.normalize(torch.randn(size["gallery"], size["dim"], generator=generator), dim=-1)

@@ -57,7 +57,7 @@ def one(method: str, args: argparse.Namespace) -> dict:
         index.add(gallery)
     if method in ("ours", "torch_chunked"):  # imported before the clock starts: the package pulls in open_clip
         sys.path.insert(0, ROOT)
-        from eval.encoder import top_k
+        from cir.encoder import top_k
     base_rss = rss_mib()  # the features and the libraries, before the search
     reset_peak()
     start = time.perf_counter()

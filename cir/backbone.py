@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import open_clip
 import torch
 
+from cir.errors import CIRError
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -36,7 +38,7 @@ TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 RANDOM = "random"  # pretrained= value that asks for random weights on purpose (see check_weights)
 
 
-class BackboneError(RuntimeError):
+class BackboneError(CIRError, RuntimeError):
     """A backbone could not be built; the message says which name or file is at fault."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cir import jsonfile
+from cir.errors import CIRError
 
 BENCHMARKS = ("cirr", "circo", "fashioniq", "shoes", "fashion200k")
 # the split names a user may pass -> the name in the files; the first is the default evaluation split
@@ -36,7 +37,7 @@ SPLITS = {
 IMAGE_EXTENSIONS = ("png", "jpg")  # FashionIQ's images/NAME.<ext>, tried in this order
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(CIRError, ValueError):
     """A benchmark's files are missing or do not fit its layout; the message names the file or the query."""
 
 

@@ -16,8 +16,10 @@ from typing import Any, Optional
 
 import yaml
 
+from cir.errors import CIRError
 
-class ConfigError(ValueError):
+
+class ConfigError(CIRError, ValueError):
     """A config file or override that does not fit the dataclasses; the message names the key."""
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cir.backbone import Backbone, create_backbone, preprocess_batch, save_backbone
 from cir.composer import AdapterConfig, ComposingAdapters, Fusion, fusion_from_config
+from cir.errors import CIRError
 from cir.mapping import (MappingConfig, MappingNetwork, encode_text, encode_text_with_pseudo, image_features,
                          placeholder_id)
 
@@ -29,7 +30,7 @@ ImageLike = Union[str, Path, Image.Image]
 Images = Union[Sequence[ImageLike], torch.Tensor]  # PIL images / paths, or preprocessed pixels [N, 3, H, W]
 
 
-class ExportError(ValueError):
+class ExportError(CIRError, ValueError):
     """A path or hub id that is not a loadable stage I/II export; the message names it."""
 
 

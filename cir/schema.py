@@ -24,11 +24,13 @@ from typing import Optional
 
 import numpy as np
 
+from cir.errors import CIRError
+
 IMAGE_EXTS = ("jpg", "png", "webp")  # the image members' names: the format of the bytes, never the source's
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # what PIL calls each (inspect checks the bytes)
 
 
-class SchemaError(ValueError):
+class SchemaError(CIRError, ValueError):
     """A sample that does not follow its format (a member missing or empty); the message names the sample."""
 
 

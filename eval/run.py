@@ -22,9 +22,9 @@ import torch
 
 from cir import benchmarks
 from cir.benchmarks import Benchmark
+from cir.encoder import Encoder, top_k
 from eval import score as scoring
 from eval import stats
-from eval.encoder import Encoder, top_k
 from eval.score import TOP, PredictionError
 
 
@@ -100,7 +100,7 @@ def _grid_sample(bench: Benchmark, n: int) -> dict[tuple[str, str], int]:
 def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
     """reference | text | top 5 for the sampled queries, the known targets outlined."""
     from cir.model import rgb
-    from eval.grids import GridRow, render_grid
+    from cir.grids import GridRow, render_grid
 
     rows = [GridRow(rgb(bench.gallery[q.reference]), q.texts[0],
                     [(rgb(bench.gallery[name]), name, score) for name, score in top], set(q.targets))

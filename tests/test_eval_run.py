@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.encoder import top_k
+from cir.encoder import top_k
 from eval.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _check_example_grid(path, bench, queries, recall):
     """examples.png: the sampled queries' top 5, each row's target outlined exactly where it was ranked."""
     from PIL import Image
 
-    from eval.grids import TARGET_COLOUR, grid_size, panel_box
+    from cir.grids import TARGET_COLOUR, grid_size, panel_box
     from cir.benchmarks import load_cirr
     from eval.run import _grid_sample
 
@@ -88,19 +88,24 @@ def test_shoes_fashion200k_and_coarse_circo(toy_world, tiny_stage1_export, tmp_p
 
 def test_a_baseline_clip_by_architecture_name_and_its_weights(toy_world, tiny_stage1_export, tmp_path):
     """`--pretrained` gives an architecture name its weights (a tag, or here a file): the same CLIP as the
-    export's directory scores the same. A real architecture without weights would be random: refused."""
+    export's directory scores the same. A real architecture without weights would be random: refused, as a
+    CIRError (the command's message and exit 2)."""
+    from cir.backbone import BackboneError
+    from cir.model import ExportError
+    from eval.__main__ import main as eval_main
     from eval.run import default_output
-    from eval.score import PredictionError
 
     circo = str(toy_world / "bench" / "circo")
     weights = str(tiny_stage1_export / "clip" / "open_clip_model.safetensors")
     by_dir = run("circo", circo, str(tiny_stage1_export / "clip"), method="sum", output=str(tmp_path / "d"))
     by_name = run("circo", circo, "tiny-clip-32", method="sum", output=str(tmp_path / "n"), pretrained=weights)
     assert by_name == by_dir
-    with pytest.raises(PredictionError, match="randomly initialised"):
+    with pytest.raises(BackboneError, match="randomly initialised"):
         run("circo", circo, "ViT-B-32", method="sum", output=str(tmp_path / "r"))
-    with pytest.raises(PredictionError, match="own CLIP"):
+    with pytest.raises(ExportError, match="own CLIP"):
         run("circo", circo, str(tiny_stage1_export), output=str(tmp_path / "e"), pretrained=weights)
+    assert eval_main(["run", "--benchmark", "circo", "--data", circo, "--checkpoint", "ViT-B-32", "--method", "sum",
+                      "--output", str(tmp_path / "r")]) == 2
     assert default_output("hf-hub:org/clip") == Path("runs/eval/hf-hub_org_clip")
     assert default_output(str(tiny_stage1_export)) == tiny_stage1_export / "eval"
 

@@ -1,4 +1,4 @@
-"""`eval index` / `eval search`: index -> search round trip, incremental index == full rebuild, faiss, shards,
+"""`search index` / `search search`: index -> search round trip, incremental index == full rebuild, faiss, shards,
 refusing another CLIP, bad queries, and the PNG grids."""
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from eval.__main__ import main as eval_main
-from eval.encoder import Encoder
-from eval.gallery import GalleryError, GalleryIndex, IndexConfig, Searcher, build_index
-from eval.grids import OUTLINE, TARGET_COLOUR, GridRow, grid_size, panel_box, render_grid
+from search.__main__ import main as search_main
+from cir.encoder import Encoder
+from search.index import GalleryError, GalleryIndex, IndexConfig, build_index
+from search.search import Searcher
+from cir.grids import OUTLINE, TARGET_COLOUR, GridRow, grid_size, panel_box, render_grid
 
 
 def _gallery_dir(toy_world: Path) -> Path:
@@ -91,16 +92,16 @@ def test_search_command_prints_json_and_fails_cleanly(indexed, capsys, tmp_path)
     out, _ = indexed
     index = GalleryIndex(out)
     grid = tmp_path / "not" / "yet" / "grid.png"  # a folder that does not exist yet is made (#23)
-    assert eval_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
+    assert search_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
                       "--k", "4", "--json", "--grid", str(grid)]) == 0
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(found["results"]) == 4 and found["excluded"] == index.names[2]
     from PIL import Image
 
     assert Image.open(grid).size == grid_size(1, 4, 160)
-    assert eval_main(["search", "--index", str(out), "--reference", "nope.png", "--text", "x"]) == 2
+    assert search_main(["search", "--index", str(out), "--reference", "nope.png", "--text", "x"]) == 2
     assert "no image named 'nope.png'" in capsys.readouterr().err
-    assert eval_main(["search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
+    assert search_main(["search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
     assert "is not a gallery index" in capsys.readouterr().err
 
 

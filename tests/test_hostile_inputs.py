@@ -194,7 +194,7 @@ def test_training_reruns_resume_finish_or_refuse(toy_captions, tmp_path, capsys)
 
 
 def test_a_fifo_among_the_images_is_a_failed_row_not_a_hang(toy_world, tmp_path):
-    """Break 4: a FIFO in an input folder hung the caption job and `eval index` forever (blocked in the read).
+    """Break 4: a FIFO in an input folder hung the caption job and `search index` forever (blocked in the read).
     Both run in subprocesses with a timeout, so a regression fails instead of hanging the suite."""
     import json
     import os
@@ -216,7 +216,7 @@ def test_a_fifo_among_the_images_is_a_failed_row_not_a_hang(toy_world, tmp_path)
     assert {(r["source"].rsplit("/", 1)[1], r["reason"]) for r in failed} >= {("pipe.jpg", "not_a_regular_file")}
     assert json.loads((out / "stats.json").read_text())["written"] == 3  # pipe2.jpg duplicates a captioned image
     index = tmp_path / "index"
-    done = subprocess.run([sys.executable, "-m", "eval", "index", "--checkpoint", "tiny-clip-32", "--pretrained",
+    done = subprocess.run([sys.executable, "-m", "search", "index", "--checkpoint", "tiny-clip-32", "--pretrained",
                            "random", "--images", str(photos), "--output", str(index)], cwd=root, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["failed"] == 1
@@ -243,7 +243,7 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
     assert eval_main(["score", "--benchmark", "cirr", "--annotations", str(cirr / "captions" / "cap.rc2.val.json"),
                       "--predictions", str(preds)]) == 2
     assert f"the key '{first}' appears twice" in capsys.readouterr().err
-    done = subprocess.run([sys.executable, "-m", "eval", "serve", "--index", str(tmp_path), "--port", "99999"],
+    done = subprocess.run([sys.executable, "-m", "search", "serve", "--index", str(tmp_path), "--port", "99999"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "a port is a number from 1 to 65535" in done.stderr
     empty = tmp_path / "nothing"
@@ -260,7 +260,7 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
 
 def test_input_paths_as_users_write_them(toy_world, tmp_path, capsys):
     """Weak cases: a missing --input and a folder named "[2023]" gave Beam tracebacks without the path; broken
-    YAML in a training config gave a traceback (`eval search --grid` into a missing folder: test_gallery.py)."""
+    YAML in a training config gave a traceback (`search search --grid` into a missing folder: test_gallery.py)."""
     from cir.config import ConfigError
     from train.config import load_config
     from train.stage0 import Stage0Config
@@ -381,6 +381,12 @@ def test_commands_end_with_their_own_status(toy_captions):
     assert message.returncode == 1 and message.stderr.strip() == "a message"
     assert message.stdout.strip() == "written before the end"  # flushed, though os._exit skips the teardown
     assert subprocess.run([sys.executable, "-c", code, "3"], cwd=root, capture_output=True).returncode == 3
+    # an error the user can fix that no command caught: its message and 2, no traceback
+    raising = ("from cir.cli import run_and_exit\nfrom cir.config import ConfigError\n"
+               "def main():\n    raise ConfigError('max_steps: must be > 0')\nrun_and_exit(main)")
+    done = subprocess.run([sys.executable, "-c", raising], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().endswith("error: max_steps: must be > 0")
+    assert "Traceback" not in done.stderr
     # the reported case: synth's argument error after reading the caption dataset's parquet index, torch loaded
     argv = [sys.executable, "beam_runner.py", "synth", "--input", str(toy_captions[0]), "--output", "unused",
             "--quality", "low", "--image-weight", "0.5"]

@@ -1,5 +1,5 @@
 """`cir.load` and the model's methods: what a user's own code gets, and that the commands' numbers are the
-API's (eval run's ranking, eval search's top 5, the docs' example)."""
+API's (eval run's ranking, search's top 5, the docs' example)."""
 from __future__ import annotations
 
 import json
@@ -155,9 +155,9 @@ def test_the_api_ranks_as_eval_run_does(stage2_like, toy_world, tmp_path):
     assert recall_at_1(str(stage2_like), str(bench)) == pytest.approx(metrics["recall@1"], abs=0.05)
 
 
-def test_the_docs_example_gives_eval_searchs_top_5(tiny_stage1_export, toy_world, tmp_path, capsys):
-    """docs/PYTHON.md's first code block, run on the toy world, prints what `eval search` ranks."""
-    from eval.__main__ import main as eval_main
+def test_the_docs_example_gives_search_top_5(tiny_stage1_export, toy_world, tmp_path, capsys):
+    """docs/PYTHON.md's first code block, run on the toy world, prints what `python -m search search` ranks."""
+    from search.__main__ import main as search_main
 
     folder = toy_world / "bench" / "cirr" / "dev"
     reference = sorted(folder.glob("*.png"))[3]
@@ -172,10 +172,10 @@ def test_the_docs_example_gives_eval_searchs_top_5(tiny_stage1_export, toy_world
     printed = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
     assert len(printed) == 5 and reference.name not in printed
 
-    assert eval_main(["index", "--checkpoint", str(tiny_stage1_export), "--images", str(folder),
+    assert search_main(["index", "--checkpoint", str(tiny_stage1_export), "--images", str(folder),
                       "--output", str(tmp_path / "idx")]) == 0
     capsys.readouterr()
-    assert eval_main(["search", "--index", str(tmp_path / "idx"), "--reference", reference.name, "--text", text,
+    assert search_main(["search", "--index", str(tmp_path / "idx"), "--reference", reference.name, "--text", text,
                       "--k", "5", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in found["results"]] == printed

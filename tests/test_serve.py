@@ -1,4 +1,4 @@
-"""`eval serve`: the JSON API over HTTP (bad requests answered, the server keeps serving) and the page in a
+"""`search serve`: the JSON API over HTTP (bad requests answered, the server keeps serving) and the page in a
 real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): pick or upload a reference, type a
 modification, see the result images."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ import urllib.request
 
 import pytest
 
-from eval.gallery import GalleryError, GalleryIndex, IndexConfig, Searcher, build_index
-from eval.serve import make_server
+from search.index import GalleryError, GalleryIndex, IndexConfig, build_index
+from search.search import Searcher
+from search.serve import make_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # CI installs chromium and sets this: there a missing browser fails the test instead of skipping it
@@ -71,7 +72,7 @@ def test_a_deep_body_and_a_silent_client_do_not_hurt_the_server(server, monkeypa
     held a server thread forever (no socket timeout)."""
     import socket
 
-    from eval import serve
+    from search import serve
 
     httpd, _ = server
     status, reply = _post(httpd, b"[" * 100_000 + b"]" * 100_000)

@@ -34,6 +34,7 @@ from PIL import Image
 
 from cir import dataset as ds
 from cir import schema
+from cir.errors import CIRError
 from cir.schema import IMAGE, Role
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ LOG = logging.getLogger(__name__)
 POSITION_KEY = "_position"
 
 
-class DataError(ValueError):
+class DataError(CIRError, ValueError):
     """Training data that cannot be used; raised before training starts."""
 
 

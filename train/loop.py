@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from cir.config import ConfigError, save_config, to_dict
+from cir.errors import CIRError
 from train.config import TrainConfig, load_config
 from train.data import DataError, TrainLoader, TrainStream, check_schema, expand_weighted_sources
 from train.stage import Stage
@@ -454,7 +455,7 @@ def main(stage_factory: Callable[[TrainConfig], Stage], config_cls, argv: Option
         cfg = parse_args(config_cls, argv)
         stage = stage_factory(cfg)
         final = train(stage, cfg)
-    except (DataError, ConfigError) as err:
+    except CIRError as err:  # config, data, init_from, the backbone: what the user can fix
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:

@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 
 from cir import jsonfile, schema
 from cir.benchmarks import BenchmarkError, fashioniq_image, find_images, shoes_queries
+from cir.errors import CIRError
 from train.data import CountingHandler, ReadOptions, Slot, Source, in_subset, slot_share
 
 FORMATS = ("fashioniq", "cirr", "shoes", "fashion200k")
@@ -63,8 +64,8 @@ class Record:
         return self.choices[0] if len(self.choices) == 1 else rng.choice(self.choices)
 
 
-class SupervisedError(ValueError):
-    pass
+class SupervisedError(CIRError, ValueError):
+    """A supervised (annotated) training source that cannot be read; the message names the file."""
 
 
 def parse_entry(entry: str) -> Optional[tuple[str, Path, str]]:

@@ -1,9 +1,9 @@
-"""`python -m eval serve`: a local web page for searching a gallery index by hand.
+"""`python -m search serve`: a local web page for searching a gallery index by hand.
 
 A small page of our own on the standard library's threading HTTP server (no web framework to install, nothing
 fetched from the internet by the page). Endpoints:
 
-    GET  /                        the page (eval/web/search.html)
+    GET  /                        the page (search/web/search.html)
     GET  /api/info                {"images", "checkpoint", "composed"}
     GET  /api/gallery?offset&limit  gallery rows to pick a reference from: {"total", "items": [{"row", "name"}]}
     GET  /thumb/ROW               the stored JPEG thumbnail of a row
@@ -26,7 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlparse
 
-from eval.gallery import GalleryError, Searcher
+from search.index import GalleryError
+from search.search import Searcher
 
 MAX_BODY = 32 << 20  # an uploaded photo, base64-encoded, with room to spare
 MAX_K = 200
@@ -34,7 +35,7 @@ SOCKET_TIMEOUT = 30  # seconds a connection may sit idle mid-request
 
 
 def _page() -> bytes:
-    return resources.files("eval").joinpath("web/search.html").read_bytes()
+    return resources.files("search").joinpath("web/search.html").read_bytes()
 
 
 def _query_from_json(body: dict) -> dict:
@@ -71,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT  # a client that stops sending does not hold a thread forever
 
     def log_message(self, format: str, *args) -> None:  # one short line per request, on stderr
-        sys.stderr.write(f"eval serve: {self.address_string()} {format % args}\n")
+        sys.stderr.write(f"search serve: {self.address_string()} {format % args}\n")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

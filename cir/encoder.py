@@ -1,5 +1,5 @@
-"""Image and query features of a checkpoint, and exact top-k over a gallery: shared by `eval run`,
-`eval index`, `eval search` and `eval serve`.
+"""Image and query features of a checkpoint, and exact top-k over a gallery: shared by `eval run` and
+`search` (index, search, serve).
 
 Methods: `model` (a stage I/II export: "a photo of $ that {text}" with $ := the reference's pseudo tokens),
 `image_only` (v_ref), `text_only` (E_T(text)) and `sum` (normalize(v_ref + E_T(text))); the baselines need only
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cir.backbone import weights_fingerprint
-from cir.model import CONFIG_FILE, CIRModel, ImageLike, encode_image, encode_text_batched, load_cir_model
-from eval.score import PredictionError
+from cir.model import (CONFIG_FILE, CIRModel, ExportError, ImageLike, encode_image, encode_text_batched,
+                       load_cir_model)
 
 METHODS = ("model", "image_only", "text_only", "sum")
 
@@ -36,13 +36,13 @@ class Encoder:
 
     def __init__(self, checkpoint: str, method: str, template: Optional[str], device: str,
                  pretrained: Optional[str] = None):
-        from cir.backbone import BackboneError, create_backbone
+        from cir.backbone import create_backbone
 
         self.method, self.device = method, device
         path = Path(checkpoint)
         if (path / CONFIG_FILE).is_file() and pretrained:
-            raise PredictionError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
-                                  f"given by architecture name")
+            raise ExportError(f"{checkpoint} is a stage export with its own CLIP: --pretrained is for a CLIP "
+                              f"given by architecture name")
         self.cir: Optional[CIRModel] = None
         if (path / CONFIG_FILE).is_file():
             self.cir = load_cir_model(path, device)
@@ -51,12 +51,10 @@ class Encoder:
             self.backbone = self.cir.backbone
         else:
             if method == "model":
-                raise PredictionError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
-                                      f"(baselines image_only, text_only, sum take any CLIP)")
-            try:  # a bare architecture name needs its pretrained tag or weights file (cir.backbone.check_weights)
-                self.backbone = create_backbone(checkpoint, pretrained, device=device)
-            except BackboneError as err:
-                raise PredictionError(str(err)) from err
+                raise ExportError(f"{checkpoint} is not a stage I/II export: method 'model' needs one "
+                                  f"(baselines image_only, text_only, sum take any CLIP)")
+            # a bare architecture name needs its pretrained tag or weights file (cir.backbone.check_weights)
+            self.backbone = create_backbone(checkpoint, pretrained, device=device)
             self.backbone.model.eval()
         # gallery features depend only on the CLIP: caches and indexes are keyed by its weights alone
         self.gallery_fingerprint = weights_fingerprint(image_tower(checkpoint))
@@ -82,7 +80,7 @@ class Encoder:
         if method == "image_only":
             return ref_feats
         if method == "model" and self.cir is None:
-            raise PredictionError("method 'model' needs a stage I/II export")
+            raise ExportError("method 'model' needs a stage I/II export")
         owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
         flat = [t for variants in texts for t in variants]
         out = torch.zeros(len(texts), ref_feats.shape[1])

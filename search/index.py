@@ -1,12 +1,12 @@
-"""A gallery index on disk (`python -m eval index`) and searching it (`python -m eval search`, `eval serve`).
+"""A gallery index on disk, built and extended by `python -m search index`; search/search.py queries it.
 
     INDEX/index.json              checkpoint, gallery fingerprint (the CLIP's weights), embed_dim, parts, count
     INDEX/parts/part-00000.npy    [n, d] float32 normalised image features
     INDEX/parts/part-00000.parquet  name, source, sha256, thumb (JPEG, <= --thumb-size px): one row per feature
     INDEX/faiss.index             (large galleries) an IVF index over the live rows, rebuilt when parts change
-    INDEX/failed.parquet          the images the last `eval index` run could not use, with the reason
+    INDEX/failed.parquet          the images the last `search index` run could not use, with the reason
 
-Each `eval index` run appends one or more parts and then rewrites index.json (atomically): a killed run leaves
+Each `search index` run appends one or more parts and then rewrites index.json (atomically): a killed run leaves
 parts that index.json does not list, and the next run overwrites them. Images already indexed with the same
 content (name + sha256) are not encoded again; a name whose content changed gets a new row in the new part,
 which supersedes the old one. Gallery features depend only on the image tower, so the index records the
@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from cir.dataset import write_atomic, write_json
-from eval.encoder import Encoder, capped_k, top_k
-from eval.score import PredictionError
+from cir.encoder import Encoder, capped_k, top_k
+from cir.errors import CIRError
 
 INDEX_FILE = "index.json"
 PART_DIR = "parts"
@@ -45,8 +45,8 @@ PART_SCHEMA = pa.schema([("name", pa.string()), ("source", pa.string()), ("sha25
 THUMB_ROWS = 256  # parquet row group size: a thumbnail read touches one small group
 
 
-class GalleryError(PredictionError):
-    """A gallery index problem the user can fix (printed without a traceback by `python -m eval`)."""
+class GalleryError(CIRError, ValueError):
+    """A gallery index or query problem the user can fix (printed without a traceback by `python -m search`)."""
 
 
 # ------------------------------------------------------------------------------------------ gallery sources
@@ -149,7 +149,7 @@ class GalleryIndex:
         manifest = read_manifest(self.dir)
         if manifest is None:
             raise GalleryError(f"{self.dir} is not a gallery index (no {INDEX_FILE}): build one with "
-                              f"`python -m eval index`")
+                              f"`python -m search index`")
         self.manifest = manifest
         feats, names, sources, shas, where = [], [], [], [], []
         for part in manifest["parts"]:
@@ -299,7 +299,7 @@ def build_index(cfg: IndexConfig) -> dict:
     if manifest is not None and manifest["gallery_fingerprint"] != encoder.gallery_fingerprint:
         raise GalleryError(f"{out} was built with another CLIP ({manifest['checkpoint']}); its features cannot "
                           f"be mixed with {cfg.checkpoint}'s: index into a new --output")
-    # a local checkpoint is recorded by absolute path: `eval search` finds it from any directory
+    # a local checkpoint is recorded by absolute path: `search search` finds it from any directory
     recorded = os.path.abspath(cfg.checkpoint) if os.path.exists(cfg.checkpoint) else cfg.checkpoint
     weights = cfg.pretrained and (os.path.abspath(cfg.pretrained) if os.path.isfile(cfg.pretrained) else cfg.pretrained)
     manifest = manifest or {"version": INDEX_VERSION, "checkpoint": recorded, "pretrained": weights, "parts": [],
@@ -331,7 +331,7 @@ def build_index(cfg: IndexConfig) -> dict:
     summary = {"index": str(out), "images": len(index), "encoded": writer.written, "unchanged": skipped,
                "failed": len(failed), "faiss": bool(manifest.get("faiss"))}
     if failed:
-        print(f"eval index: {len(failed)} images could not be used; see {out / FAILED_FILE}", file=sys.stderr)
+        print(f"search index: {len(failed)} images could not be used; see {out / FAILED_FILE}", file=sys.stderr)
     return summary
 
 
@@ -345,7 +345,7 @@ def _build_faiss(out: Path, manifest: dict, index: GalleryIndex, cfg: IndexConfi
         try:
             import faiss
         except ImportError:
-            print("eval index: faiss is not installed (pip install faiss-cpu): searches scan the features "
+            print("search index: faiss is not installed (pip install faiss-cpu): searches scan the features "
                   "exactly", file=sys.stderr)
             n = 0
     if n and n >= cfg.faiss_min:
@@ -359,81 +359,3 @@ def _build_faiss(out: Path, manifest: dict, index: GalleryIndex, cfg: IndexConfi
         faiss.write_index(ivf, str(out / FAISS_FILE))
         manifest["faiss"] = {"kind": "IVFFlat", "nlist": nlist, "nprobe": cfg.faiss_nprobe, "rows": n}
     write_json(str(out / INDEX_FILE), manifest)
-
-
-# ------------------------------------------------------------------------------------------ searching
-
-class Searcher:
-    """Composed, text-only and image-only queries against an index, with the checkpoint loaded once."""
-
-    def __init__(self, index: GalleryIndex, checkpoint: Optional[str] = None, device: str = "cpu",
-                 pretrained: Optional[str] = None):
-        self.index = index
-        if not checkpoint:  # the index's own CLIP, with the weights it was given by name (if any)
-            checkpoint, pretrained = index.manifest["checkpoint"], pretrained or index.manifest.get("pretrained")
-        if not Path(checkpoint).exists() and Path(checkpoint).is_absolute():
-            raise GalleryError(f"checkpoint {checkpoint} (recorded in the index) does not exist: pass --checkpoint")
-        is_export = (Path(checkpoint) / "cir_config.json").is_file()
-        self.encoder = Encoder(checkpoint, "model" if is_export else "sum", None, device, pretrained)
-        if self.encoder.gallery_fingerprint != index.manifest["gallery_fingerprint"]:
-            raise GalleryError(f"{index.dir} was built with another CLIP ({index.manifest['checkpoint']}) than "
-                              f"{checkpoint}'s: rebuild the index with this checkpoint, or search with that one")
-        self.checkpoint = checkpoint
-
-    def query_image(self, image: Union[bytes, str, Path]) -> tuple[Image.Image, bytes]:
-        from pipeline.images import ImageRejected, prepare_image
-
-        if isinstance(image, (str, Path)):
-            try:
-                data = Path(image).read_bytes()
-            except OSError as err:
-                raise GalleryError(f"cannot read the query image {image}: {err.strerror or err}") from err
-        else:
-            data = image
-        try:
-            return prepare_image(data).image, data
-        except ImageRejected as err:
-            raise GalleryError(f"the query image is not a usable image ({err.reason}): {err}") from err
-
-    def search(self, image: Union[bytes, str, Path, None] = None, text: Optional[str] = None, k: int = 10,
-               reference_row: Optional[int] = None, keep_reference: bool = False) -> dict:
-        """Ranked results for an image + text (composed), text-only or image-only query. The reference
-        itself (the same bytes, or the picked gallery row) is left out of the results unless keep_reference."""
-        if text is not None and not text.strip():
-            raise GalleryError("the modification text is empty: give a text, or leave it out for an "
-                              "image-only query")
-        if reference_row is not None and not 0 <= reference_row < len(self.index):
-            raise GalleryError(f"no gallery row {reference_row} (the index has {len(self.index)})")
-        has_reference = image is not None or reference_row is not None
-        if not has_reference and text is None:
-            raise GalleryError("a query needs a reference image, a text, or both")
-        if k < 1:
-            raise GalleryError(f"k must be at least 1, got {k}")
-        enc = self.encoder
-        if not has_reference:
-            method = "text_only"
-        else:
-            method = ("model" if enc.cir is not None else "sum") if text is not None else "image_only"
-        img, exclude = None, -1
-        if reference_row is not None:
-            # a gallery row's features are in the index already; its pixels are read (from its source) only
-            # when the mapping needs their patch tokens, for the composed model
-            ref, exclude = self.index.features[reference_row:reference_row + 1], reference_row
-            if method == "model":
-                img = self.query_image(self.index.image_bytes(reference_row))[0]
-        elif image is not None:
-            img, data = self.query_image(image)
-            ref = enc.images([img], 1, progress=False)
-            exclude = self.index.row_of_sha.get(hashlib.sha256(data).hexdigest(), -1)
-        else:
-            ref = torch.zeros(1, enc.backbone.embed_dim)
-        with torch.no_grad():
-            q = enc.queries([img], ref, [[text or ""]], 1, method)
-        if keep_reference:
-            exclude = -1
-        scores, rows = self.index.top(q, k, [exclude])
-        results = [{"rank": i + 1, "row": r, "name": self.index.names[r], "score": round(s, 6),
-                    "source": self.index.sources[r]} for i, (s, r) in enumerate(zip(scores[0].tolist(),
-                                                                                   rows[0].tolist()))]
-        return {"method": method, "text": text, "excluded": self.index.names[exclude] if exclude >= 0 else None,
-                "results": results}

@@ -1,0 +1,1 @@
+"""Search a gallery of your own with a trained model: `python -m search index | search | serve` (docs/SEARCH.md)."""
