@@ -180,26 +180,6 @@ def test_resume_unpickles_nothing_and_skips_a_save_cut_short(toy_captions, tmp_p
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_checkpoints_written_before_train_state_json_still_resume(toy_captions, tmp_path):
-    """They held the scheduler's and the step's state dicts as Accelerate's custom_checkpoint pickles: read
-    with weights_only=True, they resume the same run."""
-    data, _ = toy_captions
-    whole, old = tmp_path / "whole", tmp_path / "old"
-    args = ["max_steps=4", "save_every=2"]
-    assert main(tiny_args(data, whole, *args)) == 0
-    assert main(tiny_args(data, old, *args)) == 0
-    checkpoint = old / "checkpoints" / "checkpoint_0"
-    saved = json.loads((checkpoint / "train_state.json").read_text())
-    torch.save(saved["scheduler"], checkpoint / "custom_checkpoint_0.pkl")
-    torch.save({"step": saved["step"]}, checkpoint / "custom_checkpoint_1.pkl")
-    (checkpoint / "train_state.json").unlink()
-    shutil.rmtree(old / "checkpoints" / "checkpoint_1")
-    shutil.rmtree(old / "final")
-    (old / "train_log.jsonl").write_text("\n".join((old / "train_log.jsonl").read_text().splitlines()[:2]) + "\n")
-    assert main(tiny_args(data, old, *args, "resume=latest")) == 0
-    assert losses(old) == pytest.approx(losses(whole), rel=1e-5)
-
-
 def test_two_ranks_read_disjoint_shards_without_hanging(toy_captions, tmp_path):
     data, _ = toy_captions  # 5 shards: 3 for one rank, 2 for the other, and more steps than one epoch
     out = tmp_path / "ddp"

@@ -73,16 +73,13 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
 
 TRAIN_STATE_FILE = "train_state.json"  # in each checkpoint: the step and the LR scheduler's state
 LOADER_STATE_FILE = "loader_state_{rank}.json"  # in each checkpoint, one per rank: TrainLoader.state_dict()
-# What Accelerate's register_for_checkpointing wrote before (the scheduler's and TrainState's state dicts):
-# older checkpoints still resume, read with weights_only=True (_migrate_legacy_state).
-LEGACY_STATE_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest complete and intact checkpoint (its train state written, the last file of a save, and every
     file it lists there of the size it had); a damaged one is passed over with a warning."""
     found = sorted((output_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file() or _is_legacy(p)]
+    complete = [p for p in found if (p / TRAIN_STATE_FILE).is_file()]
     for checkpoint in reversed(complete):
         problem = _damage(checkpoint)
         if problem is None:
@@ -93,10 +90,8 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
 
 def _damage(checkpoint: Path) -> Optional[str]:
-    """What is wrong with a checkpoint, by the file list its train state keeps (older ones keep none)."""
+    """What is wrong with a checkpoint, by the file list its train state keeps."""
     path = checkpoint / TRAIN_STATE_FILE
-    if not path.is_file():
-        return None  # a legacy checkpoint: nothing to check against
     try:
         files = json.loads(path.read_text(encoding="utf-8")).get("files", {})
     except ValueError:
@@ -108,10 +103,6 @@ def _damage(checkpoint: Path) -> Optional[str]:
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} when saved"
     return None
-
-
-def _is_legacy(checkpoint: Path) -> bool:
-    return all((checkpoint / f).is_file() for f in LEGACY_STATE_FILES)
 
 
 def _remove_incomplete_after(checkpoint: Path, accelerator) -> None:
@@ -135,19 +126,6 @@ def save_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
     tmp.write_text(json.dumps({**state.state_dict(), "scheduler": scheduler.state_dict(), "files": files}),
                    encoding="utf-8")
     tmp.replace(checkpoint / TRAIN_STATE_FILE)
-
-
-def _migrate_legacy_state(checkpoint: Path, accelerator) -> None:
-    """An older checkpoint's two custom_checkpoint pickles -> its train_state.json (read with
-    weights_only=True; a pickle holding anything but plain state fails there). They are then removed:
-    Accelerate's load_state refuses custom_checkpoint files it was not told about."""
-    if accelerator.is_main_process and not (checkpoint / TRAIN_STATE_FILE).is_file() and _is_legacy(checkpoint):
-        scheduler, state = (torch.load(checkpoint / f, weights_only=True) for f in LEGACY_STATE_FILES)
-        (checkpoint / TRAIN_STATE_FILE).write_text(json.dumps({"step": int(state["step"]), "scheduler": scheduler}),
-                                                   encoding="utf-8")
-        for f in LEGACY_STATE_FILES:
-            (checkpoint / f).unlink()
-    accelerator.wait_for_everyone()
 
 
 def load_train_state(checkpoint: Path, scheduler, state: TrainState) -> None:
@@ -287,7 +265,6 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     if start == "resume":
         if cfg.resume in ("auto", "latest"):
             _remove_incomplete_after(path, accelerator)
-        _migrate_legacy_state(path, accelerator)
         accelerator.load_state(str(path))
         load_train_state(path, scheduler, state)
         accelerator.project_configuration.iteration = int(path.name.split("_")[-1]) + 1
@@ -417,8 +394,8 @@ def _clip_and_step(model, optimizer, accelerator, grad_clip: float) -> None:
 
 
 def _loader_state(path: Path, batches: int) -> dict:
-    """This rank's loader position in a checkpoint; a checkpoint without one (saved by another number of ranks,
-    or before loaders kept their own) resumes after its `batches` with no samples known to be skipped."""
+    """This rank's loader position in a checkpoint; a checkpoint without one (saved by fewer ranks) resumes
+    after its `batches` with no samples known to be skipped."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     return {"batches": batches, "workers": []}
