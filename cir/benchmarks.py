@@ -26,6 +26,8 @@ from cir import jsonfile
 from cir.errors import CIRError
 
 BENCHMARKS = ("cirr", "circo", "fashioniq", "shoes", "fashion200k")
+# How a query is built (cir/encoder.py): a stage I/II export's composed query, or a baseline every table shows
+QUERY_METHODS = ("model", "image_only", "text_only", "sum")
 # the split names a user may pass -> the name in the files; the first is the default evaluation split
 SPLITS = {
     "cirr": {"val": "val", "test": "test1", "test1": "test1", "train": "train"},

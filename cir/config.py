@@ -6,6 +6,7 @@ choices=, help=)`. Used by training (train/config.py) and the data jobs (synth/c
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -23,11 +24,15 @@ class ConfigError(CIRError, ValueError):
     """A config file or override that does not fit the dataclasses; the message names the key."""
 
 
+REQUIRED = dataclasses.MISSING  # ranged(REQUIRED, ...): a field without a default
+
+
 def ranged(default: Any, *, min: Any = None, gt: Any = None, max: Any = None, choices: tuple = (),
            item_gt: Any = None, help: Optional[str] = None) -> Any:
     """A field whose value `from_dict` checks before anything runs: `min <= v`, `v > gt`, `v <= max`,
     `v in choices`, and for a list every item `> item_gt` (None values are not checked). `help` is its flag's
-    help text (add_arguments)."""
+    help text (add_arguments). `REQUIRED` as the default: the field has none (a required flag, a missing key is
+    an error)."""
     rules = {"min": min, "gt": gt, "max": max, "choices": choices, "item_gt": item_gt, "help": help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=rules)
@@ -172,20 +177,25 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
     """One flag per field of a flat dataclass (`shard_size` -> `--shard-size`), typed by its annotation, with
-    the field's default, and `help` and `choices` from its ranged() metadata; `required` fields have none.
-    Read the values back with from_args, which checks the ranges."""
+    the field's default, and `help` and `choices` from its ranged() metadata; fields without a default and those
+    in `required` are required flags; a bool field is `--name` / `--no-name`. Read the values back with
+    from_args, which checks the ranges."""
     for f in dataclasses.fields(cls):
         tp = _field_type(cls, f.name)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
             typing.Union, types.UnionType) else [tp]
-        if inner[0] not in (int, float, str):
-            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float and str fields only")
+        if inner[0] not in (int, float, str, bool):
+            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float, str and bool "
+                            f"fields only")
         kwargs: dict = {"help": f.metadata.get("help")}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        if inner[0] in (int, float):
+        if inner[0] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif inner[0] in (int, float):
             kwargs["type"] = inner[0]
-        if f.name in required:
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in required or no_default:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()

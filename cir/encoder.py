@@ -20,8 +20,6 @@ from cir.backbone import weights_fingerprint
 from cir.model import (CONFIG_FILE, CIRModel, ExportError, ImageLike, encode_image, encode_text_batched,
                        load_cir_model)
 
-METHODS = ("model", "image_only", "text_only", "sum")
-
 
 def image_tower(checkpoint: str) -> str:
     """The CLIP that makes gallery features: a stage export's `clip/` (stage I and II exports of one run

@@ -8,7 +8,9 @@ import sys
 from typing import Optional
 
 from cir.benchmarks import BENCHMARKS
+from cir.config import add_arguments, from_args
 from cir.errors import CIRError
+from eval.config import RunConfig
 from eval.score import (PredictionError, load_json, score_circo, score_cirr, score_fashion200k, score_fashioniq,
                         score_shoes)
 
@@ -27,20 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--categories", help="FashionIQ: comma-separated subset of categories (default: all)")
     s.add_argument("--split", default="val", help="FashionIQ split of the caption files")
     r = sub.add_parser("run", help="encode, rank and score a benchmark with a checkpoint")
-    r.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    r.add_argument("--data", required=True, help="the benchmark's root in its official layout")
-    r.add_argument("--checkpoint", required=True, help="a stage I/II export (or any CLIP for the baselines)")
-    r.add_argument("--pretrained", help="with a CLIP architecture name (baselines): its open_clip tag or weights file")
-    r.add_argument("--split", help="default: the benchmark's evaluation split (val; test for Shoes and Fashion200k)")
-    r.add_argument("--method", default="model", choices=("model", "image_only", "text_only", "sum"))
-    r.add_argument("--output", help="where predictions, submission files and metrics go (default: "
-                                    "CHECKPOINT/eval/BENCHMARK-SPLIT-METHOD; runs/eval/NAME/... for a CLIP by name)")
-    r.add_argument("--template", default=None,
-                   help="query prompt, $ = the pseudo tokens (default: the export's own, as trained)")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--shared-concept", action="store_true", help="CIRCO: prepend the shared concept to the caption")
-    r.add_argument("--grids", type=int, default=6, help="queries shown in OUTPUT/examples.png (0: none)")
+    add_arguments(r, RunConfig)
     a = sub.add_parser("ablate", help="train + evaluate a grid of data mixes; table and plot")
     a.add_argument("--config", required=True, help="ablation YAML (see eval/ablate.py)")
     c = sub.add_parser("claims", help="train + evaluate what the papers' claims need; claims.md / claims.json")
@@ -85,11 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"claims: {cfg.output_dir}/claims.md, {cfg.output_dir}/claims.json", file=sys.stderr)
             result = {c["id"]: c["verdict"] for c in report["claims"]}
         elif args.command == "run":
-            from eval.run import run
+            from eval.run import evaluate
 
-            result = run(args.benchmark, args.data, args.checkpoint, args.split, args.method, args.output,
-                         args.template, args.batch_size, args.device, args.shared_concept, args.grids,
-                         args.pretrained)
+            result = evaluate(from_args(RunConfig, args))
         else:
             result = score(args)
     except CIRError as err:  # a benchmark's files, predictions, a config, a checkpoint: what the user can fix

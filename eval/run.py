@@ -22,9 +22,11 @@ import torch
 
 from cir import benchmarks
 from cir.benchmarks import Benchmark
+from cir.config import from_dict
 from cir.encoder import Encoder, top_k
 from eval import score as scoring
 from eval import stats
+from eval.config import RunConfig
 from eval.score import TOP, PredictionError
 
 
@@ -38,31 +40,38 @@ def default_output(checkpoint: str) -> Path:
     return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9._-]", "_", checkpoint)
 
 
-def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None, method: str = "model",
-        output: Optional[str] = None, template: Optional[str] = None, batch_size: int = 64,
-        device: str = "cpu", shared_concept: bool = False, grids: int = 6, pretrained: Optional[str] = None,
-        cache_dir: Optional[str] = None) -> dict:
+def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None, cache_dir: Optional[str] = None,
+        **settings) -> dict:
+    """evaluate() from Python: the other RunConfig fields as keywords (`method="sum", output=...`); an unknown
+    one or a value out of range is a ConfigError."""
+    cfg = from_dict(RunConfig, {"benchmark": benchmark, "data": data, "checkpoint": checkpoint, "split": split,
+                                **settings}, where="eval run")
+    return evaluate(cfg, cache_dir)
+
+
+def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
     """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
-    cir.benchmarks.SPLITS); files under `output`. Gallery features are cached in `cache_dir` (default: `output`),
-    keyed by the image tower's weights and the images (paths, sizes, mtimes), so runs that share an image tower
-    (every stage II variant of one CLIP) can share one cache."""
-    root = Path(data)
-    split = benchmarks.split_name(benchmark, split)  # as the files name it (CIRR's test is test1)
-    bench = benchmarks.load(benchmark, root, split, shared_concept)
-    out = Path(output) if output else default_output(checkpoint) / f"{benchmark}-{split}-{method}"
+    cir.benchmarks.SPLITS); files under `cfg.output`. Gallery features are cached in `cache_dir` (default: the
+    output), keyed by the image tower's weights and the images (paths, sizes, mtimes), so runs that share an image
+    tower (every stage II variant of one CLIP) can share one cache."""
+    benchmark, checkpoint, method, batch_size = cfg.benchmark, cfg.checkpoint, cfg.method, cfg.batch_size
+    root = Path(cfg.data)
+    split = benchmarks.split_name(benchmark, cfg.split)  # as the files name it (CIRR's test is test1)
+    bench = benchmarks.load(benchmark, root, split, cfg.shared_concept)
+    out = Path(cfg.output) if cfg.output else default_output(checkpoint) / f"{benchmark}-{split}-{method}"
     out.mkdir(parents=True, exist_ok=True)
     missing = sorted(n for n, p in bench.gallery.items() if not p.is_file())
     names = [n for n in bench.gallery if n not in set(missing)]
     if missing:
         print(f"eval run: {len(missing)} of {len(bench.gallery)} gallery images are missing and left out "
               f"(e.g. {missing[:3]})", file=sys.stderr)
-    encoder = Encoder(checkpoint, method, template, device, pretrained)
+    encoder = Encoder(checkpoint, method, cfg.template, cfg.device, cfg.pretrained)
     gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], Path(cache_dir) if cache_dir else out,
                                     batch_size)
     row = {n: i for i, n in enumerate(names)}
     predictions: dict = {}
     subset_predictions: dict = {}
-    shown = _grid_sample(bench, grids)
+    shown = _grid_sample(bench, cfg.grids)
     examples = []
     for group, queries in bench.queries.items():
         queries = [q for q in queries if q.reference in row]

@@ -113,3 +113,25 @@ def test_a_config_file_missing_a_required_key_is_named(tmp_path):
     path.write_text("output_dir: x\nstage1: y\nsources: {a: b}\ncounts: [ten]\nbenchmarks: {b: {}}\n")
     with pytest.raises(ConfigError, match=r"counts\[0\]: expected a number"):
         load(str(path))
+
+
+def test_eval_run_flags_are_its_config_fields(capsys):
+    """`python -m eval run`'s flags and eval.run.run's keywords are RunConfig's fields: required ones required,
+    a bool as --name / --no-name, a value out of range or an unknown keyword named (exit 2 on the command line)."""
+    import dataclasses
+
+    from eval.__main__ import build_parser, main
+    from eval.config import RunConfig
+    from eval.run import run
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    flags = {a.dest: a for a in sub.choices["run"]._actions if a.option_strings and a.dest != "help"}
+    assert set(flags) == {f.name for f in dataclasses.fields(RunConfig)}
+    assert {name for name, a in flags.items() if a.required} == {"benchmark", "data", "checkpoint"}
+    required = ["run", "--benchmark", "cirr", "--data", "d", "--checkpoint", "c"]
+    assert build_parser().parse_args([*required, "--shared-concept"]).shared_concept is True
+    assert build_parser().parse_args(required).shared_concept is False
+    assert main([*required, "--grids", "-1"]) == 2
+    assert "--grids: must be at least 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown key.*grid_rows"):
+        run("cirr", "d", "c", grid_rows=3)
