@@ -299,8 +299,9 @@ def toy_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-images", "0"], "--num-images must be at least 1"),
-    (["--bench-queries", "-1"], "--bench-queries must be at least 1"),
+    (["--num-images", "0"], "--num-images: must be at least 1, got 0"),
+    (["--bench-queries", "-1"], "--bench-queries: must be at least 1, got -1"),
+    (["--image-size", "2000"], "--image-size: must be at most 1024, got 2000"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_exit_2(tmp_path, args, message):

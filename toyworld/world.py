@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cir.config import ranged
+
 from .edits import apply_edit, random_edit
 from .render import encode, layout, render
 from .scene import VOCABULARIES, Scene, Vocabulary, caption, random_scene
@@ -22,12 +24,16 @@ PNG_SHARE = 0.2  # some training images are PNG so every reader handles both for
 
 @dataclass
 class WorldConfig:
-    seed: int = 0  # root of every random stream
-    num_images: int = 2000  # training images under images/
-    image_size: int = 64  # side in pixels
-    family_size: int = 4  # training images come in families of edited variants, so pair mining finds pairs
-    bench_queries: int = 100  # queries per benchmark split (per category for FashionIQ)
-    vocabulary: str = "shapes"  # the world's words: shapes, or gems (a second world, see toyworld.scene)
+    """The world's settings; each field is also a flag of `beam_runner.py toy` (cir.config.add_arguments)."""
+    seed: int = ranged(0, help="root of every random stream")
+    num_images: int = ranged(2000, min=1, help="training images under images/")
+    image_size: int = ranged(64, min=16, max=1024, help="side in pixels")
+    family_size: int = ranged(4, min=1, help="training images come in families of this many edited variants, so "
+                                             "pair mining finds pairs")
+    bench_queries: int = ranged(100, min=1, help="queries per benchmark split (per category for FashionIQ)")
+    vocabulary: str = ranged("shapes", choices=tuple(sorted(VOCABULARIES)),
+                             help="the world's words: shapes (the default world) or gems (a second world for "
+                                  "transfer checks)")
 
     @property
     def vocab(self) -> Vocabulary:
