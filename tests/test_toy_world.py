@@ -61,8 +61,8 @@ def test_layout(toy_world):
     assert {p.suffix for p in images} == {".jpg", ".png"}  # both formats, so readers handle both
     for p in images:
         assert p.with_suffix(".txt").is_file() and p.with_suffix(".json").is_file()
-    for bench, files in {"cirr": ["captions/cap.rc2.val.json", "captions/cap.rc2.test1.json",
-                                  "image_splits/split.rc2.val.json", "image_splits/split.rc2.test1.json"],
+    for bench, files in {"cirr": [f"{kind}.rc2.{split}.json" for split in ("train", "val", "test1")
+                                  for kind in ("captions/cap", "image_splits/split")],
                          "circo": ["annotations/val.json", "annotations/test.json",
                                    "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"],
                          "circo_coarse": ["annotations/val.json", "annotations/test.json"],
@@ -112,7 +112,7 @@ def test_training_images_come_in_families_of_edits(toy_world):
 def test_cirr_queries_are_consistent(toy_world):
     root = toy_world / "bench" / "cirr"
     scenes = load(root / "toy_scenes.json")
-    for split in ("val", "test1"):
+    for split in ("val", "test1", "train"):
         queries = load(root / "captions" / f"cap.rc2.{split}.json")
         image_split = load(root / "image_splits" / f"split.rc2.{split}.json")
         assert len(queries) == 12
@@ -129,8 +129,20 @@ def test_cirr_queries_are_consistent(toy_world):
             assert q["target_soft"] == {q["target_hard"]: 1.0}
             assert_text_describes(Scene.from_json(scenes[q["reference"]]), q["caption"],
                                   Scene.from_json(scenes[q["target_hard"]]))
-    pairids = [q["pairid"] for s in ("val", "test1") for q in load(root / "captions" / f"cap.rc2.{s}.json")]
+    pairids = [q["pairid"] for s in ("val", "test1", "train") for q in load(root / "captions" / f"cap.rc2.{s}.json")]
     assert len(set(pairids)) == len(pairids)
+
+
+def test_the_cirr_train_split_is_a_supervised_source(toy_world):
+    """The toy CIRR's train split reads as annotated triplets (the supervised upper bound's data), its image sets'
+    other members as hard negatives, in images of its own (train/), not the evaluation splits'."""
+    from train.supervised import TripletSource
+
+    source = TripletSource("cirr", toy_world / "bench" / "cirr", "train")
+    records = source.records
+    assert len(records) == 12
+    negatives = source.negative_images()
+    assert negatives and all(name.startswith("train-") for name in negatives)
 
 
 def test_circo_ground_truth_is_complete(toy_world):

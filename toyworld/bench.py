@@ -52,12 +52,15 @@ def _cirr_set(rng: random.Random, used: set[str], vocab: Vocabulary) -> tuple[Sc
 
 
 def write_cirr(out: Path, cfg: WorldConfig) -> None:
-    """cirr/captions/cap.rc2.{val,test1}.json, cirr/image_splits/split.rc2.*.json, images under dev/ test1/."""
+    """cirr/captions/cap.rc2.{train,val,test1}.json, cirr/image_splits/split.rc2.*.json, images under train/
+    dev/ test1/. The train split (annotated triplets drawn like the test queries) is what a supervised upper
+    bound trains on (train.supervised); each split draws from its own random streams, so adding it left val and
+    test1 as they were."""
     (out / "captions").mkdir(parents=True)
     (out / "image_splits").mkdir()
     scenes: dict[str, dict] = {}
     pairid = 0
-    for split, prefix in (("val", "dev"), ("test1", "test1")):
+    for split, prefix in (("val", "dev"), ("test1", "test1"), ("train", "train")):
         (out / prefix).mkdir()
         rng = stream(cfg.seed, f"cirr-{split}", 0)
         used: set[str] = set()
