@@ -73,7 +73,7 @@ def preprocess_batch(transform: Callable, images: Sequence) -> torch.Tensor:
     """`torch.stack([transform(im) for im in images])` -> [B, 3, H, W], the same values bit for bit.
 
     open_clip's transforms end in ToTensor + Normalize, which image by image were most of the transform's
-    time on 64-px toy images (3.5 ms per 64 images; 1.9 ms batched). So where every image leaves the PIL
+    time on small images (docs/PERFORMANCE.md). So where every image leaves the PIL
     stages as RGB of one size, the conversion and normalisation run once on the stacked batch (the same
     float ops, in the same order). Any other transform, or mixed sizes/modes, goes image by image."""
     from torchvision import transforms as T

@@ -43,8 +43,8 @@ class SynthConfig:
                       help="global: every embedding in one worker (to ~1M); sharded: an IVF join spread over the "
                            "workers (lists by k-means on a sample, grouped by list), for larger datasets; auto: "
                            "global up to --global-max images, sharded above")
-    global_max: int = ranged(1_000_000, min=1, help="--knn auto: the most images for global (measured: 1M in ~7 "
-                                                    "min, 5 GB)")
+    global_max: int = ranged(1_000_000, min=1, help="--knn auto: the most images for global (1M: minutes and a "
+                                                    "few GB, docs/SYNTH.md)")
     nprobe: int = ranged(16, min=1, help="IVF lists searched per query (faiss IVF and sharded)")
     nlist: Optional[int] = ranged(None, min=1, help="IVF lists (default 4 sqrt(N), at most 4096)")
     # high quality: editing
