@@ -34,7 +34,7 @@ from synth.config import SynthConfig
 from synth.edited import EditSources, PickSources
 from synth.knn import NeighbourGraph
 from synth.llm import EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
-from synth.mined import MinePairs, attach_negatives, by_ref, neighbour_keys
+from synth.mined import MinePairs, neighbour_keys, with_negatives
 from synth.specs import FAILED, REJECTED, SpecOrder, each
 
 LOG = logging.getLogger("synth")
@@ -74,27 +74,35 @@ def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------ assembly
 
-def _needs(spec: dict) -> Iterator[tuple[str, tuple[str, str]]]:
-    yield spec["ref_key"], (spec["key"], "ref")
+def _needs(spec: dict) -> Iterator[tuple[str, tuple[int, str, str]]]:
+    """(image key, (shard, triplet key, role)) for each image a triplet takes from the caption dataset."""
+    yield spec["ref_key"], (spec["shard"], spec["key"], "ref")
     if "tgt_image" not in spec:  # mined: the target is another image of the dataset
-        yield spec["tgt_key"], (spec["key"], "tgt")
+        yield spec["tgt_key"], (spec["shard"], spec["key"], "tgt")
 
 
-def _route_images(element) -> Iterator[tuple[str, tuple[str, dict]]]:
+def _route_images(element) -> Iterator[tuple[int, tuple[str, str, object]]]:
+    """An image and the triplets that need it -> the image once per (triplet, role), keyed by the triplet's shard:
+    the bytes go straight to the shard grouping; a reference's nearest real images go with it (role
+    "neighbours") when the job attaches them."""
     _, grouped = element
     images, needs = list(grouped["image"]), list(grouped["need"])
     if not images:
         return
-    for triplet, role in needs:
-        yield triplet, (role, images[0])
+    neighbours = next(iter(grouped.get("neighbours", ())), None)
+    for shard, triplet, role in needs:
+        yield shard, (triplet, role, images[0])
+        if role == "ref" and neighbours is not None:
+            yield shard, (triplet, "neighbours", neighbours)
 
 
-def _assemble(element) -> Iterator[dict]:
-    _, grouped = element
-    specs, parts = list(grouped["spec"]), dict(grouped["part"])
-    if not specs:
-        return
-    spec = dict(specs[0])
+def _by_shard(spec: dict) -> tuple[int, dict]:
+    return spec["shard"], spec
+
+
+def _assemble(spec: dict, parts: dict[str, dict]) -> dict:
+    """A triplet from its spec and its images ("ref", and "tgt" unless the spec carries an edited target)."""
+    spec = dict(spec)
     ref = parts["ref"]
     spec["ref_image"], spec["ref_ext"], spec["ref_emb"] = ref["image"], ref["ext"], ref["emb"]
     spec["ref_emb_clip"] = ref.get("emb_clip")
@@ -102,7 +110,20 @@ def _assemble(element) -> Iterator[dict]:
         tgt = parts["tgt"]
         spec["tgt_image"], spec["tgt_ext"], spec["tgt_emb"] = tgt["image"], tgt["ext"], tgt["emb"]
         spec["tgt_emb_clip"] = tgt.get("emb_clip")
-    yield spec
+    return spec
+
+
+def _assemble_shard(element, cfg: SynthConfig) -> tuple[int, list[dict]]:
+    """(shard, {"spec": specs, "part": (triplet key, role, image or neighbours)}) -> (shard, its triplets as shard
+    items), the input jobs.WriteShard takes. Edited triplets get their hard negatives here."""
+    shard, grouped = element
+    parts: dict[str, dict] = {}
+    for triplet, role, part in grouped["part"]:
+        parts.setdefault(triplet, {})[role] = part
+    triplets = [_assemble(spec, parts[spec["key"]]) for spec in grouped["spec"]]
+    if cfg.quality == "high" and cfg.hard_negatives > 0:
+        triplets = [with_negatives(t, parts[t["key"]].get("neighbours"), cfg) for t in triplets]
+    return shard, [{"sample": t} for t in triplets]
 
 
 def to_webdataset(t: dict) -> dict:
@@ -144,6 +165,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
             | "ReadShards" >> beam.ParDo(ReadCaptionShard()).with_outputs(FAILED, main="samples"))
     samples = read.samples
     shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
+    neighbours = None  # high quality with hard negatives: (image key, its nearest real images)
     if cfg.quality == "low":
         hoods, edit_failed = samples | "Summaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
         mined = hoods | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, main="specs")
@@ -161,12 +183,9 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                     | "TimesKeep" >> beam.Map(_times, cfg.keep_per_source if cfg.editor != "toy" else 1))
         sources = chosen | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(expected))
         candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
-        if cfg.hard_negatives > 0:
+        if cfg.hard_negatives > 0:  # each reference's nearest real images, attached where triplets are assembled
             hoods, _ = samples | "NeighbourSummaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
             neighbours = hoods | "NeighbourKeys" >> beam.Map(neighbour_keys)
-            candidates = ({"spec": candidates | "ByRef" >> beam.Map(by_ref), "neighbours": neighbours}
-                          | "JoinNeighbours" >> jobs.MeasuredCoGroupByKey()
-                          | "HardNegatives" >> beam.FlatMap(attach_negatives, cfg))
         assigned = candidates
     if rewrites_mod_text(cfg):
         from synth.llm import LLMModText
@@ -176,13 +195,16 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                                                                cfg.device, cfg.batch_size, cfg.llm_chat == "on")
         assigned = written_by_llm.specs
         rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
+    # The images (and, for edited triplets, their references' neighbours) join the triplets that need them, each
+    # image once, then go with the specs straight into the shard grouping, where each shard's triplets are
+    # assembled and written: image bytes cross these two groupings only.
     needs = assigned | "Needs" >> beam.FlatMap(_needs)
-    parts = ({"image": samples, "need": needs} | "JoinImages" >> jobs.MeasuredCoGroupByKey()
-             | "Route" >> beam.FlatMap(_route_images))
-    triplets = ({"spec": assigned | "BySpecKey" >> beam.Map(lambda s: (s["key"], s)), "part": parts}
-                | "JoinParts" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.FlatMap(_assemble))
-    written = (triplets | "ShardItems" >> beam.Map(jobs.as_sample)
-               | "WriteShards" >> jobs.WriteShards(cfg.output, cfg.shard_prefix, to_webdataset, index_row, LOG.name))
+    by_image = {"image": samples, "need": needs, **({"neighbours": neighbours} if neighbours is not None else {})}
+    parts = by_image | "JoinImages" >> jobs.MeasuredCoGroupByKey() | "Route" >> beam.FlatMap(_route_images)
+    written = ({"spec": assigned | "SpecByShard" >> beam.Map(_by_shard), "part": parts}
+               | "GroupByShard" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.Map(_assemble_shard, cfg)
+               | "Write" >> beam.ParDo(jobs.WriteShard(cfg.output, cfg.shard_prefix, to_webdataset, index_row,
+                                                       LOG.name)))
     failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()
     n_sources = samples | "CountInputs" >> beam.combiners.Count.Globally()
     n_candidates = candidates | "CountCandidates" >> beam.combiners.Count.Globally()

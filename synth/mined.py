@@ -62,17 +62,12 @@ def neighbour_keys(hood) -> tuple[str, tuple[str, list]]:
     return hood.key, (hood.method, [(n.key, n.caption) for n in hood.neighbours])
 
 
-def by_ref(spec: dict) -> tuple[str, dict]:
-    return spec["ref_key"], spec
-
-
-def attach_negatives(element, cfg: SynthConfig) -> Iterator[dict]:
-    """Each spec of a reference gets its nearest real images as hard negatives, except any captioned exactly
-    as its (edited) target: that image would be a right answer."""
-    _, grouped = element
-    method, neighbours = next(iter(grouped["neighbours"]), (None, []))  # none: the reference had no emb.npy
-    for spec in grouped["spec"]:
-        negatives = [k for k, c in neighbours if k != spec["ref_key"] and c != spec["tgt_caption"]]
-        yield {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
-               "provenance": {**spec.get("provenance", {}), "hard_negatives": {
-                   "from": "nearest real images of the reference", **knn_provenance(cfg, method)}}}
+def with_negatives(spec: dict, neighbours: Optional[tuple[str, list]], cfg: SynthConfig) -> dict:
+    """An edited triplet with its hard negatives: the real images nearest its reference (`neighbour_keys`; None:
+    the reference had none, no emb.npy), except any captioned exactly as its (edited) target: that image would
+    be a right answer."""
+    method, found = neighbours or (None, [])
+    negatives = [k for k, c in found if k != spec["ref_key"] and c != spec["tgt_caption"]]
+    return {**spec, "hard_negatives": negatives[:cfg.hard_negatives],
+            "provenance": {**spec.get("provenance", {}), "hard_negatives": {
+                "from": "nearest real images of the reference", **knn_provenance(cfg, method)}}}

@@ -91,6 +91,20 @@ def test_same_seed_same_triplets_other_seed_other_choice(low, toy_captions, tmp_
     assert len(picks[0]) == len(picks[1]) == n and picks[0] != picks[1]
 
 
+def image_bytes(captions: Path) -> int:
+    return sum(len(v) for s in triplets(captions) for k, v in s.items() if k in ("jpg", "png"))
+
+
+def test_image_bytes_cross_two_groupings(low, toy_captions):
+    """#24: the images join the triplets that need them (each image once) and then go, keyed by the triplet's
+    shard, straight into the shard grouping; no other grouping carries them (stats.json's shuffle_bytes)."""
+    _, stats = low
+    moved, images = stats["shuffle_bytes"], image_bytes(toy_captions[0])
+    assert set(moved) == {"JoinImages", "GroupByShard"}
+    assert images <= moved["JoinImages"] < 2 * images  # every image once, with its caption and key
+    assert moved["GroupByShard"] >= images * stats["written"] / stats["inputs"]  # two images a triplet
+
+
 def test_rerun_writes_nothing_twice(low, toy_captions):
     out, first = low
     stats = run(["--input", str(toy_captions[0]), "--output", str(out), "--quality", "low", "--image-weight", "0",
@@ -238,6 +252,9 @@ def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
         tgt_img = Image.open(io.BytesIO(t["tgt.png"]))
         assert tgt_img.size == ref_img.size and tgt_img.mode == "RGB"
     assert with_negatives == 20
+    # the sources are chosen by key, joined back to their images (Join); the references' images and nearest
+    # real images join their triplets (JoinImages); the edited targets travel only into the shard grouping
+    assert set(stats["shuffle_bytes"]) == {"Join", "JoinImages", "GroupByShard"}
 
 
 def test_toy_coarse_texts_are_one_to_many_and_leave_the_rest_alone(toy_captions, tmp_path, capsys):
