@@ -346,3 +346,20 @@ def test_unknown_command_exits_2():
     result = subprocess.run([sys.executable, "beam_runner.py", "frobnicate"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_a_subset_of_the_benchmarks_is_written_as_in_the_whole_world(toy_world, tmp_path):
+    """--benchmarks: only the named ones are written, each byte for byte as in the whole world (own streams);
+    an unknown name exits 2 naming it."""
+    out = tmp_path / "w"
+    run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7",
+         "--benchmarks", "circo,cirr"])
+    assert sorted(p.name for p in (out / "bench").iterdir()) == ["circo", "cirr"]
+    for name in ("cirr", "circo"):
+        whole, subset = (sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+                         for root in (toy_world / "bench" / name, out / "bench" / name))
+        assert whole == subset and len(whole) > 20
+        assert all((toy_world / "bench" / name / f).read_bytes() == (out / "bench" / name / f).read_bytes()
+                   for f in whole)
+    result = toy_cli("--output", str(tmp_path / "x"), "--benchmarks", "cirr,shose")
+    assert result.returncode == 2 and "unknown ['shose']" in result.stderr

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorldConfig:
     try:
         cfg = from_args(WorldConfig, args)
-    except ConfigError as err:
+        _ = cfg.benchmark_names  # a ValueError naming an unknown benchmark
+    except (ConfigError, ValueError) as err:
         parser.error(str(err))
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -58,7 +59,7 @@ def world_card(cfg: WorldConfig, num_images: int) -> dict:
                        "backgrounds": list(cfg.vocab.backgrounds), "sizes": list(SIZES), "slots": list(SLOTS)},
         "fashioniq_categories": cfg.vocab.fashioniq,
         "layout": {"images": "images/{name}.{jpg,png} + {name}.txt caption + {name}.json scene",
-                   "bench": "bench/{cirr,circo,circo_coarse,fashioniq,shoes,fashion200k} in the official layouts "
+                   "bench": "bench/{" + ",".join(cfg.benchmark_names) + "} in the official layouts "
                             "(circo_coarse: CIRCO's, every query one-to-many) + toy_scenes.json"},
     }
 

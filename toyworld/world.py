@@ -22,6 +22,9 @@ from .scene import VOCABULARIES, Scene, Vocabulary, caption, random_scene
 PNG_SHARE = 0.2  # some training images are PNG so every reader handles both formats
 
 
+BENCHMARKS = ("cirr", "circo", "circo_coarse", "fashioniq", "shoes", "fashion200k")  # toyworld/bench.py writes them
+
+
 @dataclass
 class WorldConfig:
     """The world's settings; each field is also a flag of `beam_runner.py toy` (cir.config.add_arguments)."""
@@ -34,6 +37,19 @@ class WorldConfig:
     vocabulary: str = ranged("shapes", choices=tuple(sorted(VOCABULARIES)),
                              help="the world's words: shapes (the default world) or gems (a second world for "
                                   "transfer checks)")
+    benchmarks: str = ranged("all", help=f"the benchmarks to write, comma-separated ({','.join(BENCHMARKS)}), or "
+                                         f"all")
+
+    @property
+    def benchmark_names(self) -> list[str]:
+        """The benchmarks to write, in BENCHMARKS order; ValueError naming an unknown one."""
+        if self.benchmarks == "all":
+            return list(BENCHMARKS)
+        asked = [b.strip() for b in self.benchmarks.split(",") if b.strip()]
+        unknown = [b for b in asked if b not in BENCHMARKS]
+        if unknown or not asked:
+            raise ValueError(f"--benchmarks: unknown {unknown or 'empty list'}; known: {', '.join(BENCHMARKS)}, all")
+        return [b for b in BENCHMARKS if b in asked]
 
     @property
     def vocab(self) -> Vocabulary:
