@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "output_dir": str(ablation), "stage1": str(stage1 / "final"), "stage2_config": "train/configs/toy_stage2.yaml",
         "sources": {"low": str(low), "high": str(high)}, "counts": [20] if args.quick else [300, 1000],
         "seeds": [0] if args.quick else [0, 1], "max_steps": 3 if args.quick else 60, "overrides": quick,
+        "gallery_cache": str(out / "eval" / "gallery_cache"),  # the galleries the evaluations above encoded
         "benchmarks": {"toy-cirr": {"benchmark": "cirr", "data": str(toy / "bench" / "cirr"), "metric": "avg"},
                        "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},
         indent=1))  # JSON is YAML

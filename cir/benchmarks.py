@@ -91,12 +91,21 @@ def load(benchmark: str, root: str | Path, split: Optional[str] = None, shared_c
 # ------------------------------------------------------------------------------------------ CIRR, CIRCO, FashionIQ
 
 def load_cirr(root: Path, split: str) -> Benchmark:
+    """Queries with their image set (`subset`) and known targets: `target_hard`, then any other image the
+    annotators scored above 0 in `target_soft` (none on the test split). Evaluation, and training on CIRR
+    (train.supervised: the set's other members are hard negatives), read CIRR through this."""
     names = load_json(root / "image_splits" / f"split.rc2.{split}.json", "CIRR image split")
     gallery = {n: root / rel for n, rel in names.items()}
-    queries = [Query(str(q["pairid"]), q["reference"], [q["caption"]], True,
-                     [m for m in q["img_set"]["members"] if m != q["reference"]],
-                     (q["target_hard"],) if "target_hard" in q else ())
-               for q in load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions")]
+    queries = []
+    for q in load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions"):
+        try:
+            hard = (q["target_hard"],) if "target_hard" in q else ()
+            soft = tuple(n for n, v in sorted((q.get("target_soft") or {}).items()) if v > 0 and n not in hard)
+            queries.append(Query(str(q["pairid"]), q["reference"], [q["caption"]], True,
+                                 [m for m in q["img_set"]["members"] if m != q["reference"]], hard + soft))
+        except (KeyError, TypeError) as err:
+            raise BenchmarkError(f"cap.rc2.{split}.json: query {q.get('pairid', '?') if isinstance(q, dict) else q!r} "
+                                 f"lacks {err} (CIRR's fields: pairid, reference, caption, img_set.members)") from None
     return Benchmark(gallery, {"": queries}, str)
 
 

@@ -14,6 +14,7 @@ trains on the same triplets). Finished cells (export + metrics present) are reus
     max_steps: 60
     benchmarks: {toy-cirr: {benchmark: cirr, data: runs/demo/toy/bench/cirr, metric: avg}}
     overrides: []          # more key=value for train/stage2.py
+    gallery_cache: null    # default OUTPUT_DIR/gallery_cache
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class AblationConfig:
     stage2_config: Optional[str] = None  # YAML for train/stage2.py
     max_steps: int = 100  # stage II steps per cell
     overrides: list[str] = field(default_factory=list)  # more key=value for train/stage2.py
+    gallery_cache: Optional[str] = None  # where gallery features are cached (None: OUTPUT_DIR/gallery_cache); every
+    # cell shares the stage I export's image tower, so one cache serves them all (and other evaluations of it)
 
 
 def load(path: str) -> AblationConfig:
@@ -88,7 +91,8 @@ def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
         else:
             # the cells share one image tower (stage II trains text-side parts): one gallery encoding per benchmark
             metrics[name] = run(bench["benchmark"], bench["data"], str(final), bench.get("split", "val"),
-                                output=str(target), cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
+                                output=str(target), cache_dir=cfg.gallery_cache or str(Path(cfg.output_dir) /
+                                                                                         "gallery_cache"))
     return metrics
 
 

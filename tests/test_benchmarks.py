@@ -40,3 +40,24 @@ def test_fashion200k_query_without_a_word_to_replace_names_its_line(tmp_path):
     with pytest.raises(BenchmarkError, match="Fashion200k queries not found"):
         (tmp_path / "test_queries.txt").unlink()
         load("fashion200k", tmp_path)
+
+
+def test_cirr_is_read_in_one_place_for_evaluation_and_training(tmp_path):
+    """cir.benchmarks.load_cirr: the known targets are target_hard, then the other images scored above 0 (what
+    the supervised loader keeps out of the hard negatives); a query without its image set is named."""
+    import json
+
+    from cir.benchmarks import load_cirr
+
+    (tmp_path / "image_splits").mkdir()
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "image_splits" / "split.rc2.train.json").write_text(json.dumps({n: f"./{n}.png" for n in "abcd"}))
+    query = {"pairid": 5, "reference": "a", "target_hard": "b", "caption": "x",
+             "target_soft": {"b": 1.0, "d": 0.5, "c": -1.0}, "img_set": {"id": 0, "members": ["a", "b", "c", "d"]}}
+    (tmp_path / "captions" / "cap.rc2.train.json").write_text(json.dumps([query]))
+    (q,) = load_cirr(tmp_path, "train").queries[""]
+    assert (q.reference, q.targets, q.subset, q.texts) == ("a", ("b", "d"), ["b", "c", "d"], ["x"])
+    del query["img_set"]
+    (tmp_path / "captions" / "cap.rc2.train.json").write_text(json.dumps([query]))
+    with pytest.raises(BenchmarkError, match="query 5 lacks 'img_set'"):
+        load_cirr(tmp_path, "train")

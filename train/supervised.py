@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from cir import jsonfile, schema
+from cir import benchmarks, jsonfile, schema
 from cir.benchmarks import BenchmarkError, fashioniq_image, find_images, shoes_queries
 from cir.errors import CIRError
 from train.data import CountingHandler, ReadOptions, Slot, Source, in_subset, slot_share
@@ -99,17 +99,22 @@ def load_fashioniq(root: Path, split: str) -> list[Record]:
 
 
 def load_cirr(root: Path, split: str) -> list[Record]:
-    paths = _load_json(root / "image_splits" / f"split.rc2.{split}.json", "CIRR image split")
-    records = []
-    for q in _load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions"):
-        ref, tgt = q["reference"], q["target_hard"]
-        members = (q.get("img_set") or {}).get("members", [])
-        for name in (ref, tgt, *members):
-            if name not in paths:
-                raise SupervisedError(f"CIRR pair {q['pairid']}: {name} is not in split.rc2.{split}.json")
-        positive = {n for n, v in (q.get("target_soft") or {}).items() if v > 0}
-        negatives = {m: root / paths[m] for m in members if m not in (ref, tgt) and m not in positive}
-        records.append(Record(root / paths[ref], ref, [Choice(root / paths[tgt], tgt, q["caption"])], negatives))
+    """cir.benchmarks' CIRR queries as records: the reference, its hard target and caption; the image set's
+    other members that are no known target as hard negatives."""
+    try:
+        bench = benchmarks.load_cirr(root, split)
+    except BenchmarkError as err:
+        raise SupervisedError(str(err)) from None
+    gallery, records = bench.gallery, []
+    for q in bench.queries[""]:
+        if not q.targets:
+            raise SupervisedError(f"CIRR pair {q.qid} has no target_hard: the {split} split is not annotated")
+        for name in (q.reference, *q.targets[:1], *q.subset):
+            if name not in gallery:
+                raise SupervisedError(f"CIRR pair {q.qid}: {name} is not in split.rc2.{split}.json")
+        tgt = q.targets[0]
+        negatives = {m: gallery[m] for m in q.subset if m not in q.targets}
+        records.append(Record(gallery[q.reference], q.reference, [Choice(gallery[tgt], tgt, q.texts[0])], negatives))
     return records
 
 
