@@ -169,7 +169,8 @@ def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> d
 
 
 def search_example(out: Path, cirr: Path, checkpoint: Path) -> None:
-    """Index the toy CIRR gallery with the stage II export and run one of its queries through `python -m search search`."""
+    """Index the toy CIRR gallery with the stage II export and run one of its queries through
+    `python -m search search`."""
     index = out / "index"
     step("index the toy CIRR gallery", index / "index.json",
          [sys.executable, "-m", "search", "index", "--checkpoint", str(checkpoint), "--images", str(cirr / "dev"),

@@ -53,6 +53,10 @@ def score(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("index", "search", "serve"):  # where these commands were before search/ had its own
+        print(f"python -m eval: `{argv[0]}` is `python -m search {argv[0]}` now (docs/SEARCH.md)", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ablate":

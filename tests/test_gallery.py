@@ -199,3 +199,10 @@ def test_grid_has_the_expected_size_panels_and_target_outline():
     assert sheet.getpixel((a0 + OUTLINE // 2, (b0 + 100 // 2))) != TARGET_COLOUR  # not a target
     cx0, cy0, cx1, cy1 = panel_box(0, 0, 100)
     assert sheet.getpixel(((cx0 + cx1) // 2, (cy0 + cy1) // 2)) == (255, 0, 0)  # reference panel
+
+
+def test_the_old_eval_commands_say_where_search_went(capsys):
+    from eval.__main__ import main as eval_main
+
+    assert eval_main(["index", "--images", "x"]) == 2
+    assert "`index` is `python -m search index` now" in capsys.readouterr().err

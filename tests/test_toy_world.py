@@ -351,6 +351,10 @@ def test_unknown_command_exits_2():
 def test_a_subset_of_the_benchmarks_is_written_as_in_the_whole_world(toy_world, tmp_path):
     """--benchmarks: only the named ones are written, each byte for byte as in the whole world (own streams);
     an unknown name exits 2 naming it."""
+    from toyworld.bench import WRITERS
+    from toyworld.world import BENCHMARKS
+
+    assert tuple(WRITERS) == BENCHMARKS  # one list of the world's benchmarks, one writer each
     out = tmp_path / "w"
     run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7",
          "--benchmarks", "circo,cirr"])

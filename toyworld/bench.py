@@ -283,7 +283,8 @@ def write_fashion200k(out: Path, cfg: WorldConfig) -> None:
     dump_json(scenes, out / "toy_scenes.json")
 
 
-# name -> writer; each draws from its own random streams, so any subset is written as in the whole world
+# toyworld.world.BENCHMARKS -> its writer; each draws from its own random streams, so any subset is written as in
+# the whole world
 WRITERS = {
     "cirr": write_cirr,
     "circo": write_circo,
