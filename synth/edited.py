@@ -10,7 +10,7 @@ import apache_beam as beam
 
 from cir import dataset as ds
 from pipeline import jobs
-from synth.specs import FAILED, REJECTED, PickOrder, each, triplet_key
+from synth.specs import FAILED, REJECTED, PickOrder, image_fields, triplet_key
 
 if TYPE_CHECKING:
     from synth.config import SynthConfig
@@ -58,15 +58,15 @@ class ToyEditor(beam.DoFn):
                "ref_caption": sample["caption"], "tgt_caption": caption(target), "mod": mod,
                "quality": "high", "method": "toy-exact-edit", "scores": {"exact": 1.0}, "hard_negatives": [],
                "seed": self.seed, "edit": {**edit.to_json(), **({"coarse": True} if is_coarse else {})},
-               "tgt_image": tgt_image, "tgt_ext": "png", "shard": sample["shard"],
+               "tgt_image": tgt_image, "tgt_ext": "png", "shard": sample["shard"], **image_fields("ref", sample),
                "provenance": {"editor": "toy", "filters": "none: the toy editor is exact"}}
 
 
 class PickSources(beam.PTransform):
     """(key, sample) -> the samples of a seeded choice of `num_triplets` sources (all when not set).
 
-    Only keys travel to the choice (a distributed top-n combiner); the chosen keys are joined back to their
-    samples, so no worker ever holds every image."""
+    Only keys travel to the choice (a distributed top-n combiner); the chosen keys come back to every worker as a
+    side input (n keys), which keeps the chosen samples where they are: no image crosses a shuffle to be chosen."""
 
     def __init__(self, cfg: SynthConfig):
         super().__init__()
@@ -77,19 +77,13 @@ class PickSources(beam.PTransform):
             return samples | "All" >> beam.Values()
         chosen = (samples | "Keys" >> beam.Keys()
                   | "Choose" >> beam.combiners.Top.Of(self.cfg.num_triplets, key=PickOrder(self.cfg.seed), reverse=True)
-                  | "Each" >> beam.FlatMap(each) | "AsKeyed" >> beam.Map(_with_none))
-        return ({"sample": samples, "chosen": chosen} | "Join" >> jobs.MeasuredCoGroupByKey()
-                | "ChosenSamples" >> beam.FlatMap(_chosen_sample))
+                  | "AsSet" >> beam.Map(frozenset))
+        return samples | "ChosenSamples" >> beam.FlatMap(_if_chosen, beam.pvalue.AsSingleton(chosen))
 
 
-def _with_none(key: str) -> tuple[str, None]:
-    return key, None
-
-
-def _chosen_sample(element) -> Iterator[dict]:
-    _, grouped = element
-    if list(grouped["chosen"]):
-        yield from list(grouped["sample"])[:1]
+def _if_chosen(item: tuple[str, dict], chosen: frozenset) -> Iterator[dict]:
+    if item[0] in chosen:
+        yield item[1]
 
 
 def _keyed(sample: dict) -> tuple[str, dict]:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from cir import dataset as ds
 from synth.modtext import modification_text
-from synth.specs import REJECTED
+from synth.specs import REJECTED, image_fields
 
 STOPWORDS = set("""a an the of on in at to and or with without for from by is are was were be been it its this that
 these those there here some any two three four five one very photo picture image close up top front side back
@@ -178,7 +178,7 @@ class ClipFilter(beam.DoFn):
                    "tgt_caption": c["edited_caption"], "mod": c["instruction"], "quality": "high",
                    "method": "instructpix2pix-clip-filtered", "shard": c["sample"]["shard"],
                    "scores": {k: round(v, 4) for k, v in scores.items()}, "hard_negatives": [], "seed": self.seed,
-                   "tgt_image": c["tgt_image"], "tgt_ext": "png",
+                   "tgt_image": c["tgt_image"], "tgt_ext": "png", **image_fields("ref", c["sample"]),
                    "provenance": {"editor": self.editor, "clip": self.clip, "thresholds": self.thresholds,
                                   **{k: c[k] for k in ("swap", "llm_edit") if k in c},  # how the caption changed
                                   "edit_seed": c["edit_seed"], "guidance": c["guidance"],

@@ -35,7 +35,7 @@ from synth.edited import EditSources, PickSources
 from synth.knn import NeighbourGraph
 from synth.llm import EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.mined import MinePairs, neighbour_keys, with_negatives
-from synth.specs import FAILED, REJECTED, SpecOrder, each
+from synth.specs import FAILED, REJECTED, SpecOrder, each, image_fields
 
 LOG = logging.getLogger("synth")
 KIND = "triplet"
@@ -74,26 +74,26 @@ def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------ assembly
 
-def _needs(spec: dict) -> Iterator[tuple[str, tuple[int, str, str]]]:
-    """(image key, (shard, triplet key, role)) for each image a triplet takes from the caption dataset."""
-    yield spec["ref_key"], (spec["shard"], spec["key"], "ref")
-    if "tgt_image" not in spec:  # mined: the target is another image of the dataset
-        yield spec["tgt_key"], (spec["shard"], spec["key"], "tgt")
+def _needs(spec: dict, neighbours: bool) -> Iterator[tuple[str, tuple[int, str, str]]]:
+    """(image key, (shard, triplet key, role)): each image a triplet takes from the caption dataset (a mined
+    triplet's two; an edited one carries both its own), and with `neighbours` its reference's nearest real images."""
+    for role in ("ref", "tgt"):
+        if f"{role}_image" not in spec:
+            yield spec[f"{role}_key"], (spec["shard"], spec["key"], role)
+    if neighbours:
+        yield spec["ref_key"], (spec["shard"], spec["key"], "neighbours")
 
 
-def _route_images(element) -> Iterator[tuple[int, tuple[str, str, object]]]:
-    """An image and the triplets that need it -> the image once per (triplet, role), keyed by the triplet's shard:
-    the bytes go straight to the shard grouping; a reference's nearest real images go with it (role
-    "neighbours") when the job attaches them."""
+def _route(element) -> Iterator[tuple[int, tuple[str, str, object]]]:
+    """An image (or its nearest real images) and the triplets that need it -> one part per (triplet, role), keyed
+    by the triplet's shard: the bytes go straight to the shard grouping."""
     _, grouped = element
-    images, needs = list(grouped["image"]), list(grouped["need"])
-    if not images:
-        return
-    neighbours = next(iter(grouped.get("neighbours", ())), None)
-    for shard, triplet, role in needs:
-        yield shard, (triplet, role, images[0])
-        if role == "ref" and neighbours is not None:
-            yield shard, (triplet, "neighbours", neighbours)
+    found = {"image": next(iter(grouped.get("image", ())), None),
+             "neighbours": next(iter(grouped.get("neighbours", ())), None)}
+    for shard, triplet, role in grouped["need"]:
+        part = found["neighbours" if role == "neighbours" else "image"]
+        if part is not None:
+            yield shard, (triplet, role, part)
 
 
 def _by_shard(spec: dict) -> tuple[int, dict]:
@@ -101,15 +101,11 @@ def _by_shard(spec: dict) -> tuple[int, dict]:
 
 
 def _assemble(spec: dict, parts: dict[str, dict]) -> dict:
-    """A triplet from its spec and its images ("ref", and "tgt" unless the spec carries an edited target)."""
+    """A triplet from its spec and the images it does not carry ("ref" and "tgt" of a mined triplet)."""
     spec = dict(spec)
-    ref = parts["ref"]
-    spec["ref_image"], spec["ref_ext"], spec["ref_emb"] = ref["image"], ref["ext"], ref["emb"]
-    spec["ref_emb_clip"] = ref.get("emb_clip")
-    if "tgt_image" not in spec:
-        tgt = parts["tgt"]
-        spec["tgt_image"], spec["tgt_ext"], spec["tgt_emb"] = tgt["image"], tgt["ext"], tgt["emb"]
-        spec["tgt_emb_clip"] = tgt.get("emb_clip")
+    for role in ("ref", "tgt"):
+        if f"{role}_image" not in spec:
+            spec.update(image_fields(role, parts[role]))
     return spec
 
 
@@ -118,11 +114,11 @@ def _assemble_shard(element, cfg: SynthConfig) -> tuple[int, list[dict]]:
     items), the input jobs.WriteShard takes. Edited triplets get their hard negatives here."""
     shard, grouped = element
     parts: dict[str, dict] = {}
-    for triplet, role, part in grouped["part"]:
+    for triplet, role, part in grouped.get("part", ()):
         parts.setdefault(triplet, {})[role] = part
-    triplets = [_assemble(spec, parts[spec["key"]]) for spec in grouped["spec"]]
+    triplets = [_assemble(spec, parts.get(spec["key"], {})) for spec in grouped["spec"]]
     if cfg.quality == "high" and cfg.hard_negatives > 0:
-        triplets = [with_negatives(t, parts[t["key"]].get("neighbours"), cfg) for t in triplets]
+        triplets = [with_negatives(t, parts.get(t["key"], {}).get("neighbours"), cfg) for t in triplets]
     return shard, [{"sample": t} for t in triplets]
 
 
@@ -195,14 +191,18 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                                                                cfg.device, cfg.batch_size, cfg.llm_chat == "on")
         assigned = written_by_llm.specs
         rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
-    # The images (and, for edited triplets, their references' neighbours) join the triplets that need them, each
-    # image once, then go with the specs straight into the shard grouping, where each shard's triplets are
-    # assembled and written: image bytes cross these two groupings only.
-    needs = assigned | "Needs" >> beam.FlatMap(_needs)
-    by_image = {"image": samples, "need": needs, **({"neighbours": neighbours} if neighbours is not None else {})}
-    parts = by_image | "JoinImages" >> jobs.MeasuredCoGroupByKey() | "Route" >> beam.FlatMap(_route_images)
-    written = ({"spec": assigned | "SpecByShard" >> beam.Map(_by_shard), "part": parts}
-               | "GroupByShard" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.Map(_assemble_shard, cfg)
+    # A mined triplet's images join it by key (each image once) and go, keyed by its shard, straight into the
+    # shard grouping, where each shard's triplets are assembled and written: their bytes cross these two
+    # groupings. An edited triplet carries its own images from the editor: only its reference's nearest real
+    # images (keys and captions) join it.
+    needs = assigned | "Needs" >> beam.FlatMap(_needs, neighbours is not None)
+    by_key = {"need": needs, **({"image": samples} if cfg.quality == "low" else {}),
+              **({"neighbours": neighbours} if neighbours is not None else {})}
+    by_shard = {"spec": assigned | "SpecByShard" >> beam.Map(_by_shard)}
+    if len(by_key) > 1:
+        join = "JoinImages" if "image" in by_key else "JoinNeighbours"
+        by_shard["part"] = by_key | join >> jobs.MeasuredCoGroupByKey() | "Route" >> beam.FlatMap(_route)
+    written = (by_shard | "GroupByShard" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.Map(_assemble_shard, cfg)
                | "Write" >> beam.ParDo(jobs.WriteShard(cfg.output, cfg.shard_prefix, to_webdataset, index_row,
                                                        LOG.name)))
     failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()

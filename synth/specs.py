@@ -38,3 +38,10 @@ class SpecOrder(PickOrder):
 
 def each(items: list) -> list:
     return items
+
+
+def image_fields(role: str, image: dict) -> dict:
+    """A caption sample's image (ReadCaptionShard's dict) as a triplet's `{role}_image`, `_ext`, `_emb`,
+    `_emb_clip` fields."""
+    return {f"{role}_image": image["image"], f"{role}_ext": image["ext"], f"{role}_emb": image["emb"],
+            f"{role}_emb_clip": image.get("emb_clip")}

@@ -252,9 +252,10 @@ def test_toy_edited_triplets_are_exactly_right(toy_captions, tmp_path):
         tgt_img = Image.open(io.BytesIO(t["tgt.png"]))
         assert tgt_img.size == ref_img.size and tgt_img.mode == "RGB"
     assert with_negatives == 20
-    # the sources are chosen by key, joined back to their images (Join); the references' images and nearest
-    # real images join their triplets (JoinImages); the edited targets travel only into the shard grouping
-    assert set(stats["shuffle_bytes"]) == {"Join", "JoinImages", "GroupByShard"}
+    # the sources are chosen by key (a side input filters them in place); an edited triplet carries its own
+    # images from the editor into the shard grouping, the one grouping image bytes enter; only its reference's
+    # nearest real images (keys and captions) join it on the way
+    assert set(stats["shuffle_bytes"]) == {"JoinNeighbours", "GroupByShard"}
 
 
 def test_toy_coarse_texts_are_one_to_many_and_leave_the_rest_alone(toy_captions, tmp_path, capsys):
@@ -265,7 +266,8 @@ def test_toy_coarse_texts_are_one_to_many_and_leave_the_rest_alone(toy_captions,
 
     base = ["--input", str(toy_captions[0]), "--quality", "high", "--num-triplets", "30", "--image-weight", "0",
             "--hard-negatives", "0", *BEAM]
-    run(["--output", str(tmp_path / "exact"), *base])
+    exact_stats = run(["--output", str(tmp_path / "exact"), *base])
+    assert set(exact_stats["shuffle_bytes"]) == {"GroupByShard"}  # no hard negatives: nothing joins the triplets
     run(["--output", str(tmp_path / "coarse"), "--toy-coarse-fraction", "0.7", *base])
     exact = {t["__key__"]: t for t in triplets(tmp_path / "exact")}
     coarse = {t["__key__"]: t for t in triplets(tmp_path / "coarse")}
