@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from cir.errors import CIRError
 from search.index import GalleryError, GalleryIndex, IndexConfig, build_index
 from search.search import Searcher
 
@@ -125,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"index": index, "search": search, "serve": serve}[args.command](args)
-    except GalleryError as err:  # and the errors of the checkpoint or the images it names (all CIRError)
+    except CIRError as err:  # the index, the query, the checkpoint or the images it names
         print(f"python -m search {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -103,6 +103,9 @@ def test_search_command_prints_json_and_fails_cleanly(indexed, capsys, tmp_path)
     assert "no image named 'nope.png'" in capsys.readouterr().err
     assert search_main(["search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
     assert "is not a gallery index" in capsys.readouterr().err
+    # the checkpoint's own errors (here: an architecture without weights) are messages too, not tracebacks
+    assert search_main(["search", "--index", str(out), "--text", "x", "--checkpoint", "ViT-B-32"]) == 2
+    assert "randomly initialised" in capsys.readouterr().err
 
 
 def test_incremental_index_equals_a_full_rebuild(toy_world, tiny_stage1_export, tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.data import DataError, TrainStream, decode_sample, expand_weighted_sources
+from train.data import DataError, TrainStream, decode_sample
+from train.sources import expand_weighted_sources
 from train.supervised import TripletSource, one_word_neighbours, parse_entry
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}

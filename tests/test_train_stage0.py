@@ -219,7 +219,7 @@ def test_bad_data_is_an_error_before_training(toy_captions, tmp_path, capsys):
 
 
 def test_mix_manifest_weights_reach_the_stream(toy_captions, tmp_path):
-    from train.data import expand_weighted_sources
+    from train.sources import expand_weighted_sources
 
     data, _ = toy_captions
     manifest = tmp_path / "mix.yaml"

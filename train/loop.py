@@ -32,7 +32,8 @@ from tqdm import tqdm
 from cir.config import ConfigError, save_config, to_dict
 from cir.errors import CIRError
 from train.config import TrainConfig, load_config
-from train.data import DataError, TrainLoader, TrainStream, check_schema, expand_weighted_sources
+from train.data import DataError, TrainLoader, TrainStream, check_schema
+from train.sources import expand_weighted_sources
 from train.stage import Stage
 
 
