@@ -143,3 +143,14 @@ def test_hub_weights_offline_give_a_clear_error():
 def test_unknown_model_name_lists_the_tiny_ones():
     with pytest.raises(BackboneError, match="tiny-clip-32"):
         create_backbone("no-such-clip")
+
+
+def test_the_docs_example_runs(capsys):
+    """docs/BACKBONES.md's code block builds a tiny CLIP and encodes an image and a text with it."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "BACKBONES.md").read_text()
+    block = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    exec(compile(block, "docs/BACKBONES.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 32]) torch.Size([1, 32]) 32"
