@@ -14,6 +14,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 import uuid
 from typing import Iterable, Iterator, Optional
 
@@ -117,8 +118,6 @@ def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], inde
     by key so a retried bundle or a rerun writes the same bytes. A retried bundle writes its own temp file and
     renames it over the same final name, so nothing is written twice.
     """
-    import webdataset as wds
-
     name = shard_name(prefix, index)
     shard_dir = join(out_dir, SHARD_DIR)
     index_rows = sorted(index_rows, key=lambda r: r["key"])
@@ -126,12 +125,31 @@ def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], inde
     write_atomic(join(shard_dir, f"{name}.failed.parquet"),
                   table_bytes(pa.Table.from_pylist(sorted(failed_rows, key=lambda r: r["source"]),
                                                    schema=FAILED_SCHEMA)))
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, mtime=TAR_MTIME) as sink:
-        for sample in sorted(samples, key=lambda s: s["__key__"]):
-            sink.write(sample)
-    write_atomic(join(shard_dir, f"{name}.tar"), buf.getvalue())
+    write_atomic(join(shard_dir, f"{name}.tar"), tar_bytes(sorted(samples, key=lambda s: s["__key__"])))
     return name
+
+
+def tar_bytes(samples: Iterable[dict]) -> bytes:
+    """A WebDataset tar of samples whose members are already bytes (cir.schema's to_webdataset): member
+    `{key}.{name}` per entry, names sorted, in the archive format webdataset's TarWriter writes (pax, mode
+    0444, owner "bigdata", TAR_MTIME; the tests compare the bytes with TarWriter's). Written with the standard
+    library because the data jobs need nothing else from webdataset, and importing it loads torch: seconds of
+    every job's start-up."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for name in sorted(sample):
+                if name == "__key__":
+                    continue
+                data = sample[name]
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"sample {key}: member {name} is {type(data).__name__}, not bytes")
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+                info.uname = info.gname = "bigdata"
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def complete_shards(out_dir: str) -> list[str]:
@@ -178,12 +196,13 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def versions() -> dict:
+    from importlib.metadata import version  # not `import webdataset`: it loads torch
+
     import apache_beam
     import PIL
-    import webdataset
 
     return {"apache_beam": apache_beam.__version__, "pillow": PIL.__version__, "pyarrow": pa.__version__,
-            "webdataset": getattr(webdataset, "__version__", "unknown"), "schema_version": SCHEMA_VERSION}
+            "webdataset": version("webdataset"), "schema_version": SCHEMA_VERSION}
 
 
 def check_model_reference(name: str, what: str, markers: tuple[str, ...] = ()) -> None:
@@ -230,13 +249,36 @@ class NotARegularFile(OSError):
     """A local input path that is a FIFO, a device or a socket: opening it could block forever, so it is not."""
 
 
+class SourceChanged(OSError):
+    """A local file read again (reread) is not the one read first: its size or modification time changed."""
+
+
 def read_file(path: str) -> bytes:
     """A file's bytes (local, or gs:// etc. through fsspec). A local path that is not a regular file raises
     NotARegularFile without being opened; a broken symlink raises FileNotFoundError."""
-    if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):
+    if "://" in path:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    return read_local(path)[0]
+
+
+def read_local(path: str) -> tuple[bytes, str]:
+    """A local file's bytes and its stamp ("size:mtime_ns", from the same open file), which reread checks.
+    Not through fsspec: its open costs more than reading a small image."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
         raise NotARegularFile(f"{path} is not a regular file (a FIFO, device or socket): not read")
-    with fsspec.open(path, "rb") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        return f.read(), f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def reread(path: str, stamp: str) -> bytes:
+    """A local file's bytes again, as they were when read_local gave `stamp`; SourceChanged if its size or
+    modification time moved since (the same test as a dataset's input fingerprint)."""
+    data, now = read_local(path)
+    if now != stamp:
+        raise SourceChanged(f"{path} changed while the job ran (size:mtime_ns {stamp} when read, {now} now)")
+    return data
 
 
 def iter_shard(path: str) -> Iterator[dict]:

@@ -176,13 +176,15 @@ class WriteShard(beam.DoFn):
     "duplicates": copies dropped} (with `dedup`: identical samples meet here, as their key fixes the shard).
 
     to_webdataset(sample) -> webdataset dict and index_row(sample, shard_name) -> index row are
-    module-level functions of the job (picklable).
+    module-level functions of the job (picklable); so is load(sample) -> sample, run first on each sample kept
+    (the caption job reads the bytes it left behind there): an OSError from it makes the sample a failed row
+    (stage "write": "changed_during_job" for cir.dataset.SourceChanged, else "unreadable").
     """
 
     def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str,
-                 dedup: bool = False):
+                 dedup: bool = False, load: Optional[Callable] = None):
         self.output, self.prefix, self.log_name, self.dedup = output, prefix, log_name, dedup
-        self.to_webdataset, self.index_row = to_webdataset, index_row
+        self.to_webdataset, self.index_row, self.load = to_webdataset, index_row, load
         self.written = Metrics.counter(log_name, "written")
 
     def process(self, element) -> Iterator[dict]:
@@ -190,6 +192,8 @@ class WriteShard(beam.DoFn):
         items, duplicates = keep_one_per_key(list(items)) if self.dedup else (list(items), 0)
         samples = [i["sample"] for i in items if "sample" in i]
         failed = [i["failed"] for i in items if "failed" in i]
+        if self.load is not None:
+            samples = list(self._loaded(samples, failed))
         name = ds.shard_name(self.prefix, shard)
         ds.write_shard(self.output, self.prefix, shard, [self.to_webdataset(s) for s in samples],
                        [self.index_row(s, name) for s in samples], failed)
@@ -198,6 +202,14 @@ class WriteShard(beam.DoFn):
                                               len(failed))
         yield {"shard": name, "duplicates": duplicates}
 
+    def _loaded(self, samples: list[dict], failed: list[dict]) -> Iterator[dict]:
+        for sample in samples:
+            try:
+                yield self.load(sample)
+            except OSError as err:
+                reason = "changed_during_job" if isinstance(err, ds.SourceChanged) else "unreadable"
+                failed.append(ds.failed_row(sample["source"], "write", reason, str(err)))
+
 
 class WriteShards(beam.PTransform):
     """Shard items (shard, {"sample": ...} | {"failed": ...}), made by as_sample / as_failed, -> one committed
@@ -205,9 +217,9 @@ class WriteShards(beam.PTransform):
     before the grouping would be one more copy of every image on the DirectRunner (it materializes Flattens)."""
 
     def __init__(self, output: str, prefix: str, to_webdataset: Callable, index_row: Callable, log_name: str,
-                 dedup: bool = False):
+                 dedup: bool = False, load: Optional[Callable] = None):
         super().__init__()
-        self.args = (output, prefix, to_webdataset, index_row, log_name, dedup)
+        self.args = (output, prefix, to_webdataset, index_row, log_name, dedup, load)
 
     def expand(self, items):
         return items | "GroupByShard" >> MeasuredGroupByKey() | "Write" >> beam.ParDo(WriteShard(*self.args))

@@ -1,7 +1,8 @@
 """Reading images into records, from any path Beam's FileSystems reads (local, gs://, ...).
 
-A record is a dict `{"source": str, "data": bytes, "caption": str | None}`; inputs that cannot be read
-become `failed` rows instead. Supported inputs (`--input`):
+A record is a dict `{"source": str, "data": bytes, "caption": str | None}`, with `"stamp"` (cir.dataset.read_local)
+when the source is a local file that can be read again; inputs that cannot be read become `failed` rows
+instead. Supported inputs (`--input`):
 
 * a directory (recursive) or a glob: image files, with an optional sidecar `{stem}.txt` or `{stem}.json`
   (its "caption" or "text" field) next to each; files are paired with their sidecars by a GroupByKey on the
@@ -23,7 +24,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from cir.dataset import NotARegularFile, failed_row, read_file
+from cir.dataset import NotARegularFile, failed_row, read_file, read_local
 
 # Input files (and input tar members) read as images; the job writes them as one of cir.schema.IMAGE_EXTS.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -102,10 +103,24 @@ def broken_links(src: str) -> list[dict]:
     them without a word, so they are counted here."""
     if "://" in src or input_kind(src) != "files":
         return []
-    paths = glob.glob(file_pattern(src), recursive=True)
+    paths = _symlinks_under(src) if os.path.isdir(src) else glob.glob(file_pattern(src), recursive=True)
     return [failed_row(path, "read", "broken_symlink", f"{path} -> {os.readlink(path)}: the link's target does "
                        f"not exist") for path in sorted(paths)
-            if _split_ext(path)[1] in IMAGE_EXTS and os.path.islink(path) and not os.path.exists(path)]
+            if _is_image(path) and os.path.islink(path) and not os.path.exists(path)]
+
+
+def _symlinks_under(folder: str) -> list[str]:
+    """The symbolic links below a folder, without following linked folders (as the listing does not): a walk
+    that looks at no file but the links (glob stats every name)."""
+    found, todo = [], [folder]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    found.append(entry.path)
+                elif entry.is_dir():
+                    todo.append(entry.path)
+    return found
 
 
 def _split_ext(path: str) -> tuple[str, str]:
@@ -128,13 +143,26 @@ def caption_from_json(text: bytes | str) -> Optional[str]:
     return None
 
 
+def _is_image(path: str) -> bool:
+    return _split_ext(path)[1] in IMAGE_EXTS
+
+
 class ByStem(beam.DoFn):
     """(stem, path) for image files and their sidecars; other files are not inputs."""
 
-    def process(self, meta) -> Iterator[tuple[str, str]]:
-        stem, ext = _split_ext(meta.path)
+    def process(self, path: str) -> Iterator[tuple[str, str]]:
+        stem, ext = _split_ext(path)
         if ext in IMAGE_EXTS or ext in SIDECAR_EXTS:
-            yield stem, meta.path
+            yield stem, path
+
+
+def stem_groups(paths) -> list[tuple[str, list[str]]]:
+    """What ByStem + a grouping make of a listing, in memory: (stem, its image and sidecar paths), sorted."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        for stem, path in ByStem().process(path):
+            groups.setdefault(stem, []).append(path)
+    return sorted(groups.items())
 
 
 class ReadImageGroup(beam.DoFn):
@@ -158,17 +186,17 @@ class ReadImageGroup(beam.DoFn):
             except OSError as err:
                 problem = f"sidecar {by_ext['json']} cannot be read ({err})"
         for path in paths:
-            if _split_ext(path)[1] not in IMAGE_EXTS:
+            if not _is_image(path):
                 continue
             try:
-                data = read_file(path)
+                data, stamp = (read_file(path), None) if "://" in path else read_local(path)
             except NotARegularFile as err:
                 yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "not_a_regular_file", str(err)))
                 continue
             except Exception as err:  # permission denied, vanished file, remote errors
                 yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
                 continue
-            yield {"source": path, "data": data, "caption": sidecar_caption,
+            yield {"source": path, "data": data, "caption": sidecar_caption, **({"stamp": stamp} if stamp else {}),
                    **({"sidecar_problem": problem} if problem else {})}
 
 
@@ -272,24 +300,43 @@ class ReadParquetRow(beam.DoFn):
         if "://" not in path and not posixpath.isabs(path):
             path = FileSystems.join(posixpath.dirname(parquet_path), path)
         try:
-            data = read_file(path)
+            data, stamp = (read_file(path), None) if "://" in path else read_local(path)
         except Exception as err:
             yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
             return
         caption = row.get(self.caption_column) if self.caption_column else None
-        yield {"source": path, "data": data, "caption": caption if isinstance(caption, str) else None}
+        yield {"source": path, "data": data, "caption": caption if isinstance(caption, str) else None,
+               **({"stamp": stamp} if stamp else {})}
+
+
+class EmitAll(beam.DoFn):
+    """Impulse -> each of `items`. Like beam.Create, without its type inference over every element (seconds
+    for a listing of 10,000s of paths); the items travel pickled with the DoFn, as Create's do."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def process(self, _) -> Iterator:
+        yield from self.items
 
 
 class ReadInputs(beam.PTransform):
-    """--input -> {RECORDS: records, FAILED: failed rows, EXPECTED: one element per input known before its
-    bytes are read (an image path of the listing, a parquet row; a tar's members are known only by reading it),
-    which sizes the shards without waiting on the bytes}."""
+    """--input -> {RECORDS: records, FAILED: failed rows, EXPECTED: one element, the number of inputs known
+    before their bytes are read (the image paths of the listing, the parquet rows; a tar's members are known
+    only by reading it), which sizes the shards without waiting on the bytes}.
 
-    def __init__(self, src: str, path_column: str = "path", caption_column: Optional[str] = "caption"):
+    listing: the launcher's list_inputs(src). A local folder or glob is read from it, its images already paired
+    with their sidecars, rather than matched and grouped again (the job reads exactly the files the input
+    fingerprint covers, and lists them once); a remote one is matched and grouped by the workers, as a listing
+    of millions of paths does not belong in the pipeline's graph."""
+
+    def __init__(self, src: str, path_column: str = "path", caption_column: Optional[str] = "caption",
+                 listing: Optional[dict] = None):
         super().__init__()
         self.src = src
         self.path_column = path_column
         self.caption_column = caption_column
+        self.listing = listing
 
     def expand(self, p):
         from pipeline.jobs import MeasureShuffle, MeasuredGroupByKey
@@ -301,7 +348,8 @@ class ReadInputs(beam.PTransform):
                     | "MeasureReshuffle" >> beam.ParDo(MeasureShuffle("Reshuffle"))  # file metadata, no bytes
                     | "Reshuffle" >> beam.Reshuffle()
                     | "ReadTars" >> beam.ParDo(ReadTarShard()).with_outputs(FAILED, main=RECORDS))
-            return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: read[RECORDS]}
+            return {RECORDS: read[RECORDS], FAILED: read[FAILED],
+                    EXPECTED: read[RECORDS] | "CountRecords" >> beam.combiners.Count.Globally()}
         if kind == "parquet":
             from apache_beam.io.parquetio import ReadAllFromParquet
 
@@ -309,11 +357,17 @@ class ReadInputs(beam.PTransform):
                     | "ReadParquet" >> ReadAllFromParquet(with_filename=True))
             read = rows | "ReadRows" >> beam.ParDo(ReadParquetRow(self.path_column, self.caption_column)).with_outputs(
                 FAILED, main=RECORDS)
-            return {RECORDS: read[RECORDS], FAILED: read[FAILED], EXPECTED: rows}
-        listing = (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
-                   | "ByStem" >> beam.ParDo(ByStem()))
-        read = (listing | "GroupSidecars" >> MeasuredGroupByKey()
-                | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main=RECORDS))
-        images = listing | "ImagePaths" >> beam.Filter(lambda item: _split_ext(item[1])[1] in IMAGE_EXTS)
+            return {RECORDS: read[RECORDS], FAILED: read[FAILED],
+                    EXPECTED: rows | "CountRows" >> beam.combiners.Count.Globally()}
+        if self.listing is not None and "://" not in self.src:
+            groups = p | "Impulse" >> beam.Impulse() | "Listed" >> beam.ParDo(EmitAll(stem_groups(self.listing)))
+            expected = p | "CountListed" >> beam.Create([sum(map(_is_image, self.listing))])
+        else:
+            by_stem = (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
+                       | "ByStem" >> beam.ParDo(lambda meta: ByStem().process(meta.path)))
+            groups = by_stem | "GroupSidecars" >> MeasuredGroupByKey()
+            expected = (by_stem | "ImagePaths" >> beam.Filter(lambda item: _is_image(item[1]))
+                        | "CountImages" >> beam.combiners.Count.Globally())
+        read = groups | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main=RECORDS)
         failed = (read[FAILED], p | "BrokenLinks" >> beam.Create(broken_links(self.src))) | "ReadFailed" >> beam.Flatten()
-        return {RECORDS: read[RECORDS], FAILED: failed, EXPECTED: images}
+        return {RECORDS: read[RECORDS], FAILED: failed, EXPECTED: expected}

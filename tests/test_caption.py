@@ -179,9 +179,10 @@ def test_copies_meet_in_their_shard_and_the_captioned_one_is_kept():
     assert sorted((i.get("sample") or i.get("failed"))["source"] for i in kept) == ["b", "m", "x"]
 
 
-def test_image_bytes_cross_one_grouping_and_a_resume_counts_every_duplicate(toy_world, tmp_path):
-    """stats.json's shuffle_bytes: the shard grouping carries the images, the sidecar pairing and the resumed
-    shards' keys carry names only. Copies of the same bytes land in one shard (their key fixes it), and a
+def test_local_images_cross_no_grouping_and_a_resume_counts_every_duplicate(toy_world, tmp_path):
+    """stats.json's shuffle_bytes: from a local folder the shard grouping carries keys, captions and metadata,
+    no image bytes (they are read again where the shard is written), and there is no sidecar grouping (the
+    launcher's listing pairs them). Copies of the same bytes land in one shard (their key fixes it), and a
     rerun that skips committed shards still counts the copies inside them."""
     images = tmp_path / "in"
     shutil.copytree(toy_world / "images", images)
@@ -193,10 +194,8 @@ def test_image_bytes_cross_one_grouping_and_a_resume_counts_every_duplicate(toy_
     assert stats["duplicates"] == 3 and stats["written"] == 48
     stored = sum(len(s[image_ext(s)]) for s in read_dataset(out).values())
     moved = stats["shuffle_bytes"]
-    assert set(moved) == {"GroupSidecars", "GroupByShard", "SkippedKeys"}
-    assert moved["GroupByShard"] > stored  # every image (and its copies) once, with its caption and metadata
-    names = sum(len(str(f)) for f in images.iterdir())
-    assert 0 < moved["GroupSidecars"] <= 2 * names  # (stem, path) of each listed file: names, no bytes
+    assert set(moved) == {"GroupByShard", "SkippedKeys"}
+    assert 0 < moved["GroupByShard"] <= 600 * stats["inputs"] < stored  # a few hundred bytes per image
     assert moved["SkippedKeys"] == 0
 
     committed = sorted((out / "shards").glob("*.tar"))
@@ -234,6 +233,76 @@ def test_tar_shards_input_with_a_corrupt_shard(toy_world, tmp_path):
     assert sum(s.split("::")[0].endswith("src-000.tar") for s in sources) == 6
     assert all(s["txt"] for s in samples.values())
     assert stats["written"] == len(samples)
+    # a tar member cannot be read again by itself: its bytes travel through the shard grouping, the one
+    # grouping that carries images
+    stored = sum(len(s[image_ext(s)]) for s in samples.values())
+    assert set(stats["shuffle_bytes"]) == {"Reshuffle", "GroupByShard", "SkippedKeys"}
+    assert stats["shuffle_bytes"]["GroupByShard"] > stored > 100 * stats["shuffle_bytes"]["Reshuffle"]
+
+
+def test_a_local_image_changed_or_gone_before_its_shard_is_written_is_a_failed_row(tmp_path):
+    """The bytes left behind (leave_bytes) are read again where the shard is written; a file whose size or
+    mtime moved since is never written in place of the one that was captioned and hashed."""
+    from cir.dataset import read_local
+    from pipeline.caption import index_row, leave_bytes, to_webdataset, with_bytes
+    from pipeline.jobs import WriteShard, as_sample
+
+    def sample(name: str, colour: tuple) -> dict:
+        path = tmp_path / name
+        path.write_bytes(jpeg(colour))
+        data, stamp = read_local(str(path))
+        return {"key": content_key(data), "sha256": "0" * 64, "source": str(path), "caption": "c", "data": data,
+                "ext": "jpg", "width": 40, "height": 40, "reencoded": None, "stamp": stamp, "shard": 0,
+                "captioner": "sidecar"}
+
+    kept, changed, gone = sample("kept.jpg", (1, 2, 3)), sample("changed.jpg", (90, 0, 0)), sample("gone.jpg", (0, 90, 0))
+    assert "data" not in leave_bytes(kept) and with_bytes(leave_bytes(kept))["data"] == kept["data"]
+    (tmp_path / "changed.jpg").write_bytes(jpeg() + b"trailing bytes")
+    (tmp_path / "gone.jpg").unlink()
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    writer = WriteShard(str(out), "part", to_webdataset, index_row, "test", dedup=True, load=with_bytes)
+    list(writer.process((0, [as_sample(leave_bytes(s))[1] for s in (kept, changed, gone)])))
+    failed = pq.read_table(out / "shards" / "part-00000.failed.parquet").to_pylist()
+    assert sorted((Path(r["source"]).name, r["stage"], r["reason"]) for r in failed) == [
+        ("changed.jpg", "write", "changed_during_job"), ("gone.jpg", "write", "unreadable")]
+    assert [s["__key__"] for s in read_dataset(out).values()] == [kept["key"]]
+    assert next(iter(read_dataset(out).values()))["jpg"] == kept["data"]
+
+
+def test_the_sidecar_caption_job_does_not_load_torch(toy_world, tmp_path):
+    """Start-up is most of a small job's time: without a model the job never imports torch (webdataset would
+    load it; shards are written with the standard library, cir.dataset.tar_bytes)."""
+    code = ("import sys; from pipeline.caption import run; "
+            f"run(['--input', {str(toy_world / 'images')!r}, '--output', {str(tmp_path / 'out')!r}]); "
+            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "stats.json").exists()
+
+
+def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path):
+    """A local folder is read from the launcher's listing, its images paired with their sidecars in memory; a
+    remote one is matched and grouped by the workers. Both give the same records and the same count of
+    inputs (checked on a local folder read both ways)."""
+    from pipeline.sources import EXPECTED, RECORDS, ReadInputs, list_inputs
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    files = {"a.jpg": jpeg(), "a.txt": b"caption a", "b.jpg": jpeg((0, 0, 200)), "b.json": b'{"text": "caption b"}',
+             "c.jpg": jpeg((0, 200, 0)), "sub/d.jpg": jpeg((9, 9, 9)), "sub/d.txt": b"caption d", "e.txt": b"alone"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    expected = [(str(folder / name), files[name], caption) for name, caption in
+                [("a.jpg", "caption a"), ("b.jpg", "caption b"), ("c.jpg", None), ("sub/d.jpg", "caption d")]]
+
+    with TestPipeline() as p:
+        for label, read in [("listed", ReadInputs(str(folder), listing=list_inputs(str(folder)))),
+                            ("matched", ReadInputs(str(folder)))]:
+            out = p | label >> read
+            assert_that(out[RECORDS] | f"{label}Records" >> beam.Map(lambda r: (r["source"], r["data"], r["caption"])),
+                        equal_to(expected), label=f"{label}-records")
+            assert_that(out[EXPECTED], equal_to([4]), label=f"{label}-count")
 
 
 def test_parquet_input_with_relative_paths(toy_world, tmp_path):

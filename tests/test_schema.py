@@ -45,6 +45,32 @@ def test_samples_round_trip_through_their_members():
     assert triplet.meta == {"quality": "high"}  # encoding does not change the sample
 
 
+def test_shards_are_written_as_webdatasets_tarwriter_writes_them():
+    """cir.dataset.tar_bytes writes shards with the standard library (webdataset's import loads torch, seconds
+    of each data job's start-up): the bytes equal TarWriter's, and webdataset reads them back."""
+    import io
+
+    import webdataset as wds
+
+    samples = [CaptionSample(f"{i:032x}", Picture(bytes([i]) * (100 + 700 * i), "jpg", _emb() if i % 2 else None,
+                                                  "clip" if i % 2 else None), f"caption {i} é", {"i": i}).to_webdataset()
+               for i in range(6)]
+    samples.append(TripletSample("f" * 32, Picture(b"ref", "png"), Picture(b"tgt", "webp"), "mod", {}).to_webdataset())
+    theirs = io.BytesIO()
+    with wds.TarWriter(theirs, mtime=ds.TAR_MTIME) as sink:
+        for sample in samples:
+            sink.write(sample)
+    ours = ds.tar_bytes(samples)
+    assert ours == theirs.getvalue()
+    from webdataset import tariterators
+
+    read = list(tariterators.group_by_keys(tariterators.tar_file_expander([{"url": "x", "stream": io.BytesIO(ours)}])))
+    assert [{k: v for k, v in r.items() if not k.startswith("__")} for r in read] == [
+        {k: v for k, v in s.items() if k != "__key__"} for s in samples]
+    with pytest.raises(TypeError, match="member txt is str"):
+        ds.tar_bytes([{"__key__": "k", "txt": "not bytes"}])
+
+
 def test_incomplete_samples_are_schema_errors_naming_the_sample():
     raw = TripletSample("c" * 32, Picture(b"ref", "png"), Picture(b"tgt", "png"), "x").to_webdataset()
     for member, what in (("tgt.png", "no tgt image"), ("mod.txt", "no mod.txt")):
