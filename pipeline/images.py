@@ -11,7 +11,6 @@ outside jpg/png/webp (GIF, BMP, TIFF: first frame, re-encoded as PNG). `reencode
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -73,24 +72,24 @@ def prepare_image(data: bytes, *, min_size: int = 1, max_size: Optional[int] = N
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     if not data:
         raise ImageRejected("empty", "zero-byte file")
-    # PIL warns between 1x and 2x its pixel limit and raises above: treat both as a decompression bomb.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        old_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format or ""
-            img.seek(0)  # animated images: the first frame
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageRejected("too_many_pixels", f"decompression bomb guard: {err}") from err
-        except Image.UnidentifiedImageError as err:
-            raise ImageRejected("not_an_image", str(err)) from err
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise ImageRejected("corrupt", f"cannot decode: {err}") from err
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
+    # No global state is touched (PIL's MAX_IMAGE_PIXELS, warning filters): the caption job decodes on several
+    # threads. PIL's own guard raises past twice its limit; ours is checked on the header, before decoding.
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or ""
+        if img.width * img.height > max_pixels:
+            raise ImageRejected("too_many_pixels", f"decompression bomb guard: {img.width}x{img.height} is more than "
+                                                   f"{max_pixels} pixels")
+        img.seek(0)  # animated images: the first frame
+        img.load()
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageRejected("too_many_pixels", f"decompression bomb guard: {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageRejected("not_an_image", str(err)) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageRejected("corrupt", f"cannot decode: {err}") from err
     reasons = []
     if getattr(img, "n_frames", 1) > 1:
         reasons.append("first_frame")

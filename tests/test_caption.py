@@ -158,12 +158,52 @@ def test_prepare_image_dofn_with_test_pipeline():
     good = jpeg()
     records = [{"source": "a.jpg", "data": good, "caption": "c"}, {"source": "b.jpg", "data": b"", "caption": "c"}]
     with TestPipeline() as p:
-        out = p | beam.Create(records) | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED,
-                                                                                                       main="ok")
+        out = p | beam.Create([records]) | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED,
+                                                                                                         main="ok")
         assert_that(out.ok | beam.Map(lambda s: (s["key"], s["ext"], s["width"])),
                     equal_to([(content_key(good), "jpg", 40)]), label="ok")
         assert_that(out[FAILED] | beam.Map(lambda r: (r["source"], r["reason"])), equal_to([("b.jpg", "empty")]),
                     label="failed")
+
+
+def test_large_images_are_prepared_on_threads_with_the_same_results():
+    """Images of LARGE_IMAGE bytes or more are decoded and hashed on a thread pool: results, failures and the
+    pixel guard are those of the inline path, and PIL's global limit is never touched."""
+    import numpy as np
+
+    from pipeline.caption import LARGE_IMAGE
+
+    def noisy_jpeg(seed: int, side: int = 256) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    big = [noisy_jpeg(i) for i in range(5)]
+    assert all(len(b) >= LARGE_IMAGE for b in big)
+    records = [{"source": f"big{i}.jpg", "data": b, "caption": "c"} for i, b in enumerate(big)]
+    records += [{"source": "small.jpg", "data": jpeg(), "caption": "c"},
+                {"source": "garbage.jpg", "data": os.urandom(LARGE_IMAGE + 1), "caption": "c"},  # on a thread
+                {"source": "cut.jpg", "data": big[0][: len(big[0]) - 4000], "caption": "c"}]
+    limit = Image.MAX_IMAGE_PIXELS
+    with TestPipeline() as p:
+        out = (p | beam.Create([records[:4], records[4:]])
+               | beam.ParDo(PrepareImage(CaptionConfig("", "", max_pixels=250 * 250 + 1))).with_outputs(FAILED,
+                                                                                                          main="ok"))
+        assert_that(out.ok | beam.Map(lambda s: (s["source"], s["key"], s["width"])),
+                    equal_to([("small.jpg", content_key(jpeg()), 40)]), label="ok")
+        assert_that(out[FAILED] | beam.Map(lambda r: (r["source"], r["reason"])),
+                    equal_to([(f"big{i}.jpg", "too_many_pixels") for i in range(5)]
+                             + [("garbage.jpg", "not_an_image"), ("cut.jpg", "too_many_pixels")]), label="failed")
+    with TestPipeline() as p:  # no pixel limit: the large images pass, the cut one is corrupt
+        out = (p | beam.Create([records[:5], records[7:]])
+               | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED, main="ok"))
+        assert_that(out.ok | beam.Map(lambda s: (s["source"], s["key"], s["sha256"][:8], s["width"])),
+                    equal_to([(f"big{i}.jpg", content_key(b), hashlib.sha256(b).hexdigest()[:8], 256)
+                              for i, b in enumerate(big)]), label="ok")
+        assert_that(out[FAILED] | beam.Map(lambda r: (r["source"], r["reason"])), equal_to([("cut.jpg", "corrupt")]),
+                    label="failed")
+    assert Image.MAX_IMAGE_PIXELS == limit
 
 
 def test_copies_meet_in_their_shard_and_the_captioned_one_is_kept():
@@ -255,7 +295,8 @@ def test_a_local_image_changed_or_gone_before_its_shard_is_written_is_a_failed_r
                 "ext": "jpg", "width": 40, "height": 40, "reencoded": None, "stamp": stamp, "shard": 0,
                 "captioner": "sidecar"}
 
-    kept, changed, gone = sample("kept.jpg", (1, 2, 3)), sample("changed.jpg", (90, 0, 0)), sample("gone.jpg", (0, 90, 0))
+    kept, changed, gone = (sample("kept.jpg", (1, 2, 3)), sample("changed.jpg", (90, 0, 0)),
+                           sample("gone.jpg", (0, 90, 0)))
     assert "data" not in leave_bytes(kept) and with_bytes(leave_bytes(kept))["data"] == kept["data"]
     (tmp_path / "changed.jpg").write_bytes(jpeg() + b"trailing bytes")
     (tmp_path / "gone.jpg").unlink()

@@ -52,9 +52,10 @@ def test_shards_are_written_as_webdatasets_tarwriter_writes_them():
 
     import webdataset as wds
 
-    samples = [CaptionSample(f"{i:032x}", Picture(bytes([i]) * (100 + 700 * i), "jpg", _emb() if i % 2 else None,
-                                                  "clip" if i % 2 else None), f"caption {i} é", {"i": i}).to_webdataset()
-               for i in range(6)]
+    pictures = [Picture(bytes([i]) * (100 + 700 * i), "jpg", _emb() if i % 2 else None, "clip" if i % 2 else None)
+                for i in range(6)]
+    samples = [CaptionSample(f"{i:032x}", pic, f"caption {i} é", {"i": i}).to_webdataset()
+               for i, pic in enumerate(pictures)]
     samples.append(TripletSample("f" * 32, Picture(b"ref", "png"), Picture(b"tgt", "webp"), "mod", {}).to_webdataset())
     theirs = io.BytesIO()
     with wds.TarWriter(theirs, mtime=ds.TAR_MTIME) as sink:
