@@ -130,7 +130,7 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
     stage, dataset = make_stage(n, size, data, tmp)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=stage.cfg.mixed_precision)
     model = stage.build()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as train.loop
     model, optimizer = accelerator.prepare(model, optimizer)
     stage.setup(model, accelerator)
     urls = shard_urls(str(dataset))

@@ -33,7 +33,7 @@ def stage0_steps(stage, model, batches, steps: int) -> float:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.loop makes it
     it = iter(batches)
     next(it)  # warm-up: first batch and allocator
     start = time.time()
@@ -83,7 +83,7 @@ def stage1_step_times(clip: str, texts: list[str], steps: int) -> tuple[float, f
                                 mapping=MappingConfig(num_tokens=1, use_patches=False)))
     model = stage.build()
     accelerator = Accelerator(cpu=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     size = model.clip.visual.image_size
     images = torch.randn(len(texts), 3, *(size if isinstance(size, tuple) else (size, size)))
     with torch.no_grad():

@@ -257,8 +257,11 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     model = stage.build()
+    # fused: torch's one-kernel AdamW where it has one (CPU, CUDA). The default on CPU loops over the tensors
+    # in Python: 50-68 ms of a 160 ms toy CLIP step on 2 cores (7.6M parameters in 86 tensors), fused 10-12.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=accelerator.device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim.warmup_steps, cfg.max_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     stage.setup(model, accelerator)  # once the model is on its device (stage II's negative bank)
