@@ -163,3 +163,23 @@ def test_clip_settings_beside_init_from_are_refused(tiny_clip_dir, tmp_path, cap
     assert load_config(Stage1Config, None, [f"init_from={tiny_clip_dir}"]).init_from == str(tiny_clip_dir)
     assert main([f"output_dir={tmp_path / 'o'}", f"init_from={tiny_clip_dir}", "clip.model=tiny-clip-32"]) == 2
     assert "remove them" in capsys.readouterr().err
+
+
+def test_stage1_trains_the_same_with_the_frozen_cache_and_hits_it(toy_captions, tmp_path):
+    from train.config import load_config
+    from train.loop import train
+    from train.stage1 import Stage1, Stage1Config
+
+    data, _ = toy_captions
+    logs, stages = {}, {}
+    for mib in (0, 64):
+        out = tmp_path / f"cache{mib}"
+        cfg = load_config(Stage1Config, None, [*BASE, f"output_dir={out}", f"data.train=['{data}']", "max_steps=8",
+                                               "log_every=1", "log_with=[]", f"frozen_cache_mib={mib}"])
+        stages[mib] = Stage1(cfg)
+        train(stages[mib], cfg)
+        logs[mib] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(logs[0]) == 8 and all(abs(a - b) < 1e-4 for a, b in zip(logs[0], logs[64])), logs
+    cache = stages[64].frozen
+    assert cache.hits + cache.misses == 8 * 16 * 2  # every image and caption of 8 batches of 16 asked for
+    assert cache.hits > 0 and len(cache.rows) <= cache.misses  # the 48 images come round again within 8 batches

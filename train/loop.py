@@ -168,7 +168,7 @@ def parse_args(cls, argv: Optional[list[str]]):
 
 # Settings that do not define a run: changing them between a run and its restart is not "another config".
 RUN_CONTROL = ("resume", "overwrite", "max_steps", "log_every", "save_every", "save_total_limit", "log_with",
-               "run_name", "data.workers")
+               "run_name", "data.workers", "frozen_cache_mib")
 RUN_FILES = ("checkpoints", "final", "logs", "data_log", "train_log.jsonl", "config.json")  # what a run writes
 
 

@@ -27,6 +27,7 @@ from cir.config import ranged
 from train.config import TrainConfig
 from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
+from train.frozen import FrozenFeatures, pick, row_ids
 from train.loop import main as loop_main
 from train.stage import Stage
 
@@ -71,6 +72,7 @@ class Stage1(Stage):
         super().__init__()
         self.cfg = cfg
         self.cached = cfg.data.use_cached_embeddings and not cfg.mapping.use_patches
+        self.frozen = FrozenFeatures(cfg.frozen_cache_mib)  # the frozen towers' outputs, by input
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import clip_fingerprint, create_backbone
@@ -101,6 +103,10 @@ class Stage1(Stage):
             batch["emb"] = emb
         else:
             batch["images"] = preprocess_batch(self.backbone.preprocess, [image_of(s) for s in samples])
+        if self.cfg.frozen_cache_mib > 0:  # keys of the towers' outputs (train.frozen), hashed here in the loader
+            batch["caption_ids"] = row_ids(batch["captions"])
+            if "images" in batch:
+                batch["image_ids"] = row_ids(batch["images"])
         return batch
 
     cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)
@@ -109,12 +115,23 @@ class Stage1(Stage):
         from cir.mapping import encode_text, image_features
 
         clip = accelerator.unwrap_model(model).clip
-        with torch.no_grad():
-            if "emb" in batch:
-                v, patches = F.normalize(batch["emb"], dim=-1), None
-            else:
-                v, patches = image_features(clip, batch["images"], self.cfg.mapping.use_patches)
-            c = encode_text(clip, batch["captions"])  # [B, d] frozen teacher side
+        use_patches = self.cfg.mapping.use_patches
+
+        def images(rows):
+            with torch.no_grad():
+                v, patches = image_features(clip, pick(batch["images"], rows), use_patches)
+            return (v, patches) if use_patches else (v,)
+
+        def captions(rows):
+            with torch.no_grad():
+                return (encode_text(clip, pick(batch["captions"], rows)),)
+
+        if "emb" in batch:
+            v, patches = F.normalize(batch["emb"], dim=-1), None
+        else:
+            out = self.frozen("image", batch.get("image_ids"), images)  # [B, d], [B, n, w]
+            v, patches = out[0], out[1] if use_patches else None
+        c = self.frozen("caption", batch.get("caption_ids"), captions)[0]  # [B, d] frozen teacher side
         prompts = self.prompt_tokens.to(v.device).expand(v.shape[0], -1)
         return {"t": model(v, patches, prompts), "v": v, "c": c}  # t: [B, d] pseudo-prompt features
 

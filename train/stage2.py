@@ -38,6 +38,7 @@ from cir.config import ConfigError, ranged
 from train.config import TrainConfig
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
+from train.frozen import FrozenFeatures, pick, row_ids
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
 from train.stage import Stage
@@ -107,6 +108,7 @@ class Stage2(Stage):
         super().__init__()
         self.cfg = cfg
         self.bank = None  # NegativeBank when hard_negatives.weight > 0 (built in setup)
+        self.frozen = FrozenFeatures(cfg.frozen_cache_mib)  # the frozen image tower's outputs, by input
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import clip_fingerprint
@@ -180,6 +182,10 @@ class Stage2(Stage):
             batch["tgt_emb"] = tgt_emb
         else:
             batch["tgts"] = preprocess_batch(bb.preprocess, [image_of(s, TGT) for s in samples])
+        if self.cfg.frozen_cache_mib > 0:  # keys of the tower's outputs (train.frozen), hashed here in the loader
+            batch["ref_ids"] = row_ids(batch["refs"])
+            if "tgts" in batch:
+                batch["tgt_ids"] = row_ids(batch["tgts"])
         if self.bank is not None:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
@@ -193,18 +199,20 @@ class Stage2(Stage):
         return {"v_tgt": self._targets(accelerator.unwrap_model(model).clip, batch)}
 
     def _targets(self, clip, batch: dict) -> torch.Tensor:
-        from cir.mapping import image_features
+        """The targets' frozen features [B, d]: from tgt.emb.npy, kept ones (train.frozen) or the tower."""
+        if "tgt_emb" in batch:
+            return F.normalize(batch["tgt_emb"], dim=-1)
+        return self.frozen("tgt", batch.get("tgt_ids"), lambda rows: _tower(clip, batch["tgts"], rows, False))[0]
 
-        with torch.no_grad():
-            return F.normalize(batch["tgt_emb"], dim=-1) if "tgt_emb" in batch else image_features(
-                clip, batch["tgts"], False)[0]
+    def _references(self, clip, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The references' frozen features [B, d] and, when the mapping reads them, patch tokens [B, n, w]."""
+        use_patches = self.cir.mapping.cfg.use_patches
+        out = self.frozen("ref", batch.get("ref_ids"), lambda rows: _tower(clip, batch["refs"], rows, use_patches))
+        return out[0], out[1] if use_patches else None
 
     def features(self, model, batch: dict, accelerator) -> dict:
-        from cir.mapping import image_features
-
         clip = accelerator.unwrap_model(model).clip
-        with torch.no_grad():
-            v_ref, patches = image_features(clip, batch["refs"], self.cir.mapping.cfg.use_patches)
+        v_ref, patches = self._references(clip, batch)
         v_tgt = self._targets(clip, batch)
         q, w, q_text = model(v_ref, patches, batch["prompts"])  # [B, d], [B] or None, [B, d]
         features = {"q": q, "v_ref": v_ref, "v_tgt": v_tgt}
@@ -265,6 +273,15 @@ class Stage2(Stage):
 
         save_cir_model(out_dir, self.cir.backbone, model.mapping, self.cir.mapping.cfg, self.cir.prompt, stage=2,
                        adapters=model.adapters, fusion=model.fusion, template=self.cfg.template)
+
+
+def _tower(clip, images: torch.Tensor, rows: Optional[list[int]], with_patches: bool) -> tuple[torch.Tensor, ...]:
+    """The frozen image tower on `rows` of `images` (None: all): (features [m, d],) or with patch tokens."""
+    from cir.mapping import image_features
+
+    with torch.no_grad():
+        v, patches = image_features(clip, pick(images, rows), with_patches)
+    return (v, patches) if with_patches else (v,)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

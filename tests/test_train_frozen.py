@@ -1,0 +1,58 @@
+"""What a frozen tower computed is kept by its input (train.frozen): each distinct input is encoded once, the
+outputs are those of the tower, and the memory cap holds (stage II with and without it: test_train_stage2)."""
+from __future__ import annotations
+
+import torch
+
+from train.frozen import FrozenFeatures, pick, row_ids
+
+
+def test_row_ids_name_the_rows_bytes():
+    a = torch.randn(4, 3, 2, 2)
+    b = a.clone()
+    b[2, 0, 0, 0] += 1e-6  # one value of one row
+    ids_a, ids_b = row_ids(a), row_ids(b)
+    assert ids_a[:2] == ids_b[:2] and ids_a[3] == ids_b[3] and ids_a[2] != ids_b[2]
+    assert row_ids(a[[1, 1]]) == [ids_a[1]] * 2
+    tokens = torch.arange(8).reshape(4, 2)
+    assert row_ids(a, tokens) != ids_a and row_ids(a, tokens) == row_ids(a.clone(), tokens.clone())
+
+
+def tower(pixels: torch.Tensor, calls: list):
+    """A stand-in frozen tower with two outputs: (sum of each row [B], the row doubled [B, ...])."""
+    def encode(rows):
+        x = pick(pixels, rows)
+        calls.append(len(x))
+        return x.flatten(1).sum(1), 2 * x
+    return encode
+
+
+def test_each_distinct_input_is_encoded_once_and_the_outputs_are_the_towers():
+    cache, calls = FrozenFeatures(max_mib=1), []
+    first = torch.randn(4, 3)
+    second = torch.cat([first[[3, 1]], torch.randn(2, 3), torch.randn(1, 3).repeat(2, 1)])  # 2 seen, 4 new (1 twice)
+    for batch in (first, second, second, first):
+        got = cache("image", row_ids(batch), tower(batch, calls))
+        want = tower(batch, [])(None)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert calls == [4, 4]  # all of the first batch; the second's unseen rows (its repeated row is new twice)
+    assert (cache.hits, cache.misses) == (2 + 6 + 4, 4 + 4) and len(cache.rows) == 7
+    other = cache("caption", row_ids(first), tower(first, calls))  # another tower's outputs are its own
+    assert calls[-1] == 4 and torch.equal(other[1], 2 * first)
+
+
+def test_past_its_cap_nothing_new_is_kept_and_outputs_stay_right():
+    calls: list = []
+    off = FrozenFeatures(max_mib=0)
+    x = torch.randn(3, 5)
+    for _ in range(2):
+        got = off("image", row_ids(x), tower(x, calls))
+        assert torch.equal(got[1], 2 * x)
+    assert calls == [3, 3] and not off.rows and off.used == 0
+    small = FrozenFeatures(max_mib=1)
+    big = torch.randn(3, 2 ** 16)  # a row: 4 B + 256 KiB of outputs; three fit in 1 MiB, not four
+    more = torch.randn(3, 2 ** 16)
+    small("image", row_ids(big), tower(big, calls))
+    got = small("image", row_ids(more), tower(more, calls))
+    assert len(small.rows) == 3 and small.used <= 2 ** 20 and torch.equal(got[1], 2 * more)
+    assert FrozenFeatures(max_mib=1)("image", None, tower(x, calls))[0].shape == (3,)  # ids None: the cache is off
