@@ -9,8 +9,11 @@
    decoded anyway (>= 1: the lazy decode pays).
 4. Stage I step time recomputing the image tower vs cached `emb.npy` (target >= 3x at toy sizes), and
    the same with a ViT-B/32 at 224 px for comparison.
+5. Stages I and II as their trainers run them (`train.loop.train`, the toy configs, the demo's data) with what
+   their frozen CLIP computed kept (`frozen_cache_mib`, train/frozen.py) vs off: seconds per run, alternating.
 
     python bench/train_throughput.py --captions runs/demo/captions [--clip-captions DIR_WITH_EMB] [--workers 0]
+    python bench/train_throughput.py --only frozen      # item 5 alone (needs the demo's stage 0/I exports)
 """
 from __future__ import annotations
 
@@ -137,6 +140,39 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
             loader_rate(TrainLoader(eager, workers), n_batches, batch_size))
 
 
+def trainer_seconds(stage: str, overrides: list[str], mib: int, tmp: Path) -> float:
+    """Seconds of one run of a stage's trainer (setup, steps, checkpoint and export) with frozen_cache_mib=mib."""
+    import importlib
+
+    from train.config import load_config
+    from train.loop import train
+
+    module = importlib.import_module(f"train.{stage}")  # train.stage1: Stage1, Stage1Config; the same for II
+    stage_cls, cfg_cls = getattr(module, stage.capitalize()), getattr(module, f"{stage.capitalize()}Config")
+    out = tmp / f"{stage}-{mib}-{time.time_ns()}"
+    cfg = load_config(cfg_cls, str(ROOT / "train" / "configs" / f"toy_{stage}.yaml"),
+                      [*overrides, f"output_dir={out}", f"frozen_cache_mib={mib}", "log_with=[]"])
+    start = time.time()
+    train(stage_cls(cfg), cfg)
+    return time.time() - start
+
+
+def frozen_cache_figures(args) -> None:
+    runs = {"stage1": [f"data.train=['{args.captions}']", f"init_from={args.stage0}"],
+            "stage2": [f"data.train=['{args.triplets}']", f"init_from={args.stage1}"]}
+    for stage, overrides in runs.items():
+        overrides.append(f"max_steps={args.frozen_steps}")
+        times: dict[int, list[float]] = {1024: [], 0: []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.repeats):
+                for mib in times:
+                    times[mib].append(trainer_seconds(stage, overrides, mib, Path(tmp)))
+        kept, off = statistics.median(times[1024]), statistics.median(times[0])
+        print(json.dumps({"stage": stage, "steps": args.frozen_steps, "seconds_frozen_kept": round(kept, 2),
+                          "seconds_frozen_off": round(off, 2), "speedup": round(off / kept, 3), "target": 1.0,
+                          "runs": {str(k): [round(t, 2) for t in v] for k, v in times.items()}}), flush=True)
+
+
 def main(argv=None) -> int:
     from cir.dataset import iter_shard, shard_urls
     from train.data import ShardSource, TrainLoader, TrainStream
@@ -148,7 +184,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="stage 0: alternating streamed / in-memory runs")
+    p.add_argument("--only", choices=("all", "frozen"), default="all")
+    p.add_argument("--stage0", default="runs/demo/stage0/final", help="item 5: stage I starts from this export")
+    p.add_argument("--stage1", default="runs/demo/stage1/final", help="item 5: stage II starts from this export")
+    p.add_argument("--triplets", default="runs/demo/triplets_high", help="item 5: stage II's triplets")
+    p.add_argument("--frozen-steps", type=int, default=150, help="item 5: steps per run")
     args = p.parse_args(argv)
+    if args.only == "frozen":
+        frozen_cache_figures(args)
+        return 0
     cfg = Stage0Config()
     cfg.data.train = [args.captions]
     stage = Stage0(cfg)
@@ -195,6 +239,7 @@ def main(argv=None) -> int:
         print(json.dumps({"clip": clip, "batch": n, "stage1_step_s_tower": round(tower, 4),
                           "stage1_step_s_cached": round(cached, 4), "speedup": round(tower / cached, 2),
                           "target": 3.0}), flush=True)
+    frozen_cache_figures(args)
     return 0
 
 
