@@ -2,6 +2,8 @@
 outputs are those of the tower, and the memory cap holds (stage II with and without it: test_train_stage2)."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from train.frozen import FrozenFeatures, pick, row_ids
@@ -56,3 +58,22 @@ def test_past_its_cap_nothing_new_is_kept_and_outputs_stay_right():
     got = small("image", row_ids(more), tower(more, calls))
     assert len(small.rows) == 3 and small.used <= 2 ** 20 and torch.equal(got[1], 2 * more)
     assert FrozenFeatures(max_mib=1)("image", None, tower(x, calls))[0].shape == (3,)  # ids None: the cache is off
+
+
+def train_both_ways(stage_cls, cfg_cls, overrides: list[str], tmp_path) -> tuple[dict, dict]:
+    """A stage trained with the frozen cache off (0) and on (64 MiB), logging every step: ({mib: [loss per
+    step]}, {mib: the stage's FrozenFeatures}). Stages I and II's tests use it."""
+    from train.config import load_config
+    from train.loop import train
+
+    logs, caches = {}, {}
+    for mib in (0, 64):
+        out = tmp_path / f"cache{mib}"
+        cfg = load_config(cfg_cls, None, [*overrides, f"output_dir={out}", "log_every=1", "log_with=[]",
+                                          f"frozen_cache_mib={mib}"])
+        stage = stage_cls(cfg)
+        train(stage, cfg)
+        logs[mib] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        caches[mib] = stage.frozen
+    assert not caches[0].rows and caches[0].hits == 0  # off: nothing kept, nothing asked of it
+    return logs, caches

@@ -166,20 +166,12 @@ def test_clip_settings_beside_init_from_are_refused(tiny_clip_dir, tmp_path, cap
 
 
 def test_stage1_trains_the_same_with_the_frozen_cache_and_hits_it(toy_captions, tmp_path):
-    from train.config import load_config
-    from train.loop import train
+    from tests.test_train_frozen import train_both_ways
     from train.stage1 import Stage1, Stage1Config
 
-    data, _ = toy_captions
-    logs, stages = {}, {}
-    for mib in (0, 64):
-        out = tmp_path / f"cache{mib}"
-        cfg = load_config(Stage1Config, None, [*BASE, f"output_dir={out}", f"data.train=['{data}']", "max_steps=8",
-                                               "log_every=1", "log_with=[]", f"frozen_cache_mib={mib}"])
-        stages[mib] = Stage1(cfg)
-        train(stages[mib], cfg)
-        logs[mib] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    logs, caches = train_both_ways(Stage1, Stage1Config, [*BASE, f"data.train=['{toy_captions[0]}']",
+                                                          "max_steps=8"], tmp_path)
     assert len(logs[0]) == 8 and all(abs(a - b) < 1e-4 for a, b in zip(logs[0], logs[64])), logs
-    cache = stages[64].frozen
+    cache = caches[64]
     assert cache.hits + cache.misses == 8 * 16 * 2  # every image and caption of 8 batches of 16 asked for
     assert cache.hits > 0 and len(cache.rows) <= cache.misses  # the 48 images come round again within 8 batches

@@ -359,22 +359,13 @@ def test_accumulated_features_make_the_step_of_the_whole_batch(tiny_stage1_expor
 
 
 def test_stage2_trains_the_same_with_the_cache_and_hits_it(tiny_stage1_export, low_triplets, tmp_path):
-    from train.config import load_config
-    from train.loop import train
+    from tests.test_train_frozen import train_both_ways
     from train.stage2 import Stage2, Stage2Config
 
-    logs, stages = {}, {}
-    for mib in (0, 64):
-        out = tmp_path / f"cache{mib}"
-        cfg = load_config(Stage2Config, None, [f"output_dir={out}", f"init_from={tiny_stage1_export}",
-                                               f"data.train=['{low_triplets}']", "max_steps=8", "data.batch_size=8",
-                                               "data.shuffle_buffer=0", "log_every=1", "log_with=[]",
-                                               f"frozen_cache_mib={mib}", "adapters.bottleneck=16"])
-        stages[mib] = Stage2(cfg)
-        train(stages[mib], cfg)
-        logs[mib] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    logs, caches = train_both_ways(Stage2, Stage2Config, [
+        f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", "max_steps=8", "data.batch_size=8",
+        "data.shuffle_buffer=0", "adapters.bottleneck=16"], tmp_path)
     assert len(logs[0]) == 8 and all(abs(a - b) < 1e-4 for a, b in zip(logs[0], logs[64])), logs
-    cache = stages[64].frozen
+    cache = caches[64]
     assert cache.hits + cache.misses == 8 * 8 * 2  # every reference and target of 8 batches of 8 asked for
     assert cache.hits > 0 and len(cache.rows) <= cache.misses  # those seen before were not encoded again
-    assert not stages[0].frozen.rows and stages[0].frozen.hits == 0

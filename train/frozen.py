@@ -34,6 +34,16 @@ def pick(batch: torch.Tensor, rows: Optional[list[int]]) -> torch.Tensor:
     return batch if rows is None else batch[rows]
 
 
+def image_tower(clip, images: torch.Tensor, rows: Optional[list[int]], with_patches: bool) -> tuple[torch.Tensor, ...]:
+    """A frozen CLIP's image tower on `rows` of `images` [B, 3, H, W] (None: all), as FrozenFeatures asks:
+    (features [m, d],) or (features [m, d], patch tokens [m, n, w])."""
+    from cir.mapping import image_features
+
+    with torch.no_grad():
+        v, patches = image_features(clip, pick(images, rows), with_patches)
+    return (v, patches) if with_patches else (v,)
+
+
 class FrozenFeatures:
     """Outputs of frozen towers by `row_ids` of their inputs, up to `max_mib` MiB (0: nothing kept)."""
 

@@ -27,7 +27,7 @@ from cir.config import ranged
 from train.config import TrainConfig
 from train.data import cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
-from train.frozen import FrozenFeatures, pick, row_ids
+from train.frozen import FrozenFeatures, image_tower, pick, row_ids
 from train.loop import main as loop_main
 from train.stage import Stage
 
@@ -112,15 +112,13 @@ class Stage1(Stage):
     cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)
 
     def features(self, model, batch: dict, accelerator) -> dict:
-        from cir.mapping import encode_text, image_features
+        from cir.mapping import encode_text
 
         clip = accelerator.unwrap_model(model).clip
         use_patches = self.cfg.mapping.use_patches
 
         def images(rows):
-            with torch.no_grad():
-                v, patches = image_features(clip, pick(batch["images"], rows), use_patches)
-            return (v, patches) if use_patches else (v,)
+            return image_tower(clip, batch["images"], rows, use_patches)
 
         def captions(rows):
             with torch.no_grad():

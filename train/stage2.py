@@ -38,7 +38,7 @@ from cir.config import ConfigError, ranged
 from train.config import TrainConfig
 from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
 from train.distributed import gather
-from train.frozen import FrozenFeatures, pick, row_ids
+from train.frozen import FrozenFeatures, image_tower, row_ids
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
 from train.stage import Stage
@@ -202,12 +202,12 @@ class Stage2(Stage):
         """The targets' frozen features [B, d]: from tgt.emb.npy, kept ones (train.frozen) or the tower."""
         if "tgt_emb" in batch:
             return F.normalize(batch["tgt_emb"], dim=-1)
-        return self.frozen("tgt", batch.get("tgt_ids"), lambda rows: _tower(clip, batch["tgts"], rows, False))[0]
+        return self.frozen("tgt", batch.get("tgt_ids"), lambda rows: image_tower(clip, batch["tgts"], rows, False))[0]
 
     def _references(self, clip, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The references' frozen features [B, d] and, when the mapping reads them, patch tokens [B, n, w]."""
         use_patches = self.cir.mapping.cfg.use_patches
-        out = self.frozen("ref", batch.get("ref_ids"), lambda rows: _tower(clip, batch["refs"], rows, use_patches))
+        out = self.frozen("ref", batch.get("ref_ids"), lambda rows: image_tower(clip, batch["refs"], rows, use_patches))
         return out[0], out[1] if use_patches else None
 
     def features(self, model, batch: dict, accelerator) -> dict:
@@ -273,15 +273,6 @@ class Stage2(Stage):
 
         save_cir_model(out_dir, self.cir.backbone, model.mapping, self.cir.mapping.cfg, self.cir.prompt, stage=2,
                        adapters=model.adapters, fusion=model.fusion, template=self.cfg.template)
-
-
-def _tower(clip, images: torch.Tensor, rows: Optional[list[int]], with_patches: bool) -> tuple[torch.Tensor, ...]:
-    """The frozen image tower on `rows` of `images` (None: all): (features [m, d],) or with patch tokens."""
-    from cir.mapping import image_features
-
-    with torch.no_grad():
-        v, patches = image_features(clip, pick(images, rows), with_patches)
-    return (v, patches) if with_patches else (v,)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
