@@ -56,7 +56,8 @@ class CaptionConfig:
     min_size: int = ranged(1, min=0, help="images with a side below this are dropped")
     max_size: Optional[int] = ranged(None, min=1, help="a longer side above this is resized down (bytes "
                                                        "re-encoded)")
-    max_pixels: int = ranged(DEFAULT_MAX_PIXELS, min=1, help="decompression-bomb guard")
+    max_pixels: int = ranged(DEFAULT_MAX_PIXELS, min=1, max=2 * DEFAULT_MAX_PIXELS,
+                             help="decompression-bomb guard (at most twice PIL's limit, past which PIL refuses)")
     path_column: str = ranged("path", help="parquet input: the column of image paths")
     caption_column: str = ranged("caption", help="parquet input: the column of captions (optional)")
 

@@ -147,6 +147,11 @@ def _is_image(path: str) -> bool:
     return _split_ext(path)[1] in IMAGE_EXTS
 
 
+def read_stamped(path: str) -> tuple[bytes, Optional[str]]:
+    """A file's bytes and, for a local file, its stamp (cir.dataset.read_local: it can be read again)."""
+    return (read_file(path), None) if "://" in path else read_local(path)
+
+
 class ByStem(beam.DoFn):
     """(stem, path) for image files and their sidecars; other files are not inputs."""
 
@@ -189,7 +194,7 @@ class ReadImageGroup(beam.DoFn):
             if not _is_image(path):
                 continue
             try:
-                data, stamp = (read_file(path), None) if "://" in path else read_local(path)
+                data, stamp = read_stamped(path)
             except NotARegularFile as err:
                 yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "not_a_regular_file", str(err)))
                 continue
@@ -300,7 +305,7 @@ class ReadParquetRow(beam.DoFn):
         if "://" not in path and not posixpath.isabs(path):
             path = FileSystems.join(posixpath.dirname(parquet_path), path)
         try:
-            data, stamp = (read_file(path), None) if "://" in path else read_local(path)
+            data, stamp = read_stamped(path)
         except Exception as err:
             yield beam.pvalue.TaggedOutput(FAILED, failed_row(path, "read", "unreadable", repr(err)))
             return

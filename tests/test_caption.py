@@ -413,3 +413,12 @@ def test_shard_prefix_cannot_be_a_path(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard-prefix", "../../etc/x", *BEAM])
     assert exc.value.code == 2 and "--shard-prefix" in capsys.readouterr().err
+
+
+def test_max_pixels_past_pils_own_refusal_is_an_error(tmp_path, capsys):
+    from pipeline.images import DEFAULT_MAX_PIXELS
+
+    with pytest.raises(SystemExit) as exc:  # PIL refuses more than twice its limit whatever we ask
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max-pixels",
+             str(2 * DEFAULT_MAX_PIXELS + 1), *BEAM])
+    assert exc.value.code == 2 and "max" in capsys.readouterr().err
