@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
           f"tensorboard --logdir {out}")
     stage2 = {}
+    banks = f"hard_negatives.cache_dir={out / 'negative_banks'}"  # the runs share their CLIP: one bank each dataset
     for name, data in (("low", [low]), ("high", [high]), ("mix", [mix])):
         stage2[name] = out / f"stage2_{name}"
         step(f"stage II on {name} triplets", stage2[name] / "final" / "adapters.safetensors",
              [sys.executable, "train/stage2.py", "--config", "train/configs/toy_stage2.yaml",
               f"output_dir={stage2[name]}", f"data.train={[str(d) for d in data]}", f"init_from={stage1 / 'final'}",
-              f"seed={args.seed}", *quick])
+              f"seed={args.seed}", banks, *quick])
     results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
     search_example(out, toy / "bench" / "cirr", stage2["mix"] / "final")
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(json.dumps({
         "output_dir": str(ablation), "stage1": str(stage1 / "final"), "stage2_config": "train/configs/toy_stage2.yaml",
         "sources": {"low": str(low), "high": str(high)}, "counts": [20] if args.quick else [300, 1000],
-        "seeds": [0] if args.quick else [0, 1], "max_steps": 3 if args.quick else 60, "overrides": quick,
+        "seeds": [0] if args.quick else [0, 1], "max_steps": 3 if args.quick else 60, "overrides": [banks, *quick],
         "gallery_cache": str(out / "eval" / "gallery_cache"),  # the galleries the evaluations above encoded
         "benchmarks": {"toy-cirr": {"benchmark": "cirr", "data": str(toy / "bench" / "cirr"), "metric": "avg"},
                        "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},

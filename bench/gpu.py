@@ -110,12 +110,14 @@ def steps_per_s(stage, model, optimizer, accelerator, batches, size: dict) -> fl
 
 def openclip_stage_list(urls: list[str], collate, batch: int, workers: int, pin: bool):
     """open_clip_train's webdataset stage list (shard list -> split_by_worker -> tarfile_to_samples -> shuffle
-    -> decode -> batched), feeding the stage's own collate."""
+    -> decode -> batched), feeding the stage's own collate (which keys images by their bytes' digests)."""
     import webdataset as wds
 
+    from train.data import with_digests
+
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(),
-                                wds.shuffle(500), wds.decode("pilrgb"), wds.batched(batch, collation_fn=collate,
-                                                                                      partial=False))
+                                wds.shuffle(500), wds.map(with_digests), wds.decode("pilrgb"),
+                                wds.batched(batch, collation_fn=collate, partial=False))
     return iter(torch.utils.data.DataLoader(pipeline.repeat(), batch_size=None, num_workers=workers,
                                             pin_memory=pin))
 
@@ -138,7 +140,7 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
 
     def streamed():
         stream = TrainStream([ShardSource(urls)], None, size["batch"], 0, 500, stage.collate,
-                             lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles,
+                             lazy_roles=stage.lazy_roles, undecoded=stage.undecoded_images,
                              required=stage.required_fields)
         return TrainLoader(stream, size["workers"], pin_memory=pin)
 

@@ -134,7 +134,7 @@ def cached_loader_rates(urls: list[str], batch_size: int, n_batches: int, worker
                 meta = {**parse_json(raw), "emb_clip": stage.clip_id}
                 sink.write({**raw, "json": json.dumps(meta).encode(), "emb.npy": npy_bytes(v / np.linalg.norm(v))})
     lazy = TrainStream([ShardSource(copies)], None, batch_size, 3, 500, stage.collate,
-                       lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles)
+                       lazy_roles=stage.lazy_roles, undecoded=stage.undecoded_images)
     eager = TrainStream([ShardSource(copies)], None, batch_size, 3, 500, stage.collate)
     return (loader_rate(TrainLoader(lazy, workers), n_batches, batch_size),
             loader_rate(TrainLoader(eager, workers), n_batches, batch_size))

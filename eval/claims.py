@@ -82,7 +82,9 @@ class ClaimsConfig:
     world_vocabulary: str = "shapes"  # the toy world's words: shapes, or gems (a second world, for transfer)
     hq_triplets: int = 3000  # high-quality triplets to synthesize
     coarse_fraction: float = 0.5  # the `coarse` dataset: high quality, this share of edits described coarsely
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stage I and II seeds (stage 0 is shared)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds: seed i trains stage I and II
+    clip_per_seed: bool = True  # and its own stage 0 CLIP, so a row's seeds (and intervals) vary the CLIP too;
+    # false: one CLIP, trained with world_seed, shared by every row and seed
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
     min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
     stage0_config: str = "train/configs/toy_stage0.yaml"
@@ -179,15 +181,23 @@ def definitions(cfg: ClaimsConfig) -> dict[str, dict]:
     high = {"world": world, "seed": cfg.world_seed, "triplets": cfg.hq_triplets}
     coarse = {**high, "coarse_fraction": cfg.coarse_fraction}
     return {"world": world, "captions": {"world": world}, "low": low, "high": high, "mix": {"low": low, "high": high},
-            "coarse": coarse,
-            "stage0": {"world": world, "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
-                       "seed": cfg.world_seed}}
+            "coarse": coarse}
+
+
+def clip_seed(cfg: ClaimsConfig, seed: int) -> int:
+    """The stage 0 seed behind a row's training seed."""
+    return seed if cfg.clip_per_seed else cfg.world_seed
+
+
+def stage0_definition(cfg: ClaimsConfig, seed: int) -> dict:
+    """What the stage 0 CLIP behind training seed `seed` is made from."""
+    return {"world": definitions(cfg)["world"], "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
+            "seed": clip_seed(cfg, seed)}
 
 
 def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
-    """The toy world, its caption dataset, LQ and HQ triplets, a mix manifest and the stage 0 CLIP."""
+    """The toy world, its caption dataset, LQ and HQ triplets and a mix manifest (stage 0: `clip`)."""
     import beam_runner
-    from train.stage0 import main as stage0
 
     out = Path(cfg.output_dir)
     paths = {"world": out / "world", "captions": out / "data" / "captions", "low": out / "data" / "triplets_low",
@@ -224,13 +234,21 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     # a manifest's relative paths are read relative to the manifest: write them absolute
     paths["mix"].write_text(f"datasets:\n  - {{path: {paths['low'].resolve()}, weight: 1.0}}\n"
                             f"  - {{path: {paths['high'].resolve()}, weight: 1.0}}\n")
-    if not _reusable(paths["stage0"], (paths["stage0"] / "final" / "open_clip_model.safetensors").is_file(),
-                     made_from["stage0"]):
-        _log("stage 0 (the toy CLIP, shared by every row and seed)")
-        _check(stage0(["--config", cfg.stage0_config, f"output_dir={paths['stage0']}",
-                       f"data.train=['{paths['captions']}']", f"seed={cfg.world_seed}", *cfg.overrides]), "stage 0")
-        _stamp(paths["stage0"], made_from["stage0"])
     return paths
+
+
+def clip(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
+    """The stage 0 CLIP export behind training seed `seed`, trained unless it is there already."""
+    from train.stage0 import main as stage0
+
+    s = clip_seed(cfg, seed)
+    out = paths["stage0"] / f"seed{s}"
+    if not _reusable(out, (out / "final" / "open_clip_model.safetensors").is_file(), stage0_definition(cfg, seed)):
+        _log(f"stage 0 seed {s} (the toy CLIP of {'that seed' if cfg.clip_per_seed else 'every row and seed'})")
+        _check(stage0(["--config", cfg.stage0_config, f"output_dir={out}", f"data.train=['{paths['captions']}']",
+                       f"seed={s}", *cfg.overrides]), f"stage 0 seed {s}")
+        _stamp(out, stage0_definition(cfg, seed))
+    return out / "final"
 
 
 def _later_stages(overrides: list[str]) -> list[str]:
@@ -243,10 +261,10 @@ def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
     overrides, the seed, and what it starts from and reads (nested definitions)."""
     row, shared = cfg.rows[name], definitions(cfg)
     if row.stage == "baseline":
-        return {"baseline": shared["stage0"]}
+        return {"baseline": stage0_definition(cfg, seed)}
     config = cfg.stage1_config if row.stage == "stage1" else cfg.stage2_config
     made = {"row": {k: v for k, v in asdict(row).items() if k != "text"}, "config": _digest(config),
-            "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": shared["stage0"]}
+            "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": stage0_definition(cfg, seed)}
     if row.stage == "stage2":
         made["init"] = row_definition(cfg, row.init, seed)
         made["data"] = shared[row.data] if row.data in SOURCES else {"benchmark": asdict(cfg.benchmarks[row.data]),
@@ -265,7 +283,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
 
     row = cfg.rows[name]
     if row.stage == "baseline":
-        return paths["stage0"] / "final"
+        return clip(cfg, paths, seed)
     final = Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
     made_from = row_definition(cfg, name, seed)
     if _reusable(final.parent, (final / "cir_config.json").is_file(), made_from):
@@ -277,7 +295,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
         from train.stage1 import main as stage1
 
         _check(stage1(["--config", cfg.stage1_config, *common, f"data.train=['{paths['captions']}']",
-                       f"init_from={paths['stage0'] / 'final'}", *row.overrides]), f"{name} seed {seed}")
+                       f"init_from={clip(cfg, paths, seed)}", *row.overrides]), f"{name} seed {seed}")
     else:
         from train.stage2 import main as stage2
 
@@ -287,7 +305,8 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
             bench = cfg.benchmarks[row.data]
             data = f"{bench.benchmark}:{bench.root(paths['world']).resolve()}#train"
         subset = [f"data.subset_fraction={min(1.0, row.count / max(1, source_size(data)))}"] if row.count else []
-        _check(stage2(["--config", cfg.stage2_config, *common, f"data.train=['{data}']",
+        banks = f"hard_negatives.cache_dir={Path(cfg.output_dir) / 'negative_banks'}"  # shared by rows of one CLIP
+        _check(stage2(["--config", cfg.stage2_config, *common, banks, f"data.train=['{data}']",
                        f"init_from={export(cfg, paths, row.init, seed)}", *subset, *row.overrides]),
                f"{name} seed {seed}")
     _stamp(final.parent, made_from)
@@ -300,7 +319,7 @@ def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, be
 
     row, spec = cfg.rows[name], cfg.benchmarks[bench]
     split = spec.split or cfg.split
-    seed_dir = "" if row.stage == "baseline" else f"-seed{seed}"
+    seed_dir = "" if row.stage == "baseline" and not cfg.clip_per_seed else f"-seed{seed}"
     out = Path(cfg.output_dir) / "cells" / f"{name}{seed_dir}" / "eval" / f"{bench}-{split}"
     made_from = {"export": row_definition(cfg, name, seed), "benchmark": asdict(spec), "split": split,
                  "method": row.method, "world": definitions(cfg)["world"]}
@@ -378,7 +397,8 @@ def claims(cfg: ClaimsConfig) -> dict:
     values: dict = {}  # row -> (benchmark, metric) -> [metric groups per seed]
     rows_out: dict = {}
     for name, pairs in needed.items():
-        seeds = [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" else cfg.seeds  # baselines are deterministic
+        # a baseline is the CLIP's alone: one evaluation when every seed shares the CLIP
+        seeds = [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" and not cfg.clip_per_seed else cfg.seeds
         for bench, metric in pairs:
             per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in seeds]
             if metric not in per_seed[0]:
@@ -386,7 +406,8 @@ def claims(cfg: ClaimsConfig) -> dict:
             values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]
             rows_out.setdefault(name, {"text": cfg.rows[name].text, "stage": cfg.rows[name].stage})[
                 f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed])
-    report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds, "bench_queries": cfg.bench_queries,
+    report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds,
+              "clip_per_seed": cfg.clip_per_seed, "bench_queries": cfg.bench_queries,
               "min_effect": cfg.min_effect, "rows": rows_out,
               "claims": [judge(c, values, cfg.min_effect) for c in cfg.claims],
               "seconds": round(time.time() - started, 1)}
@@ -399,7 +420,8 @@ def claims(cfg: ClaimsConfig) -> dict:
 def markdown(report: dict, cfg: ClaimsConfig) -> str:
     lines = ["# Claims of the seed papers, measured on the toy world", "",
              f"Splits {report['splits']}, {report['bench_queries']} queries per benchmark split, seeds "
-             f"{report['seeds']}. "
+             f"{report['seeds']} (each seed trains {'its own stage 0 CLIP and ' if report['clip_per_seed'] else ''}"
+             f"stage I and II{'' if report['clip_per_seed'] else ' on one shared stage 0 CLIP'}). "
              "A row's number is the mean over seeds of its metric; [lo, hi] is the 95% bootstrap interval over "
              "queries of the seed-averaged values; ± is the seeds' standard deviation. A comparison holds when the "
              "95% interval of the paired per-query difference lies above 0, does not hold when it lies below "

@@ -69,8 +69,8 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
 
 def test_a_tiny_claims_run_end_to_end(tmp_path):
     """Every step of the command at toy sizes, in the second toy world (gems): world, datasets (the exact toy
-    editor reads that world's captions too), stage 0, stage I and II rows over two seeds, a supervised row,
-    baselines, the report files. Numbers mean nothing here; the shape and the reuse on rerun do."""
+    editor reads that world's captions too), a stage 0 CLIP per seed, stage I and II rows over two seeds, a
+    supervised row, baselines, the report files. Numbers mean nothing here; the shape and the reuse on rerun do."""
     config = tmp_path / "claims.yaml"
     config.write_text(json.dumps({
         "output_dir": str(tmp_path / "out"), "world_images": 48, "bench_queries": 12, "hq_triplets": 20,
@@ -107,6 +107,14 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-circo-val" / "per_query.json").is_file()
     assert (tmp_path / "out" / "cells" / "upper-seed0" / "eval" / "toy-shoes-test" / "per_query.json").is_file()
     assert (tmp_path / "out" / "cells" / "upper-seed0" / "eval" / "toy-coarse-test" / "per_query.json").is_file()
+    # each seed trains its own stage 0 CLIP, which that seed's stage I and baselines start from
+    stage1 = json.loads((tmp_path / "out" / "cells" / "stage1-seed1" / "train" / "config.json").read_text())
+    assert stage1["init_from"] == str(tmp_path / "out" / "stage0" / "seed1" / "final") and stage1["seed"] == 1
+    assert len(report["rows"]["image_only"]["toy-cirr/avg"]["seeds"]) == 2 and report["clip_per_seed"]
+    assert (tmp_path / "out" / "cells" / "image_only-seed1" / "eval" / "toy-cirr-test" / "per_query.json").is_file()
+    # the rows of one CLIP share a negative bank per dataset (stage2 and coarse: the caption dataset)
+    assert not (tmp_path / "out" / "cells" / "stage2-seed0" / "train" / "negative_bank").exists()
+    assert 2 <= len(list((tmp_path / "out" / "negative_banks").iterdir())) < 2 * 3
     upper = json.loads((tmp_path / "out" / "cells" / "upper-seed0" / "train" / "config.json").read_text())
     assert upper["data"]["train"] == [f"shoes:{(tmp_path / 'out' / 'world' / 'bench' / 'shoes').resolve()}#train"]
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()

@@ -41,6 +41,8 @@ def test_each_distinct_input_is_encoded_once_and_the_outputs_are_the_towers():
     assert (cache.hits, cache.misses) == (2 + 6 + 4, 4 + 4) and len(cache.rows) == 7
     other = cache("caption", row_ids(first), tower(first, calls))  # another tower's outputs are its own
     assert calls[-1] == 4 and torch.equal(other[1], 2 * first)
+    assert cache.encoded == {"image": 8, "caption": 4}
+    assert cache.kept("image", row_ids(second)[2]) and not cache.kept("caption", row_ids(second)[2])
 
 
 def test_past_its_cap_nothing_new_is_kept_and_outputs_stay_right():
@@ -60,20 +62,65 @@ def test_past_its_cap_nothing_new_is_kept_and_outputs_stay_right():
     assert FrozenFeatures(max_mib=1)("image", None, tower(x, calls))[0].shape == (3,)  # ids None: the cache is off
 
 
-def train_both_ways(stage_cls, cfg_cls, overrides: list[str], tmp_path) -> tuple[dict, dict]:
+def train_both_ways(stage_cls, cfg_cls, overrides: list[str], tmp_path) -> tuple[dict, dict, dict]:
     """A stage trained with the frozen cache off (0) and on (64 MiB), logging every step: ({mib: [loss per
-    step]}, {mib: the stage's FrozenFeatures}). Stages I and II's tests use it."""
+    step]}, {mib: the stage's FrozenFeatures}, {mib: images the stream decoded}). Stages I and II's tests use it."""
+    from unittest import mock
+
+    from train import data as train_data
     from train.config import load_config
     from train.loop import train
 
-    logs, caches = {}, {}
+    logs, caches, decoded = {}, {}, {}
+    real = train_data.decode_member
+
+    def counting(key: str, value: bytes):
+        decoded[mib] += key.rsplit(".", 1)[-1] in ("jpg", "png", "webp")
+        return real(key, value)
+
     for mib in (0, 64):
         out = tmp_path / f"cache{mib}"
         cfg = load_config(cfg_cls, None, [*overrides, f"output_dir={out}", "log_every=1", "log_with=[]",
                                           f"frozen_cache_mib={mib}"])
         stage = stage_cls(cfg)
-        train(stage, cfg)
+        decoded[mib] = 0
+        with mock.patch.object(train_data, "decode_member", counting):
+            train(stage, cfg)
         logs[mib] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
         caches[mib] = stage.frozen
     assert not caches[0].rows and caches[0].hits == 0  # off: nothing kept, nothing asked of it
-    return logs, caches
+    return logs, caches, decoded
+
+
+def test_a_batch_carries_pixels_for_the_images_the_stream_decoded_and_ids_from_their_bytes():
+    import hashlib
+    import io
+
+    import pytest
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from cir.schema import REF
+    from train.data import decode_images, decode_sample
+    from train.frozen import image_inputs, pixels_of
+
+    def png(value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (value, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    raw = [{"__key__": f"k{i}", "ref.png": png(40 * i), "mod.txt": b"x"} for i in range(3)]
+    samples = [decode_sample(s, lazy=(REF,)) for s in raw]
+    for i in (0, 2):  # the stream decodes what the stage will read; sample 1's image is kept (left encoded)
+        decode_images(samples[i], (REF,))
+    out = image_inputs(samples, REF, T.ToTensor(), "ref", FrozenFeatures(max_mib=1))
+    assert out["ref_rows"] == [0, 2] and out["ref_pixels"].shape == (2, 3, 4, 4)
+    assert out["ref_ids"] == [hashlib.sha256(s["ref.png"]).hexdigest() for s in raw]  # the encoded bytes' sha256
+    assert torch.equal(pixels_of(out, "ref", [2]), out["ref_pixels"][[1]])
+    assert out["ref_pixels"][1, 0, 0, 0].item() == pytest.approx(80 / 255)
+    for rows in ([1], None):  # an undecoded image is never silently replaced
+        with pytest.raises(RuntimeError, match="did not decode"):
+            pixels_of(out, "ref", rows)
+    decode_images(samples[1], (REF,))
+    every = image_inputs(samples, REF, T.ToTensor(), "ref", FrozenFeatures(max_mib=0))  # the cache off: no ids
+    assert every["ref_rows"] is None and "ref_ids" not in every and pixels_of(every, "ref", None).shape[0] == 3

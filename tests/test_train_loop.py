@@ -62,7 +62,7 @@ def test_a_stage_with_only_the_required_hooks_trains_and_exports(toy_captions, t
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     assert stage.steps_seen == [0, 1, 2, 3]  # the loop tells the stage its step before each batch
-    assert not stage.caches_features and stage.cacheable_roles == () and stage.cached_image_roles([]) == ()
+    assert not stage.caches_features and stage.lazy_roles == () and stage.undecoded_images([{}]) == [()]
 
 
 def test_overridden_hooks_are_called_and_feature_caching_needs_its_keys(toy_captions, tmp_path):

@@ -1,6 +1,8 @@
 """The trainer core through stage 0: configs, the stream, loss going down, resume, two ranks, bad input."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import os
@@ -297,9 +299,10 @@ def test_resume_after_a_replaced_sample_equals_uninterrupted(toy_captions, tmp_p
     assert errors[0] == errors[1] and errors[0][-1] >= 1
 
 
-def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, tmp_path):
-    """Lazy roles stay encoded when the stage says it takes their cached embeddings for the batch (so a
-    damaged image nobody looks at costs nothing); otherwise they are decoded, and a damaged one is replaced."""
+def test_images_the_stage_will_not_read_are_not_decoded(toy_captions, tmp_path):
+    """Lazy roles stay encoded for the samples the stage says it will not read (their cached embeddings, or
+    what its frozen tower kept), so a damaged image nobody looks at costs nothing; the others are decoded, and
+    a damaged one is replaced."""
     from PIL import Image
 
     from train.data import POSITION_KEY, ShardSource, TrainStream
@@ -310,16 +313,19 @@ def test_images_whose_cached_embeddings_are_taken_are_not_decoded(toy_captions, 
     urls = sorted(str(p) for p in shards.glob("*.tar"))
 
     def collate(batch):
-        return {"keys": [s["__key__"] for s in batch], "types": {type(s.get("jpg", s.get("png"))) for s in batch}}
+        return {"types": {s["__key__"]: type(s.get("jpg", s.get("png"))) for s in batch}}
 
-    for cached, kind in (((lambda batch: (IMAGE,)), bytes), ((lambda batch: ()), Image.Image)):
+    def odd(key: str) -> bool:
+        return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 1
+
+    for skip in ((lambda key: True), (lambda key: False), odd):
         stream = iter(TrainStream([ShardSource(urls)], None, 8, 0, 0, collate, lazy_roles=(IMAGE,),
-                                  cached_roles=cached))
+                                  undecoded=lambda batch: [(IMAGE,) if skip(s["__key__"]) else () for s in batch]))
         batches = [next(stream) for _ in range(6)]  # one epoch
-        assert all(issubclass(t, kind) for b in batches for t in b["types"])
-        seen = {k for b in batches for k in b["keys"]}
+        types = {k: t for b in batches for k, t in b["types"].items()}
+        assert all(issubclass(t, bytes if skip(k) else Image.Image) for k, t in types.items())
         errors = int(batches[-1][POSITION_KEY][1])
-        assert (damaged in seen, errors) == ((True, 0) if kind is bytes else (False, 1))
+        assert (damaged in types, errors) == ((True, 0) if skip(damaged) else (False, 1))
 
 
 def test_accumulated_features_make_the_step_of_the_whole_batch(toy_captions, tmp_path):
@@ -355,10 +361,10 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(toy_captions, tmp_pat
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
 
 
-def test_a_subset_is_read_from_memory_after_each_shards_first_read(toy_captions, monkeypatch):
-    """data.subset_fraction keeps the same keys every epoch; once a shard has been read, its kept samples come
-    from memory (a 100-of-3,000 ablation would otherwise read all 3,000 every epoch), unless they exceed the
-    budget, when shards are read again."""
+def test_a_dataset_or_subset_that_fits_is_read_from_memory_after_each_shards_first_read(toy_captions, monkeypatch):
+    """data.subset_fraction keeps the same keys every epoch; once a shard has been read, its kept samples (all
+    of them without a subset) come from memory (a 100-of-3,000 ablation would otherwise read all 3,000 every
+    epoch), unless they exceed the budget (data.keep_mib), when shards are read again."""
     import webdataset as wds
 
     from cir import dataset as ds
@@ -384,10 +390,12 @@ def test_a_subset_is_read_from_memory_after_each_shards_first_read(toy_captions,
     def epochs(fraction: float, n: int = 3) -> list[set]:
         opened.clear()
         source, handler = td.ShardSource(urls), td.CountingHandler()
-        return [{s["__key__"] for s in source.epoch(0, e, td.current_slot(), handler, td.ReadOptions(8, fraction))}
-                for e in range(n)]
+        options = td.ReadOptions(8, fraction, keep_bytes=keep)
+        return [{s["__key__"] for s in source.epoch(0, e, td.current_slot(), handler, options)} for e in range(n)]
 
+    keep = 1 << 20
     assert epochs(0.5) == [kept] * 3 and len(opened) == len(urls)  # each shard opened once
-    monkeypatch.setattr(td, "SUBSET_CACHE_BYTES", 0)
+    assert epochs(1.0) == [everything] * 3 and len(opened) == len(urls)  # the whole dataset, too
+    keep = 0
     assert epochs(0.5) == [kept] * 3 and len(opened) == 3 * len(urls)  # no room: read again every epoch
-    assert epochs(1.0, 1) == [everything]  # no subset: nothing kept back
+    assert epochs(1.0, 1) == [everything]

@@ -94,20 +94,20 @@ def test_cached_embeddings_only_from_the_same_clip(toy_world, tiny_clip_dir, tmp
 
     same = stage(f"init_from={tiny_clip_dir}")
     batch = same.collate(samples)
-    assert "emb" in batch and "images" not in batch
-    assert same.cached_image_roles(samples) == (IMAGE,)  # the stream leaves these images undecoded
+    assert "emb" in batch and "image_pixels" not in batch
+    assert same.undecoded_images(samples) == [(IMAGE,)] * 8  # the stream leaves these images undecoded
     with torch.no_grad():
         tower = same.backbone.model.encode_image(torch.stack([same.backbone.preprocess(s.get("jpg") or s.get("png"))
                                                               for s in samples]), normalize=True)
     assert torch.allclose(batch["emb"], tower, atol=2e-3)
     with caplog.at_level("WARNING", logger="train.data"):
         other = stage("clip.model=tiny-clip-32", "seed=1").collate(samples)
-    assert "images" in other and "emb" not in other
-    assert stage("clip.model=tiny-clip-32", "seed=1").cached_image_roles(samples) == ()
+    assert "image_pixels" in other and "emb" not in other
+    assert stage("clip.model=tiny-clip-32", "seed=1").undecoded_images(samples) == [()] * 8
     assert "this stage's frozen CLIP is" in caplog.text
     # a sample that does not say which CLIP made its emb.npy (a dataset from before the field existed)
     unrecorded = [{**s, "json": {k: v for k, v in s["json"].items() if k != "emb_clip"}} for s in samples]
-    assert "images" in same.collate(unrecorded)
+    assert "image_pixels" in same.collate(unrecorded)
     assert "emb" not in stage(f"init_from={tiny_clip_dir}", "data.use_cached_embeddings=false").collate(samples)
 
 
@@ -169,9 +169,11 @@ def test_stage1_trains_the_same_with_the_frozen_cache_and_hits_it(toy_captions, 
     from tests.test_train_frozen import train_both_ways
     from train.stage1 import Stage1, Stage1Config
 
-    logs, caches = train_both_ways(Stage1, Stage1Config, [*BASE, f"data.train=['{toy_captions[0]}']",
-                                                          "max_steps=8"], tmp_path)
+    logs, caches, decoded = train_both_ways(Stage1, Stage1Config, [*BASE, f"data.train=['{toy_captions[0]}']",
+                                                                   "max_steps=8"], tmp_path)
     assert len(logs[0]) == 8 and all(abs(a - b) < 1e-4 for a, b in zip(logs[0], logs[64])), logs
     cache = caches[64]
     assert cache.hits + cache.misses == 8 * 16 * 2  # every image and caption of 8 batches of 16 asked for
     assert cache.hits > 0 and len(cache.rows) <= cache.misses  # the 48 images come round again within 8 batches
+    # nor decoded: the stream decodes exactly the images the tower then encodes (off: all of them)
+    assert decoded == {0: 8 * 16, 64: cache.encoded["image"]} and cache.encoded["image"] < 8 * 16

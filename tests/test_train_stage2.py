@@ -137,6 +137,15 @@ def test_hard_negative_bank_holds_the_caption_dataset_encoded(tiny_stage1_export
     stamp = (out / "negative_bank" / "features.npy").stat().st_mtime_ns
     assert main([*args, "max_steps=4", "resume=latest"]) == 0  # the same CLIP and data: the bank is reused
     assert (out / "negative_bank" / "features.npy").stat().st_mtime_ns == stamp
+    # with hard_negatives.cache_dir, runs of the same CLIP and data share one bank, by its fingerprint
+    shared, stamps = tmp_path / "banks", []
+    for run in ("a", "b"):
+        assert main([*args, f"output_dir={tmp_path / run}", f"hard_negatives.cache_dir={shared}"]) == 0
+        assert not (tmp_path / run / "negative_bank").exists()
+        (bank,) = shared.iterdir()
+        stamps.append((bank / "features.npy").stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]  # built by the first run, read by the second
+    assert np.array_equal(np.load(bank / "features.npy"), feats) and json.loads((bank / "bank.json").read_text()) == meta
 
 
 def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_world, tiny_clip_dir, tmp_path):
@@ -167,9 +176,10 @@ def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_wo
     # the premise: stage I's frozen CLIP is the "same" caption job's CLIP (tiny-clip-32, seed 0)
     assert stage.clip_id == clip_fingerprint(create_backbone(str(tiny_clip_dir)).model)
     same, other = stage.collate(made["same"][1]), stage.collate(made["other"][1])
-    assert "tgt_emb" in same and "tgts" not in same
-    assert "tgts" in other and "tgt_emb" not in other
-    assert (stage.cached_image_roles(made["same"][1]), stage.cached_image_roles(made["other"][1])) == ((TGT,), ())
+    assert "tgt_emb" in same and "tgt_pixels" not in same
+    assert "tgt_pixels" in other and "tgt_emb" not in other
+    assert stage.undecoded_images(made["same"][1]) == [(TGT,)] * 8  # and nothing kept yet (train.frozen)
+    assert stage.undecoded_images(made["other"][1]) == [()] * 8
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -362,10 +372,12 @@ def test_stage2_trains_the_same_with_the_cache_and_hits_it(tiny_stage1_export, l
     from tests.test_train_frozen import train_both_ways
     from train.stage2 import Stage2, Stage2Config
 
-    logs, caches = train_both_ways(Stage2, Stage2Config, [
+    logs, caches, decoded = train_both_ways(Stage2, Stage2Config, [
         f"init_from={tiny_stage1_export}", f"data.train=['{low_triplets}']", "max_steps=8", "data.batch_size=8",
         "data.shuffle_buffer=0", "adapters.bottleneck=16"], tmp_path)
     assert len(logs[0]) == 8 and all(abs(a - b) < 1e-4 for a, b in zip(logs[0], logs[64])), logs
     cache = caches[64]
     assert cache.hits + cache.misses == 8 * 8 * 2  # every reference and target of 8 batches of 8 asked for
     assert cache.hits > 0 and len(cache.rows) <= cache.misses  # those seen before were not encoded again
+    # nor decoded: the stream decodes exactly the images the tower then encodes (off: all of them)
+    assert decoded == {0: 8 * 8 * 2, 64: cache.encoded["ref"] + cache.encoded["tgt"]} and cache.encoded["tgt"] < 64

@@ -30,6 +30,8 @@ class DataConfig:
     use_cached_embeddings: bool = True  # use emb.npy / ref.emb.npy / tgt.emb.npy instead of the image tower
     subset_fraction: float = ranged(1.0, gt=0, max=1)  # keep only samples whose key hashes below this fraction
     # (the same samples for every seed)
+    keep_mib: int = ranged(512, min=0)  # per loader worker, all sources together: raw samples kept in memory
+    # after a shard's first read, so a dataset (or subset) that fits is read from disk once (0: read every epoch)
 
 
 @dataclass

@@ -79,13 +79,24 @@ class MissingMember(DataError):
     """A sample without a member its stage needs (a shard cut short): counted and skipped like a corrupt one."""
 
 
+# In a decoded sample: {image member: sha256 hex of its encoded bytes} (see image_digest; 2-3 us per KiB).
+DIGESTS_KEY = "__digests__"
+
+
+def with_digests(sample: dict) -> dict:
+    """A raw sample with its images' digests recorded (decode_sample does it; a pipeline that decodes samples
+    another way calls it before decoding, so the stages' collates can key images by their bytes)."""
+    digests = {k: hashlib.sha256(v).hexdigest() for k, v in sample.items() if schema.image_role(k) is not None}
+    return {**sample, DIGESTS_KEY: digests}
+
+
 def decode_sample(sample: dict, lazy: tuple[Role, ...] = (), required: tuple[str, ...] = ()) -> dict:
-    """Decode a raw sample's members; images of the roles in `lazy` stay encoded (see decode_images). Each of
-    `required` ("txt", or alternatives "jpg|png") must be there, else MissingMember."""
+    """Decode a raw sample's members, recording each image's digest; images of the roles in `lazy` stay encoded
+    (see decode_images). Each of `required` ("txt", or alternatives "jpg|png") must be there, else MissingMember."""
     missing = [need for need in required if not any(option in sample for option in need.split("|"))]
     if missing:
         raise MissingMember(f"sample {sample.get('__key__')} has no {', '.join(missing)}")
-    out = {"__key__": sample["__key__"]}
+    out = {"__key__": sample["__key__"], DIGESTS_KEY: with_digests(sample)[DIGESTS_KEY]}
     for key, value in sample.items():
         if key.startswith("__"):
             continue
@@ -104,6 +115,20 @@ def decode_images(sample: dict, roles: tuple[Role, ...]) -> dict:
         if isinstance(value, bytes) and schema.image_role(key) in roles:
             sample[key] = decode_member(key, value)
     return sample
+
+
+def image_digest(sample: dict, role: Role) -> str:
+    """The sha256 of the encoded bytes of the image of `role` in a decoded sample (decoded, or left encoded):
+    what identifies the image to a cache of what a frozen tower computed from it (train.frozen)."""
+    member = role.image_member(sample)
+    if member is None:
+        raise DataError(f"sample {sample.get('__key__')} has no {role.name} image")
+    return sample[DIGESTS_KEY][member]
+
+
+def is_decoded(sample: dict, role: Role) -> bool:
+    """Whether the stream decoded the image of `role` (it leaves encoded those the stage said it would not read)."""
+    return not isinstance(sample[role.image_member(sample)], bytes)
 
 
 class CountingHandler:
@@ -151,19 +176,15 @@ def slot_share(urls: list, seed: int, epoch: int, slot: Slot) -> list:
     return order[rank::world][worker::workers]  # what split_by_node + split_by_worker do, on this order
 
 
-# Per loader worker: the most bytes of a subset's samples kept in memory (see ShardReader).
-SUBSET_CACHE_BYTES = 512 << 20
-
-
 class ShardReader:
     """A source's shards read as raw samples, keeping only a subset's keys (`data.subset_fraction`) before the
-    shuffle. The kept samples of each shard are cached after its first read (up to SUBSET_CACHE_BYTES, then
-    shards are read again), so a data-size ablation's 100 of 3,000 samples cost 100 reads per epoch, not
-    3,000. A corrupt member is met, and counted, on a shard's first read only."""
+    shuffle. The kept samples of each shard stay in memory after its first read, up to `budget` bytes (then
+    further shards are read again each epoch): a dataset or subset that fits is read from disk once, and a
+    data-size ablation's 100 of 3,000 samples cost 100 reads per epoch, not 3,000. A corrupt member is met, and
+    counted, on a shard's first read only."""
 
-    def __init__(self, fraction: float = 1.0, budget: Optional[int] = None):
-        self.fraction, self.used = fraction, 0
-        self.budget = SUBSET_CACHE_BYTES if budget is None else budget
+    def __init__(self, fraction: float = 1.0, budget: int = 0):
+        self.fraction, self.budget, self.used = fraction, budget, 0
         self.cached: dict[str, list[dict]] = {}  # url -> its kept raw samples, in shard order
 
     def keep(self, key: str) -> bool:
@@ -173,15 +194,18 @@ class ShardReader:
         if url in self.cached:
             yield from self.cached[url]
             return
-        kept, size = [], 0
+        kept: Optional[list[dict]] = []  # None once the shard cannot fit
+        size = 0
         for sample in wds.tarfile_to_samples(handler=handler)([{"url": url}]):
-            if self.fraction >= 1.0:
-                yield sample
-            elif self.keep(sample["__key__"]):
-                kept.append(sample)
+            if not self.keep(sample["__key__"]):
+                continue
+            if kept is not None:
                 size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
-                yield sample
-        if self.fraction < 1.0 and self.used + size <= self.budget:  # the shard was read to its end
+                kept.append(sample)
+                if self.used + size > self.budget:
+                    kept = None
+            yield sample
+        if kept is not None:  # the shard was read to its end, and fits
             self.cached[url], self.used = kept, self.used + size
 
 
@@ -197,6 +221,7 @@ class ReadOptions:
     """What the stream asks of each of its sources."""
     buffer: int = 0  # samples in the seeded shuffle buffer (shards; an annotated set's permutation is its shuffle)
     fraction: float = 1.0  # data.subset_fraction: keep only the keys in_subset
+    keep_bytes: int = 0  # per shard source: raw samples kept in memory after a shard's first read (ShardReader)
     log_dir: Optional[str] = None  # shard sources log there which slot read which shard, per epoch
 
 
@@ -231,8 +256,9 @@ class ShardSource(Source):
 
     def epoch(self, seed: int, epoch: int, slot: Slot, handler: CountingHandler,
               options: ReadOptions) -> Iterator[dict]:
-        if self._reader is None or self._reader.fraction != options.fraction:
-            self._reader = ShardReader(options.fraction)
+        if self._reader is None or (self._reader.fraction, self._reader.budget) != (options.fraction,
+                                                                                  options.keep_bytes):
+            self._reader = ShardReader(options.fraction, options.keep_bytes)
         shards = slot_share(self.urls, seed, epoch, slot)
         rank, worker = slot.rank, slot.worker
         if options.log_dir:  # which rank read which shard, per epoch: the way to check the split
@@ -263,15 +289,16 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, sources: list[Source], weights: Optional[list[float]], batch_size: int, seed: int,
                  shuffle_buffer: int, collate: Callable[[list[dict]], dict], log_dir: Optional[str] = None,
-                 subset_fraction: float = 1.0, lazy_roles: tuple[Role, ...] = (),
-                 cached_roles: Optional[Callable[[list[dict]], tuple[Role, ...]]] = None,
+                 subset_fraction: float = 1.0, keep_mib: int = 0, lazy_roles: tuple[Role, ...] = (),
+                 undecoded: Optional[Callable[[list[dict]], list[tuple[Role, ...]]]] = None,
                  required: tuple[str, ...] = ()):
         super().__init__()
         if weights is not None and len(weights) != len(sources):
             raise DataError(f"data.weights has {len(weights)} entries for {len(sources)} sources")
         self.sources, self.batch_size, self.seed = sources, batch_size, seed
         self.weights = weights or [1.0] * len(sources)
-        self.options = ReadOptions(shuffle_buffer, subset_fraction, log_dir)
+        shard_sources = sum(isinstance(source, ShardSource) for source in sources)
+        self.options = ReadOptions(shuffle_buffer, subset_fraction, (keep_mib << 20) // max(1, shard_sources), log_dir)
         self.collate = collate
         self.skip_batches = 0  # global batches already taken (set by resume_at)
         # per worker, where it was: [members/samples skipped, samples drawn beyond batch_size per batch
@@ -279,8 +306,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.resume_counts: list[list[int]] = []
         self.extra = 0  # this worker's running count of extra samples drawn, resumed ones included
         self.handler = CountingHandler()
-        # Images a stage may not need: those whose cached embedding it takes (cached_roles says, per batch).
-        self.lazy_roles, self.cached_roles = (lazy_roles, cached_roles) if cached_roles else ((), None)
+        # Images a stage may not read (its cached embeddings, what its frozen tower computed from them before):
+        # left encoded, then decoded for the samples `undecoded` does not name (Stage.undecoded_images).
+        self.lazy_roles, self.undecoded = (lazy_roles, undecoded) if undecoded else ((), None)
         self.required = required  # the stage's members ("txt", "jpg|png|webp"): a sample without one is skipped
 
     def resume_at(self, batches: int, workers: list[list[int]]) -> None:
@@ -323,18 +351,17 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _decoded(self, batch: list[dict], samples: Iterator[dict]) -> list[dict]:
         """Decode a batch; a sample that does not decode (a corrupt image, bad json or npy) is counted and
         replaced by the next one, so batches keep their size (ranks gather equal shapes); each replacement
-        drawn is counted in `self.extra`, which a resume skips too. Images of lazy roles are decoded only when
-        the stage will not take their cached embeddings for this batch (decoding is much of the loader's
-        cost)."""
+        drawn is counted in `self.extra`, which a resume skips too. Images of lazy roles are decoded only for
+        the samples whose images the stage will read (decoding is much of the loader's cost)."""
         lazy = self.lazy_roles
         out = [self._decode_or_next(sample, samples, lazy) for sample in batch]
         replaced = bool(lazy)
         while replaced:  # a replacement may change what the batch needs: until a pass replaces nothing
-            needed = tuple(r for r in lazy if r not in self.cached_roles(out))
+            skipped = self.undecoded(out)  # per sample, the lazy roles the stage will not read
             replaced = False
             for i in range(len(out)):
                 try:
-                    decode_images(out[i], needed)
+                    decode_images(out[i], tuple(r for r in lazy if r not in skipped[i]))
                 except Exception as err:  # noqa: BLE001 - a damaged image: skipped, counted, replaced
                     self.handler(err)
                     self.extra += 1

@@ -168,7 +168,7 @@ def parse_args(cls, argv: Optional[list[str]]):
 
 # Settings that do not define a run: changing them between a run and its restart is not "another config".
 RUN_CONTROL = ("resume", "overwrite", "max_steps", "log_every", "save_every", "save_total_limit", "log_with",
-               "run_name", "data.workers", "frozen_cache_mib")
+               "run_name", "data.workers", "data.keep_mib", "frozen_cache_mib", "hard_negatives.cache_dir")
 RUN_FILES = ("checkpoints", "final", "logs", "data_log", "train_log.jsonl", "config.json")  # what a run writes
 
 
@@ -277,7 +277,8 @@ def train(stage: Stage, cfg: TrainConfig) -> Path:
             _truncate_log(out / "train_log.jsonl", state.step)
     stream = TrainStream(sources, weights, cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer,
                          stage.collate, log_dir=str(out / "data_log"), subset_fraction=cfg.data.subset_fraction,
-                         lazy_roles=stage.cacheable_roles, cached_roles=stage.cached_image_roles,
+                         keep_mib=cfg.data.keep_mib,
+                         lazy_roles=stage.lazy_roles, undecoded=stage.undecoded_images,
                          required=stage.required_fields)
     batches = TrainLoader(stream, cfg.data.workers, pin_memory=accelerator.device.type == "cuda")
     loader_state = LOADER_STATE_FILE.format(rank=accelerator.process_index)

@@ -4,7 +4,9 @@ A triplet names its hard negatives by the keys of the caption dataset it was min
 such as CIRR's image-set members, by image names); it does not carry their images (k more images per
 triplet). Before training, the bank encodes that caption dataset (or the annotated set's named images) once with
 the frozen CLIP (or takes its cached `emb.npy`), on the main process, into `{output_dir}/negative_bank/`
-(reused by `resume` and by a rerun with the same CLIP and datasets); the other ranks wait and load it.
+(reused by `resume` and by a rerun with the same CLIP and datasets), or into `hard_negatives.cache_dir`, by
+fingerprint, where runs that share a CLIP and datasets (an ablation's cells) share it; the other ranks wait and
+load it.
 A batch then carries, per query, the bank rows of its hard negatives ([B, H], -1 where there is none), and
 the loss adds them as weighted negatives beside the in-batch targets and the reference.
 """
@@ -43,6 +45,8 @@ class HardNegativeConfig:
     batch_size: int = 256  # images per forward pass while encoding the bank
     target_neighbours: int = 0  # also the k bank images nearest to each query's target (near-copies of it, over
     # negative_max_similarity, left out) as negatives: the images a query that drifts from its target would rank first
+    cache_dir: Optional[str] = None  # banks kept here, one folder per fingerprint (datasets, CLIP), and shared by
+    # every run that asks for the same one (None: in the run's own output_dir)
 
 
 def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str]:
@@ -175,10 +179,11 @@ def encode_datasets(datasets: list[str], encode: Callable[[torch.Tensor], torch.
 
 
 def load_or_build(out_dir: Path, datasets: list[str], clip_id: str, use_cached: bool, build: Callable[[], tuple],
-                  accelerator) -> NegativeBank:
-    """The main process builds (or reuses) the bank on disk; every rank loads it."""
-    where = out_dir / BANK_DIR
+                  accelerator, cache_dir: Optional[str] = None) -> NegativeBank:
+    """The main process builds (or reuses) the bank on disk, in out_dir or under cache_dir; every rank loads it.
+    Its files are written atomically, bank.json last, so a bank half written by a killed run is built again."""
     fingerprint = _fingerprint(datasets, clip_id, use_cached)
+    where = Path(cache_dir) / fingerprint if cache_dir else out_dir / BANK_DIR
     if accelerator.is_main_process:
         meta = ds.read_json(str(where / "bank.json")) or {}
         if meta.get("fingerprint") != fingerprint:

@@ -7,9 +7,10 @@ optional hooks below default to doing nothing:
 
 - `setup(model, accelerator)`: work once the model is on its device (stage II's negative bank).
 - `after_step(model)`: constraints on the weights after each optimizer step (stage 0's logit scale).
-- Cached image embeddings: `cacheable_roles` (cir.schema image roles: IMAGE for `jpg`, TGT for `tgt.jpg`) and
-  `cached_image_roles(samples)`: the stream leaves those images encoded and decodes them only for batches whose
-  cached embeddings the stage will not use.
+- Images the stage may not read: `lazy_roles` (cir.schema image roles: IMAGE for `jpg`, TGT for `tgt.jpg`) and
+  `undecoded_images(samples)`: the stream leaves the images of those roles encoded and decodes, per sample, those
+  the stage will read (not those whose cached embedding it takes, nor those its frozen tower has already
+  encoded: train.frozen).
 - Feature-cached accumulation (open_clip's accum_freq, loop.feature_cached_step): a contrastive stage lists its
   per-sample feature keys in `cached_keys` and supplies `features(model, batch, accelerator)` -> dict of
   tensors and `loss_on_features(features, accelerator)`; with `grad_accum > 1` and `accum_features` the
@@ -59,11 +60,13 @@ class Stage:
         pass
 
     @property
-    def cacheable_roles(self) -> tuple[Role, ...]:
+    def lazy_roles(self) -> tuple[Role, ...]:
         return ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
-        return ()
+    def undecoded_images(self, samples: list[dict]) -> list[tuple[Role, ...]]:
+        """Per sample of a batch (images of lazy roles still encoded), the lazy roles whose image collate
+        will not read: the stream leaves those encoded."""
+        return [() for _ in samples]
 
     @property
     def caches_features(self) -> bool:

@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from cir import schema
-from cir.backbone import preprocess_batch
 from cir.mapping import MappingConfig
 from cir.schema import IMAGE, Role
 from cir.config import ranged
 from train.config import TrainConfig
-from train.data import cached_embeddings, has_cached_embeddings, image_of
+from train.data import cached_embeddings, has_cached_embeddings, image_digest
 from train.distributed import gather
-from train.frozen import FrozenFeatures, image_tower, pick, row_ids
+from train.frozen import FrozenFeatures, image_inputs, image_tower, pick, pixels_of, row_ids
 from train.loop import main as loop_main
 from train.stage import Stage
 
@@ -89,24 +88,26 @@ class Stage1(Stage):
         return StageOneModel(self.backbone.model, mapping, self.placeholder)
 
     @property
-    def cacheable_roles(self) -> tuple[Role, ...]:
-        return (IMAGE,) if self.cached else ()
+    def lazy_roles(self) -> tuple[Role, ...]:
+        return (IMAGE,) if self.cached or self.frozen.on else ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
-        """The image roles this batch's collate takes from emb.npy (their images are not decoded)."""
-        return (IMAGE,) if has_cached_embeddings(samples, IMAGE, self.clip_id) else ()
+    def undecoded_images(self, samples: list[dict]) -> list[tuple[Role, ...]]:
+        """All images when this batch's collate takes emb.npy, else those already kept (train.frozen)."""
+        if self.cached and has_cached_embeddings(samples, IMAGE, self.clip_id):
+            return [(IMAGE,) for _ in samples]
+        if not self.frozen.on:
+            return [() for _ in samples]
+        return [(IMAGE,) if self.frozen.kept("image", image_digest(s, IMAGE)) else () for s in samples]
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]
         emb = cached_embeddings(samples, IMAGE, self.clip_id)
         if emb is not None:
             batch["emb"] = emb
-        else:
-            batch["images"] = preprocess_batch(self.backbone.preprocess, [image_of(s) for s in samples])
-        if self.cfg.frozen_cache_mib > 0:  # keys of the towers' outputs (train.frozen), hashed here in the loader
+        else:  # image_pixels, image_rows, image_ids
+            batch.update(image_inputs(samples, IMAGE, self.backbone.preprocess, "image", self.frozen))
+        if self.frozen.on:  # keys of the text tower's outputs (train.frozen), hashed here in the loader
             batch["caption_ids"] = row_ids(batch["captions"])
-            if "images" in batch:
-                batch["image_ids"] = row_ids(batch["images"])
         return batch
 
     cached_keys = ("t", "v", "c")  # per-sample features, cached across micro-batches with grad_accum (loop.py)
@@ -118,7 +119,7 @@ class Stage1(Stage):
         use_patches = self.cfg.mapping.use_patches
 
         def images(rows):
-            return image_tower(clip, batch["images"], rows, use_patches)
+            return image_tower(clip, pixels_of(batch, "image", rows), use_patches)
 
         def captions(rows):
             with torch.no_grad():

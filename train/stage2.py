@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from cir import schema
-from cir.backbone import preprocess_batch
 from cir.composer import AdapterConfig, MURConfig
 from cir.schema import REF, TGT, Role
 from cir.config import ConfigError, ranged
 from train.config import TrainConfig
-from train.data import DataError, cached_embeddings, has_cached_embeddings, image_of
+from train.data import DataError, cached_embeddings, has_cached_embeddings, image_digest
 from train.distributed import gather
-from train.frozen import FrozenFeatures, image_tower, row_ids
+from train.frozen import FrozenFeatures, image_inputs, image_tower, pixels_of
 from train.loop import main as loop_main
 from train.negatives import HardNegativeConfig
 from train.stage import Stage
@@ -162,30 +161,33 @@ class Stage2(Stage):
 
         clip_id = weights_fingerprint(str(Path(self.cfg.init_from) / "clip"))
         self.bank = load_or_build(Path(self.cfg.output_dir), datasets, clip_id,
-                                  self.cfg.data.use_cached_embeddings, build, accelerator)
+                                  self.cfg.data.use_cached_embeddings, build, accelerator, hn.cache_dir)
         accelerator.print(f"hard negatives: a bank of {len(self.bank)} images from {datasets}")
 
     @property
-    def cacheable_roles(self) -> tuple[Role, ...]:
+    def lazy_roles(self) -> tuple[Role, ...]:
+        if self.frozen.on:  # references and targets the frozen tower has encoded are not decoded again
+            return (REF, TGT)
         return (TGT,) if self.cfg.data.use_cached_embeddings else ()
 
-    def cached_image_roles(self, samples: list[dict]) -> tuple[Role, ...]:
-        """The image roles this batch's collate takes from tgt.emb.npy (their images are not decoded)."""
-        return (TGT,) if has_cached_embeddings(samples, TGT, self.clip_id) else ()
+    def undecoded_images(self, samples: list[dict]) -> list[tuple[Role, ...]]:
+        """Targets whose tgt.emb.npy this batch takes; references and targets already kept (train.frozen)."""
+        tgt_cached = TGT in self.lazy_roles and has_cached_embeddings(samples, TGT, self.clip_id)
+        if not self.frozen.on:
+            return [(TGT,) if tgt_cached else () for _ in samples]
+        kept = self.frozen.kept
+        return [((REF,) if kept("ref", image_digest(s, REF)) else ())
+                + ((TGT,) if tgt_cached or kept("tgt", image_digest(s, TGT)) else ()) for s in samples]
 
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
-        batch = {"refs": preprocess_batch(bb.preprocess, [image_of(s, REF) for s in samples]),
-                 "prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples])}
+        batch = {"prompts": bb.tokenizer([self.cfg.template.format(s["mod.txt"].strip()) for s in samples]),
+                 **image_inputs(samples, REF, bb.preprocess, "ref", self.frozen)}  # ref_pixels, ref_rows, ref_ids
         tgt_emb = cached_embeddings(samples, TGT, self.clip_id)
         if tgt_emb is not None:
             batch["tgt_emb"] = tgt_emb
         else:
-            batch["tgts"] = preprocess_batch(bb.preprocess, [image_of(s, TGT) for s in samples])
-        if self.cfg.frozen_cache_mib > 0:  # keys of the tower's outputs (train.frozen), hashed here in the loader
-            batch["ref_ids"] = row_ids(batch["refs"])
-            if "tgts" in batch:
-                batch["tgt_ids"] = row_ids(batch["tgts"])
+            batch.update(image_inputs(samples, TGT, bb.preprocess, "tgt", self.frozen))
         if self.bank is not None:
             batch["hn_rows"] = self.bank.rows([s.get("json") or {} for s in samples], self.cfg.hard_negatives.per_query)
         return batch
@@ -202,12 +204,14 @@ class Stage2(Stage):
         """The targets' frozen features [B, d]: from tgt.emb.npy, kept ones (train.frozen) or the tower."""
         if "tgt_emb" in batch:
             return F.normalize(batch["tgt_emb"], dim=-1)
-        return self.frozen("tgt", batch.get("tgt_ids"), lambda rows: image_tower(clip, batch["tgts"], rows, False))[0]
+        return self.frozen("tgt", batch.get("tgt_ids"), lambda rows: image_tower(clip, pixels_of(batch, "tgt", rows),
+                                                                                  False))[0]
 
     def _references(self, clip, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The references' frozen features [B, d] and, when the mapping reads them, patch tokens [B, n, w]."""
         use_patches = self.cir.mapping.cfg.use_patches
-        out = self.frozen("ref", batch.get("ref_ids"), lambda rows: image_tower(clip, batch["refs"], rows, use_patches))
+        out = self.frozen("ref", batch.get("ref_ids"),
+                          lambda rows: image_tower(clip, pixels_of(batch, "ref", rows), use_patches))
         return out[0], out[1] if use_patches else None
 
     def features(self, model, batch: dict, accelerator) -> dict:
