@@ -250,7 +250,7 @@ class NotARegularFile(OSError):
 
 
 class SourceChanged(OSError):
-    """A local file read again (reread) is not the one read first: its size or modification time changed."""
+    """A file read again (reread, read_spans) is not the one read first: its size or modification time changed."""
 
 
 def read_file(path: str) -> bytes:
@@ -283,12 +283,61 @@ def reread(path: str, stamp: str) -> bytes:
 
 def iter_shard(path: str) -> Iterator[dict]:
     """The samples of one committed shard as raw webdataset dicts ({"__key__", "jpg": bytes, ...})."""
-    from webdataset import tariterators
+    for sample, _ in shard_members(path):
+        yield sample
 
+
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then extension
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+def shard_members(path: str) -> Iterator[tuple[dict, dict[str, tuple[int, int]]]]:
+    """Each sample of a shard as iter_shard gives it, with where its members' bytes lie in the file: {member:
+    (offset, size)}, for read_spans. Grouped as webdataset's group_by_keys groups a tar (the key: a member's
+    name up to the first dot of its last component; consecutive members of one key make a sample; extensions
+    lower-cased), with the standard library: the data jobs read shards without webdataset, whose import loads
+    torch (seconds of every job's start-up), and webdataset does not report offsets."""
     with fsspec.open(path, "rb") as stream:
-        files = tariterators.tar_file_expander([{"url": path, "stream": stream}])
-        for sample in tariterators.group_by_keys(files):
-            yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        sample: Optional[dict] = None
+        where: dict[str, tuple[int, int]] = {}
+        for info in tar:
+            found = _MEMBER.match(info.name)
+            if not info.isreg() or not found or _META.match(info.name):
+                continue
+            key, ext = found.group(1), found.group(2).lower()
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample, where
+                sample, where = {"__key__": key}, {}
+            if ext in sample:
+                raise ValueError(f"{path}: {info.name} appears twice in the shard")
+            sample[ext] = tar.extractfile(info).read()
+            where[ext] = (info.offset_data, info.size)
+        if sample is not None:
+            yield sample, where
+
+
+def shard_stamp(path: str) -> str:
+    """A shard file's size and modification time (or object generation): read_spans checks that the file is
+    the one its offsets were taken from."""
+    fs, where = _fs(path)
+    info = fs.info(where)
+    return f"{info['size']}:{info.get('mtime') or info.get('generation') or info.get('updated')}"
+
+
+def read_spans(path: str, stamp: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes at (offset, size) `spans` of a shard file, read in one opening; SourceChanged when the file is
+    no longer the one `stamp` (shard_stamp) describes."""
+    now = shard_stamp(path)
+    if now != stamp:
+        raise SourceChanged(f"{path} changed while the job ran (stamp {stamp} when read, {now} now)")
+    out = []
+    with fsspec.open(path, "rb") as f:
+        for offset, size in spans:
+            f.seek(offset)
+            out.append(f.read(size))
+    return out
 
 
 def dataset_card(kind: str, title: str) -> str:

@@ -87,6 +87,8 @@ class ClaimsConfig:
     # false: one CLIP, trained with world_seed, shared by every row and seed
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
     min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
+    interval: str = "seeds"  # the intervals' bootstrap: "seeds" resamples seeds and queries (another training run
+    # is part of the uncertainty); "queries" resamples the queries of the seed-averaged values (seeds held fixed)
     stage0_config: str = "train/configs/toy_stage0.yaml"
     stage1_config: str = "train/configs/toy_stage1.yaml"
     stage2_config: str = "train/configs/toy_stage2.yaml"
@@ -115,6 +117,8 @@ def load(path: str) -> ClaimsConfig:
     except ConfigError as err:
         raise PredictionError(str(err)) from err
     cfg.rows, cfg.claims, cfg.benchmarks = rows, claims, benches
+    if cfg.interval not in INTERVALS:
+        raise PredictionError(f"interval: one of {INTERVALS}, got {cfg.interval!r}")
     for name, bench in benches.items():
         if bench.benchmark not in BENCHMARKS:
             raise PredictionError(f"benchmarks.{name}.benchmark: one of {BENCHMARKS}, got {bench.benchmark!r}")
@@ -354,28 +358,47 @@ def combine(verdicts: list[str]) -> str:
     return "inconclusive"
 
 
-def row_summary(per_seed: list[dict]) -> dict:
-    """A row on one metric: mean of the seed-averaged values, its interval over queries, the seeds' spread."""
+INTERVALS = ("seeds", "queries")
+
+
+def interval(runs: list[dict], over: str) -> tuple[float, float]:
+    """The 95% interval of the mean of per-seed metric groups: over seeds and queries, or queries alone."""
+    return stats.bootstrap_ci_over_seeds(runs) if over == "seeds" else stats.bootstrap_ci(stats.mean_over(runs))
+
+
+def row_summary(per_seed: list[dict], over: str = "seeds") -> dict:
+    """A row on one metric: mean over seeds, its interval (`interval`), the seeds' spread."""
     averaged = stats.mean_over(per_seed)
     by_seed = [stats.metric_of(g) for g in per_seed]
-    return {"mean": round(stats.metric_of(averaged), 2), "ci95": list(stats.bootstrap_ci(averaged)),
+    return {"mean": round(stats.metric_of(averaged), 2), "ci95": list(interval(per_seed, over)),
             "seeds": [round(v, 2) for v in by_seed],
             "seed_std": round(statistics.stdev(by_seed), 2) if len(by_seed) > 1 else 0.0}
 
 
-def judge(claim: ClaimSpec, values: dict, min_effect: float) -> dict:
-    """values: row -> (benchmark, metric) -> metric groups per seed. The claim's comparisons and its verdict."""
+def paired_runs(better: list[dict], worse: list[dict]) -> list[dict]:
+    """Per-query differences seed by seed (seed i of both rows trains from the same CLIP); a row of one run (a
+    baseline on a shared CLIP) is paired with each run of the other."""
+    if len(better) != len(worse) and 1 not in (len(better), len(worse)):
+        raise PredictionError(f"rows with {len(better)} and {len(worse)} seeds cannot be paired")
+    n = max(len(better), len(worse))
+    return [stats.paired_difference(better[i % len(better)], worse[i % len(worse)]) for i in range(n)]
+
+
+def judge(claim: ClaimSpec, values: dict, min_effect: float, over: str = "seeds") -> dict:
+    """values: row -> (benchmark, metric) -> metric groups per seed. The claim's comparisons and its verdict,
+    each from the interval of the paired per-query difference, seed i against seed i (`interval`)."""
     comparisons = []
     for bench, metric in claim.benchmarks.items():
         for name in claim.better:
-            better = stats.mean_over(values[name][(bench, metric)])
+            better = values[name][(bench, metric)]
             for other in claim.than:
-                worse = stats.mean_over(values[other][(bench, metric)])
-                diff = stats.paired_difference(better, worse)
-                lo, hi = stats.bootstrap_ci(diff)
-                saturated = min(stats.metric_of(better), stats.metric_of(worse)) >= SATURATED
+                worse = values[other][(bench, metric)]
+                diffs = paired_runs(better, worse)
+                lo, hi = interval(diffs, over)
+                saturated = min(stats.metric_of(stats.mean_over(better)),
+                                stats.metric_of(stats.mean_over(worse))) >= SATURATED
                 comparisons.append({"benchmark": bench, "metric": metric, "better": name, "other": other,
-                                    "difference": round(stats.metric_of(diff), 2), "ci95": [lo, hi],
+                                    "difference": round(stats.metric_of(stats.mean_over(diffs)), 2), "ci95": [lo, hi],
                                     "verdict": "inconclusive" if saturated else verdict(lo, hi, min_effect),
                                     "saturated": saturated})
     held = sum(c["verdict"] == "holds" for c in comparisons)
@@ -405,11 +428,11 @@ def claims(cfg: ClaimsConfig) -> dict:
                 raise PredictionError(f"row {name} on {bench} has no metric {metric!r} (has {sorted(per_seed[0])})")
             values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]
             rows_out.setdefault(name, {"text": cfg.rows[name].text, "stage": cfg.rows[name].stage})[
-                f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed])
+                f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed], cfg.interval)
     report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds,
-              "clip_per_seed": cfg.clip_per_seed, "bench_queries": cfg.bench_queries,
+              "clip_per_seed": cfg.clip_per_seed, "interval": cfg.interval, "bench_queries": cfg.bench_queries,
               "min_effect": cfg.min_effect, "rows": rows_out,
-              "claims": [judge(c, values, cfg.min_effect) for c in cfg.claims],
+              "claims": [judge(c, values, cfg.min_effect, cfg.interval) for c in cfg.claims],
               "seconds": round(time.time() - started, 1)}
     out = Path(cfg.output_dir)
     (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -422,9 +445,12 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
              f"Splits {report['splits']}, {report['bench_queries']} queries per benchmark split, seeds "
              f"{report['seeds']} (each seed trains {'its own stage 0 CLIP and ' if report['clip_per_seed'] else ''}"
              f"stage I and II{'' if report['clip_per_seed'] else ' on one shared stage 0 CLIP'}). "
-             "A row's number is the mean over seeds of its metric; [lo, hi] is the 95% bootstrap interval over "
-             "queries of the seed-averaged values; ± is the seeds' standard deviation. A comparison holds when the "
-             "95% interval of the paired per-query difference lies above 0, does not hold when it lies below "
+             "A row's number is the mean over seeds of its metric; [lo, hi] is its 95% interval from a bootstrap "
+             + ("over seeds and queries (both resampled: the interval covers another training run as well as other "
+                "queries)" if report["interval"] == "seeds" else "over the queries of the seed-averaged values")
+             + "; ± is the seeds' standard deviation. A comparison holds when the 95% interval of the paired "
+             "per-query difference (seed i against seed i, resampled the same way) lies above 0, does not hold "
+             "when it lies below "
              f"{report['min_effect']} point(s), and is inconclusive otherwise (also when both rows are at the "
              "metric's ceiling). A claim is the conjunction of its comparisons.", "",
              "| claim | verdict | comparisons | what |", "|---|---|---|---|"]

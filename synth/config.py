@@ -15,6 +15,21 @@ DEFAULT_PROMPT = ("Two images are described below. Write a short instruction tha
 DEFAULT_EDIT_PROMPT = ("Write an edit for the image described below, as: instruction | caption after the "
                        "edit.\nImage: {caption}\nEdit:")
 
+MODTEXT_FIELDS = {"ref": "reference caption", "tgt": "target caption"}
+EDIT_FIELDS = {"caption": "the source caption"}
+
+
+def check_prompt(prompt: str, fields: dict[str, str], flag: str = "--llm-prompt") -> None:
+    """The prompt must use every field (name -> what it is) and no other: a clear error, not a KeyError later."""
+    try:
+        prompt.format(**{name: name for name in fields})
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{flag} may only use the fields {', '.join('{' + f + '}' for f in fields)} ({err!r}); "
+                         "write literal braces as {{ and }}") from None
+    missing = [f"{{{name}}} ({what})" for name, what in fields.items() if f"{{{name}}}" not in prompt]
+    if missing:
+        raise ValueError(f"{flag} must contain {' and '.join(missing)}")
+
 
 @dataclass
 class SynthConfig:

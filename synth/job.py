@@ -30,10 +30,9 @@ from cir import dataset as ds
 from cir import schema
 from cir.config import add_arguments, from_args
 from pipeline import jobs
-from synth.config import SynthConfig
+from synth.config import EDIT_FIELDS, MODTEXT_FIELDS, SynthConfig, check_prompt
 from synth.edited import EditSources, PickSources
 from synth.knn import NeighbourGraph
-from synth.llm import EDIT_FIELDS, MODTEXT_FIELDS, check_prompt
 from synth.mined import MinePairs, neighbour_keys, with_negatives
 from synth.specs import FAILED, REJECTED, SpecOrder, each, image_fields
 
@@ -52,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ reading
 
 class ReadCaptionShard(beam.DoFn):
-    """A caption shard -> (key, sample) with the image bytes, caption and embedding (if any)."""
+    """A caption shard -> (key, sample): caption, embedding (if any), where the image lies in the shard
+    (`where`: path, stamp, offset, size) and, when the job edits images (`with_bytes`), the image's bytes. A
+    mined triplet's images are read again from `where` where its shard is written (read_images): they cross no
+    grouping."""
+
+    def __init__(self, with_bytes: bool):
+        self.with_bytes = with_bytes
 
     def process(self, path: str) -> Iterator[tuple[str, dict]]:
-        for raw in ds.iter_shard(path):
+        stamp = ds.shard_stamp(path)
+        for raw, spans in ds.shard_members(path):
             try:
                 sample = schema.CaptionSample.from_webdataset(raw)
             except schema.SchemaError as err:
@@ -63,8 +69,9 @@ class ReadCaptionShard(beam.DoFn):
                                                                      "incomplete_sample", str(err)))
                 continue
             image = sample.image  # with emb and emb_clip (which CLIP made it), carried into the triplets
-            yield sample.key, {"key": sample.key, "image": image.data, "ext": image.ext, "caption": sample.caption,
-                               "emb": image.emb, "emb_clip": image.emb_clip}
+            yield sample.key, {"key": sample.key, "image": image.data if self.with_bytes else None,
+                               "where": (path, stamp, *spans[image.ext]), "ext": image.ext,
+                               "caption": sample.caption, "emb": image.emb, "emb_clip": image.emb_clip}
 
 
 def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
@@ -100,6 +107,21 @@ def _by_shard(spec: dict) -> tuple[int, dict]:
     return spec["shard"], spec
 
 
+def read_images(parts: list[dict]) -> None:
+    """Fill in, in place, the bytes of the images that came without them (`image` None), from where they lie in
+    their caption shards: each shard opened once, each image read once."""
+    wanted: dict[tuple[str, str], dict[int, list[dict]]] = {}  # (shard, stamp) -> offset -> its parts
+    for part in parts:
+        if part["image"] is None:
+            path, stamp, offset, size = part["where"]
+            wanted.setdefault((path, stamp), {}).setdefault(offset, []).append(part)
+    for (path, stamp), at in wanted.items():
+        offsets = sorted(at)
+        for offset, data in zip(offsets, ds.read_spans(path, stamp, [(o, at[o][0]["where"][3]) for o in offsets])):
+            for part in at[offset]:
+                part["image"] = data
+
+
 def _assemble(spec: dict, parts: dict[str, dict]) -> dict:
     """A triplet from its spec and the images it does not carry ("ref" and "tgt" of a mined triplet)."""
     spec = dict(spec)
@@ -115,7 +137,8 @@ def _assemble_shard(element, cfg: SynthConfig) -> tuple[int, list[dict]]:
     shard, grouped = element
     parts: dict[str, dict] = {}
     for triplet, role, part in grouped.get("part", ()):
-        parts.setdefault(triplet, {})[role] = part
+        parts.setdefault(triplet, {})[role] = dict(part) if role in ("ref", "tgt") else part
+    read_images([p[role] for p in parts.values() for role in ("ref", "tgt") if role in p])
     triplets = [_assemble(spec, parts.get(spec["key"], {})) for spec in grouped["spec"]]
     if cfg.quality == "high" and cfg.hard_negatives > 0:
         triplets = [with_negatives(t, parts.get(t["key"], {}).get("neighbours"), cfg) for t in triplets]
@@ -158,7 +181,8 @@ def _times(n: int, k: int) -> int:
 def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[list[str]] = None) -> None:
     shard_paths = [ds.join(cfg.input, ds.SHARD_DIR, f"{n}.tar") for n in ds.complete_shards(cfg.input)]
     read = (p | "ShardPaths" >> beam.Create(shard_paths) | "Reshuffle" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(ReadCaptionShard()).with_outputs(FAILED, main="samples"))
+            | "ReadShards" >> beam.ParDo(ReadCaptionShard(with_bytes=cfg.quality == "high"))
+            .with_outputs(FAILED, main="samples"))
     samples = read.samples
     shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
     neighbours = None  # high quality with hard negatives: (image key, its nearest real images)
@@ -191,10 +215,10 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
                                                                cfg.device, cfg.batch_size, cfg.llm_chat == "on")
         assigned = written_by_llm.specs
         rejected = (rejected, written_by_llm[REJECTED]) | "WithLLMRejections" >> beam.Flatten()
-    # A mined triplet's images join it by key (each image once) and go, keyed by its shard, straight into the
-    # shard grouping, where each shard's triplets are assembled and written: their bytes cross these two
-    # groupings. An edited triplet carries its own images from the editor: only its reference's nearest real
-    # images (keys and captions) join it.
+    # A mined triplet's images join it by key (each image once, where it lies in its caption shard, not its
+    # bytes) and go, keyed by its shard, into the shard grouping, where each shard's triplets are assembled, their
+    # images read and written: image bytes cross no grouping. An edited triplet carries its own images from the
+    # editor (they cross the shard grouping): only its reference's nearest real images (keys and captions) join it.
     needs = assigned | "Needs" >> beam.FlatMap(_needs, neighbours is not None)
     by_key = {"need": needs, **({"image": samples} if cfg.quality == "low" else {}),
               **({"neighbours": neighbours} if neighbours is not None else {})}

@@ -31,22 +31,8 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from synth.config import CHAT_MODES, DEFAULT_PROMPT
 from synth.specs import REJECTED
 
-MODTEXT_FIELDS = {"ref": "reference caption", "tgt": "target caption"}
-EDIT_FIELDS = {"caption": "the source caption"}
 QUOTES = "\"'`“”‘’"
 LABEL_RE = re.compile(r"^(instruction|answer|output|edit)\s*:\s*", re.IGNORECASE)
-
-
-def check_prompt(prompt: str, fields: dict[str, str], flag: str = "--llm-prompt") -> None:
-    """The prompt must use every field (name -> what it is) and no other: a clear error, not a KeyError later."""
-    try:
-        prompt.format(**{name: name for name in fields})
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"{flag} may only use the fields {', '.join('{' + f + '}' for f in fields)} ({err!r}); "
-                         "write literal braces as {{ and }}") from None
-    missing = [f"{{{name}}} ({what})" for name, what in fields.items() if f"{{{name}}}" not in prompt]
-    if missing:
-        raise ValueError(f"{flag} must contain {' and '.join(missing)}")
 
 
 def resolve_chat(model: str, mode: str) -> bool:

@@ -367,8 +367,10 @@ def test_parquet_input_with_relative_paths(toy_world, tmp_path):
 def test_killed_job_rerun_writes_every_input_exactly_once(toy_world, tmp_path):
     cmd = [sys.executable, "beam_runner.py", "caption", "--input", str(toy_world / "images"),
            "--output", str(tmp_path / "out"), "--shard-size", "2", *BEAM]
+    scratch = tmp_path / "tmp"  # a killed Beam job cannot remove its beam-pipeline-temp* folder: keep it here
+    scratch.mkdir()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(scratch)})
     shards = tmp_path / "out" / "shards"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("*.tar"))) < 3 and proc.poll() is None:

@@ -30,11 +30,18 @@ def test_judge_pairs_queries_and_averages_seeds():
     key = ("b1", "recall@1")
     values = {"a": {key: [{"": better}, {"": better}, {"": base}]},  # seeds averaged: +16.7 over base
               "base": {key: [{"": base}] * 3}, "worse": {key: [{"": noisy}] * 3}}
-    got = judge(ClaimSpec("X-1", "a beats base and worse", ["a"], ["base", "worse"], {"b1": "recall@1"}), values, 1.0)
+    claim = ClaimSpec("X-1", "a beats base and worse", ["a"], ["base", "worse"], {"b1": "recall@1"})
+    got = judge(claim, values, 1.0, "queries")  # the seeds held fixed: their mean beats base
     assert got["verdict"] == "holds"
     assert [c["other"] for c in got["comparisons"]] == ["base", "worse"]
     assert abs(got["comparisons"][0]["difference"] - 16.67) < 0.01
     assert got["summary"] == "holds in 2 of 2 comparisons, does not hold in 0"
+    # over seeds too (the default): one seed of three without the gain leaves a's win over base undecided
+    over_seeds = judge(claim, values, 1.0)
+    assert [c["verdict"] for c in over_seeds["comparisons"]] == ["inconclusive", "holds"]
+    assert over_seeds["comparisons"][0]["ci95"][0] <= 0 < over_seeds["comparisons"][0]["difference"]
+    one_base = {**values, "base": {key: [{"": base}]}}  # a baseline evaluated once (a CLIP shared by the seeds)
+    assert judge(claim, one_base, 1.0)["comparisons"] == over_seeds["comparisons"]
     top = {"b1": [100.0] * n}
     ceiling = judge(ClaimSpec("X-3", "a beats b", ["a"], ["b"], {"b1": "recall@50"}),
                     {"a": {("b1", "recall@50"): [top]}, "b": {("b1", "recall@50"): [top]}}, 1.0)
@@ -63,6 +70,9 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     bad.write_text("benchmarks: {b: {benchmark: shoes}}\n"
                    "rows: {stage1: {stage: stage1}, r: {stage: stage2, data: b, count: 5}}\n")
     with pytest.raises(PredictionError, match="rows.r.count: only for the synthetic datasets"):
+        load(str(bad))
+    bad.write_text("interval: bootstrap\n")
+    with pytest.raises(PredictionError, match=r"interval: one of \('seeds', 'queries'\), got 'bootstrap'"):
         load(str(bad))
     assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
 

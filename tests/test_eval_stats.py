@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -36,6 +37,22 @@ def test_paired_difference_is_tighter_than_two_separate_intervals():
     assert lo > 0  # ... but the paired difference is clearly positive
     with pytest.raises(ValueError, match="same queries"):
         stats.paired_difference({"": better}, {"": base[:10]})
+
+
+def test_the_interval_over_seeds_widens_with_the_seeds_spread():
+    """Three training runs that agree give the queries' interval; runs that disagree widen it (the two-level
+    bootstrap resamples the runs too), around the runs' mean."""
+    rng = random.Random(0)
+    base = [100.0 if rng.random() < 0.3 else 0.0 for _ in range(1000)]
+    same, narrow = [{"": base}] * 3, stats.bootstrap_ci({"": base})
+    assert stats.bootstrap_ci_over_seeds(same[:1]) == narrow  # one run: the queries' interval
+    lo, hi = stats.bootstrap_ci_over_seeds(same)
+    assert abs((hi - lo) - (narrow[1] - narrow[0])) < 1.0
+    shifted = [{"": [min(100.0, v + d) if i % 10 < 3 else v for i, v in enumerate(base)]} for d in (0.0, 30.0, 60.0)]
+    wide = stats.bootstrap_ci_over_seeds(shifted)
+    mean = stats.metric_of(stats.mean_over(shifted))
+    assert wide[0] < mean < wide[1] and wide[1] - wide[0] > (hi - lo) + 3
+    assert stats.bootstrap_ci_over_seeds(shifted) == wide  # seeded
 
 
 def test_mean_over_seeds_averages_query_by_query():

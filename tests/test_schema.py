@@ -1,6 +1,7 @@
 """cir.schema: the one definition of the sample formats, written by every writer and read by every reader."""
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -70,6 +71,41 @@ def test_shards_are_written_as_webdatasets_tarwriter_writes_them():
         {k: v for k, v in s.items() if k != "__key__"} for s in samples]
     with pytest.raises(TypeError, match="member txt is str"):
         ds.tar_bytes([{"__key__": "k", "txt": "not bytes"}])
+
+
+def test_shards_are_read_as_webdataset_groups_them_with_where_each_member_lies(tmp_path):
+    """cir.dataset.shard_members reads a shard with the standard library into the samples webdataset's
+    tar_file_expander + group_by_keys make (meta members skipped, extensions lower-cased, consecutive members
+    of a key grouped), and says where each member's bytes lie; read_spans reads them there, and refuses a file
+    that changed since."""
+    import os
+    import tarfile
+
+    from webdataset import tariterators
+
+    samples = [CaptionSample(f"{i:032x}", Picture(bytes([i]) * (300 + 900 * i), "png"), f"caption {i}", {"i": i}
+                             ).to_webdataset() for i in range(4)]
+    samples.append(TripletSample("f" * 32, Picture(b"ref", "png"), Picture(b"tgt", "webp"), "mod", {}).to_webdataset())
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(ds.tar_bytes(samples))
+    with tarfile.open(shard, "a") as tar:  # what webdataset also skips or reshapes: meta, folders, upper case
+        for name, data in (("__meta__.json", b"{}"), ("dir/k.TXT", b"upper"), ("noext", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(shard, "rb") as stream:
+        theirs = [{k: v for k, v in r.items() if not k.startswith("__") or k == "__key__"} for r in
+                  tariterators.group_by_keys(tariterators.tar_file_expander([{"url": str(shard), "stream": stream}]))]
+    ours = list(ds.shard_members(str(shard)))
+    assert [s for s, _ in ours] == theirs == list(ds.iter_shard(str(shard)))
+    assert theirs[-1] == {"__key__": "dir/k", "txt": b"upper"}
+    stamp = ds.shard_stamp(str(shard))
+    sample, where = ours[3]
+    spans = [where["png"], where["txt"]]
+    assert ds.read_spans(str(shard), stamp, spans) == [sample["png"], sample["txt"]]
+    os.utime(shard, ns=(0, 0))  # another file at the same path, as far as anyone can tell
+    with pytest.raises(ds.SourceChanged, match="changed while the job ran"):
+        ds.read_spans(str(shard), stamp, spans)
 
 
 def test_incomplete_samples_are_schema_errors_naming_the_sample():

@@ -399,3 +399,21 @@ def test_a_dataset_or_subset_that_fits_is_read_from_memory_after_each_shards_fir
     keep = 0
     assert epochs(0.5) == [kept] * 3 and len(opened) == 3 * len(urls)  # no room: read again every epoch
     assert epochs(1.0, 1) == [everything]
+
+
+def test_stage0_keeps_preprocessed_images_and_trains_exactly_the_same(toy_captions, tmp_path):
+    """Without augment an image's pixels are a function of its bytes: kept (train.frozen), an image met again
+    is not decoded again, and the run is the same to the last bit; with augment nothing is kept."""
+    from tests.test_train_frozen import train_both_ways
+    from train.stage0 import Stage0, Stage0Config
+
+    data, _ = toy_captions  # 48 images: batches of 8 come round again from the seventh on
+    base = [f"data.train=['{data}']", "clip.model=tiny-clip-32", "data.batch_size=8", "data.shuffle_buffer=16",
+            "optim.warmup_steps=2", "max_steps=10"]
+    logs, caches, decoded = train_both_ways(Stage0, Stage0Config, base, tmp_path)
+    assert logs[0] == logs[64] and len(logs[0]) == 10
+    cache = caches[64]
+    assert decoded == {0: 80, 64: cache.encoded["pixels"]} and cache.encoded["pixels"] <= 48 + 8
+    assert cache.hits == 80 - cache.encoded["pixels"] > 0
+    _, augmented, decoded = train_both_ways(Stage0, Stage0Config, [*base, "augment=true"], tmp_path / "aug")
+    assert not augmented[64].on and decoded == {0: 80, 64: 80}

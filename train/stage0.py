@@ -3,7 +3,9 @@
 With real weights this is the open-domain -> domain step of progressive training; on the toy world it trains
 the tiny CLIP from scratch. Symmetric InfoNCE over the global batch (features gathered across ranks with
 gradients, open_clip's ClipLoss). The text tower runs only up to the batch's last <end_of_text> (the same
-features: its attention is causal and pools there), which makes a toy step about 20% cheaper. The export
+features: its attention is causal and pools there), which makes a toy step about 20% cheaper. Without
+`augment`, an image's preprocessed pixels are a fixed function of its bytes: they are kept (train.frozen, up to
+`frozen_cache_mib`), so an image met again in a later epoch is not decoded again. The export
 `{output_dir}/final/` is an open_clip local directory that `cir.backbone.create_backbone` (and so every later
 stage and eval) loads by its path.
 """
@@ -20,7 +22,8 @@ from cir import schema
 from cir.backbone import preprocess_batch
 from cir.mapping import encode_text
 from train.config import TrainConfig
-from train.data import image_of
+from train.data import image_digest, image_of
+from train.frozen import FrozenFeatures
 from train.loop import main as loop_main
 from train.stage import Stage
 
@@ -61,6 +64,8 @@ class Stage0(Stage):
         self.cfg = cfg
         self.backbone = None
         self._loss = None  # open_clip's ClipLoss, made at the first step (it needs the process's rank)
+        # preprocessed images by their bytes' digest (augment draws a new crop each time: nothing to keep)
+        self.frozen = FrozenFeatures(0 if cfg.augment else cfg.frozen_cache_mib)
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import create_backbone
@@ -70,9 +75,25 @@ class Stage0(Stage):
                                         seed=self.cfg.seed, allow_random=True)  # stage 0 may train from scratch
         return ContrastiveClip(self.backbone.model)
 
+    @property
+    def lazy_roles(self) -> tuple[schema.Role, ...]:
+        return (schema.IMAGE,) if self.frozen.on else ()
+
+    def undecoded_images(self, samples: list[dict]) -> list[tuple[schema.Role, ...]]:
+        """The images whose preprocessed pixels are kept (none with augment)."""
+        if not self.frozen.on:
+            return [() for _ in samples]
+        return [(schema.IMAGE,) if self.frozen.kept("pixels", image_digest(s, schema.IMAGE)) else () for s in samples]
+
     def collate(self, samples: list[dict]) -> dict:
         transform = self.backbone.preprocess_train if self.cfg.augment else self.backbone.preprocess
-        images = preprocess_batch(transform, [image_of(s) for s in samples])  # [B, 3, H, W]
+
+        def preprocess(rows: Optional[list[int]]) -> tuple[torch.Tensor]:
+            chosen = samples if rows is None else [samples[i] for i in rows]
+            return (preprocess_batch(transform, [image_of(s) for s in chosen]),)
+
+        ids = [image_digest(s, schema.IMAGE) for s in samples] if self.frozen.on else None
+        images = self.frozen("pixels", ids, preprocess)[0]  # [B, 3, H, W]
         tokens = self.backbone.tokenizer([s["txt"] for s in samples])  # [B, L]
         return {"images": images, "tokens": tokens}
 
