@@ -37,6 +37,7 @@ from eval.score import PredictionError
 
 STAGES = ("baseline", "stage1", "stage2")
 SOURCES = ("low", "high", "mix", "coarse")
+INTERVALS = ("seeds", "queries")  # ClaimsConfig.interval
 
 
 @dataclass
@@ -356,9 +357,6 @@ def combine(verdicts: list[str]) -> str:
     if "does not hold" in verdicts:
         return "does not hold"
     return "inconclusive"
-
-
-INTERVALS = ("seeds", "queries")
 
 
 def interval(runs: list[dict], over: str) -> tuple[float, float]:

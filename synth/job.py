@@ -110,15 +110,15 @@ def _by_shard(spec: dict) -> tuple[int, dict]:
 def read_images(parts: list[dict]) -> None:
     """Fill in, in place, the bytes of the images that came without them (`image` None), from where they lie in
     their caption shards: each shard opened once, each image read once."""
-    wanted: dict[tuple[str, str], dict[int, list[dict]]] = {}  # (shard, stamp) -> offset -> its parts
+    wanted: dict[tuple[str, str], dict[tuple[int, int], list[dict]]] = {}  # (shard, stamp) -> span -> its parts
     for part in parts:
         if part["image"] is None:
             path, stamp, offset, size = part["where"]
-            wanted.setdefault((path, stamp), {}).setdefault(offset, []).append(part)
+            wanted.setdefault((path, stamp), {}).setdefault((offset, size), []).append(part)
     for (path, stamp), at in wanted.items():
-        offsets = sorted(at)
-        for offset, data in zip(offsets, ds.read_spans(path, stamp, [(o, at[o][0]["where"][3]) for o in offsets])):
-            for part in at[offset]:
+        spans = sorted(at)
+        for span, data in zip(spans, ds.read_spans(path, stamp, spans)):
+            for part in at[span]:
                 part["image"] = data
 
 

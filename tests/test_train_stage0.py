@@ -417,3 +417,4 @@ def test_stage0_keeps_preprocessed_images_and_trains_exactly_the_same(toy_captio
     assert cache.hits == 80 - cache.encoded["pixels"] > 0
     _, augmented, decoded = train_both_ways(Stage0, Stage0Config, [*base, "augment=true"], tmp_path / "aug")
     assert not augmented[64].on and decoded == {0: 80, 64: 80}
+    assert not Stage0(load_config(Stage0Config, None, [*base, "data.workers=2"])).frozen.on  # a copy per worker

@@ -145,7 +145,8 @@ def test_hard_negative_bank_holds_the_caption_dataset_encoded(tiny_stage1_export
         (bank,) = shared.iterdir()
         stamps.append((bank / "features.npy").stat().st_mtime_ns)
     assert stamps[0] == stamps[1]  # built by the first run, read by the second
-    assert np.array_equal(np.load(bank / "features.npy"), feats) and json.loads((bank / "bank.json").read_text()) == meta
+    assert np.array_equal(np.load(bank / "features.npy"), feats)
+    assert json.loads((bank / "bank.json").read_text()) == meta
 
 
 def test_cached_embeddings_only_from_the_stage_i_clip(tiny_stage1_export, toy_world, tiny_clip_dir, tmp_path):

@@ -55,7 +55,8 @@ class TrainConfig:
     mixed_precision: str = ranged("no", choices=("no", "fp16", "bf16"))  # Accelerate's mixed precision
     frozen_cache_mib: int = ranged(1024, min=0)  # stages I and II: what the frozen CLIP computed, kept per
     # distinct input up to this many MiB per process, so an image seen again is neither decoded nor encoded
-    # again (train.frozen; 0: off). Stage 0, whose tower trains, keeps preprocessed images (without augment)
+    # again (train.frozen; 0: off). Stage 0, whose tower trains, keeps preprocessed images (without augment and
+    # loader workers)
     log_every: int = ranged(10, min=1)  # steps between tracker scalars (and train_log.jsonl lines)
     # Accelerate's experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim, ... (each must be installed;
     # "all": every one installed; []: none). They log under {output_dir}/logs/{run_name} or their own service.

@@ -4,8 +4,9 @@ With real weights this is the open-domain -> domain step of progressive training
 the tiny CLIP from scratch. Symmetric InfoNCE over the global batch (features gathered across ranks with
 gradients, open_clip's ClipLoss). The text tower runs only up to the batch's last <end_of_text> (the same
 features: its attention is causal and pools there), which makes a toy step about 20% cheaper. Without
-`augment`, an image's preprocessed pixels are a fixed function of its bytes: they are kept (train.frozen, up to
-`frozen_cache_mib`), so an image met again in a later epoch is not decoded again. The export
+`augment`, an image's preprocessed pixels are a fixed function of its bytes: with the loader in the training
+process (`data.workers=0`) they are kept (train.frozen, up to `frozen_cache_mib`), so an image met again in a
+later epoch is not decoded again. The export
 `{output_dir}/final/` is an open_clip local directory that `cir.backbone.create_backbone` (and so every later
 stage and eval) loads by its path.
 """
@@ -64,8 +65,9 @@ class Stage0(Stage):
         self.cfg = cfg
         self.backbone = None
         self._loss = None  # open_clip's ClipLoss, made at the first step (it needs the process's rank)
-        # preprocessed images by their bytes' digest (augment draws a new crop each time: nothing to keep)
-        self.frozen = FrozenFeatures(0 if cfg.augment else cfg.frozen_cache_mib)
+        # preprocessed images by their bytes' digest. Not with augment (a new crop each time), nor with loader
+        # workers: each would fill a copy of its own, while decoding already runs beside the step
+        self.frozen = FrozenFeatures(0 if cfg.augment or cfg.data.workers > 0 else cfg.frozen_cache_mib)
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import create_backbone
