@@ -125,21 +125,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def seed_averaged_ci(cfg: AblationConfig, source: str, count: int, bench: str, metric: str) -> Optional[tuple]:
-    """95% bootstrap interval over queries of the cell's per-query values averaged over seeds (None without them)."""
+def seeds_ci(cfg: AblationConfig, source: str, count: int, bench: str, metric: str) -> Optional[tuple]:
+    """95% bootstrap interval of the cell's mean over seeds, seeds and queries resampled (as the claims report's
+    intervals: eval.stats.bootstrap_ci_over_seeds); None without per-query values."""
     from eval import stats
 
     files = [Path(cfg.output_dir) / "cells" / f"{source}-{count}-seed{seed}" / "eval" / bench / "per_query.json"
              for seed in cfg.seeds]
     if not all(f.is_file() for f in files):
         return None
-    return stats.bootstrap_ci(stats.mean_over([json.loads(f.read_text())[metric] for f in files]))
+    return stats.bootstrap_ci_over_seeds([json.loads(f.read_text())[metric] for f in files])
 
 
 def table(rows: list[dict], cfg: AblationConfig) -> str:
     lines = ["# Ablation: triplet source x number of triplets", "",
-             "Each cell: mean ± std over seeds, then the 95% bootstrap interval over queries of the seed-averaged "
-             "values; cells whose intervals do not overlap differ significantly.", ""]
+             "Each cell: mean ± std over seeds, then the 95% bootstrap interval of that mean, seeds and queries "
+             "resampled; cells whose intervals do not overlap differ significantly.", ""]
     for bench, spec in cfg.benchmarks.items():
         metric = spec.get("metric", "avg")
         lines += [f"## {bench}: {metric} (mean ± std over seeds {cfg.seeds})", "",
@@ -151,7 +152,7 @@ def table(rows: list[dict], cfg: AblationConfig) -> str:
                 vals = [r[metric] for r in rows if r["source"] == source and r["count"] == count
                         and r["benchmark"] == bench]
                 m, s = _mean_std(vals)
-                ci = seed_averaged_ci(cfg, source, count, bench, metric)
+                ci = seeds_ci(cfg, source, count, bench, metric)
                 cells.append(f"{m:.1f} ± {s:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""))
             lines.append(f"| {source} | " + " | ".join(cells) + " |")
         lines.append("")
