@@ -92,7 +92,9 @@ def stage1_step_times(clip: str, texts: list[str], steps: int) -> tuple[float, f
     with torch.no_grad():
         emb = image_features(model.clip, images, False)[0]
     captions = stage.backbone.tokenizer(texts)
-    inputs = {False: {"images": images, "captions": captions}, True: {"emb": emb, "captions": captions}}
+    # no ids in the batches: the frozen cache is not asked (train.frozen), the tower runs every step
+    inputs = {False: {"image_pixels": images, "image_rows": None, "captions": captions},
+              True: {"emb": emb, "captions": captions}}
     times = {}
     for use_cache, b in inputs.items():
         for i in range(steps + 1):  # the first step warms up

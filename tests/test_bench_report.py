@@ -42,3 +42,13 @@ def test_figures_are_higher_is_better_ratios_with_their_targets():
     assert "3,000 images of 256-512 px" in caption[0].name and "peak 2100 vs 587 MiB" in caption[0].detail
     text = run_all.table(mining + topk)
     assert text.count("\n") == len(mining + topk) + 1 and "**no**" in text
+
+
+def test_the_stage_i_step_bench_builds_the_batch_the_stage_reads():
+    """bench/train_throughput.py feeds stage I a batch it builds by hand: it must be the batch the stage's
+    collate makes (keys included), through the tower and through cached embeddings (a tiny CLIP, one step)."""
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tower, cached = bench.stage1_step_times("tiny-clip-32", ["a red circle", "a blue square on grass"], steps=1)
+    assert tower > 0 and cached > 0
