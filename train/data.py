@@ -86,8 +86,11 @@ DIGESTS_KEY = "__digests__"
 def with_digests(sample: dict) -> dict:
     """A raw sample with its images' digests recorded (decode_sample does it; a pipeline that decodes samples
     another way calls it before decoding, so the stages' collates can key images by their bytes)."""
-    digests = {k: hashlib.sha256(v).hexdigest() for k, v in sample.items() if schema.image_role(k) is not None}
-    return {**sample, DIGESTS_KEY: digests}
+    return {**sample, DIGESTS_KEY: _digests(sample)}
+
+
+def _digests(sample: dict) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in sample.items() if schema.image_role(k) is not None}
 
 
 def decode_sample(sample: dict, lazy: tuple[Role, ...] = (), required: tuple[str, ...] = ()) -> dict:
@@ -96,7 +99,7 @@ def decode_sample(sample: dict, lazy: tuple[Role, ...] = (), required: tuple[str
     missing = [need for need in required if not any(option in sample for option in need.split("|"))]
     if missing:
         raise MissingMember(f"sample {sample.get('__key__')} has no {', '.join(missing)}")
-    out = {"__key__": sample["__key__"], DIGESTS_KEY: with_digests(sample)[DIGESTS_KEY]}
+    out = {"__key__": sample["__key__"], DIGESTS_KEY: _digests(sample)}
     for key, value in sample.items():
         if key.startswith("__"):
             continue

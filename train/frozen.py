@@ -93,6 +93,12 @@ class FrozenFeatures:
         """Whether the outputs for input `key` of `tag` are kept (its image need not be decoded)."""
         return (tag, key) in self.rows
 
+    def kept_images(self, samples: list[dict], role: Role, tag: str) -> list[bool]:
+        """Per sample, whether the outputs of `tag` for its image of `role` are kept (Stage.undecoded_images)."""
+        if not self.on:
+            return [False] * len(samples)
+        return [self.kept(tag, image_digest(s, role)) for s in samples]
+
     def __call__(self, tag: str, ids: Optional[list[str]],
                  encode: Callable[[Optional[list[int]]], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         """The outputs [B, ...] for rows `ids` of what `tag` names (one cache holds several towers' outputs).

@@ -83,9 +83,7 @@ class Stage0(Stage):
 
     def undecoded_images(self, samples: list[dict]) -> list[tuple[schema.Role, ...]]:
         """The images whose preprocessed pixels are kept (none with augment)."""
-        if not self.frozen.on:
-            return [() for _ in samples]
-        return [(schema.IMAGE,) if self.frozen.kept("pixels", image_digest(s, schema.IMAGE)) else () for s in samples]
+        return [(schema.IMAGE,) if kept else () for kept in self.frozen.kept_images(samples, schema.IMAGE, "pixels")]
 
     def collate(self, samples: list[dict]) -> dict:
         transform = self.backbone.preprocess_train if self.cfg.augment else self.backbone.preprocess

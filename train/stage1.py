@@ -24,7 +24,7 @@ from cir.mapping import MappingConfig
 from cir.schema import IMAGE, Role
 from cir.config import ranged
 from train.config import TrainConfig
-from train.data import cached_embeddings, has_cached_embeddings, image_digest
+from train.data import cached_embeddings, has_cached_embeddings
 from train.distributed import gather
 from train.frozen import FrozenFeatures, image_inputs, image_tower, pick, pixels_of, row_ids
 from train.loop import main as loop_main
@@ -95,9 +95,7 @@ class Stage1(Stage):
         """All images when this batch's collate takes emb.npy, else those already kept (train.frozen)."""
         if self.cached and has_cached_embeddings(samples, IMAGE, self.clip_id):
             return [(IMAGE,) for _ in samples]
-        if not self.frozen.on:
-            return [() for _ in samples]
-        return [(IMAGE,) if self.frozen.kept("image", image_digest(s, IMAGE)) else () for s in samples]
+        return [(IMAGE,) if kept else () for kept in self.frozen.kept_images(samples, IMAGE, "image")]
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"captions": self.backbone.tokenizer([s["txt"] for s in samples])}  # [B, L]

@@ -35,7 +35,7 @@ from cir.composer import AdapterConfig, MURConfig
 from cir.schema import REF, TGT, Role
 from cir.config import ConfigError, ranged
 from train.config import TrainConfig
-from train.data import DataError, cached_embeddings, has_cached_embeddings, image_digest
+from train.data import DataError, cached_embeddings, has_cached_embeddings
 from train.distributed import gather
 from train.frozen import FrozenFeatures, image_inputs, image_tower, pixels_of
 from train.loop import main as loop_main
@@ -173,11 +173,8 @@ class Stage2(Stage):
     def undecoded_images(self, samples: list[dict]) -> list[tuple[Role, ...]]:
         """Targets whose tgt.emb.npy this batch takes; references and targets already kept (train.frozen)."""
         tgt_cached = TGT in self.lazy_roles and has_cached_embeddings(samples, TGT, self.clip_id)
-        if not self.frozen.on:
-            return [(TGT,) if tgt_cached else () for _ in samples]
-        kept = self.frozen.kept
-        return [((REF,) if kept("ref", image_digest(s, REF)) else ())
-                + ((TGT,) if tgt_cached or kept("tgt", image_digest(s, TGT)) else ()) for s in samples]
+        refs, tgts = self.frozen.kept_images(samples, REF, "ref"), self.frozen.kept_images(samples, TGT, "tgt")
+        return [((REF,) if ref else ()) + ((TGT,) if tgt_cached or tgt else ()) for ref, tgt in zip(refs, tgts)]
 
     def collate(self, samples: list[dict]) -> dict:
         bb = self.cir.backbone
