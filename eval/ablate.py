@@ -45,6 +45,8 @@ class AblationConfig:
     overrides: list[str] = field(default_factory=list)  # more key=value for train/stage2.py
     gallery_cache: Optional[str] = None  # where gallery features are cached (None: OUTPUT_DIR/gallery_cache); every
     # cell shares the stage I export's image tower, so one cache serves them all (and other evaluations of it)
+    jobs: int = 0  # cells trained and evaluated at once, each in its own process; 0: one per `threads` cores
+    threads: int = 1  # torch threads of each cell (its numbers depend on it in the last bits; not on jobs)
 
 
 def load(path: str) -> AblationConfig:
@@ -66,12 +68,22 @@ def source_size(path: str) -> int:
     return ds.read_table(ds.join(path, "index.parquet")).num_rows
 
 
+def _cell(cfg: AblationConfig, source: str, count: int, seed: int) -> Path:
+    return Path(cfg.output_dir) / "cells" / f"{source}-{count}-seed{seed}"
+
+
+def _cell_done(cfg: AblationConfig, source: str, count: int, seed: int) -> bool:
+    cell = _cell(cfg, source, count, seed)
+    return (cell / "train" / "final" / "cir_config.json").is_file() and all(
+        (cell / "eval" / name / "metrics.json").is_file() for name in cfg.benchmarks)
+
+
 def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
-    cell = Path(cfg.output_dir) / "cells" / f"{source}-{count}-seed{seed}"
+    """A cell's stage II training and evaluations (each reused when there) -> {benchmark: metrics}."""
+    cell = _cell(cfg, source, count, seed)
     fraction = min(1.0, count / max(1, source_size(cfg.sources[source])))
     final = cell / "train" / "final"
     if not (final / "cir_config.json").is_file():
-        # train/stage2.py's main in this process: a process per cell would import open_clip again (~11 s)
         from train.stage2 import main as train_stage2
 
         args = ["--config", cfg.stage2_config] if cfg.stage2_config else []
@@ -97,6 +109,14 @@ def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
 
 
 def ablate(cfg: AblationConfig) -> list[dict]:
+    from eval.cells import Step, run_steps
+
+    # the cells left to make, run `jobs` at once (eval/cells.py), each logging to its folder's run.log
+    todo = [Step(f"{source}-{count}-seed{seed}", str(_cell(cfg, source, count, seed) / "run.log"), run_cell,
+                 (cfg, source, count, seed))
+            for source in cfg.sources for count in cfg.counts for seed in cfg.seeds
+            if not _cell_done(cfg, source, count, seed)]
+    run_steps(todo, cfg.jobs, cfg.threads, lambda line: print(f"[ablate] {line}", file=sys.stderr, flush=True))
     rows = []
     for source in cfg.sources:
         for count in cfg.counts:

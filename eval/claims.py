@@ -32,7 +32,8 @@ from typing import Optional
 import yaml
 
 from cir.benchmarks import BENCHMARKS
-from eval import stats
+from eval import cells, stats
+from eval.cells import Step
 from eval.score import PredictionError
 
 STAGES = ("baseline", "stage1", "stage2")
@@ -86,6 +87,10 @@ class ClaimsConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds: seed i trains stage I and II
     clip_per_seed: bool = True  # and its own stage 0 CLIP, so a row's seeds (and intervals) vary the CLIP too;
     # false: one CLIP, trained with world_seed, shared by every row and seed
+    jobs: int = 0  # steps (a training, a row's evaluations) run at once, each in its own process; 0: one per
+    # `threads` cores. Does not change any number (eval/cells.py)
+    threads: int = 1  # torch threads of each step; part of what each step is made from (float sums in another
+    # order change a training's last bits), so a change makes the finished steps be refused, not mixed in
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
     min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
     interval: str = "seeds"  # the intervals' bootstrap: "seeds" resamples seeds and queries (another training run
@@ -197,7 +202,7 @@ def clip_seed(cfg: ClaimsConfig, seed: int) -> int:
 def stage0_definition(cfg: ClaimsConfig, seed: int) -> dict:
     """What the stage 0 CLIP behind training seed `seed` is made from."""
     return {"world": definitions(cfg)["world"], "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
-            "seed": clip_seed(cfg, seed)}
+            "seed": clip_seed(cfg, seed), "threads": cfg.threads}
 
 
 def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
@@ -242,13 +247,22 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     return paths
 
 
+def _clip_dir(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
+    return paths["stage0"] / f"seed{clip_seed(cfg, seed)}"
+
+
+def clip_done(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> bool:
+    out = _clip_dir(cfg, paths, seed)
+    return _reusable(out, (out / "final" / "open_clip_model.safetensors").is_file(), stage0_definition(cfg, seed))
+
+
 def clip(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
     """The stage 0 CLIP export behind training seed `seed`, trained unless it is there already."""
     from train.stage0 import main as stage0
 
     s = clip_seed(cfg, seed)
-    out = paths["stage0"] / f"seed{s}"
-    if not _reusable(out, (out / "final" / "open_clip_model.safetensors").is_file(), stage0_definition(cfg, seed)):
+    out = _clip_dir(cfg, paths, seed)
+    if not clip_done(cfg, paths, seed):
         _log(f"stage 0 seed {s} (the toy CLIP of {'that seed' if cfg.clip_per_seed else 'every row and seed'})")
         _check(stage0(["--config", cfg.stage0_config, f"output_dir={out}", f"data.train=['{paths['captions']}']",
                        f"seed={s}", *cfg.overrides]), f"stage 0 seed {s}")
@@ -282,6 +296,16 @@ def _check(code: int, what: str) -> None:
         raise PredictionError(f"{what} failed (exit {code}; its error is printed above)")
 
 
+def _final(cfg: ClaimsConfig, name: str, seed: int) -> Path:
+    return Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
+
+
+def export_done(cfg: ClaimsConfig, name: str, seed: int) -> bool:
+    """Whether a stage I/II row's export for this seed is finished (and made from its definition)."""
+    final = _final(cfg, name, seed)
+    return _reusable(final.parent, (final / "cir_config.json").is_file(), row_definition(cfg, name, seed))
+
+
 def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> Path:
     """The row's export (or CLIP, for baselines) for this seed, trained unless it is there already."""
     from eval.ablate import source_size
@@ -289,9 +313,9 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     row = cfg.rows[name]
     if row.stage == "baseline":
         return clip(cfg, paths, seed)
-    final = Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
+    final = _final(cfg, name, seed)
     made_from = row_definition(cfg, name, seed)
-    if _reusable(final.parent, (final / "cir_config.json").is_file(), made_from):
+    if export_done(cfg, name, seed):
         return final
     common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50",
               *_later_stages(cfg.overrides)]
@@ -318,22 +342,81 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     return final
 
 
+def _cell(cfg: ClaimsConfig, name: str, seed: int) -> Path:
+    """A row's folder for one seed (a baseline on a CLIP every seed shares has one folder)."""
+    shared = cfg.rows[name].stage == "baseline" and not cfg.clip_per_seed
+    return Path(cfg.output_dir) / "cells" / (name if shared else f"{name}-seed{seed}")
+
+
+def _evaluation(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> tuple[Path, dict]:
+    """Where one row, seed and benchmark's evaluation goes, and what it is made from."""
+    row, spec = cfg.rows[name], cfg.benchmarks[bench]
+    split = spec.split or cfg.split
+    made_from = {"export": row_definition(cfg, name, seed), "benchmark": asdict(spec), "split": split,
+                 "method": row.method, "world": definitions(cfg)["world"]}
+    return _cell(cfg, name, seed) / "eval" / f"{bench}-{split}", made_from
+
+
+def evaluation_done(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> bool:
+    out, made_from = _evaluation(cfg, name, seed, bench)
+    return _reusable(out, (out / "per_query.json").is_file(), made_from)
+
+
 def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, bench: str) -> dict:
     """Per-query values of one row, seed and benchmark on the report split (eval run; reused when there)."""
     from eval.run import run
 
     row, spec = cfg.rows[name], cfg.benchmarks[bench]
-    split = spec.split or cfg.split
-    seed_dir = "" if row.stage == "baseline" and not cfg.clip_per_seed else f"-seed{seed}"
-    out = Path(cfg.output_dir) / "cells" / f"{name}{seed_dir}" / "eval" / f"{bench}-{split}"
-    made_from = {"export": row_definition(cfg, name, seed), "benchmark": asdict(spec), "split": split,
-                 "method": row.method, "world": definitions(cfg)["world"]}
-    if not _reusable(out, (out / "per_query.json").is_file(), made_from):
+    out, made_from = _evaluation(cfg, name, seed, bench)
+    if not evaluation_done(cfg, name, seed, bench):
         run(spec.benchmark, str(spec.root(paths["world"])), str(export(cfg, paths, name, seed)),
-            split=split, method=row.method, output=str(out), grids=0,
+            split=made_from["split"], method=row.method, output=str(out), grids=0,
             cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
         _stamp(out, made_from)
     return json.loads((out / "per_query.json").read_text())
+
+
+def evaluate_all(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, benches: list[str]) -> None:
+    for bench in benches:
+        evaluate(cfg, paths, name, seed, bench)
+
+
+def steps(cfg: ClaimsConfig, paths: dict[str, Path], needed: dict[str, list]) -> list[Step]:
+    """What is left to make, as steps for eval.cells: a stage 0 CLIP per seed, each row's training per seed
+    (after the CLIP or stage I row it starts from), each row's evaluations per seed (after its export). CLIPs
+    first, then stage I, stage II, evaluations: everything waits on the CLIPs, stage II on stage I."""
+    out: dict[str, Step] = {}
+
+    def clip_step(seed: int) -> list[str]:  # [the step that trains the CLIP of this seed], or [] when it is there
+        step = f"stage 0 seed {clip_seed(cfg, seed)}"
+        if step not in out and not clip_done(cfg, paths, seed):
+            out[step] = Step(step, str(_clip_dir(cfg, paths, seed)) + ".log", clip, (cfg, paths, seed), rank=0)
+        return [step] if step in out else []
+
+    def train_step(name: str, seed: int) -> list[str]:  # the same for a row's export
+        row = cfg.rows[name]
+        if row.stage == "baseline":
+            return clip_step(seed)
+        step = f"train {name} seed {seed}"
+        if step not in out and not export_done(cfg, name, seed):
+            after = clip_step(seed) if row.stage == "stage1" else train_step(row.init, seed)
+            out[step] = Step(step, str(_final(cfg, name, seed).parent.parent / "train.log"), export,
+                             (cfg, paths, name, seed), tuple(after), rank=1 if row.stage == "stage1" else 2)
+        return [step] if step in out else []
+
+    for name, pairs in needed.items():
+        for seed in _seeds(cfg, name):
+            benches = [b for b in dict.fromkeys(b for b, _ in pairs) if not evaluation_done(cfg, name, seed, b)]
+            if benches:
+                out[f"evaluate {name} seed {seed}"] = Step(
+                    f"evaluate {name} seed {seed}", str(_cell(cfg, name, seed) / "eval.log"), evaluate_all,
+                    (cfg, paths, name, seed, benches), tuple(train_step(name, seed)), rank=3)
+    return list(out.values())
+
+
+def _seeds(cfg: ClaimsConfig, name: str) -> list[int]:
+    """The seeds a row is evaluated for: a baseline is the CLIP's alone, one evaluation when every seed shares it."""
+    return [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" and not cfg.clip_per_seed else cfg.seeds
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -415,13 +498,12 @@ def claims(cfg: ClaimsConfig) -> dict:
             for pair in claim.benchmarks.items():
                 if pair not in needed.setdefault(name, []):
                     needed[name].append(pair)
+    made = cells.run_steps(steps(cfg, paths, needed), cfg.jobs, cfg.threads, _log)
     values: dict = {}  # row -> (benchmark, metric) -> [metric groups per seed]
     rows_out: dict = {}
     for name, pairs in needed.items():
-        # a baseline is the CLIP's alone: one evaluation when every seed shares the CLIP
-        seeds = [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" and not cfg.clip_per_seed else cfg.seeds
         for bench, metric in pairs:
-            per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in seeds]
+            per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in _seeds(cfg, name)]
             if metric not in per_seed[0]:
                 raise PredictionError(f"row {name} on {bench} has no metric {metric!r} (has {sorted(per_seed[0])})")
             values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]
@@ -433,6 +515,10 @@ def claims(cfg: ClaimsConfig) -> dict:
               "claims": [judge(c, values, cfg.min_effect, cfg.interval) for c in cfg.claims],
               "seconds": round(time.time() - started, 1)}
     out = Path(cfg.output_dir)
+    if made:  # what this run made, step by step (a rerun that made nothing leaves the last one)
+        (out / "timings.json").write_text(json.dumps(
+            {"seconds": report["seconds"], "workers": cells.workers(cfg.jobs, cfg.threads), "threads": cfg.threads,
+             "steps_s": made}, indent=1) + "\n", encoding="utf-8")
     (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "claims.md").write_text(markdown(report, cfg), encoding="utf-8")
     return report

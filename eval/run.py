@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: 
                   file=sys.stderr)
     feats = encoder.images(paths, batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npy")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")  # its own name: evaluations in parallel may write it too
     np.save(tmp, feats.numpy(), allow_pickle=False)
     tmp.replace(cache)  # atomic: a killed run leaves no truncated cache behind
     return feats

@@ -193,3 +193,33 @@ def test_a_finished_step_made_from_another_definition_is_refused_not_reused(tmp_
                   "split": "val", "method": "model", "world": definitions(cfg)["world"]})
     with pytest.raises(PredictionError, match=r"changed: split"):
         evaluate(cfg, paths, "stage1", 0, "a")
+
+
+def test_steps_wait_for_what_they_start_from_and_finished_ones_are_left_out(tmp_path):
+    """The plan eval.cells runs: each seed's CLIP first, stage I after its CLIP, stage II after its stage I row,
+    a row's evaluations after its export; a finished step is not planned again; the threads are part of a step."""
+    from eval.claims import _stamp, stage0_definition, steps
+    from eval.score import PredictionError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nseeds: [0, 1]\nbenchmarks: {{a: {{benchmark: cirr}}}}\n"
+                      "rows: {base: {stage: baseline, method: sum}, s1: {stage: stage1}, s2: {stage: stage2, init: s1}}\n")
+    cfg = load(str(config))
+    paths = {"stage0": tmp_path / "out" / "stage0", "world": tmp_path / "out" / "world"}
+    needed = {"s2": [("a", "avg")], "base": [("a", "avg")]}
+    plan = {s.name: s for s in steps(cfg, paths, needed)}
+    assert plan["train s2 seed 1"].after == ("train s1 seed 1",)
+    assert plan["train s1 seed 1"].after == ("stage 0 seed 1",) and plan["stage 0 seed 1"].after == ()
+    assert plan["evaluate s2 seed 0"].after == ("train s2 seed 0",)
+    assert plan["evaluate base seed 1"].after == ("stage 0 seed 1",)
+    assert len(plan) == 2 * 5 and "evaluate s1 seed 0" not in plan  # s1 is trained for s2, not evaluated
+    assert sorted({s.rank for s in plan.values()}) == [0, 1, 2, 3]  # CLIPs, stage I, stage II, evaluations
+    final = tmp_path / "out" / "stage0" / "seed0" / "final"
+    final.mkdir(parents=True)
+    (final / "open_clip_model.safetensors").write_bytes(b"")
+    _stamp(final.parent, stage0_definition(cfg, 0))
+    plan = {s.name: s for s in steps(cfg, paths, needed)}
+    assert "stage 0 seed 0" not in plan and plan["train s1 seed 0"].after == ()
+    cfg.threads = 2  # made with one thread per step: refused, not mixed in
+    with pytest.raises(PredictionError, match=r"changed: threads"):
+        steps(cfg, paths, needed)
