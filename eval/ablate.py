@@ -1,6 +1,7 @@
 """`python -m eval ablate --config FILE`: a grid of triplet sources x counts x seeds -> stage II runs from one
-stage I export -> `eval run` -> ablation.csv, ablation.md (mean ± std over seeds) and ablation.png (the
-headline metric vs number of triplets, one line per source, error bars over seeds).
+stage I export -> `eval run` (cells in worker processes, eval/cells.py) -> ablation.csv, ablation.md (mean ± std
+over seeds) and ablation.png (the headline metric vs number of triplets, one line per source, error bars over
+seeds).
 
 Counts take a fixed subset of each source (`data.subset_fraction`, hashed on the sample key, so every seed
 trains on the same triplets). Finished cells (export + metrics present) are reused on rerun.
@@ -15,6 +16,7 @@ trains on the same triplets). Finished cells (export + metrics present) are reus
     benchmarks: {toy-cirr: {benchmark: cirr, data: runs/demo/toy/bench/cirr, metric: avg}}
     overrides: []          # more key=value for train/stage2.py
     gallery_cache: null    # default OUTPUT_DIR/gallery_cache
+    jobs: 0                # cells at once, each in a worker process (0: one per core); threads: 1 torch thread each
 """
 from __future__ import annotations
 

@@ -1,19 +1,22 @@
 """`python -m eval claims --config experiments/claims.yaml`: the seed papers' claims, measured on the toy world.
 
 One command builds what the claims need (a toy world with large benchmarks, its caption and triplet datasets, a
-stage 0 CLIP), trains every row (a stage I or II variant, or a baseline) for every seed, evaluates each on
-the report split, and decides each claim from paired bootstrap intervals over queries:
+stage 0 CLIP per seed), trains every row (a stage I or II variant, or a baseline) for every seed, evaluates each
+on the report split, and decides each claim from paired bootstrap intervals:
 
-- a row's number is its metric on the per-query values averaged over seeds (the seeds' noise averaged, not
-  ignored); its interval is the bootstrap over queries of those values, and the seeds' spread is reported too;
-- a comparison "A beats B" is the per-query difference A - B, bootstrapped: it **holds** when the 95% interval
-  lies above 0, **does not hold** when it lies below `min_effect` (the data rule out a gain that matters),
-  and is **inconclusive** otherwise;
+- a row's number is its metric on the per-query values averaged over seeds; its interval is a bootstrap over
+  seeds and queries (`interval: seeds`) or over the queries of the seed-averaged values (`queries`), and the
+  seeds' spread is reported too;
+- a comparison "A beats B" is the per-query difference A - B, seed i against seed i, bootstrapped the same
+  way: it **holds** when the 95% interval lies above 0, **does not hold** when it lies below `min_effect` (the
+  data rule out a gain that matters), and is **inconclusive** otherwise;
 - a claim holds when every comparison in it holds, does not hold when any comparison does not hold, and is
   inconclusive otherwise.
 
-Paths in the config are relative to the current directory. Finished steps (datasets, exports, evaluations)
-are reused on rerun, like `eval ablate`; `claims.md` and `claims.json` are rewritten from them. Each step
+The datasets are made in this process; the CLIPs, trainings and evaluations are steps run in worker processes,
+`jobs` at once with `threads` torch threads each, each after the steps it starts from (`steps`, eval/cells.py),
+each logging to a file beside its output. Paths in the config are relative to the current directory. Finished
+steps are reused on rerun, like `eval ablate`; `claims.md` and `claims.json` are rewritten from them. Each step
 records what it was made from (`{step}.made_from.json` beside it: the settings, the training configs' contents,
 and what it was built on, nested), and a finished step whose definition changed is refused by name, never
 reused: a report built on a stale world or row would be wrong without a sign.
