@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -113,22 +114,29 @@ def timed(cmd: list[str]) -> dict:
     return json.loads(done.stdout)
 
 
-def job_against_loop(tmp: Path, n: int, lo: int, hi: int, shard_size: int, noise: float) -> tuple[dict, Path]:
+def job_against_loop(tmp: Path, n: int, lo: int, hi: int, shard_size: int, noise: float, repeats: int = 3
+                     ) -> tuple[dict, Path]:
+    """The loop and the job on one image set, `repeats` times each, alternating: medians, their ratio, each run."""
     images = make_images(tmp / f"toy-{n}-{lo}-{hi}", n, lo, hi, noise)
     files = [f for f in images.iterdir() if f.suffix in (".jpg", ".png")]
     mean_kib = sum(f.stat().st_size for f in files) / len(files) / 1024
-    loop = timed([sys.executable, str(Path(__file__).resolve()), "--loop", str(images), str(tmp / f"loop-{n}-{lo}"),
-                  "--shard-size", str(shard_size)])
-    job_out = tmp / f"job-{n}-{lo}"
-    job = timed([sys.executable, str(ROOT / "beam_runner.py"), "caption", "--input", str(images), "--output",
-                 str(job_out), "--shard-size", str(shard_size)])
-    written = json.loads((job_out / "stats.json").read_text())["written"]
-    looped = len(pq_rows(tmp / f"loop-{n}-{lo}" / "index.parquet"))
-    assert written == looped, f"job wrote {written}, loop {looped}"
+    loops, jobs = [], []
+    for run in range(repeats):  # alternating, each into a fresh folder: this shared machine's speed drifts
+        loop_out, job_out = tmp / f"loop-{n}-{lo}-{run}", tmp / f"job-{n}-{lo}-{run}"
+        loops.append(timed([sys.executable, str(Path(__file__).resolve()), "--loop", str(images), str(loop_out),
+                            "--shard-size", str(shard_size)]))
+        jobs.append(timed([sys.executable, str(ROOT / "beam_runner.py"), "caption", "--input", str(images), "--output",
+                           str(job_out), "--shard-size", str(shard_size)]))
+        written = json.loads((job_out / "stats.json").read_text())["written"]
+        looped = len(pq_rows(loop_out / "index.parquet"))
+        assert written == looped, f"job wrote {written}, loop {looped}"
+    loop_s, job_s = (statistics.median(r["seconds"] for r in runs) for runs in (loops, jobs))
     sizes = f"{lo}-{hi}"
-    return {"images": written, "sizes": sizes, "noise": noise, "mean_kib": round(mean_kib, 1), "loop_seconds": round(loop["seconds"], 2),
-            "job_seconds": round(job["seconds"], 2), "loop_peak_mib": round(loop["peak_mib"]),
-            "job_peak_mib": round(job["peak_mib"]), "ratio_job_over_loop": round(loop["seconds"] / job["seconds"], 3),
+    return {"images": written, "sizes": sizes, "noise": noise, "mean_kib": round(mean_kib, 1),
+            "loop_seconds": round(loop_s, 2), "job_seconds": round(job_s, 2),
+            "loop_runs": [round(r["seconds"], 2) for r in loops], "job_runs": [round(r["seconds"], 2) for r in jobs],
+            "loop_peak_mib": round(max(r["peak_mib"] for r in loops)),
+            "job_peak_mib": round(max(r["peak_mib"] for r in jobs)), "ratio_job_over_loop": round(loop_s / job_s, 3),
             "target_ratio": TARGETS.get(sizes, 0.7)}, images
 
 
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", default="3000x256-512,12000x64-96", help="image sets: COUNTxMIN-MAX sides, comma-separated")
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3, help="loop and job runs per set, alternating (medians)")
     p.add_argument("--noise", type=float, default=12.0, help="photo-like grain on the toy scenes (0: flat colour)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--model-images", type=int, default=256, help="images for the model part")
@@ -166,7 +175,8 @@ def main(argv=None) -> int:
         for spec in args.sets.split(","):
             count, _, sides = spec.partition("x")
             lo, _, hi = sides.partition("-")
-            row, images = job_against_loop(tmp, int(count), int(lo), int(hi or lo), args.shard_size, args.noise)
+            row, images = job_against_loop(tmp, int(count), int(lo), int(hi or lo), args.shard_size, args.noise,
+                                           args.repeats)
             print(json.dumps(row), flush=True)
         if args.skip_models:
             return 0

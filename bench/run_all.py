@@ -103,7 +103,7 @@ class Script:
 
 SCRIPTS = [
     Script("caption", "bench/caption_throughput.py", [], ["--sets", "500x256-512,2000x64-96", "--batch-sizes", "1,16",
-                                                          "--model-images", "64"], _caption),
+                                                          "--model-images", "64", "--repeats", "1"], _caption),
     Script("mining", "bench/mining_scale.py", ["--sizes", "10000,1000000"], ["--sizes", "10000,100000"], _mining),
     Script("mining-sharded", "bench/mining_scale.py", ["--sizes", "10000", "--knn", "sharded"],
            ["--sizes", "10000", "--knn", "sharded"], _mining_sharded),

@@ -278,7 +278,8 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optiona
     listing (no bytes), each image goes to shard_of(its content key), so copies of the same bytes meet in one
     shard group, where one is kept (jobs.keep_one_per_key). Only keys cross the other groupings.
     listing: the launcher's list_inputs(cfg.input), read instead of listing a local input again."""
-    read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column, listing)
+    read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column, listing,
+                                    scratch=ds.join(cfg.output, ds.SHARD_DIR))  # finalize removes its temp file
     prepared = (read[RECORDS] | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=64)
                 | "Prepare" >> beam.ParDo(PrepareImage(cfg)).with_outputs(FAILED, main="ok"))
     assigned = prepared.ok | "AssignShard" >> beam.ParDo(

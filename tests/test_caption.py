@@ -237,6 +237,8 @@ def test_local_images_cross_no_grouping_and_a_resume_counts_every_duplicate(toy_
     assert set(moved) == {"GroupByShard", "SkippedKeys"}
     assert 0 < moved["GroupByShard"] <= 600 * stats["inputs"] < stored  # a few hundred bytes per image
     assert moved["SkippedKeys"] == 0
+    # the listing's image/sidecar pairs reached the workers in a temp file there, removed at the end
+    assert not [p.name for p in (out / "shards").iterdir() if ".tmp-" in p.name]
 
     committed = sorted((out / "shards").glob("*.tar"))
     for tar_path in committed[::2]:  # half the shards lost: the rerun writes those and skips the others
@@ -338,7 +340,8 @@ def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path):
                 [("a.jpg", "caption a"), ("b.jpg", "caption b"), ("c.jpg", None), ("sub/d.jpg", "caption d")]]
 
     with TestPipeline() as p:
-        for label, read in [("listed", ReadInputs(str(folder), listing=list_inputs(str(folder)))),
+        for label, read in [("listed", ReadInputs(str(folder), listing=list_inputs(str(folder)),
+                                                  scratch=str(tmp_path / "scratch"))),
                             ("matched", ReadInputs(str(folder)))]:
             out = p | label >> read
             assert_that(out[RECORDS] | f"{label}Records" >> beam.Map(lambda r: (r["source"], r["data"], r["caption"])),
