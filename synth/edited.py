@@ -130,7 +130,8 @@ class EditSources(beam.PTransform):
         else:
             candidates = keyed | "CaptionEdit" >> beam.ParDo(
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                            cfg.samples_per_source, cfg.seed)).with_outputs(REJECTED, main="candidates")
+                            cfg.samples_per_source, cfg.seed, mod_span=cfg.mod_span)
+            ).with_outputs(REJECTED, main="candidates")
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
         filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)

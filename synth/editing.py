@@ -54,9 +54,10 @@ class CaptionEdit(beam.DoFn):
     """(key, source sample) -> candidate edits {key, source, caption, edited_caption, instruction, seed, ...}."""
 
     def __init__(self, vocab: list[str], clip: str, clip_pretrained: Optional[str], band: tuple[float, float],
-                 samples_per_source: int, seed: int, max_tries: int = 8):
+                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "phrase"):
         self.vocab, self.clip, self.clip_pretrained = vocab, clip, clip_pretrained
         self.band, self.samples, self.seed, self.max_tries = band, samples_per_source, seed, max_tries
+        self.mod_span = mod_span  # synth.modtext: what the instruction names
 
     def setup(self):
         from cir.backbone import create_backbone
@@ -81,7 +82,7 @@ class CaptionEdit(beam.DoFn):
             return
         word, new, sims = swaps[0]
         edited = re.sub(rf"\b{re.escape(word)}\b", new, sample["caption"], count=1, flags=re.IGNORECASE)
-        instruction, _, reason = modification_text(sample["caption"], edited, rng)
+        instruction, _, reason = modification_text(sample["caption"], edited, rng, span=self.mod_span)
         if instruction is None:
             yield beam.pvalue.TaggedOutput(REJECTED, reason)
             return

@@ -32,7 +32,7 @@ class MinePairs(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, "no_neighbour_in_band")
         for tgt, negatives in chosen:
             rng = random.Random(f"{cfg.seed}:{hood.key}:{tgt.key}")
-            mod, changes, reason = modification_text(hood.caption, tgt.caption, rng, cfg.max_changes)
+            mod, changes, reason = modification_text(hood.caption, tgt.caption, rng, cfg.max_changes, cfg.mod_span)
             if mod is None:
                 yield beam.pvalue.TaggedOutput(REJECTED, reason)
                 continue
