@@ -8,8 +8,13 @@ datasets from those single-edit pairs:
   lq_single_toytext  the same pairs, each text replaced by a toy-editor phrasing of its one edit (the phrasing
                      the HQ triplets and the toy benchmarks use)
 
+and, the other way round, one from the HQ (edited) triplets:
+
+  hq_difftext        every HQ triplet with its text replaced by one `synth` writes for mined pairs, from the
+                     two captions (synth.modtext, `--mod-span phrase`: the object named, as the HQ texts do)
+
 so that `eval ablate` can separate what costs: the pairs (several changes, or changes the text does not name)
-or the texts' phrasing. Prints a JSON summary.
+or the texts' phrasing (experiments/lq_diagnosis.yaml, experiments/lq_texts.yaml). Prints a JSON summary.
 
     python experiments/lq_diagnosis.py --claims runs/claims --out runs/exp/lq
 """
@@ -33,6 +38,7 @@ import webdataset as wds  # noqa: E402
 
 from cir import dataset as ds  # noqa: E402
 from cir import schema  # noqa: E402
+from synth.modtext import modification_text  # noqa: E402
 from toyworld.edits import apply_edit, enumerate_edits, mod_texts  # noqa: E402
 from toyworld.scene import Scene  # noqa: E402
 
@@ -73,7 +79,7 @@ def write(out: Path, samples: list[dict], source: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--claims", default="runs/claims", help="a claims run's output_dir")
-    p.add_argument("--out", default="runs/exp/lq", help="where the two derived datasets go")
+    p.add_argument("--out", default="runs/exp/lq", help="where the derived datasets go")
     args = p.parse_args(argv)
     data = Path(args.claims) / "data"
     sources = {r["key"]: r["source"] for r in pq.read_table(data / "captions" / "index.parquet").to_pylist()}
@@ -94,9 +100,19 @@ def main(argv=None) -> int:
             single.append(raw)
             toy = schema.TripletSample(t.key, t.ref, t.tgt, rng.choice(mod_texts(ref, edit)), t.meta)
             single_toytext.append(toy.to_webdataset())
+    hq_difftext = []
+    for url in ds.shard_urls(str(data / "triplets_high")):
+        for raw in ds.iter_shard(url):
+            t = schema.TripletSample.from_webdataset(raw)
+            text, changes, _ = modification_text(t.meta["ref_caption"], t.meta["tgt_caption"],
+                                                 random.Random(f"0:{t.key}"), max_ops=99,  # every pair kept
+                                                 span="phrase")
+            counts[f"HQ caption diffs of {min(len(changes), 3)}{'+' if len(changes) >= 3 else ''} span(s)"] += 1
+            hq_difftext.append(schema.TripletSample(t.key, t.ref, t.tgt, text, t.meta).to_webdataset())
     out = Path(args.out)
     write(out / "lq_single", single, data / "triplets_low")
     write(out / "lq_single_toytext", single_toytext, data / "triplets_low")
+    write(out / "hq_difftext", hq_difftext, data / "triplets_high")
     total = sum(v for k, v in counts.items() if k.endswith("differences"))
     print(json.dumps({"lq_triplets": total, "single_edit": len(single), "single_edit_kinds": dict(kinds),
                       **dict(sorted(counts.items()))}, indent=1))

@@ -51,10 +51,10 @@ class SynthConfig:
     pairs_per_image: int = ranged(1, min=1, help="targets per reference")
     hard_negatives: int = ranged(3, min=0, help="other neighbours stored as hard negative keys")
     max_changes: int = ranged(2, min=1, help="caption diffs with more changed spans are rejected")
-    mod_span: str = ranged("phrase", choices=("phrase", "words"),
-                           help="what a modification text's clause names: phrase: the phrase around the changed "
-                                "words ('replace the red car with a blue car'); words: the changed words alone "
-                                "('replace red with blue', which does not say which object)")
+    mod_span: str = ranged("words", choices=("words", "phrase"),
+                           help="what a modification text's clause names: words: the changed words alone "
+                                "('replace red with blue'); phrase: the phrase around them ('replace the red car "
+                                "with a blue car'); measured alike on the toy CIRR and CIRCO (docs/CLAIMS.md)")
     text_dim: int = ranged(1024, min=1, help="hashed TF-IDF size")
     exact_max: int = ranged(50_000, min=1, help="--knn global: exact k-NN (quadratic) up to this many images, "
                                                 "faiss IVF (near-linear) above")

@@ -54,7 +54,7 @@ class CaptionEdit(beam.DoFn):
     """(key, source sample) -> candidate edits {key, source, caption, edited_caption, instruction, seed, ...}."""
 
     def __init__(self, vocab: list[str], clip: str, clip_pretrained: Optional[str], band: tuple[float, float],
-                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "phrase"):
+                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "words"):
         self.vocab, self.clip, self.clip_pretrained = vocab, clip, clip_pretrained
         self.band, self.samples, self.seed, self.max_tries = band, samples_per_source, seed, max_tries
         self.mod_span = mod_span  # synth.modtext: what the instruction names

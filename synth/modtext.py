@@ -4,13 +4,12 @@ Captions are compared word by word (difflib on lowercase tokens, after boilerpla
 "a photo of" are dropped): each replaced, inserted or deleted span is one change. A pair whose captions differ
 in more than `max_ops` places is not a modification anyone would write and is rejected.
 
-Each change becomes one clause ("replace the red car with a blue car", "add a ball", "remove the dog"), with
-several phrasings picked by a seeded rng. With `span="phrase"` (the default) a clause names the whole phrase
-around the changed words, so that it says which object changes when a caption has several: the noun phrase
-the words sit in (split at punctuation, conjunctions, prepositions and determiners), and, when that phrase is
-the object of a preposition ("on the left"), the noun phrase it belongs to ("a red cross on the left").
-Changes that land in the same phrase become one clause. `span="words"` names the changed words alone
-("replace red with blue"): the older texts, which leave the object unsaid ("change large to small").
+Each change becomes one clause ("replace red with blue", "add a ball", "remove the dog"), with several
+phrasings picked by a seeded rng. `span="words"` (the default) names the changed words alone, which leaves the
+object unsaid when a caption has several ("change large to small"). `span="phrase"` names the whole phrase
+around them ("replace the red car with a blue car"): the noun phrase the words sit in (split at punctuation,
+conjunctions, prepositions and determiners), and, when that phrase is the object of a preposition ("on the
+left"), the noun phrase it belongs to ("a red cross on the left"); changes in one phrase make one clause.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ BOILERPLATE = ("a photo of", "a picture of", "an image of", "a close up of", "a 
                "this is", "a photograph of")
 TOKEN_RE = re.compile(r"[\w']+|[,;:.!?()]")
 EDGE_WORDS = {"and", "or", "with", "but", "while"}  # conjunctions left over at a span's edges
-SPANS = ("phrase", "words")
+SPANS = ("words", "phrase")
 
 # Phrase boundaries in English captions: words that separate noun phrases (not part of any phrase) ...
 CONJUNCTIONS = {"and", "or", "but", "while", "nor", "plus", "then", "that", "which", "who", "where", "is", "are",
@@ -170,7 +169,7 @@ def bare(phrase: str) -> str:
 
 
 def modification_text(ref_caption: str, tgt_caption: str, rng: random.Random, max_ops: int = 2,
-                      span: str = "phrase") -> tuple[Optional[str], list[Change], str]:
+                      span: str = "words") -> tuple[Optional[str], list[Change], str]:
     """(text or None, the changes, reason when None: 'same_caption' or 'too_different')."""
     if span not in SPANS:
         raise ValueError(f"span must be one of {SPANS}, not {span!r}")

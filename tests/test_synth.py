@@ -1,6 +1,7 @@
 """Triplet synthesis: mined (low quality) and toy-edited (high quality) triplets, bad input, determinism."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -452,31 +453,31 @@ def test_modification_text_from_caption_diff():
 
 def test_modification_text_names_the_phrase_that_changes():
     rng = random.Random(0)
+    phrase = functools.partial(modification_text, rng=rng, span="phrase")
     # the noun phrase around the changed word, the reference's with "the": which object is meant is said
-    text = modification_text("a photo of a red car on a street", "a blue car on a street", rng)[0]
+    text = phrase("a photo of a red car on a street", "a blue car on a street")[0]
     assert "the red car" in text and "a blue car" in text and "street" not in text
-    words_only = modification_text("a photo of a red car on a street", "a blue car on a street", rng, span="words")[0]
-    assert "red" in words_only and "blue" in words_only and "car" not in words_only  # the older texts
+    words_only = modification_text("a photo of a red car on a street", "a blue car on a street", rng)[0]
+    assert "red" in words_only and "blue" in words_only and "car" not in words_only  # the default
     # a preposition's object takes the phrase it belongs to along; a background after a position does not
     for _ in range(8):
-        text = modification_text("a small blue circle on the left on a black background",
-                                 "a small blue circle on the right on a black background", rng)[0]
+        text = phrase("a small blue circle on the left on a black background",
+                      "a small blue circle on the right on a black background")[0]
         assert "the small blue circle on the left" in text and "a small blue circle on the right" in text
-        text = modification_text("a cat on the left on a black background", "a cat on the left on a gray background",
-                                 rng)[0]
+        text = phrase("a cat on the left on a black background", "a cat on the left on a gray background")[0]
         assert "the black background" in text and "a gray background" in text and "cat" not in text
         # a changed preposition brings its object (and its phrase): one clause, not "replace on with under"
-        text = modification_text("a dog on the couch", "a dog under the couch", rng)[0]
+        text = phrase("a dog on the couch", "a dog under the couch")[0]
         assert "the dog on the couch" in text and "a dog under the couch" in text
         # two changes in one phrase: one clause; separate phrases: one clause each
-        text, changes, _ = modification_text("a large red cross and a cat", "a small red square and a cat", rng)
+        text, changes, _ = phrase("a large red cross and a cat", "a small red square and a cat")
         assert len(changes) == 2 and " and " not in text and "the large red cross" in text
-        text, changes, _ = modification_text("a red cross, a cat on a mat", "a blue cross, a cat on a rug", rng)
+        text, changes, _ = phrase("a red cross, a cat on a mat", "a blue cross, a cat on a rug")
         assert all(p in text for p in ("the red cross", "a blue cross", "the cat on a mat", "a cat on a rug"))
         # inserted and deleted phrases as they are ("no" takes no article)
-        assert modification_text("a cat", "a cat and a dog", rng)[0] in (
+        assert phrase("a cat", "a cat and a dog")[0] in (
             "add a dog", "include a dog", "with a dog added", "also show a dog")
-        assert modification_text("a cat and a dog", "a cat", rng)[0] in (
+        assert phrase("a cat and a dog", "a cat")[0] in (
             "remove the dog", "without the dog", "take away the dog", "no dog")
     with pytest.raises(ValueError, match="span must be one of"):
         modification_text("a cat", "a dog", rng, span="nouns")
