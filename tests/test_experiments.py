@@ -1,13 +1,15 @@
-"""experiments/lq_diagnosis.py: single-edit LQ pairs found from the toy scenes, and the two datasets it writes."""
+"""experiments/lq_diagnosis.py: single-edit LQ pairs found from the toy scenes, and the datasets it writes."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import shutil
 from pathlib import Path
 
 from cir import dataset as ds
 from cir import schema
+from synth.modtext import modification_text
 from toyworld.edits import Edit, apply_edit, mod_texts
 from toyworld.scene import Obj, Scene
 
@@ -40,6 +42,8 @@ def test_the_derived_datasets_keep_the_pairs_and_change_only_the_text(toy_captio
     shutil.copytree(captions, data / "captions")
     synth(["--input", str(data / "captions"), "--output", str(data / "triplets_low"), "--quality", "low",
            "--image-weight", "0", "--band-low", "0.3", "--runner", "DirectRunner"])
+    synth(["--input", str(data / "captions"), "--output", str(data / "triplets_high"), "--quality", "high",
+           "--num-triplets", "12", "--image-weight", "0", "--runner", "DirectRunner"])
     lq = _diagnosis()
     assert lq.main(["--claims", str(tmp_path / "claims"), "--out", str(tmp_path / "lq")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -57,3 +61,15 @@ def test_the_derived_datasets_keep_the_pairs_and_change_only_the_text(toy_captio
         assert (toy.ref.data, toy.tgt.data) == (schema.TripletSample.from_webdataset(sample).ref.data,
                                                 schema.TripletSample.from_webdataset(sample).tgt.data)
     assert (tmp_path / "lq" / "lq_single" / "index.parquet").is_file()
+    # the edited triplets, each with the caption-diff text synth writes for mined pairs (the phrase named)
+    edited = {s["__key__"]: s for url in ds.shard_urls(str(data / "triplets_high")) for s in ds.iter_shard(url)}
+    difftext = {s["__key__"]: s for url in ds.shard_urls(str(tmp_path / "lq" / "hq_difftext"))
+                for s in ds.iter_shard(url)}
+    assert set(difftext) == set(edited) and len(edited) == 12
+    for key, sample in difftext.items():
+        new, old = schema.TripletSample.from_webdataset(sample), schema.TripletSample.from_webdataset(edited[key])
+        assert (new.ref.data, new.tgt.data, new.meta) == (old.ref.data, old.tgt.data, old.meta)
+        expected = modification_text(old.meta["ref_caption"], old.meta["tgt_caption"], random.Random(f"0:{key}"),
+                                     max_ops=99, span="phrase")[0]
+        assert new.mod == expected
+    assert sum(s["mod.txt"] != edited[k]["mod.txt"] for k, s in difftext.items()) >= 6  # mostly other texts
