@@ -147,10 +147,13 @@ def _phrases(a: list[str], a_breaks: set[int], b: list[str], b_breaks: set[int])
         i1, i2 = _widen(i1, i2, a, ids_a)
         j1, j2 = _widen(j1, j2, b, ids_b)
         hi, hj = _head(i1, a, ids_a), _head(j1, b, ids_b)
-        if i1 < i2 and j1 < j2 and i1 - hi == j1 - hj and a[hi:i1] == b[hj:j1]:
-            i1, j1 = hi, hj  # the same head on both sides: name it
+        same_head = i1 - hi == j1 - hj and a[hi:i1] == b[hj:j1]
+        changed_head = bool(spans) and spans[-1][0] == hi and spans[-1][2] == hj  # the last change was in it
+        if i1 < i2 and j1 < j2 and (same_head or changed_head):
+            i1, j1 = hi, hj  # name the phrase it belongs to
         if spans and (i1 < spans[-1][1] or j1 < spans[-1][3]):
-            spans[-1] = [spans[-1][0], max(i2, spans[-1][1]), spans[-1][2], max(j2, spans[-1][3])]
+            last = spans[-1]
+            spans[-1] = [min(i1, last[0]), max(i2, last[1]), min(j1, last[2]), max(j2, last[3])]
         else:
             spans.append([i1, i2, j1, j2])
     return [(" ".join(_trim(a[i1:i2])), " ".join(_trim(b[j1:j2]))) for i1, i2, j1, j2 in spans]

@@ -464,6 +464,9 @@ def test_modification_text_names_the_phrase_that_changes():
         text = phrase("a small blue circle on the left on a black background",
                       "a small blue circle on the right on a black background")[0]
         assert "the small blue circle on the left" in text and "a small blue circle on the right" in text
+        text, changes, _ = phrase("a large red cross on the left", "a small red cross on the right")
+        assert len(changes) == 2 and " and " not in text  # the phrase changes, and where it is: one clause
+        assert "the large red cross on the left" in text and "a small red cross on the right" in text
         text = phrase("a cat on the left on a black background", "a cat on the left on a gray background")[0]
         assert "the black background" in text and "a gray background" in text and "cat" not in text
         # a changed preposition brings its object (and its phrase): one clause, not "replace on with under"
