@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cir.config import ranged
+from synth.modtext import SPANS
 
 KNN_MODES = ("auto", "global", "sharded")  # auto: resolved by synth.job.resolve_knn before the job
 CHAT_MODES = ("auto", "on", "off")
@@ -51,7 +52,7 @@ class SynthConfig:
     pairs_per_image: int = ranged(1, min=1, help="targets per reference")
     hard_negatives: int = ranged(3, min=0, help="other neighbours stored as hard negative keys")
     max_changes: int = ranged(2, min=1, help="caption diffs with more changed spans are rejected")
-    mod_span: str = ranged("words", choices=("words", "phrase"),
+    mod_span: str = ranged("words", choices=SPANS,
                            help="what a modification text's clause names: words: the changed words alone "
                                 "('replace red with blue'); phrase: the phrase around them ('replace the red car "
                                 "with a blue car'); measured alike on the toy CIRR and CIRCO (docs/CLAIMS.md)")
