@@ -38,6 +38,7 @@ from cir.benchmarks import BENCHMARKS
 from eval import cells, stats
 from eval.cells import Step
 from eval.score import PredictionError
+from toyworld.edits import PHRASINGS
 
 STAGES = ("baseline", "stage1", "stage2")
 SOURCES = ("low", "high", "mix", "coarse")
@@ -73,9 +74,27 @@ class BenchSpec:
     benchmark: str  # its layout: cirr | circo | fashioniq | shoes | fashion200k
     folder: str = ""  # under the toy world's bench/ (default: the benchmark's name; e.g. circo_coarse)
     split: Optional[str] = None  # the split reported (None: the config's `split`)
+    # the queries' texts (toyworld.edits.PHRASINGS): editor (the toy editor's, as the HQ triplets') or held-out
+    # (phrased as no training text is): the same queries, images and answers, read from world-held-out/
+    phrasing: str = "editor"
 
-    def root(self, world: Path) -> Path:
-        return world / "bench" / (self.folder or self.benchmark)
+    @property
+    def world(self) -> str:
+        """The key in `prepare`'s paths of the world holding this benchmark."""
+        return "world" if self.phrasing == "editor" else f"world-{self.phrasing}"
+
+    @property
+    def name(self) -> str:
+        """Its folder under bench/, which is also its name in the toy world (toyworld.world.BENCHMARKS)."""
+        return self.folder or self.benchmark
+
+    def root(self, paths: dict[str, Path]) -> Path:
+        return paths[self.world] / "bench" / self.name
+
+    def definition(self) -> dict:
+        """What an evaluation on it is made from (the default phrasing left out: reports made before the field
+        existed stay valid)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "phrasing" and v == "editor")}
 
 
 @dataclass
@@ -131,6 +150,8 @@ def load(path: str) -> ClaimsConfig:
     for name, bench in benches.items():
         if bench.benchmark not in BENCHMARKS:
             raise PredictionError(f"benchmarks.{name}.benchmark: one of {BENCHMARKS}, got {bench.benchmark!r}")
+        if bench.phrasing not in PHRASINGS:
+            raise PredictionError(f"benchmarks.{name}.phrasing: one of {PHRASINGS}, got {bench.phrasing!r}")
     for name, row in rows.items():
         if row.stage not in STAGES:
             raise PredictionError(f"rows.{name}.stage: one of {STAGES}, got {row.stage!r}")
@@ -218,16 +239,29 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
              "coarse": out / "data" / "triplets_coarse"}
     made_from = definitions(cfg)
     beam = ["--runner", "DirectRunner"]
+    world = ["--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed), "--vocabulary",
+             cfg.world_vocabulary]
     if not _reusable(paths["world"], (paths["world"] / "world.json").is_file(), made_from["world"]):
         _log("toy world")
         _check(beam_runner.main(["toy", "--output", str(paths["world"]), "--num-images", str(cfg.world_images),
-                                 "--bench-queries", str(cfg.bench_queries), "--seed", str(cfg.world_seed),
-                                 "--vocabulary", cfg.world_vocabulary]), "toy world")
+                                 *world]), "toy world")
         _stamp(paths["world"], made_from["world"])
+    # Benchmarks with other query texts: the same benchmarks written again (their own random streams: the same
+    # queries and images) with one training image, which nothing reads.
+    for phrasing in sorted({b.phrasing for b in cfg.benchmarks.values()} - {"editor"}):
+        key = f"world-{phrasing}"
+        names = sorted({b.name for b in cfg.benchmarks.values() if b.phrasing == phrasing})
+        paths[key] = out / key
+        made = {**made_from["world"], "query_phrasing": phrasing, "benchmarks": names}
+        if not _reusable(paths[key], (paths[key] / "world.json").is_file(), made):
+            _log(f"toy benchmarks phrased {phrasing}")
+            _check(beam_runner.main(["toy", "--output", str(paths[key]), "--num-images", "1", *world,
+                                     "--query-phrasing", phrasing, "--benchmarks", ",".join(names)]), key)
+            _stamp(paths[key], made)
     for name, bench in cfg.benchmarks.items():
-        if not bench.root(paths["world"]).is_dir():
-            raise PredictionError(f"benchmarks.{name}: {bench.root(paths['world'])} does not exist: the toy world in "
-                                  f"{paths['world']} was written before it; delete {out} to rebuild everything")
+        if not bench.root(paths).is_dir():
+            raise PredictionError(f"benchmarks.{name}: {bench.root(paths)} does not exist: the toy world in "
+                                  f"{paths[bench.world]} was written before it; delete {out} to rebuild everything")
     if not _reusable(paths["captions"], (paths["captions"] / "stats.json").is_file(), made_from["captions"]):
         _log("caption job")
         _check(beam_runner.main(["caption", "--input", str(paths["world"] / "images"), "--output",
@@ -289,8 +323,8 @@ def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
             "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": stage0_definition(cfg, seed)}
     if row.stage == "stage2":
         made["init"] = row_definition(cfg, row.init, seed)
-        made["data"] = shared[row.data] if row.data in SOURCES else {"benchmark": asdict(cfg.benchmarks[row.data]),
-                                                                      "world": shared["world"]}
+        made["data"] = shared[row.data] if row.data in SOURCES else {
+            "benchmark": cfg.benchmarks[row.data].definition(), "world": shared["world"]}
     return made
 
 
@@ -335,7 +369,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
             data = str(paths[row.data])
         else:  # a benchmark's own train split, read by train.supervised
             bench = cfg.benchmarks[row.data]
-            data = f"{bench.benchmark}:{bench.root(paths['world']).resolve()}#train"
+            data = f"{bench.benchmark}:{bench.root(paths).resolve()}#train"
         subset = [f"data.subset_fraction={min(1.0, row.count / max(1, source_size(data)))}"] if row.count else []
         banks = f"hard_negatives.cache_dir={Path(cfg.output_dir) / 'negative_banks'}"  # shared by rows of one CLIP
         _check(stage2(["--config", cfg.stage2_config, *common, banks, f"data.train=['{data}']",
@@ -355,7 +389,7 @@ def _evaluation(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> tuple[Pa
     """Where one row, seed and benchmark's evaluation goes, and what it is made from."""
     row, spec = cfg.rows[name], cfg.benchmarks[bench]
     split = spec.split or cfg.split
-    made_from = {"export": row_definition(cfg, name, seed), "benchmark": asdict(spec), "split": split,
+    made_from = {"export": row_definition(cfg, name, seed), "benchmark": spec.definition(), "split": split,
                  "method": row.method, "world": definitions(cfg)["world"]}
     return _cell(cfg, name, seed) / "eval" / f"{bench}-{split}", made_from
 
@@ -372,7 +406,7 @@ def evaluate(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int, be
     row, spec = cfg.rows[name], cfg.benchmarks[bench]
     out, made_from = _evaluation(cfg, name, seed, bench)
     if not evaluation_done(cfg, name, seed, bench):
-        run(spec.benchmark, str(spec.root(paths["world"])), str(export(cfg, paths, name, seed)),
+        run(spec.benchmark, str(spec.root(paths)), str(export(cfg, paths, name, seed)),
             split=made_from["split"], method=row.method, output=str(out), grids=0,
             cache_dir=str(Path(cfg.output_dir) / "gallery_cache"))
         _stamp(out, made_from)

@@ -71,6 +71,9 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
                    "rows: {stage1: {stage: stage1}, r: {stage: stage2, data: b, count: 5}}\n")
     with pytest.raises(PredictionError, match="rows.r.count: only for the synthetic datasets"):
         load(str(bad))
+    bad.write_text("benchmarks: {b: {benchmark: cirr, phrasing: poetic}}\n")
+    with pytest.raises(PredictionError, match=r"benchmarks.b.phrasing: one of \('editor', 'held-out'\), got 'poetic'"):
+        load(str(bad))
     bad.write_text("interval: bootstrap\n")
     with pytest.raises(PredictionError, match=r"interval: one of \('seeds', 'queries'\), got 'bootstrap'"):
         load(str(bad))
@@ -88,7 +91,9 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "seeds": [0, 1], "split": "test",
         "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
         "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"},
-                       "toy-coarse": {"benchmark": "circo", "folder": "circo_coarse"}, "toy-shoes": {"benchmark": "shoes"}},
+                       "toy-coarse": {"benchmark": "circo", "folder": "circo_coarse"},
+                       "toy-shoes": {"benchmark": "shoes"},
+                       "toy-cirr-ho": {"benchmark": "cirr", "phrasing": "held-out"}},
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
                  "stage2": {"stage": "stage2", "count": 10},  # the LQ + HQ mix manifest
@@ -97,7 +102,9 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
                     "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}},
                    {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2", "coarse"],
-                    "benchmarks": {"toy-shoes": "avg", "toy-coarse": "map@5"}}]}))
+                    "benchmarks": {"toy-shoes": "avg", "toy-coarse": "map@5"}},
+                   {"id": "T-3", "text": "the same on other phrasings", "better": "stage2", "than": ["stage1"],
+                    "benchmarks": {"toy-cirr-ho": "recall@1"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -128,8 +135,16 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     upper = json.loads((tmp_path / "out" / "cells" / "upper-seed0" / "train" / "config.json").read_text())
     assert upper["data"]["train"] == [f"shoes:{(tmp_path / 'out' / 'world' / 'bench' / 'shoes').resolve()}#train"]
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"T-1": claim["verdict"],
-                                                                "T-2": report["claims"][1]["verdict"]}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {c["id"]: c["verdict"] for c in report["claims"]}
+    # a held-out phrased benchmark: the same queries in other words, from a benchmarks-only world beside the world
+    held_out = tmp_path / "out" / "world-held-out"
+    assert json.loads((held_out / "world.json").read_text())["config"]["query_phrasing"] == "held-out"
+    assert sorted(p.name for p in (held_out / "bench").iterdir()) == ["cirr"]
+    ours, theirs = (json.loads((w / "bench" / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+                    for w in (held_out, tmp_path / "out" / "world"))
+    assert [q["target_hard"] for q in ours] == [q["target_hard"] for q in theirs]
+    assert all(a["caption"] != b["caption"] for a, b in zip(ours, theirs))
+    assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-ho-test" / "per_query.json").is_file()
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
     assert again.returncode == 0 and "[claims] train" not in again.stderr
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]

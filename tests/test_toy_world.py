@@ -29,13 +29,13 @@ def load(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def edits_matching(ref: Scene, text: str) -> list:
-    """Every edit of the reference that this modification text can describe."""
-    return [e for e in enumerate_edits(ref) if text in mod_texts(ref, e)]
+def edits_matching(ref: Scene, text: str, phrasing: str = "editor") -> list:
+    """Every edit of the reference that this modification text (of one phrasing family) can describe."""
+    return [e for e in enumerate_edits(ref) if text in mod_texts(ref, e, phrasing)]
 
 
-def assert_text_describes(ref: Scene, text: str, target: Scene) -> None:
-    results = {apply_edit(ref, e).key for e in edits_matching(ref, text)}
+def assert_text_describes(ref: Scene, text: str, target: Scene, phrasing: str = "editor") -> None:
+    results = {apply_edit(ref, e).key for e in edits_matching(ref, text, phrasing)}
     assert results == {target.key}, f"{text!r} on {ref.key} gives {results}, target is {target.key}"
 
 
@@ -258,6 +258,91 @@ def test_benchmark_images_are_disjoint_from_training_images(toy_world):
     train = digests(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))
     bench = digests(p for p in (toy_world / "bench").rglob("*") if p.suffix in (".jpg", ".jpeg", ".png"))
     assert len(bench) > 100 and not train & bench
+
+
+# ---------------------------------------------------------------- held-out query phrasings
+
+def test_held_out_phrasings_share_no_sentence_with_any_training_text():
+    """The held-out family: four phrasings of every edit (so a benchmark draws the same queries with either),
+    none of them a text the toy editor or the caption-diff templates write for that pair, and each naming exactly
+    one target scene among all edits of the reference; the same for coarse requests."""
+    import random
+
+    from synth.modtext import SPANS, modification_text
+    from toyworld.edits import COARSE_KINDS
+    from toyworld.scene import GEMS_WORLD, SHAPES_WORLD, caption, random_scene
+
+    checked = 0
+    for i in range(40):
+        ref = random_scene(random.Random(i), vocab=GEMS_WORLD if i % 2 else SHAPES_WORLD)
+        targets: dict[str, set] = {}
+        for e in enumerate_edits(ref)[::3]:
+            target = apply_edit(ref, e)
+            held_out = mod_texts(ref, e, "held-out")
+            assert len(held_out) == len(set(held_out)) == len(mod_texts(ref, e)) == 4
+            mined = {modification_text(caption(ref), caption(target), random.Random(s), span=span)[0]
+                     for span in SPANS for s in range(12)}
+            assert not set(held_out) & (set(mod_texts(ref, e)) | mined), (ref.key, e)
+            checked += 1
+        for e in enumerate_edits(ref):
+            for text in mod_texts(ref, e, "held-out"):
+                targets.setdefault(text, set()).add(apply_edit(ref, e).key)
+        assert all(len(keys) == 1 for keys in targets.values()), [t for t, k in targets.items() if len(k) > 1]
+        for kind in COARSE_KINDS:
+            for noun in [""] if kind == "background" else [o.noun for o in ref.objects]:
+                coarse = coarse_texts(kind, noun, "held-out")
+                assert len(set(coarse)) == 4 and not set(coarse) & set(coarse_texts(kind, noun))
+    assert checked > 300
+    with pytest.raises(ValueError, match="phrasing must be one of"):
+        mod_texts(ref, e, "poetic")
+
+
+def test_a_held_out_phrased_world_differs_only_in_its_query_texts(toy_world, tmp_path):
+    """--query-phrasing held-out: the same training images and benchmark images, queries and answers as the
+    world of the same seed; only the modification texts differ, each still naming exactly its target."""
+    out = tmp_path / "held_out"
+    run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7",
+         "--query-phrasing", "held-out"])
+    def text_fields(rel: Path) -> list[str]:  # the fields of a benchmark file that hold query texts
+        if rel.name.startswith("cap.rc2."):
+            return ["caption"]
+        if rel.name.startswith("cap."):
+            return ["captions"]
+        if rel.parent.name == "annotations" and rel.parent.parent.name in ("circo", "circo_coarse"):
+            return ["relative_caption"]
+        return ["RelativeCaption"] if rel.name == "relative_captions_shoes.json" else []
+
+    differ = 0
+    for path in sorted(p for p in toy_world.rglob("*") if p.is_file()):
+        rel = path.relative_to(toy_world)
+        mine = out / rel
+        if rel.name == "world.json":
+            assert load(mine)["config"]["query_phrasing"] == "held-out"
+            continue
+        fields = text_fields(rel)
+        if not fields:
+            assert mine.read_bytes() == path.read_bytes(), rel
+            continue
+        theirs, ours = load(path), load(mine)
+        assert len(theirs) == len(ours) > 0, rel
+        for a, b in zip(theirs, ours):
+            assert {k: v for k, v in a.items() if k not in fields} == {k: v for k, v in b.items() if k not in fields}
+            for f in fields:
+                assert a[f] != b[f], (rel, a[f])
+                differ += 1
+    assert differ == 12 * (3 + 2 + 2 + 3 + 2)  # queries per split: CIRR's 3 splits, CIRCO's and coarse CIRCO's 2,
+    # FashionIQ's 3 categories, Shoes' 2 splits
+    scenes = load(out / "bench" / "cirr" / "toy_scenes.json")
+    for q in load(out / "bench" / "cirr" / "captions" / "cap.rc2.test1.json"):
+        assert_text_describes(Scene.from_json(scenes[q["reference"]]), q["caption"],
+                              Scene.from_json(scenes[q["target_hard"]]), "held-out")
+    scenes = load(out / "bench" / "fashioniq" / "toy_scenes.json")
+    for q in load(out / "bench" / "fashioniq" / "captions" / "cap.dress.val.json"):
+        for text in q["captions"]:
+            assert_text_describes(Scene.from_json(scenes[q["candidate"]]), text,
+                                  Scene.from_json(scenes[q["target"]]), "held-out")
+    result = toy_cli("--output", str(tmp_path / "x"), "--query-phrasing", "poetic")
+    assert result.returncode == 2 and "held-out" in result.stderr
 
 
 # ---------------------------------------------------------------- the second world

@@ -84,7 +84,7 @@ def write_cirr(out: Path, cfg: WorldConfig) -> None:
                 target = names[v + 1]
                 queries.append({
                     "pairid": pairid, "reference": names[0], "target_hard": target,
-                    "target_soft": {target: 1.0}, "caption": rng.choice(mod_texts(ref, edit)),
+                    "target_soft": {target: 1.0}, "caption": rng.choice(mod_texts(ref, edit, cfg.query_phrasing)),
                     "img_set": {"id": set_id, "members": member_names},
                 })
                 pairid += 1
@@ -93,7 +93,10 @@ def write_cirr(out: Path, cfg: WorldConfig) -> None:
     dump_json(scenes, out / "toy_scenes.json")
 
 
-def _circo_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene], list[Scene], set[str]]:
+Query = tuple[str, str, list[Scene], list[Scene], set[str]]  # caption, shared concept, answers, distractors, keys
+
+
+def _circo_query(ref: Scene, rng: random.Random, phrasing: str) -> Query:
     """A one-answer CIRCO query: (caption, shared concept, answer renders, distractors, answer keys)."""
     edit = random_edit(ref, rng)
     target = apply_edit(ref, edit)
@@ -101,10 +104,10 @@ def _circo_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene],
     others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key != target.key]
     distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
     distractors += [random_scene(rng, vocab=vocabulary_of(ref)) for _ in range(CIRCO_RANDOM_PER_QUERY)]
-    return rng.choice(mod_texts(ref, edit)), shared_concept(ref, edit), answers, distractors, {target.key}
+    return rng.choice(mod_texts(ref, edit, phrasing)), shared_concept(ref, edit), answers, distractors, {target.key}
 
 
-def _coarse_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene], list[Scene], set[str]]:
+def _coarse_query(ref: Scene, rng: random.Random, phrasing: str) -> Query:
     """A coarse query: some other value of one attribute; 2..4 of the scenes that answer it are in the gallery,
     with other edits of the reference (which do not answer it) as hard distractors."""
     options = [(kind, noun, accepted) for kind in COARSE_KINDS
@@ -116,12 +119,14 @@ def _coarse_query(ref: Scene, rng: random.Random) -> tuple[str, str, list[Scene]
     others = [e for e in enumerate_edits(ref) if apply_edit(ref, e).key not in keys]
     distractors = [apply_edit(ref, e) for e in rng.sample(others, min(CIRCO_HARD_NEGATIVES, len(others)))]
     distractors += [random_scene(rng, vocab=vocabulary_of(ref)) for _ in range(CIRCO_RANDOM_PER_QUERY)]
-    return (rng.choice(coarse_texts(kind, noun)), shared_concept(ref, Edit(kind, noun)), answers, distractors, keys)
+    return (rng.choice(coarse_texts(kind, noun, phrasing)), shared_concept(ref, Edit(kind, noun)), answers, distractors,
+            keys)
 
 
 def write_circo(out: Path, cfg: WorldConfig, name: str = "circo", make_query=_circo_query) -> None:
     """CIRCO/annotations/{val,test}.json and the COCO-style gallery under COCO2017_unlabeled/. `make_query` draws
-    a query for a reference; a gallery image answers it when its scene is one of the query's answer keys."""
+    a query for a reference (its text in the world's query phrasing); a gallery image answers it when its scene
+    is one of the query's answer keys."""
     rng = stream(cfg.seed, name, 0)
     gallery: list[Scene] = []  # index into this list until ids are assigned
     queries: dict[str, list[dict]] = {"val": [], "test": []}
@@ -130,7 +135,7 @@ def write_circo(out: Path, cfg: WorldConfig, name: str = "circo", make_query=_ci
             ref = random_scene(rng, vocab=cfg.vocab)
             ref_idx = len(gallery)
             gallery.append(ref)
-            caption, concept, answers, distractors, keys = make_query(ref, rng)
+            caption, concept, answers, distractors, keys = make_query(ref, rng, cfg.query_phrasing)
             queries[split].append({"ref": ref_idx, "target": len(gallery), "keys": keys, "caption": caption,
                                    "shared_concept": concept})
             gallery += answers + distractors
@@ -194,7 +199,7 @@ def write_fashioniq(out: Path, cfg: WorldConfig) -> None:
             target = apply_edit(gallery[i], edit)
             # Two annotators, two wordings: FashionIQ queries carry two captions of the same change.
             rows.append({"candidate": names[i], "target": name_of[target.key],
-                         "captions": rng.sample(mod_texts(gallery[i], edit), 2)})
+                         "captions": rng.sample(mod_texts(gallery[i], edit, cfg.query_phrasing), 2)})
         dump_json(rows, out / "captions" / f"cap.{cat}.val.json")
         dump_json(names, out / "image_splits" / f"split.{cat}.val.json")
     dump_json(scenes, out / "toy_scenes.json")
@@ -228,7 +233,7 @@ def write_shoes(out: Path, cfg: WorldConfig) -> None:
                 target = apply_edit(ref, edit)
                 if ref.key not in used and target.key not in used:
                     break
-            text = rng.choice(mod_texts(ref, edit))
+            text = rng.choice(mod_texts(ref, edit, cfg.query_phrasing))
             entries.append({"ReferenceImageName": add(ref), "ImageName": add(target), "RelativeCaption": text})
             other = random_scene(rng, vocab=cfg.vocab)
             if other.key not in used:

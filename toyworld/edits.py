@@ -3,6 +3,13 @@
 An `Edit` is data (kind + arguments); `apply_edit` gives the exact edited scene and `mod_texts` every
 phrasing of it. The benchmarks draw their queries from here and the synthesis job's toy editor applies
 them, so a modification text always names a change that the target really has.
+
+Phrasings come in two families (`PHRASINGS`): `editor`, what the synthesis job's toy editor writes (so the
+high-quality triplets' texts), and `held-out`, written the way a person describes the target against the
+reference ("the red circle is blue now", "same picture but on a black background"), sharing no sentence with
+the editor's or the caption-diff templates (synth/modtext.py). A world whose benchmarks use `held-out` asks
+whether a model learnt the change or the toy editor's wording. Each family has four phrasings of every edit,
+so the benchmarks draw the same queries, images and answers with either: only the texts differ.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Optional
 from .scene import SIZES, SLOT_PHRASE, SLOT_WORD, Obj, Scene, vocabulary_of
 
 KINDS = ("colour", "shape", "size", "position", "background", "add", "remove")
+PHRASINGS = ("editor", "held-out")  # families of modification texts (above)
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,12 @@ def random_edit(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = KINDS
     return rng.choice(by_kind[kind])
 
 
-def mod_texts(scene: Scene, edit: Edit) -> list[str]:
-    """Every phrasing of the edit, as a person would write it looking at the reference scene."""
+def mod_texts(scene: Scene, edit: Edit, phrasing: str = "editor") -> list[str]:
+    """Every phrasing of the edit in one family (PHRASINGS), as written looking at the reference scene."""
+    if phrasing == "held-out":
+        return _held_out_texts(scene, edit)
+    if phrasing != "editor":
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
     the = f"the {edit.target}"
     v = edit.value
     if edit.kind == "colour":
@@ -111,6 +123,37 @@ def mod_texts(scene: Scene, edit: Edit) -> list[str]:
     raise ValueError(f"unknown edit kind {edit.kind!r}")
 
 
+def _held_out_texts(scene: Scene, edit: Edit) -> list[str]:
+    """The held-out family: the target described against the reference, in none of the editor's sentences."""
+    the = f"the {edit.target}"
+    v = edit.value
+    same = "same picture but"
+    if edit.kind in ("colour", "shape", "size", "position", "remove"):
+        obj = scene.find(edit.target)
+    if edit.kind == "colour":
+        return [f"{the} is {v} now", f"{same} with {the} in {v}", f"a {v} {obj.shape} in place of {the}",
+                f"has a {v} {obj.shape} where {the} was"]
+    if edit.kind == "shape":
+        return [f"{the} is a {v} now", f"{same} with {the} as a {v}", f"a {obj.colour} {v} in place of {the}",
+                f"has a {obj.colour} {v} where {the} was"]
+    if edit.kind == "size":
+        return [f"{the} is {v} now", f"{same} with a {v} {edit.target}",
+                f"a {v} {edit.target} in place of the {obj.size} one", f"has a {v} {edit.target}"]
+    if edit.kind == "position":
+        where = SLOT_PHRASE[v]
+        return [f"{the} is {where} now", f"{same} with {the} {where}", f"{the} goes {where}", f"has {the} {where}"]
+    if edit.kind == "background":
+        return [f"the background is {v} now", f"{same} on a {v} background",
+                f"a {v} background in place of the {scene.background} one", f"has a {v} background"]
+    if edit.kind == "add":
+        new = _added_object(edit)
+        what = f"a {new.size} {new.colour} {new.shape} {SLOT_PHRASE[new.slot]}"
+        return [f"{same} with {what} too", f"now there is also {what}", f"has {what} as well", f"{what} is there too"]
+    if edit.kind == "remove":
+        return [f"{the} is gone", f"{same} {the} is missing", f"has no {edit.target}", f"leave out {the}"]
+    raise ValueError(f"unknown edit kind {edit.kind!r}")
+
+
 # A coarse modification asks for *some* other value of one attribute; every such edit answers it (one-to-many).
 COARSE_KINDS = ("colour", "shape", "position", "background")
 
@@ -120,9 +163,13 @@ def coarse_edits(scene: Scene, kind: str, target: str = "") -> list[Edit]:
     return [e for e in enumerate_edits(scene, (kind,)) if e.target == target]
 
 
-def coarse_texts(kind: str, target: str = "") -> list[str]:
-    """Every phrasing of a coarse request: what changes, not what it becomes."""
+def coarse_texts(kind: str, target: str = "", phrasing: str = "editor") -> list[str]:
+    """Every phrasing of a coarse request in one family (PHRASINGS): what changes, not what it becomes."""
     the = f"the {target}"
+    if phrasing == "held-out":
+        return _held_out_coarse_texts(kind, the)
+    if phrasing != "editor":
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
     if kind == "colour":
         return [f"give {the} another colour", f"change the colour of {the}", f"{the} should be a different colour",
                 f"make {the} any other colour"]
@@ -135,6 +182,20 @@ def coarse_texts(kind: str, target: str = "") -> list[str]:
     if kind == "background":
         return ["change the background", "use another background", "put it on a different background",
                 "the background should be different"]
+    raise ValueError(f"no coarse request of kind {kind!r}")
+
+
+def _held_out_coarse_texts(kind: str, the: str) -> list[str]:
+    same = "same picture but"
+    if kind in ("colour", "shape"):
+        return [f"{the} is a new {kind} now", f"{same} {the} has a new {kind}", f"{the} is not the same {kind}",
+                f"has {the} in some new {kind}"]
+    if kind == "position":
+        return [f"{the} is in a new place now", f"{same} {the} has moved", f"{the} is not where it was",
+                f"{the} goes somewhere new"]
+    if kind == "background":
+        return ["the background is new now", f"{same} a new background", "the background is not the same",
+                "has some new background"]
     raise ValueError(f"no coarse request of kind {kind!r}")
 
 

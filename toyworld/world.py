@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from cir.config import ranged
 
-from .edits import apply_edit, random_edit
+from .edits import PHRASINGS, apply_edit, random_edit
 from .render import encode, layout, render
 from .scene import VOCABULARIES, Scene, Vocabulary, caption, random_scene
 
@@ -37,6 +37,10 @@ class WorldConfig:
     vocabulary: str = ranged("shapes", choices=tuple(sorted(VOCABULARIES)),
                              help="the world's words: shapes (the default world) or gems (a second world for "
                                   "transfer checks)")
+    query_phrasing: str = ranged("editor", choices=PHRASINGS,
+                                 help="the benchmarks' modification texts: editor (the toy editor's phrasings, which "
+                                      "the high-quality triplets carry too) or held-out (phrased as no training "
+                                      "text is; same queries, images and answers)")
     benchmarks: str = ranged("all", help=f"the benchmarks to write, comma-separated ({','.join(BENCHMARKS)}), or "
                                          f"all")
 
