@@ -394,6 +394,11 @@ def _evaluation(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> tuple[Pa
     return _cell(cfg, name, seed) / "eval" / f"{bench}-{split}", made_from
 
 
+def evaluation_dir(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> Path:
+    """The folder of one row, seed and benchmark's evaluation (per_query.json, metrics.json)."""
+    return _evaluation(cfg, name, seed, bench)[0]
+
+
 def evaluation_done(cfg: ClaimsConfig, name: str, seed: int, bench: str) -> bool:
     out, made_from = _evaluation(cfg, name, seed, bench)
     return _reusable(out, (out / "per_query.json").is_file(), made_from)
@@ -442,7 +447,7 @@ def steps(cfg: ClaimsConfig, paths: dict[str, Path], needed: dict[str, list]) ->
         return [step] if step in out else []
 
     for name, pairs in needed.items():
-        for seed in _seeds(cfg, name):
+        for seed in row_seeds(cfg, name):
             benches = [b for b in dict.fromkeys(b for b, _ in pairs) if not evaluation_done(cfg, name, seed, b)]
             if benches:
                 out[f"evaluate {name} seed {seed}"] = Step(
@@ -451,7 +456,7 @@ def steps(cfg: ClaimsConfig, paths: dict[str, Path], needed: dict[str, list]) ->
     return list(out.values())
 
 
-def _seeds(cfg: ClaimsConfig, name: str) -> list[int]:
+def row_seeds(cfg: ClaimsConfig, name: str) -> list[int]:
     """The seeds a row is evaluated for: a baseline is the CLIP's alone, one evaluation when every seed shares it."""
     return [cfg.seeds[0]] if cfg.rows[name].stage == "baseline" and not cfg.clip_per_seed else cfg.seeds
 
@@ -540,7 +545,7 @@ def claims(cfg: ClaimsConfig) -> dict:
     rows_out: dict = {}
     for name, pairs in needed.items():
         for bench, metric in pairs:
-            per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in _seeds(cfg, name)]
+            per_seed = [evaluate(cfg, paths, name, seed, bench) for seed in row_seeds(cfg, name)]
             if metric not in per_seed[0]:
                 raise PredictionError(f"row {name} on {bench} has no metric {metric!r} (has {sorted(per_seed[0])})")
             values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]

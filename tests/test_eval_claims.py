@@ -145,6 +145,16 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     assert [q["target_hard"] for q in ours] == [q["target_hard"] for q in theirs]
     assert all(a["caption"] != b["caption"] for a, b in zip(ours, theirs))
     assert (tmp_path / "out" / "cells" / "stage2-seed1" / "eval" / "toy-cirr-ho-test" / "per_query.json").is_file()
+    gap = subprocess.run([sys.executable, "experiments/phrasing_gap.py", "--config", str(config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # each row on both phrasings, paired
+    assert gap.returncode == 0, gap.stderr[-2000:]
+    gaps = json.loads(gap.stdout)
+    assert [(g["row"], g["benchmark"], g["metric"]) for g in gaps] == [("stage2", "toy-cirr", "recall@1"),
+                                                                      ("stage1", "toy-cirr", "recall@1")]
+    for g in gaps:
+        lo, hi = g["ci95"]
+        assert lo <= g["difference"] <= hi and g["difference"] == pytest.approx(g["editor"] - g["held_out_value"],
+                                                                                  abs=0.02)
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
     assert again.returncode == 0 and "[claims] train" not in again.stderr
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
