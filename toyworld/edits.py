@@ -128,8 +128,8 @@ def _held_out_texts(scene: Scene, edit: Edit) -> list[str]:
     the = f"the {edit.target}"
     v = edit.value
     same = "same picture but"
-    if edit.kind in ("colour", "shape", "size", "position", "remove"):
-        obj = scene.find(edit.target)
+    if edit.kind in ("colour", "shape", "size"):
+        obj = scene.find(edit.target)  # what the edit keeps of it
     if edit.kind == "colour":
         return [f"{the} is {v} now", f"{same} with {the} in {v}", f"a {v} {obj.shape} in place of {the}",
                 f"has a {v} {obj.shape} where {the} was"]
