@@ -303,6 +303,7 @@ def test_a_held_out_phrased_world_differs_only_in_its_query_texts(toy_world, tmp
     out = tmp_path / "held_out"
     run(["--output", str(out), "--num-images", "48", "--bench-queries", "12", "--seed", "7",
          "--query-phrasing", "held-out"])
+
     def text_fields(rel: Path) -> list[str]:  # the fields of a benchmark file that hold query texts
         if rel.name.startswith("cap.rc2."):
             return ["caption"]
