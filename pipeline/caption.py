@@ -338,6 +338,6 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     except OSError as err:  # a path through a file, no permission, a full disk
         parser.error(f"--output {cfg.output} cannot be written: {err.strerror or err}")
     jobs.progress_logger(LOG.name)
-    p = test_pipeline or beam.Pipeline(options=options)
+    p = test_pipeline or jobs.new_pipeline(options)
     build(p, cfg, time.time(), listing)
     return jobs.run_and_read_stats(p, cfg.output)

@@ -356,6 +356,6 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         from synth.editing import vocabulary
 
         vocab = vocabulary(ds.read_table(ds.join(cfg.input, "index.parquet")).column("caption").to_pylist())
-    p = test_pipeline or beam.Pipeline(options=options)
+    p = test_pipeline or jobs.new_pipeline(options)
     build(p, cfg, time.time(), vocab)
     return jobs.run_and_read_stats(p, cfg.output)

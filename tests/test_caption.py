@@ -313,15 +313,22 @@ def test_a_local_image_changed_or_gone_before_its_shard_is_written_is_a_failed_r
     assert next(iter(read_dataset(out).values()))["jpg"] == kept["data"]
 
 
-def test_the_sidecar_caption_job_does_not_load_torch(toy_world, tmp_path):
+def test_the_sidecar_caption_job_loads_neither_torch_nor_prism_and_leaves_no_temp_files(toy_world, tmp_path):
     """Start-up is most of a small job's time: without a model the job never imports torch (webdataset would
-    load it; shards are written with the standard library, cir.dataset.tar_bytes)."""
+    load it; shards are written with the standard library, cir.dataset.tar_bytes). The DirectRunner runs on
+    Beam's in-process runner without first trying Prism, whose failed start (offline) left a beam-temp folder
+    in the temp directory on every run (pipeline.jobs.new_pipeline)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
     code = ("import sys; from pipeline.caption import run; "
             f"run(['--input', {str(toy_world / 'images')!r}, '--output', {str(tmp_path / 'out')!r}]); "
-            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+            "print(sorted(m for m in ('torch', 'webdataset', 'apache_beam.runners.portability.prism_runner') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "TMPDIR": str(temp)})
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "stats.json").exists()
+    assert list(temp.iterdir()) == []
 
 
 def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path):

@@ -5,6 +5,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions, WorkerOptions
 
 from pipeline.caption import CaptionConfig, build
+from pipeline.jobs import new_pipeline
 from pipeline.sources import file_pattern
 
 DATAFLOW_ARGS = [
@@ -16,7 +17,7 @@ DATAFLOW_ARGS = [
 
 def test_caption_pipeline_builds_for_dataflow():
     options = PipelineOptions(DATAFLOW_ARGS)
-    p = beam.Pipeline(options=options)
+    p = new_pipeline(options)  # the runner the options name (only the DirectRunner is built another way)
     assert type(p.runner).__name__ == "DataflowRunner"
     cfg = CaptionConfig(input="gs://my-bucket/images/", output="gs://my-bucket/captions",
                         captioner="Salesforce/blip-image-captioning-base", clip="ViT-B-32", clip_pretrained="openai",
