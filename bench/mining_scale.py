@@ -87,12 +87,13 @@ def sharded_knn(n: int, k: int) -> np.ndarray:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline.jobs import new_pipeline
     from synth.job import SynthConfig
     from synth.knn import NeighbourGraph
 
     cfg = SynthConfig("", "", "low", image_weight=1.0, neighbours=k, knn="sharded")
     with tempfile.TemporaryDirectory() as tmp:
-        with beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"])) as p:
+        with new_pipeline(PipelineOptions(["--runner", "DirectRunner"])) as p:  # the jobs' local runner
             hoods, _ = p | beam.Create(list(range(0, n, CHUNK))) | beam.FlatMap(_items, n) | NeighbourGraph(cfg)
             _ = (hoods | beam.Map(lambda h: json.dumps([int(h.key), [int(m.key) for m in h.neighbours]]))
                  | beam.io.WriteToText(f"{tmp}/hoods"))
