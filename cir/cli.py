@@ -1,4 +1,4 @@
-"""How the command-line entry points end."""
+"""How the command-line entry points end, and how many processes they run at once by default."""
 from __future__ import annotations
 
 import logging
@@ -34,3 +34,12 @@ def run_and_exit(main: Callable[[], int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity where the OS tells it, else the machine's count): what a
+    `--jobs 0` means."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cir.cli import cores
 from eval.score import PredictionError
 
 
@@ -31,14 +32,6 @@ class Step:
     args: tuple  # ... and its arguments (picklable)
     after: tuple[str, ...] = ()  # names of steps that must finish first (steps not in the list are done)
     rank: int = 0  # among steps ready at once, a lower rank starts first (then the list's order)
-
-
-def cores() -> int:
-    """CPU cores this process may use (its affinity where the OS tells it, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no sched_getaffinity
-        return os.cpu_count() or 1
 
 
 def workers(jobs: int, threads: int) -> int:

@@ -41,9 +41,10 @@ def assert_text_describes(ref: Scene, text: str, target: Scene, phrasing: str = 
 
 # ---------------------------------------------------------------- determinism and layout
 
-def test_same_seed_gives_byte_identical_tree(tmp_path, toy_world):
+def test_same_seed_gives_byte_identical_tree_however_many_processes_write_it(tmp_path, toy_world):
+    """The shared world is written by one process per core (its parts side by side); this one in one process."""
     again = tmp_path / "again"
-    run(["--output", str(again), "--num-images", "48", "--bench-queries", "12", "--seed", "7"])
+    run(["--output", str(again), "--num-images", "48", "--bench-queries", "12", "--seed", "7", "--jobs", "1"])
     assert tree_hash(again) == tree_hash(toy_world)
 
 
@@ -401,6 +402,7 @@ def toy_cli(*args: str) -> subprocess.CompletedProcess:
     (["--bench-queries", "-1"], "--bench-queries: must be at least 1, got -1"),
     (["--image-size", "2000"], "--image-size: must be at most 1024, got 2000"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--jobs", "-1"], "--jobs must be 0 (one per core) or more, not -1"),
 ])
 def test_bad_flags_exit_2(tmp_path, args, message):
     result = toy_cli("--output", str(tmp_path / "w"), *args)
