@@ -53,8 +53,8 @@ def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None,
 def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
     """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
     cir.benchmarks.SPLITS); files under `cfg.output`. Gallery features are cached in `cache_dir` (default: the
-    output), keyed by the image tower's weights and the images (paths, sizes, mtimes), so runs that share an image
-    tower (every stage II variant of one CLIP) can share one cache."""
+    output), keyed by the image tower's weights and the images' bytes, so runs that share an image tower (every
+    stage II variant of one CLIP) can share one cache, also across copies of a gallery."""
     benchmark, checkpoint, method, batch_size = cfg.benchmark, cfg.checkpoint, cfg.method, cfg.batch_size
     root = Path(cfg.data)
     split = benchmarks.split_name(benchmark, cfg.split)  # as the files name it (CIRR's test is test1)
@@ -118,12 +118,32 @@ def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
     render_grid(rows).save(path)
 
 
-def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: int) -> torch.Tensor:
-    """Gallery features, cached on disk and keyed by the image tower's weights and the images as they are now
-    (path, size, modification time): a benchmark regenerated at the same path is encoded anew. A cache that
-    does not load (truncated, foreign) is rebuilt with a warning."""
+def _gallery_digest(paths: list[Path], out: Path) -> str:
+    """sha256 over the gallery images' bytes, in order. Remembered in `out` per listing as it is now (path, size,
+    modification time of each image), so each listing's files are read and hashed once: the same images under
+    another folder (a benchmark written again with other query texts) have the same digest."""
     stamp = "\n".join(f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in paths))
-    key = hashlib.sha256(f"{encoder.gallery_fingerprint}\n{stamp}".encode()).hexdigest()[:16]
+    memo = out / f"images-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.sha256"
+    if memo.is_file():
+        digest = memo.read_text(encoding="ascii").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    digest = h.hexdigest()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest + "\n", encoding="ascii")
+    tmp.replace(memo)
+    return digest
+
+
+def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: int) -> torch.Tensor:
+    """Gallery features, cached on disk and keyed by the image tower's weights and the images' bytes
+    (_gallery_digest): a benchmark regenerated at the same path is encoded anew, the same images at another path
+    are not. A cache that does not load (truncated, foreign) is rebuilt with a warning."""
+    key = hashlib.sha256(f"{encoder.gallery_fingerprint}\n{_gallery_digest(paths, out)}".encode()).hexdigest()[:16]
     cache = out / f"gallery-{key}.npy"
     if cache.is_file():
         try:

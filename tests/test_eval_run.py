@@ -131,3 +131,25 @@ def test_cli_needs_an_export_for_the_model_method(toy_world, tiny_stage1_export)
             str(toy_world / "bench" / "fashion200k"), "--checkpoint", str(tiny_stage1_export), "--split", "val"]
     bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "fashion200k has no split 'val'" in bad.stderr
+
+
+def test_a_copy_of_a_gallery_elsewhere_reuses_its_cached_features(toy_world, tiny_stage1_export, tmp_path,
+                                                                  monkeypatch):
+    """Gallery features are keyed by the images' bytes, not their paths: a benchmark written again in another
+    folder with other query texts (eval claims' held-out phrasings) is not encoded again."""
+    from cir.encoder import Encoder
+
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_world / "bench" / "cirr", copy)
+    cache = tmp_path / "cache"
+    first = run("cirr", str(toy_world / "bench" / "cirr"), str(tiny_stage1_export), output=str(tmp_path / "a"),
+                cache_dir=str(cache))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the gallery was encoded again")
+
+    monkeypatch.setattr(Encoder, "images", no_encoding)
+    assert run("cirr", str(copy), str(tiny_stage1_export), output=str(tmp_path / "b"), cache_dir=str(cache)) == first
+    (copy / "dev" / sorted(p.name for p in (copy / "dev").iterdir())[0]).write_bytes(b"not the same image")
+    with pytest.raises(AssertionError, match="encoded again"):  # other bytes: another key
+        run("cirr", str(copy), str(tiny_stage1_export), output=str(tmp_path / "c"), cache_dir=str(cache))

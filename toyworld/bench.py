@@ -288,8 +288,8 @@ def write_fashion200k(out: Path, cfg: WorldConfig) -> None:
     dump_json(scenes, out / "toy_scenes.json")
 
 
-# toyworld.world.BENCHMARKS -> its writer; each draws from its own random streams, so any subset is written as in
-# the whole world
+# toyworld.world.BENCHMARKS -> its writer(out, cfg); each draws from its own random streams, so any subset is written
+# as in the whole world, in any order and process (toyworld.cli.write_parts)
 WRITERS = {
     "cirr": write_cirr,
     "circo": write_circo,
@@ -298,8 +298,3 @@ WRITERS = {
     "shoes": write_shoes,
     "fashion200k": write_fashion200k,
 }
-
-
-def write_benchmarks(out: Path, cfg: WorldConfig) -> None:
-    for name in cfg.benchmark_names:
-        WRITERS[name](out / name, cfg)

@@ -13,8 +13,8 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 from cir.cli import cores
