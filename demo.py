@@ -46,6 +46,31 @@ def main_of(cmd: list[str]) -> Callable[[list[str]], int]:
     return importlib.import_module(module).main
 
 
+def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], ablation_config: Path) -> None:
+    """Stage II on each triplet set (name, done marker, train/stage2.py arguments) and the ablation's cells, all
+    from the stage I export: one-thread worker processes, one per core (eval/cells.py). On two cores two
+    one-thread stage II runs do about 1.47x the work of one two-thread run (docs/PERFORMANCE.md); their numbers
+    are those of one thread, whatever runs beside them. Each step's output goes to its log."""
+    from eval import ablate
+    from eval.cells import Step, run_main, run_steps
+
+    todo = []
+    for name, marker, argv in trainings:  # the longest first: two at a time, they finish closer together
+        if marker.exists():
+            print(f"[demo] {name}: done already ({marker})")
+            continue
+        print(f"[demo] {name}: {sys.executable} train/stage2.py {' '.join(argv)}", flush=True)
+        log = out / f"{marker.parent.parent.name}.log"
+        todo.append(Step(name, str(log), run_main, ("train.stage2", argv)))
+    todo += ablate.steps(ablate.load(str(ablation_config)))
+    if not todo:
+        return
+    start = time.time()
+    seconds = run_steps(todo, 0, 1, lambda line: print(f"[demo] {line}", flush=True))
+    TIMINGS.update({name: s for name, s in seconds.items() if name.startswith("stage II")})  # worker seconds
+    TIMINGS["stage II runs and the ablation's cells, side by side"] = round(time.time() - start, 1)
+
+
 def write_timings(out: Path, started: float) -> None:
     """Seconds per step run this time (reused steps are not listed) and in all: the demo's time budget."""
     total = round(time.time() - started, 1)
@@ -102,28 +127,29 @@ def main(argv: list[str] | None = None) -> int:
           f"data.train=['{captions}']", f"init_from={stage0 / 'final'}", f"seed={args.seed}", *quick])
     print(f"[demo] trained: {stage0 / 'final'} (CLIP), {stage1 / 'final'} (stage I); TensorBoard: "
           f"tensorboard --logdir {out}")
-    stage2 = {}
+    stage2 = {name: out / f"stage2_{name}" for name in ("low", "high", "mix")}
     banks = f"hard_negatives.cache_dir={out / 'negative_banks'}"  # the runs share their CLIP: one bank each dataset
-    for name, data in (("low", [low]), ("high", [high]), ("mix", [mix])):
-        stage2[name] = out / f"stage2_{name}"
-        step(f"stage II on {name} triplets", stage2[name] / "final" / "adapters.safetensors",
-             [sys.executable, "train/stage2.py", "--config", "train/configs/toy_stage2.yaml",
-              f"output_dir={stage2[name]}", f"data.train={[str(d) for d in data]}", f"init_from={stage1 / 'final'}",
-              f"seed={args.seed}", banks, *quick])
-    results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
-    search_example(out, toy / "bench" / "cirr", stage2["mix"] / "final")
-    print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
-    print(report_table(results))
     ablation = out / "ablation"
     config = out / "ablation.yaml"
     config.write_text(json.dumps({
         "output_dir": str(ablation), "stage1": str(stage1 / "final"), "stage2_config": "train/configs/toy_stage2.yaml",
         "sources": {"low": str(low), "high": str(high)}, "counts": [20] if args.quick else [300, 1000],
         "seeds": [0] if args.quick else [0, 1], "max_steps": 3 if args.quick else 60, "overrides": [banks, *quick],
-        "gallery_cache": str(out / "eval" / "gallery_cache"),  # the galleries the evaluations above encoded
+        "gallery_cache": str(out / "eval" / "gallery_cache"),  # the galleries the evaluations below encode
         "benchmarks": {"toy-cirr": {"benchmark": "cirr", "data": str(toy / "bench" / "cirr"), "metric": "avg"},
                        "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},
         indent=1))  # JSON is YAML
+    runs = [(name, stage2[name], data) for name, data in (("low", [low]), ("mix", [mix]), ("high", [high]))]
+    train_side_by_side(out, [
+        (f"stage II on {name} triplets", folder / "final" / "adapters.safetensors",
+         ["--config", "train/configs/toy_stage2.yaml", f"output_dir={folder}", f"data.train={[str(d) for d in data]}",
+          f"init_from={stage1 / 'final'}", f"seed={args.seed}", banks, *quick]) for name, folder, data in runs],
+        config)
+    results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
+    search_example(out, toy / "bench" / "cirr", stage2["mix"] / "final")
+    print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
+    print(report_table(results))
+    # its cells were trained and evaluated beside stage II above: this writes its tables and plot
     step("ablation: LQ vs HQ x number of triplets x seeds", None,
          [sys.executable, "-m", "eval", "ablate", "--config", str(config)])
     print(f"[demo] ablation: {ablation / 'ablation.md'}, {ablation / 'ablation.png'}")

@@ -110,15 +110,22 @@ def run_cell(cfg: AblationConfig, source: str, count: int, seed: int) -> dict:
     return metrics
 
 
-def ablate(cfg: AblationConfig) -> list[dict]:
-    from eval.cells import Step, run_steps
+def steps(cfg: AblationConfig) -> list:
+    """The cells left to make, as eval.cells steps (each logging to its folder's run.log): `ablate` runs them,
+    and a caller with other steps of its own (the demo) may run them beside those first."""
+    from eval.cells import Step
 
-    # the cells left to make, run `jobs` at once (eval/cells.py), each logging to its folder's run.log
-    todo = [Step(f"{source}-{count}-seed{seed}", str(_cell(cfg, source, count, seed) / "run.log"), run_cell,
+    return [Step(f"{source}-{count}-seed{seed}", str(_cell(cfg, source, count, seed) / "run.log"), run_cell,
                  (cfg, source, count, seed))
             for source in cfg.sources for count in cfg.counts for seed in cfg.seeds
             if not _cell_done(cfg, source, count, seed)]
-    run_steps(todo, cfg.jobs, cfg.threads, lambda line: print(f"[ablate] {line}", file=sys.stderr, flush=True))
+
+
+def ablate(cfg: AblationConfig) -> list[dict]:
+    from eval.cells import run_steps
+
+    # `jobs` cells at once (eval/cells.py)
+    run_steps(steps(cfg), cfg.jobs, cfg.threads, lambda line: print(f"[ablate] {line}", file=sys.stderr, flush=True))
     rows = []
     for source in cfg.sources:
         for count in cfg.counts:

@@ -76,6 +76,19 @@ def _in_worker(step: Step) -> float:
     return time.perf_counter() - started
 
 
+def run_main(module: str, argv: list[str]) -> None:
+    """A step that runs a command's `main(argv)` (module "train.stage2", ...); a nonzero exit (returned, or an
+    argparse error's SystemExit) fails the step."""
+    import importlib
+
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as done:
+        code = done.code
+    if code:
+        raise PredictionError(f"{module} {' '.join(argv)} exited with status {code}")
+
+
 def _tail(path: str, lines: int = 15) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from eval.cells import Step, run_steps
+from eval.cells import Step, run_main, run_steps
 from eval.score import PredictionError
 
 
@@ -71,3 +71,13 @@ def test_a_failing_step_stops_the_run_naming_it_and_its_log(tmp_path):
     assert "about to fail" in message  # the end of the log, with the traceback before it
     assert "Traceback" in (tmp_path / "bad.log").read_text()
     assert not os.path.exists(after)  # a step after a failed one never starts
+
+
+def test_a_command_step_fails_on_a_nonzero_exit(tmp_path, capsys):
+    """run_main: a command's main as a step (the demo's stage II runs); an argparse error is a failure too."""
+    run_main("beam_runner", ["toy", "--output", str(tmp_path / "w"), "--num-images", "3", "--bench-queries", "2",
+                             "--benchmarks", "cirr", "--jobs", "1"])
+    assert (tmp_path / "w" / "world.json").is_file()
+    with pytest.raises(PredictionError, match="beam_runner toy .* exited with status 2"):
+        run_main("beam_runner", ["toy", "--output", str(tmp_path / "v"), "--num-images", "0"])
+    assert "--num-images: must be at least 1" in capsys.readouterr().err
