@@ -48,9 +48,10 @@ def main_of(cmd: list[str]) -> Callable[[list[str]], int]:
 
 def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], ablation_config: Path) -> None:
     """Stage II on each triplet set (name, done marker, train/stage2.py arguments) and the ablation's cells, all
-    from the stage I export: one-thread worker processes, one per core (eval/cells.py). On two cores two
-    one-thread stage II runs do about 1.47x the work of one two-thread run (docs/PERFORMANCE.md); their numbers
-    are those of one thread, whatever runs beside them. Each step's output goes to its log."""
+    from the stage I export: one-thread worker processes, one per core (eval/cells.py). On two cores they do more
+    work per second side by side than two-thread runs one after another (155 s against 170 on 2026-12-02,
+    docs/PERFORMANCE.md); a step's numbers are those of one thread, whatever runs beside it (here the results came
+    out the same as with two). Each step's output goes to its log."""
     from eval import ablate
     from eval.cells import Step, run_main, run_steps
 
