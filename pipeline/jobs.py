@@ -36,12 +36,17 @@ def pipeline_options(parser: argparse.ArgumentParser, pipeline_args: list[str],
 
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline on the runner the options name. The DirectRunner (the default) runs our batch jobs on Beam's
-    in-process FnApiRunner, in the mode `--direct_running_mode` says; it is built here directly, as the
-    DirectRunner builds it, because the DirectRunner first tries to download and start Prism: offline that costs
-    a quarter of a second and leaves a `beam-temp*` folder in the temp directory on every run, online the job
-    runs on another runner than the one documented and measured. `--runner PrismRunner` asks for Prism."""
+    in-process FnApiRunner (`local_runner`); other runners as named (`--runner PrismRunner` asks for Prism)."""
     if (options.view_as(StandardOptions).runner or "").lower() not in ("directrunner", "direct"):
         return beam.Pipeline(options=options)
+    return beam.Pipeline(runner=local_runner(options), options=options)
+
+
+def local_runner(options: PipelineOptions):
+    """Beam's in-process FnApiRunner, in the mode `--direct_running_mode` says, built as the DirectRunner builds
+    it: the DirectRunner first tries to download and start Prism, which offline costs a quarter of a second and
+    leaves a `beam-temp*` folder and a pickled main session in the temp directory on every run, and online runs
+    the job on another runner than the one documented and measured. Tests give it to TestPipeline."""
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
@@ -49,8 +54,7 @@ def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     # the options reach the workers as the DirectRunner passes them (multi_processing workers read them there)
     info = beam_provision_api_pb2.ProvisionInfo(
         pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options()))
-    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info)),
-                         options=options)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
 
 
 def progress_logger(name: str) -> logging.Logger:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Set before anything imports huggingface_hub: a test must never wait on the network.
@@ -15,6 +16,38 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def contained_temp_dir(tmp_path_factory):
+    """The temp directory of the whole run (TMPDIR, also for subprocesses) is a folder under pytest's base temp,
+    which pytest rotates: what libraries leave behind (torch.distributed's elastic agent, Beam pipelines that are
+    built and never run) does not pile up in /tmp run after run."""
+    temp = tmp_path_factory.mktemp("tmpdir")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(temp), str(temp)
+    yield temp
+    tempfile.tempdir = saved[1]
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+
+
+@pytest.fixture
+def test_pipeline():
+    """TestPipeline on the runner the jobs run on (pipeline.jobs.local_runner), not the DirectRunner's Prism
+    attempt: `with test_pipeline() as p:`."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipeline.jobs import local_runner
+
+    def make() -> TestPipeline:
+        options = PipelineOptions()
+        return TestPipeline(runner=local_runner(options), options=options)
+
+    return make
 
 
 @pytest.fixture(scope="session")

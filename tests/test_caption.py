@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
@@ -154,10 +153,10 @@ def test_hostile_inputs_become_failed_rows(tmp_path):
         assert "." not in s["__key__"] and "/" not in s["__key__"]
 
 
-def test_prepare_image_dofn_with_test_pipeline():
+def test_prepare_image_dofn_with_test_pipeline(test_pipeline):
     good = jpeg()
     records = [{"source": "a.jpg", "data": good, "caption": "c"}, {"source": "b.jpg", "data": b"", "caption": "c"}]
-    with TestPipeline() as p:
+    with test_pipeline() as p:
         out = p | beam.Create([records]) | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED,
                                                                                                          main="ok")
         assert_that(out.ok | beam.Map(lambda s: (s["key"], s["ext"], s["width"])),
@@ -166,7 +165,7 @@ def test_prepare_image_dofn_with_test_pipeline():
                     label="failed")
 
 
-def test_large_images_are_prepared_on_threads_with_the_same_results():
+def test_large_images_are_prepared_on_threads_with_the_same_results(test_pipeline):
     """Images of LARGE_IMAGE bytes or more are decoded and hashed on a thread pool: results, failures and the
     pixel guard are those of the inline path, and PIL's global limit is never touched."""
     import numpy as np
@@ -186,7 +185,7 @@ def test_large_images_are_prepared_on_threads_with_the_same_results():
                 {"source": "garbage.jpg", "data": os.urandom(LARGE_IMAGE + 1), "caption": "c"},  # on a thread
                 {"source": "cut.jpg", "data": big[0][: len(big[0]) - 4000], "caption": "c"}]
     limit = Image.MAX_IMAGE_PIXELS
-    with TestPipeline() as p:
+    with test_pipeline() as p:
         out = (p | beam.Create([records[:4], records[4:]])
                | beam.ParDo(PrepareImage(CaptionConfig("", "", max_pixels=250 * 250 + 1))).with_outputs(FAILED,
                                                                                                           main="ok"))
@@ -195,7 +194,7 @@ def test_large_images_are_prepared_on_threads_with_the_same_results():
         assert_that(out[FAILED] | beam.Map(lambda r: (r["source"], r["reason"])),
                     equal_to([(f"big{i}.jpg", "too_many_pixels") for i in range(5)]
                              + [("garbage.jpg", "not_an_image"), ("cut.jpg", "too_many_pixels")]), label="failed")
-    with TestPipeline() as p:  # no pixel limit: the large images pass, the cut one is corrupt
+    with test_pipeline() as p:  # no pixel limit: the large images pass, the cut one is corrupt
         out = (p | beam.Create([records[:5], records[7:]])
                | beam.ParDo(PrepareImage(CaptionConfig("", ""))).with_outputs(FAILED, main="ok"))
         assert_that(out.ok | beam.Map(lambda s: (s["source"], s["key"], s["sha256"][:8], s["width"])),
@@ -331,7 +330,7 @@ def test_the_sidecar_caption_job_loads_neither_torch_nor_prism_and_leaves_no_tem
     assert list(temp.iterdir()) == []
 
 
-def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path):
+def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path, test_pipeline):
     """A local folder is read from the launcher's listing, its images paired with their sidecars in memory; a
     remote one is matched and grouped by the workers. Both give the same records and the same count of
     inputs (checked on a local folder read both ways)."""
@@ -346,7 +345,7 @@ def test_a_listed_folder_reads_the_same_records_as_a_matched_one(tmp_path):
     expected = [(str(folder / name), files[name], caption) for name, caption in
                 [("a.jpg", "caption a"), ("b.jpg", "caption b"), ("c.jpg", None), ("sub/d.jpg", "caption d")]]
 
-    with TestPipeline() as p:
+    with test_pipeline() as p:
         for label, read in [("listed", ReadInputs(str(folder), listing=list_inputs(str(folder)),
                                                   scratch=str(tmp_path / "scratch"))),
                             ("matched", ReadInputs(str(folder)))]:

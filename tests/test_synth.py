@@ -206,11 +206,10 @@ def test_sharded_knn_is_deterministic(embedded_captions, tmp_path):
     assert {m["provenance"]["knn"] for m in _mined(tmp_path / "a").values()} == {"sharded-ivf"}
 
 
-def test_sharded_knn_recall_and_failed_rows():
+def test_sharded_knn_recall_and_failed_rows(test_pipeline):
     """Probing 4 of 16 lists on clustered data: recall@10 against exact search >= 0.9, never itself, most
     similar first; an item without its embedding is a failed row, not a neighbour."""
     pytest.importorskip("faiss")
-    from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that
 
     from synth.config import SynthConfig
@@ -238,7 +237,7 @@ def test_sharded_knn_recall_and_failed_rows():
     def check_failed(rows):
         assert [(r["source"], r["reason"]) for r in rows] == [("nemb", "no_embedding")]
 
-    with TestPipeline(runner="DirectRunner") as p:
+    with test_pipeline() as p:
         hoods, failed = p | beam.Create(items) | NeighbourGraph(cfg)
         assert_that(hoods, check_neighbourhoods, label="Neighbourhoods")
         assert_that(failed, check_failed, label="Failed")
