@@ -167,6 +167,8 @@ def seeds_ci(cfg: AblationConfig, source: str, count: int, bench: str, metric: s
 
 
 def table(rows: list[dict], cfg: AblationConfig) -> str:
+    from eval import stats
+
     lines = ["# Ablation: triplet source x number of triplets", "",
              "Each cell: mean ± std over seeds, then the 95% bootstrap interval of that mean, seeds and queries "
              "resampled; cells whose intervals do not overlap differ significantly.", ""]
@@ -182,7 +184,7 @@ def table(rows: list[dict], cfg: AblationConfig) -> str:
                         and r["benchmark"] == bench]
                 m, s = _mean_std(vals)
                 ci = seeds_ci(cfg, source, count, bench, metric)
-                cells.append(f"{m:.1f} ± {s:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""))
+                cells.append(f"{m:.1f} ± {s:.1f}" + (f" [{stats.shown(ci[0])}, {stats.shown(ci[1])}]" if ci else ""))
             lines.append(f"| {source} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

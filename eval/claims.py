@@ -567,6 +567,7 @@ def claims(cfg: ClaimsConfig) -> dict:
 
 
 def markdown(report: dict, cfg: ClaimsConfig) -> str:
+    show = stats.shown  # the stored values, rounded as a reader of claims.json rounds them
     lines = ["# Claims of the seed papers, measured on the toy world", "",
              f"Splits {report['splits']}, {report['bench_queries']} queries per benchmark split, seeds "
              f"{report['seeds']} (each seed trains {'its own stage 0 CLIP and ' if report['clip_per_seed'] else ''}"
@@ -593,11 +594,12 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
                     continue
                 shown.add((name, key))
                 r = report["rows"][name][key]
-                lines.append(f"| {name} | {key} | {r['mean']:.1f} | [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] | "
-                             f"{r['seed_std']:.1f} |")
+                lo, hi = r["ci95"]
+                lines.append(f"| {name} | {key} | {show(r['mean'])} | [{show(lo)}, {show(hi)}] | "
+                             f"{show(r['seed_std'])} |")
         lines += ["", "| comparison | difference | 95% CI | verdict |", "|---|---|---|---|"]
-        lines += [f"| {x['better']} − {x['other']} on {x['benchmark']} {x['metric']} | {x['difference']:+.1f} | "
-                  f"[{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] | {x['verdict']}"
+        lines += [f"| {x['better']} − {x['other']} on {x['benchmark']} {x['metric']} | {show(x['difference'], True)} "
+                  f"| [{show(x['ci95'][0], True)}, {show(x['ci95'][1], True)}] | {x['verdict']}"
                   f"{' (saturated)' if x['saturated'] else ''} |" for x in c["comparisons"]]
     lines += ["", "## Rows", "", "| row | stage | what |", "|---|---|---|"]
     lines += [f"| {n} | {r['stage']} | {r['text']} |" for n, r in report["rows"].items()]

@@ -71,8 +71,10 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ci95"]
-        lines.append(f"| {r['row']} | {r['benchmark']} | {r['metric']} | {r['editor']:.1f} | "
-                     f"{r['held_out_value']:.1f} | {r['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
+        show = stats.shown  # the stored values, rounded as a reader of the JSON rounds them
+        lines.append(f"| {r['row']} | {r['benchmark']} | {r['metric']} | {show(r['editor'])} | "
+                     f"{show(r['held_out_value'])} | {show(r['difference'], True)} "
+                     f"[{show(lo, True)}, {show(hi, True)}] |")
     return "\n".join(lines) + "\n"
 
 
