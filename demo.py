@@ -46,14 +46,19 @@ def main_of(cmd: list[str]) -> Callable[[list[str]], int]:
     return importlib.import_module(module).main
 
 
-def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], ablation_config: Path) -> None:
-    """Stage II on each triplet set (name, done marker, train/stage2.py arguments) and the ablation's cells, all
-    from the stage I export: one-thread worker processes, one per core (eval/cells.py). On two cores they do more
-    work per second side by side than two-thread runs one after another (155 s against 170 on 2026-12-02,
-    docs/PERFORMANCE.md); a step's numbers are those of one thread, whatever runs beside it (here the results came
-    out the same as with two). Each step's output goes to its log."""
+def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], ablation_config: Path,
+                       evals: list[dict]) -> None:
+    """Stage II on each triplet set (name, done marker, train/stage2.py arguments), the ablation's cells, all
+    from the stage I export, and the evaluations of results.json (`evaluations`; those of a stage II row after
+    its training): one-thread worker processes, one per core (eval/cells.py). On two cores they do more work per
+    second side by side than two-thread runs one after another (docs/PERFORMANCE.md); a step's numbers are those
+    of one thread, whatever runs beside it (here the results came out the same as with two). Each step's output
+    goes to its log."""
+    from functools import partial
+
     from eval import ablate
     from eval.cells import Step, run_main, run_steps
+    from eval.run import run
 
     todo = []
     for name, marker, argv in trainings:  # the longest first: two at a time, they finish closer together
@@ -64,12 +69,16 @@ def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], 
         log = out / f"{marker.parent.parent.name}.log"
         todo.append(Step(name, str(log), run_main, ("train.stage2", argv)))
     todo += ablate.steps(ablate.load(str(ablation_config)))
+    # the evaluations last (a higher rank): one to three seconds each, they fill the end of the batch
+    todo += [Step(e["name"], str(e["target"]) + ".log", partial(run, **e["settings"]), e["args"],
+                  after=(e["after"],) if e["after"] else (), rank=1)
+             for e in evals if not (e["target"] / "metrics.json").exists()]
     if not todo:
         return
     start = time.time()
     seconds = run_steps(todo, 0, 1, lambda line: print(f"[demo] {line}", flush=True))
-    TIMINGS.update({name: s for name, s in seconds.items() if name.startswith("stage II")})  # worker seconds
-    TIMINGS["stage II runs and the ablation's cells, side by side"] = round(time.time() - start, 1)
+    TIMINGS.update({name: s for name, s in seconds.items() if name.startswith(("stage II", "eval "))})  # worker s
+    TIMINGS["stage II runs, the ablation's cells and the evaluations, side by side"] = round(time.time() - start, 1)
 
 
 def write_timings(out: Path, started: float) -> None:
@@ -141,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                        "toy-circo": {"benchmark": "circo", "data": str(toy / "bench" / "circo"), "metric": "map@5"}}},
         indent=1))  # JSON is YAML
     runs = [(name, stage2[name], data) for name, data in (("low", [low]), ("mix", [mix]), ("high", [high]))]
+    evals = evaluations(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
     train_side_by_side(out, [
         (f"stage II on {name} triplets", folder / "final" / "adapters.safetensors",
          ["--config", "train/configs/toy_stage2.yaml", f"output_dir={folder}", f"data.train={[str(d) for d in data]}",
           f"init_from={stage1 / 'final'}", f"seed={args.seed}", banks, *quick]) for name, folder, data in runs],
-        config)
-    results = evaluate(out, toy / "bench", stage1 / "final", {k: v / "final" for k, v in stage2.items()})
+        config, evals)
+    results = evaluate(out, evals)
     search_example(out, toy / "bench" / "cirr", stage2["mix"] / "final")
     print(f"[demo] results: {out / 'results.json'}, {out / 'report.md'}")
     print(report_table(results))
@@ -164,26 +174,36 @@ METHODS = {"image_only": ("image_only", "clip"), "text_only": ("text_only", "cli
 BENCHMARKS = {"toy-cirr": "cirr", "toy-circo": "circo"}
 
 
-def evaluate(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> dict:
-    """results.json: per benchmark, per method, the `eval score` metrics (reusing finished evaluations).
+def evaluations(out: Path, bench: Path, stage1: Path, stage2: dict[str, Path]) -> list[dict]:
+    """The evaluations of results.json, per benchmark and method: its step name, output folder, the `eval run`
+    command a user would type, `eval.run.run(*args, **settings)` that does the same with the demo's shared
+    gallery cache (every method here uses stage 0's image tower: one encoding per gallery), and the stage II
+    training it needs first (None: stage I's export, there before)."""
+    runs = {m: (flag, stage1 / sub if sub else stage1, None) for m, (flag, sub) in METHODS.items()}
+    runs.update({f"stage2_{name}": ("model", path, f"stage II on {name} triplets") for name, path in stage2.items()})
+    cache = out / "eval" / "gallery_cache"
+    evals = []
+    for name, benchmark in BENCHMARKS.items():
+        for method, (flag, checkpoint, after) in runs.items():
+            target = out / "eval" / f"{name}-{method}"
+            evals.append({
+                "name": f"eval {method} on {name}", "bench": name, "method": method, "target": target,
+                "after": after, "args": (benchmark, str(bench / benchmark), str(checkpoint)),
+                "settings": {"method": flag, "output": str(target), "cache_dir": str(cache)},
+                "cmd": [sys.executable, "-m", "eval", "run", "--benchmark", benchmark, "--data", str(bench / benchmark),
+                        "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)]})
+    return evals
 
-    The evaluations run inside this process: importing open_clip (torchvision's ops pull in torch._dynamo,
-    open_clip's HF text towers transformers) takes ~11 s of each ~13 s `eval run` process on 2 cores."""
+
+def evaluate(out: Path, evals: list[dict]) -> dict:
+    """results.json (per benchmark, per method: the `eval score` metrics) and report.md from `evaluations`;
+    an evaluation not made yet (the batch of train_side_by_side makes them) runs inside this process."""
     from eval.run import run
 
-    runs = {m: (flag, stage1 / sub if sub else stage1) for m, (flag, sub) in METHODS.items()}
-    cache = out / "eval" / "gallery_cache"  # every method here uses stage 0's image tower: one encoding per gallery
-    runs.update({f"stage2_{name}": ("model", path) for name, path in stage2.items()})
     results: dict = {}
-    for name, benchmark in BENCHMARKS.items():
-        for method, (flag, checkpoint) in runs.items():
-            target = out / "eval" / f"{name}-{method}"
-            step(f"eval {method} on {name}", target / "metrics.json",
-                 [sys.executable, "-m", "eval", "run", "--benchmark", benchmark, "--data", str(bench / benchmark),
-                  "--checkpoint", str(checkpoint), "--method", flag, "--output", str(target)],
-                 lambda: run(benchmark, str(bench / benchmark), str(checkpoint), method=flag, output=str(target),
-                             cache_dir=str(cache)))
-            results.setdefault(name, {})[method] = json.loads((target / "metrics.json").read_text())
+    for e in evals:
+        step(e["name"], e["target"] / "metrics.json", e["cmd"], lambda e=e: run(*e["args"], **e["settings"]))
+        results.setdefault(e["bench"], {})[e["method"]] = json.loads((e["target"] / "metrics.json").read_text())
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     grids = [f"![{name} {method}](eval/{name}-{method}/examples.png)" for name in BENCHMARKS
              for method in ("stage1", "stage2_mix") if (out / "eval" / f"{name}-{method}" / "examples.png").is_file()]

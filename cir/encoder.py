@@ -69,11 +69,26 @@ class Encoder:
             feats.append(encode_image(self.backbone, images[start:start + batch_size], batch_size, self.device).cpu())
         return torch.cat(feats) if feats else torch.empty(0, self.backbone.embed_dim)
 
+    @staticmethod
+    def query_images(refs: Sequence[ImageLike], texts: list[list[str]]) -> list[ImageLike]:
+        """The reference of each text variant, in the order `queries` reads them (its reference features)."""
+        return [refs[i] for i, variants in enumerate(texts) for _ in variants]
+
+    def reference_features(self, images: Sequence[ImageLike], batch_size: int
+                           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What method `model` reads of `query_images` (CIRModel.encode_references in `queries`' batches): give
+        it back to `queries` (a cache of it) and the image tower does not run again."""
+        if self.cir is None:
+            raise ExportError("reference features are those of a stage I/II export's mapping")
+        return self.cir.encode_references(list(images), batch_size)
+
     @torch.no_grad()
     def queries(self, refs: Sequence[ImageLike], ref_feats: torch.Tensor, texts: list[list[str]],
-                batch_size: int, method: Optional[str] = None) -> torch.Tensor:
+                batch_size: int, method: Optional[str] = None,
+                references: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> torch.Tensor:
         """[Q, d] normalised query features, in batches of text variants (FashionIQ has two per query, whose
-        features are averaged); ref_feats [Q, d] are the references' image features."""
+        features are averaged); ref_feats [Q, d] are the references' image features. `references`: method
+        `model`'s reference_features of query_images(refs, texts), when kept from an earlier run."""
         method = method or self.method
         if method == "image_only":
             return ref_feats
@@ -85,8 +100,10 @@ class Encoder:
         for start in range(0, len(flat), batch_size):
             idx = owner[start:start + batch_size]
             chunk = flat[start:start + batch_size]
-            if method == "model":  # the pseudo tokens need the references' patch tokens: image tower again
-                f = self.cir.encode_query([refs[i] for i in idx], chunk, batch_size)
+            if method == "model":  # the pseudo tokens need the references' patch tokens: the image tower, unless kept
+                kept = None if references is None else tuple(
+                    None if r is None else r[start:start + batch_size] for r in references)
+                f = self.cir.encode_query([refs[i] for i in idx], chunk, batch_size, references=kept)
             else:
                 f = encode_text_batched(self.backbone, chunk, batch_size, self.device)
                 if method == "sum":

@@ -119,18 +119,41 @@ class CIRModel(torch.nn.Module):
         return encode_text_batched(self.backbone, texts, batch_size, self.device)
 
     @torch.no_grad()
+    def encode_references(self, images: Images, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What encode_query reads of its images, batch by batch as it reads them: the features [N, d] and,
+        when the mapping uses them, patch tokens [N, n, w] (else None). A cache of these (eval run keeps one
+        per benchmark and image tower) lets encode_query skip the image tower."""
+        feats, patches = [], []
+        for start in range(0, len(images), batch_size):
+            pixels = self.pixels(images[start:start + batch_size])
+            v, p = image_features(self.clip, pixels, self.mapping.cfg.use_patches)
+            feats.append(v)
+            patches.append(p)
+        if not feats:
+            return torch.empty(0, self.embed_dim, device=self.device), None
+        return torch.cat(feats), (torch.cat(patches) if patches[0] is not None else None)
+
+    @torch.no_grad()
     def encode_query(self, images: Images, texts: Sequence[str], batch_size: int = 64,
-                     return_weights: bool = False):
+                     return_weights: bool = False,
+                     references: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None):
         """[N, d] composed query features of images[i] modified by texts[i]; with `return_weights`, also the
-        image weight w [N] of adaptive or fixed fusion (None without fusion)."""
+        image weight w [N] of adaptive or fixed fusion (None without fusion). `references`: encode_references'
+        output for these images and batch size, used instead of reading the images (the same numbers)."""
         if isinstance(texts, str) or len(texts) != len(images):
             raise ValueError(f"encode_query takes one text per image: got {len(images)} images and "
                              f"{1 if isinstance(texts, str) else len(texts)} texts")
+        if references is not None and len(references[0]) != len(texts):
+            raise ValueError(f"references hold {len(references[0])} images, not the {len(texts)} queried")
         feats, weights = [], []
         for start in range(0, len(texts), batch_size):
-            v, patches = image_features(self.clip, self.pixels(images[start:start + batch_size]),
-                                        self.mapping.cfg.use_patches)
-            prompts = self.tokenizer([self.template.format(t) for t in texts[start:start + batch_size]])
+            stop = start + batch_size
+            if references is None:
+                v, patches = image_features(self.clip, self.pixels(images[start:stop]), self.mapping.cfg.use_patches)
+            else:
+                v = references[0][start:stop].to(self.device)
+                patches = references[1][start:stop].to(self.device) if references[1] is not None else None
+            prompts = self.tokenizer([self.template.format(t) for t in texts[start:stop]])
             q, w = compose(self.clip, self.mapping, self.placeholder, v, patches, prompts.to(self.device),
                            self.adapters, self.fusion)
             feats.append(q.float())

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -67,8 +68,8 @@ def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
         print(f"eval run: {len(missing)} of {len(bench.gallery)} gallery images are missing and left out "
               f"(e.g. {missing[:3]})", file=sys.stderr)
     encoder = Encoder(checkpoint, method, cfg.template, cfg.device, cfg.pretrained)
-    gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], Path(cache_dir) if cache_dir else out,
-                                    batch_size)
+    cache_root = Path(cache_dir) if cache_dir else out
+    gallery_feats = _cached_gallery(encoder, [bench.gallery[n] for n in names], cache_root, batch_size)
     row = {n: i for i, n in enumerate(names)}
     predictions: dict = {}
     subset_predictions: dict = {}
@@ -77,10 +78,12 @@ def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
     for group, queries in bench.queries.items():
         queries = [q for q in queries if q.reference in row]
         refs = [row[q.reference] for q in queries]
-        feats = encoder.queries([bench.gallery[q.reference] for q in queries], gallery_feats[refs],
-                                [q.texts for q in queries], batch_size)
+        images, texts = [bench.gallery[q.reference] for q in queries], [q.texts for q in queries]
+        kept = _cached_references(encoder, images, texts, cache_root, batch_size) if method == "model" else None
+        feats = encoder.queries(images, gallery_feats[refs], texts, batch_size, references=kept)
         # the rows this group ranks: its own gallery (FashionIQ categories) or everything
-        rows = [row[n] for n in bench.group_gallery[group] if n in row] if bench.group_gallery else list(range(len(names)))
+        rows = ([row[n] for n in bench.group_gallery[group] if n in row] if bench.group_gallery
+                else list(range(len(names))))
         local = {r: i for i, r in enumerate(rows)}
         exclude = [local.get(r, -1) if q.exclude_reference else -1 for q, r in zip(queries, refs)]
         top_scores, ranked = top_k(feats, gallery_feats[rows], TOP, exclude)
@@ -159,6 +162,35 @@ def _cached_gallery(encoder: Encoder, paths: list[Path], out: Path, batch_size: 
     np.save(tmp, feats.numpy(), allow_pickle=False)
     tmp.replace(cache)  # atomic: a killed run leaves no truncated cache behind
     return feats
+
+
+def _cached_references(encoder: Encoder, images: list[Path], texts: list[list[str]], out: Path,
+                       batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Method `model`'s reference features (Encoder.reference_features: features and patch tokens), cached
+    beside the gallery's and keyed like them by the image tower's weights and the images' bytes, and by what
+    shapes them besides (the batches they are computed in, whether the mapping reads patches): the stage I and
+    II exports of one CLIP run the image tower over a benchmark's references once, with the same numbers."""
+    seq = encoder.query_images(images, texts)
+    patches = encoder.cir.mapping.cfg.use_patches
+    key = hashlib.sha256(f"references\n{encoder.gallery_fingerprint}\n{batch_size}\n{patches}\n"
+                         f"{_gallery_digest(seq, out)}".encode()).hexdigest()[:16]
+    cache = out / f"references-{key}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as kept:
+                feats, tokens = kept["features"], kept["patches"] if patches else None
+            if len(feats) == len(seq) and (tokens is None or len(tokens) == len(seq)):
+                return torch.from_numpy(feats), None if tokens is None else torch.from_numpy(tokens)
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            print(f"eval run: the reference cache {cache} does not load ({err}); encoding the references again",
+                  file=sys.stderr)
+    feats, tokens = encoder.reference_features(seq, batch_size)
+    feats, tokens = feats.cpu(), None if tokens is None else tokens.cpu()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # its own name: evaluations in parallel may write it too
+    np.savez(tmp, features=feats.numpy(), **({} if tokens is None else {"patches": tokens.numpy()}))
+    tmp.replace(cache)  # atomic: a killed run leaves no truncated cache behind
+    return feats, tokens
 
 
 def _write_and_score(benchmark: str, split: str, root: Path, out: Path, predictions: dict, subset: dict,

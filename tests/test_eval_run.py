@@ -153,3 +153,34 @@ def test_a_copy_of_a_gallery_elsewhere_reuses_its_cached_features(toy_world, tin
     (copy / "dev" / sorted(p.name for p in (copy / "dev").iterdir())[0]).write_bytes(b"not the same image")
     with pytest.raises(AssertionError, match="encoded again"):  # other bytes: another key
         run("cirr", str(copy), str(tiny_stage1_export), output=str(tmp_path / "c"), cache_dir=str(cache))
+
+
+def test_kept_reference_features_give_the_same_queries_and_spare_the_image_tower(toy_world, tiny_stage1_export,
+                                                                                  tmp_path, monkeypatch):
+    """Method `model` reads the references' features and patch tokens; eval run keeps them beside the gallery's
+    features. Given back, they make the same query features as reading the images (text variants of one query
+    split across batches), and a second evaluation with the same image tower does not run it over them."""
+    from cir.encoder import Encoder
+    from cir.model import CIRModel
+
+    enc = Encoder(str(tiny_stage1_export), "model", None, "cpu")
+    refs = sorted(p for p in (toy_world / "images").iterdir() if p.suffix in (".jpg", ".png"))[:3]
+    texts = [["make it red", "red instead"], ["add a circle"], ["remove the square", "no square"]]
+    ref_feats = enc.images(refs, 2)
+    kept = enc.reference_features(enc.query_images(refs, texts), 2)
+    assert kept[0].shape[0] == 5 and kept[1] is not None  # one per text variant; the mapping reads patches
+    read = enc.queries(refs, ref_feats, texts, 2)
+    assert torch.equal(enc.queries(refs, ref_feats, texts, 2, references=kept), read)
+
+    cache = tmp_path / "cache"
+    first = run("cirr", str(toy_world / "bench" / "cirr"), str(tiny_stage1_export), output=str(tmp_path / "a"),
+                cache_dir=str(cache))
+    assert len(list(cache.glob("references-*.npz"))) == 1
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("the references went through the image tower again")
+
+    monkeypatch.setattr(CIRModel, "encode_references", no_tower)
+    assert run("cirr", str(toy_world / "bench" / "cirr"), str(tiny_stage1_export), output=str(tmp_path / "b"),
+               cache_dir=str(cache)) == first
+    assert (tmp_path / "a" / "per_query.json").read_text() == (tmp_path / "b" / "per_query.json").read_text()
