@@ -69,10 +69,11 @@ def train_side_by_side(out: Path, trainings: list[tuple[str, Path, list[str]]], 
         log = out / f"{marker.parent.parent.name}.log"
         todo.append(Step(name, str(log), run_main, ("train.stage2", argv)))
     todo += ablate.steps(ablate.load(str(ablation_config)))
-    # the evaluations last (a higher rank): one to three seconds each, they fill the end of the batch
-    todo += [Step(e["name"], str(e["target"]) + ".log", partial(run, **e["settings"]), e["args"],
-                  after=(e["after"],) if e["after"] else (), rank=1)
-             for e in evals if not (e["target"] / "metrics.json").exists()]
+    for e in evals:  # last (a higher rank): one to three seconds each, they fill the end of the batch
+        if not (e["target"] / "metrics.json").exists():
+            print(f"[demo] {e['name']}: {' '.join(e['cmd'])}", flush=True)
+            todo.append(Step(e["name"], str(e["target"]) + ".log", partial(run, **e["settings"]), e["args"],
+                             after=(e["after"],) if e["after"] else (), rank=1))
     if not todo:
         return
     start = time.time()
