@@ -53,9 +53,10 @@ def run(benchmark: str, data: str, checkpoint: str, split: Optional[str] = None,
 
 def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
     """Metrics (and ci95) of a checkpoint on a benchmark split (None: the benchmark's evaluation split, see
-    cir.benchmarks.SPLITS); files under `cfg.output`. Gallery features are cached in `cache_dir` (default: the
-    output), keyed by the image tower's weights and the images' bytes, so runs that share an image tower (every
-    stage II variant of one CLIP) can share one cache, also across copies of a gallery."""
+    cir.benchmarks.SPLITS); files under `cfg.output`. Gallery features (and method `model`'s reference features)
+    are cached in `cache_dir` (default: the output), keyed by the image tower's weights and the images' bytes, so
+    runs that share an image tower (every stage I and II export of one CLIP) can share one cache, also across
+    copies of a gallery."""
     benchmark, checkpoint, method, batch_size = cfg.benchmark, cfg.checkpoint, cfg.method, cfg.batch_size
     root = Path(cfg.data)
     split = benchmarks.split_name(benchmark, cfg.split)  # as the files name it (CIRR's test is test1)
