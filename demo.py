@@ -236,14 +236,16 @@ HEADLINE = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy
 
 
 def report_table(results: dict) -> str:
+    from eval.stats import shown
+
     lines = []
     for name, by_method in results.items():
         keys = HEADLINE[name]
         lines += [f"\n{name}\n", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for m, r in by_method.items():
             ci = r.get("ci95", {})
-            cells = [f"{r.get(k, float('nan')):.1f}" + (f" [{ci[k][0]:.0f}, {ci[k][1]:.0f}]" if k in ci else "")
-                     for k in keys]
+            bounds = {k: f" [{shown(lo, digits=0)}, {shown(hi, digits=0)}]" for k, (lo, hi) in ci.items()}
+            cells = [(shown(r[k]) if k in r else "nan") + bounds.get(k, "") for k in keys]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -269,8 +271,8 @@ def significance(out: Path) -> str:
                 diff = stats.paired_difference(per_query[key], base[key])
                 lo, hi = stats.bootstrap_ci(diff)
                 mark = "better" if lo > 0 else "worse" if hi < 0 else "not significant"
-                lines.append(f"| {name} | {key} | {method} | {stats.metric_of(diff):+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
-                             f"{mark} |")
+                lines.append(f"| {name} | {key} | {method} | {stats.metric_of(diff):+.1f} | "
+                             f"[{stats.shown(lo, True)}, {stats.shown(hi, True)}] | {mark} |")
     return "\n".join(lines)
 
 

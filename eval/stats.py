@@ -89,9 +89,9 @@ def ci95(per_query: dict[str, Groups]) -> dict[str, list[float]]:
     return {name: list(bootstrap_ci(groups)) for name, groups in per_query.items()}
 
 
-def shown(value: float, signed: bool = False) -> str:
-    """A value as reports store it (rounded to 2 decimals) shown to 1 decimal, half away from zero as a reader
-    rounds the stored number: 9.25 -> "9.3", 1.45 -> "1.5". Python's format rounds the binary float instead
-    (9.25 is exact and goes to even, "9.2"; 1.45 is 1.4499... and gives "1.4")."""
-    text = str(Decimal(repr(float(value))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+def shown(value: float, signed: bool = False, digits: int = 1) -> str:
+    """A value as reports store it (rounded to 2 decimals) shown to `digits` decimals, half away from zero as a
+    reader rounds the stored number: 9.25 -> "9.3", 1.45 -> "1.5". Python's format rounds the binary float
+    instead (9.25 is exact and goes to even, "9.2"; 1.45 is 1.4499... and gives "1.4")."""
+    text = str(Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
     return f"+{text}" if signed and not text.startswith("-") else text

@@ -27,6 +27,7 @@ def test_reports_show_a_stored_value_rounded_as_a_reader_rounds_it():
     assert [stats.shown(v) for v in (9.25, 1.45, 0.35, 5.75, 34.04, 100.0)] == ["9.3", "1.5", "0.4", "5.8", "34.0",
                                                                                  "100.0"]
     assert [stats.shown(v, signed=True) for v in (3.05, -3.25, 0.0, -0.15)] == ["+3.1", "-3.3", "+0.0", "-0.2"]
+    assert [stats.shown(v, digits=0) for v in (10.5, 18.5, 40.49)] == ["11", "19", "40"]  # format: "10", "18"
 
 
 def test_grouped_metric_is_the_mean_of_group_means():
