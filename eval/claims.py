@@ -586,13 +586,13 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
     for c in report["claims"]:
         lines += ["", f"## {c['id']}: {c['verdict']}", "", c["text"] + (f" ({c['source']})" if c["source"] else ""), "",
                   "| row | benchmark / metric | mean | 95% CI | ± seeds |", "|---|---|---|---|---|"]
-        shown = set()
+        listed = set()
         for comp in c["comparisons"]:
             for name in (comp["better"], comp["other"]):
                 key = f"{comp['benchmark']}/{comp['metric']}"
-                if (name, key) in shown:
+                if (name, key) in listed:
                     continue
-                shown.add((name, key))
+                listed.add((name, key))
                 r = report["rows"][name][key]
                 lo, hi = r["ci95"]
                 lines.append(f"| {name} | {key} | {show(r['mean'])} | [{show(lo)}, {show(hi)}] | "

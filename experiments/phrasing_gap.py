@@ -69,9 +69,9 @@ def gaps(cfg: ClaimsConfig) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| row | benchmark | metric | editor's phrasing | held-out phrasing | editor − held-out [95%] |",
              "|---|---|---|---|---|---|"]
+    show = stats.shown  # the stored values, rounded as a reader of the JSON rounds them
     for r in rows:
         lo, hi = r["ci95"]
-        show = stats.shown  # the stored values, rounded as a reader of the JSON rounds them
         lines.append(f"| {r['row']} | {r['benchmark']} | {r['metric']} | {show(r['editor'])} | "
                      f"{show(r['held_out_value'])} | {show(r['difference'], True)} "
                      f"[{show(lo, True)}, {show(hi, True)}] |")
