@@ -23,7 +23,7 @@ def test_bootstrap_interval_brackets_the_metric_and_has_the_binomial_width():
 
 def test_reports_show_a_stored_value_rounded_as_a_reader_rounds_it():
     """Reports store 2 decimals and show 1: a stored x.x5 goes away from zero whatever its binary float is
-    (Python's format gave 9.25 -> 9.2 and 1.45 -> 1.4, but 0.35 -> 0.3 and 5.75 -> 5.8)."""
+    (Python's format gave 9.25 -> 9.2, 1.45 -> 1.4 and 0.35 -> 0.3, but 5.75 -> 5.8)."""
     assert [stats.shown(v) for v in (9.25, 1.45, 0.35, 5.75, 34.04, 100.0)] == ["9.3", "1.5", "0.4", "5.8", "34.0",
                                                                                  "100.0"]
     assert [stats.shown(v, signed=True) for v in (3.05, -3.25, 0.0, -0.15)] == ["+3.1", "-3.3", "+0.0", "-0.2"]
