@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -143,6 +143,12 @@ def load_with_data(cls, path: Optional[str], overrides: list[str] = ()) -> tuple
             raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top")
+    apply_overrides(data, overrides)
+    return from_dict(cls, data), data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set each `a.b=value` override (the value parsed as YAML: numbers, lists, null) in a config's raw mapping."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -153,7 +159,7 @@ def load_with_data(cls, path: Optional[str], overrides: list[str] = ()) -> tuple
             raise ConfigError(f"override {item!r}: not a YAML value ({err.problem}); quote patterns with braces, "
                               f"e.g. data.train=['shards-{{000..009}}.tar']") from None
         _set_path(data, key.strip(), value)
-    return from_dict(cls, data), data
+    return data
 
 
 def to_dict(cfg) -> dict:

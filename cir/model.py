@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +20,13 @@ from safetensors.torch import load_file, save_file
 from cir.backbone import Backbone, create_backbone, preprocess_batch, save_backbone
 from cir.composer import AdapterConfig, ComposingAdapters, Fusion, fusion_from_config
 from cir.errors import CIRError
-from cir.mapping import (MappingConfig, MappingNetwork, encode_text, encode_text_with_pseudo, image_features,
-                         placeholder_id)
+from cir.mapping import (PLACEHOLDER, MappingConfig, MappingNetwork, encode_text, encode_text_with_pseudo,
+                         image_features, placeholder_id)
 
 CONFIG_FILE = "cir_config.json"
 MAPPING_FILE = "mapping.safetensors"
-DEFAULT_TEMPLATE = "a photo of $ that {}"  # the composed query's prompt; $ is where the pseudo tokens go
+DEFAULT_TEMPLATE = "a photo of $ that {}"  # the composed query's prompt; $ is where the pseudo tokens go (a
+# template without it, "{}", with a fusion: the hybrid query of CTI-IR, the image weighed against the text alone)
 HUB_PREFIX = "hf-hub:"
 ImageLike = Union[str, Path, Image.Image]
 Images = Union[Sequence[ImageLike], torch.Tensor]  # PIL images / paths, or preprocessed pixels [N, 3, H, W]
@@ -155,7 +157,7 @@ class CIRModel(torch.nn.Module):
                 patches = references[1][start:stop].to(self.device) if references[1] is not None else None
             prompts = self.tokenizer([self.template.format(t) for t in texts[start:stop]])
             q, w = compose(self.clip, self.mapping, self.placeholder, v, patches, prompts.to(self.device),
-                           self.adapters, self.fusion)
+                           self.adapters, self.fusion, image_tokens=PLACEHOLDER in self.template)
             feats.append(q.float())
             weights.append(w)
         q = torch.cat(feats) if feats else torch.empty(0, self.embed_dim, device=self.device)
@@ -268,15 +270,15 @@ def encode_text_batched(backbone: Backbone, texts: Sequence[str], batch_size: in
 
 def compose(clip, mapping: MappingNetwork, placeholder: int, v: torch.Tensor, patches: Optional[torch.Tensor],
             prompts: torch.Tensor, adapters: Optional[ComposingAdapters] = None,
-            fusion: Optional[Fusion] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            fusion: Optional[Fusion] = None, image_tokens: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Composed query features [B, d] (and the fusion weight w [B] when adaptive) from reference features
-    v [B, d] / patches and prompt tokens [B, L] with the placeholder: stage I without adapters/fusion."""
-    pseudo = mapping(v, patches)
-    if adapters is not None:
-        with adapters.active(clip):
-            q = encode_text_with_pseudo(clip, prompts, placeholder, pseudo)
-    else:
-        q = encode_text_with_pseudo(clip, prompts, placeholder, pseudo)
+    v [B, d] / patches and prompt tokens [B, L] with the placeholder: stage I without adapters/fusion.
+    `image_tokens=False` (a template without "$"): the prompts are plain text, encoded as such (with the
+    adapters); the reference enters through `fusion` alone (CTI-IR's hybrid query w·v_ref + (1 − w)·E_T(text)),
+    or not at all without one."""
+    with adapters.active(clip) if adapters is not None else contextlib.nullcontext():
+        q = (encode_text_with_pseudo(clip, prompts, placeholder, mapping(v, patches)) if image_tokens
+             else encode_text(clip, prompts))
     if fusion is not None:
         return fusion(v, q)
     return q, None

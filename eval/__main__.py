@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="ablation YAML (see eval/ablate.py)")
     c = sub.add_parser("claims", help="train + evaluate what the papers' claims need; claims.md / claims.json")
     c.add_argument("--config", required=True, help="claims YAML (see eval/claims.py, experiments/claims.yaml)")
+    c.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="set config fields, e.g. world_vocabulary=gems output_dir=runs/claims_gems")
     return p
 
 
@@ -73,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "claims":
             from eval.claims import claims, load
 
-            cfg = load(args.config)
+            cfg = load(args.config, args.overrides)
             report = claims(cfg)
             print(f"claims: {cfg.output_dir}/claims.md, {cfg.output_dir}/claims.json", file=sys.stderr)
             result = {c["id"]: c["verdict"] for c in report["claims"]}

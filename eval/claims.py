@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -123,20 +123,24 @@ class ClaimsConfig:
     # key=value for every stage's training (e.g. max_steps=3 in tests); clip.* go to stage 0 alone, the stage that
     # builds the CLIP (stages I and II take their init_from's)
     overrides: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # claim ids to judge, their rows alone trained and evaluated
+    # ([]: every claim); e.g. `only=[CTI-IR-1]` on the command line: one claim's verdict without the whole run
     benchmarks: dict[str, BenchSpec] = field(default_factory=dict)
     rows: dict[str, RowSpec] = field(default_factory=dict)
     claims: list[ClaimSpec] = field(default_factory=list)
 
 
-def load(path: str) -> ClaimsConfig:
-    """The YAML file -> ClaimsConfig; unknown keys, unknown rows and benchmarks are named."""
-    from cir.config import ConfigError, from_dict
+def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
+    """The YAML file and `key=value` overrides (e.g. `world_vocabulary=gems output_dir=runs/x`, or dotted into a
+    row: `rows.stage1.overrides=[max_steps=900]`) -> ClaimsConfig; unknown keys, rows and benchmarks are named."""
+    from cir.config import ConfigError, apply_overrides, from_dict
 
     p = Path(path)
     if not p.is_file():
         raise PredictionError(f"claims config not found: {path}")
     data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     try:
+        apply_overrides(data, overrides)
         rows = {name: from_dict(RowSpec, spec, f"rows.{name}") for name, spec in (data.pop("rows", {}) or {}).items()}
         benches = {name: from_dict(BenchSpec, spec, f"benchmarks.{name}")
                    for name, spec in (data.pop("benchmarks", {}) or {}).items()}
@@ -169,6 +173,11 @@ def load(path: str) -> ClaimsConfig:
         for bench in claim.benchmarks:
             if bench not in cfg.benchmarks:
                 raise PredictionError(f"claim {claim.id}: no benchmark named {bench!r} (have {sorted(cfg.benchmarks)})")
+    unknown = sorted(set(cfg.only) - {c.id for c in claims})
+    if unknown:
+        raise PredictionError(f"only: no claim {unknown} (claims: {[c.id for c in claims]})")
+    if cfg.only:
+        cfg.claims = [c for c in claims if c.id in cfg.only]
     return cfg
 
 
@@ -333,13 +342,14 @@ def _check(code: int, what: str) -> None:
         raise PredictionError(f"{what} failed (exit {code}; its error is printed above)")
 
 
-def _final(cfg: ClaimsConfig, name: str, seed: int) -> Path:
+def export_dir(cfg: ClaimsConfig, name: str, seed: int) -> Path:
+    """Where a (stage I or II) row's export for one seed is written."""
     return Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
 
 
 def export_done(cfg: ClaimsConfig, name: str, seed: int) -> bool:
     """Whether a stage I/II row's export for this seed is finished (and made from its definition)."""
-    final = _final(cfg, name, seed)
+    final = export_dir(cfg, name, seed)
     return _reusable(final.parent, (final / "cir_config.json").is_file(), row_definition(cfg, name, seed))
 
 
@@ -350,7 +360,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     row = cfg.rows[name]
     if row.stage == "baseline":
         return clip(cfg, paths, seed)
-    final = _final(cfg, name, seed)
+    final = export_dir(cfg, name, seed)
     made_from = row_definition(cfg, name, seed)
     if export_done(cfg, name, seed):
         return final
@@ -442,7 +452,7 @@ def steps(cfg: ClaimsConfig, paths: dict[str, Path], needed: dict[str, list]) ->
         step = f"train {name} seed {seed}"
         if step not in out and not export_done(cfg, name, seed):
             after = clip_step(seed) if row.stage == "stage1" else train_step(row.init, seed)
-            out[step] = Step(step, str(_final(cfg, name, seed).parent.parent / "train.log"), export,
+            out[step] = Step(step, str(export_dir(cfg, name, seed).parent.parent / "train.log"), export,
                              (cfg, paths, name, seed), tuple(after), rank=1 if row.stage == "stage1" else 2)
         return [step] if step in out else []
 

@@ -81,8 +81,9 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the claims config the cells were made with")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the overrides they were made with")
     args = p.parse_args(argv)
-    rows = gaps(load(args.config))
+    rows = gaps(load(args.config, args.overrides))
     print(markdown(rows), file=sys.stderr)
     print(json.dumps(rows))
     return 0

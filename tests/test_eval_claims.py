@@ -78,6 +78,20 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     with pytest.raises(PredictionError, match=r"interval: one of \('seeds', 'queries'\), got 'bootstrap'"):
         load(str(bad))
     assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
+    # key=value overrides of the command line: top-level fields, or dotted into a row; checked as the file is
+    good = tmp_path / "ok.yaml"
+    good.write_text("output_dir: x\nrows: {s1: {stage: stage1, overrides: [sta_weight=0]}}\n")
+    cfg = load(str(good), ["world_vocabulary=gems", "output_dir=runs/y", "rows.s1.overrides=[max_steps=9]"])
+    assert (cfg.world_vocabulary, cfg.output_dir, cfg.rows["s1"].overrides) == ("gems", "runs/y", ["max_steps=9"])
+    assert load(str(good)).output_dir == "x"
+    with pytest.raises(PredictionError, match="unknown key.*seedz"):
+        load(str(good), ["seedz=[1]"])
+    with pytest.raises(PredictionError, match="is not key=value"):
+        load(str(good), ["gems"])
+    shipped = str(ROOT / "experiments" / "claims.yaml")
+    assert [c.id for c in load(shipped, ["only=[TSCIR-2, MUR-1]"]).claims] == ["TSCIR-2", "MUR-1"]
+    with pytest.raises(PredictionError, match=r"only: no claim \['TSCIR-9'\]"):
+        load(shipped, ["only=[TSCIR-9]"])
 
 
 def test_a_tiny_claims_run_end_to_end(tmp_path):
@@ -98,13 +112,17 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
                  "stage2": {"stage": "stage2", "count": 10},  # the LQ + HQ mix manifest
                  "upper": {"stage": "stage2", "data": "toy-shoes"},  # the toy Shoes train split, supervised
-                 "coarse": {"stage": "stage2", "data": "coarse", "count": 10}},  # HQ with one-to-many texts
+                 "coarse": {"stage": "stage2", "data": "coarse", "count": 10},  # HQ with one-to-many texts
+                 # CTI-IR's hybrid query: a quoted template through the row's overrides
+                 "hybrid": {"stage": "stage2", "count": 10, "overrides": ["fusion=adaptive", "template='{}'"]}},
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
                     "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}},
                    {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2", "coarse"],
                     "benchmarks": {"toy-shoes": "avg", "toy-coarse": "map@5"}},
                    {"id": "T-3", "text": "the same on other phrasings", "better": "stage2", "than": ["stage1"],
-                    "benchmarks": {"toy-cirr-ho": "recall@1"}}]}))
+                    "benchmarks": {"toy-cirr-ho": "recall@1"}},
+                   {"id": "T-4", "text": "hybrid", "better": "hybrid", "than": ["stage1"],
+                    "benchmarks": {"toy-cirr": "avg"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,6 +153,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     upper = json.loads((tmp_path / "out" / "cells" / "upper-seed0" / "train" / "config.json").read_text())
     assert upper["data"]["train"] == [f"shoes:{(tmp_path / 'out' / 'world' / 'bench' / 'shoes').resolve()}#train"]
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
+    hybrid = json.loads((tmp_path / "out" / "cells" / "hybrid-seed1" / "train" / "final" / "cir_config.json").read_text())
+    assert hybrid["template"] == "{}" and hybrid["fusion"]["kind"] == "adaptive"
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {c["id"]: c["verdict"] for c in report["claims"]}
     # a held-out phrased benchmark: the same queries in other words, from a benchmarks-only world beside the world
     held_out = tmp_path / "out" / "world-held-out"

@@ -1,4 +1,5 @@
-"""experiments/lq_diagnosis.py: single-edit LQ pairs found from the toy scenes, and the datasets it writes."""
+"""experiments/lq_diagnosis.py: single-edit LQ pairs found from the toy scenes, and the datasets it writes;
+experiments/stage1_probe.py: what a stage I mapping keeps of its image."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,11 +17,15 @@ from toyworld.scene import Obj, Scene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _diagnosis():
-    spec = importlib.util.spec_from_file_location("lq_diagnosis", ROOT / "experiments" / "lq_diagnosis.py")
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _diagnosis():
+    return _experiment("lq_diagnosis")
 
 
 def test_one_edit_and_differences():
@@ -73,3 +78,29 @@ def test_the_derived_datasets_keep_the_pairs_and_change_only_the_text(toy_captio
                                      max_ops=99, span="phrase")[0]
         assert new.mod == expected
     assert sum(s["mod.txt"] != edited[k]["mod.txt"] for k, s in difftext.items()) >= 6  # mostly other texts
+
+
+def test_stage1_probe_ranks_each_pseudo_prompt_against_the_gallery_and_its_image_set(toy_world, tiny_stage1_export,
+                                                                                      tmp_path):
+    import torch
+
+    from cir.model import load_cir_model
+
+    probe = _experiment("stage1_probe")
+    refs, gallery, sets = probe.references(toy_world / "bench" / "cirr", "val")
+    assert refs == sorted(refs) and all(r in sets[r] and set(sets[r]) <= set(gallery) for r in refs)
+    out = probe.probe(tiny_stage1_export, refs, gallery, sets, batch_size=4)
+    assert load_cir_model(tiny_stage1_export).mapping.cfg.use_patches and sorted(out) == ["", "swapped"]
+    for variant in out.values():
+        assert all(len(values) == len(refs) for values in variant.values())
+        # first in the whole gallery implies first in its own image set, never the other way round
+        assert all(s >= g for s, g in zip(variant["set@1"], variant["self@1"]))
+        assert all(-100.0 <= c <= 100.0 for c in variant["cos"])
+    # swapping the patches changes what the mapping makes of at least one image (the cross-attention reads them)
+    assert out["swapped"]["cos"] != out[""]["cos"]
+    # a mapping blind to its image (every pseudo token the same) ranks one image first for every reference
+    model = load_cir_model(tiny_stage1_export)
+    with torch.no_grad():
+        model.mapping.proj_out.weight.zero_()
+    blind = probe.probe(model.save(tmp_path / "blind"), refs, gallery, sets, batch_size=4)[""]
+    assert len(set(blind["cos"])) > 1 and sum(blind["self@1"]) <= 100.0

@@ -244,7 +244,8 @@ def test_fusion_target_leans_on_the_image_when_the_target_looks_like_the_referen
         FixedFusion(1.5)
 
 
-@pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"], ["fusion=fixed", "fusion_weight=0.3"]])
+@pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"], ["fusion=fixed", "fusion_weight=0.3"],
+                                    ["fusion=adaptive", "template='{}'"]])
 def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tmp_path, option):
     out = tmp_path / "s2"
     assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']", "max_steps=30",
@@ -260,6 +261,8 @@ def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tm
         assert all(0 < w < 1 for w in ws) and abs(ws[-1] - ws[0]) > 1e-3  # it moved, inside (0, 1)
         assert model.fusion is not None
         assert {"fusion_aux", "fusion_target_mean", "fusion_target_std"} <= set(log[-1])  # self-supervised target
+    if option == ["fusion=adaptive", "template='{}'"]:  # CTI-IR's hybrid query: the image only through w
+        assert model.template == "{}" and "fusion_target_mean" in log[-1]
     if option[:1] == ["fusion=fixed"]:
         assert all(abs(r["fusion_w_mean"] - 0.3) < 1e-6 for r in log)
         assert isinstance(model.fusion, FixedFusion) and model.fusion.fixed == 0.3  # the export keeps it
@@ -278,13 +281,36 @@ def test_stage2_export_runs_in_eval(tiny_stage1_export, triplets, toy_world, tmp
     assert "recall@1" in metrics
 
 
+def test_a_template_without_pseudo_tokens_takes_the_image_through_the_fusion_alone(tiny_stage1_export, triplets,
+                                                                                  toy_world, tmp_path):
+    """template "{}": the text side is E_T^A(the modification text), so the mapping plays no part; the reference
+    changes the query only through w * v_ref, and not at all without a fusion."""
+    images = sorted((toy_world / "images").glob("*.png"))[:2]
+    texts = ["make it red", "make it red"]
+    queries = {}
+    for fusion in ("fixed", "text"):
+        out = tmp_path / fusion
+        assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']",
+                     "max_steps=2", *BASE, "template='{}'", f"fusion={fusion}", "fusion_weight=0.4"]) == 0
+        model = load_cir_model(out / "final")
+        q = model.encode_query(images, texts)
+        with torch.no_grad():  # a mapping that maps everything to the same tokens changes nothing
+            model.mapping.proj_out.weight.zero_()
+        assert torch.allclose(model.encode_query(images, texts), q, atol=1e-6)
+        queries[fusion] = q
+    assert not torch.allclose(queries["fixed"][0], queries["fixed"][1], atol=1e-4)  # two references, one text
+    assert torch.allclose(queries["text"][0], queries["text"][1], atol=1e-6)  # without a fusion: text alone
+
+
 def test_bad_options_are_errors(tiny_stage1_export, triplets, tmp_path, capsys):
     args = [f"output_dir={tmp_path / 'o'}", f"data.train=['{triplets}']", "max_steps=1", *BASE]
-    for bad, message in (("loss=triplet", "config.loss: one of infonce, mur, got 'triplet'"),
-                         ("fusion=concat", "config.fusion: one of text, adaptive, fixed"),
-                         ("fusion_weight=1.5", "config.fusion_weight: must be at most 1, got 1.5"),
-                         ("temperature=0", "config.temperature: must be greater than 0")):
-        assert main([*args, f"init_from={tiny_stage1_export}", bad]) == 2  # before anything trains
+    for bad, message in ((["loss=triplet"], "config.loss: one of infonce, mur, got 'triplet'"),
+                         (["fusion=concat"], "config.fusion: one of text, adaptive, fixed"),
+                         (["fusion_weight=1.5"], "config.fusion_weight: must be at most 1, got 1.5"),
+                         (["temperature=0"], "config.temperature: must be greater than 0"),
+                         (["template=a photo of $"], "template needs '{}'"),
+                         (["template='{}'", "train_mapping=true"], "the mapping takes no part in the query")):
+        assert main([*args, f"init_from={tiny_stage1_export}", *bad]) == 2  # before anything trains
         assert message in capsys.readouterr().err
     assert main([*args, f"init_from={tmp_path}"]) == 2
     assert "not a stage I/II export" in capsys.readouterr().err
@@ -365,8 +391,10 @@ def test_accumulated_features_make_the_step_of_the_whole_batch(tiny_stage1_expor
     weights = {name: {f"{f}:{k}": v for f in files for k, v in load_file(str(tmp_path / name / "final" / f)).items()}
                for name in runs}
     whole, cached, plain = weights["whole"], weights["cached"], weights["plain"]
-    assert all(torch.allclose(whole[k], cached[k], atol=1e-5) for k in whole)  # plain: ~4e-3 off
-    assert not all(torch.allclose(whole[k], plain[k], atol=1e-5) for k in whole)
+    # Equal up to float order: Adam's first step is ~lr * sign(g), so a gradient element near 0 can move its
+    # weight by more than the sums' rounding (1.5e-5 seen on one machine); plain accumulation is ~4e-3 (~lr) off
+    assert all(torch.allclose(whole[k], cached[k], atol=1e-4) for k in whole)
+    assert max(float((whole[k] - plain[k]).abs().max()) for k in whole) > 1e-3
 
 
 def test_stage2_trains_the_same_with_the_cache_and_hits_it(tiny_stage1_export, low_triplets, tmp_path):

@@ -12,6 +12,8 @@ loss=mur: gamma(t) x the coarse term + (1 - gamma(t)) x the fine term, gamma(t) 
     the coarse term is the same classification loss against augmented targets f_hat (each feature's own
     fluctuation), scaled by their std sigma (cir.composer.augment_targets / uncertainty_loss), as the
     authors' released code does (METHODS.md). Both terms and their gradient norms w.r.t. the queries are logged.
+template without "$" (e.g. "{}"): q = E_T^A(the modification text) alone, and with a fusion the image enters only
+    through w * v_ref: the hybrid-modality query of CTI-IR (paper 000), where "text-only" is w = 0.
 fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_ref; q])), learned through
     the retrieval loss and, self-supervised, by fusion_aux_weight x BCE(w, w*) towards a target derived from each
     triplet without labels: w* = sigmoid((cos(v_t, v_ref) - cos(v_t, q)) / fusion_aux_temperature), how much
@@ -34,6 +36,7 @@ from cir import schema
 from cir.composer import AdapterConfig, MURConfig
 from cir.schema import REF, TGT, Role
 from cir.config import ConfigError, ranged
+from cir.mapping import PLACEHOLDER
 from train.config import TrainConfig
 from train.data import DataError, cached_embeddings, has_cached_embeddings
 from train.distributed import gather
@@ -49,7 +52,8 @@ FUSIONS = ("text", "adaptive", "fixed")
 @dataclass
 class Stage2Config(TrainConfig):
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    template: str = "a photo of $ that {}"  # the composed query; "$" = the reference's pseudo tokens
+    template: str = "a photo of $ that {}"  # the composed query; "$" = the reference's pseudo tokens. Without "$"
+    # ("{}"), the text side is the modification text alone and the image enters through `fusion`: CTI-IR's query
     temperature: float = ranged(0.07, gt=0)  # InfoNCE temperature
     ref_negative_weight: float = ranged(0.1, min=0)  # w of the reference as an extra negative (0: not a negative); 0.1 measured
     # on the toy val split (docs/CLAIMS.md): at 1 the queries drift from the target's neighbourhood (R@50 falls)
@@ -68,10 +72,10 @@ class Stage2Config(TrainConfig):
 
 
 class StageTwoModel(torch.nn.Module):
-    def __init__(self, clip, mapping, adapters, fusion, placeholder: int, train_mapping: bool):
+    def __init__(self, clip, mapping, adapters, fusion, placeholder: int, train_mapping: bool, image_tokens: bool):
         super().__init__()
         self.clip, self.mapping, self.adapters, self.fusion = clip, mapping, adapters, fusion
-        self.placeholder = placeholder
+        self.placeholder, self.image_tokens = placeholder, image_tokens
         for p in self.clip.parameters():
             p.requires_grad_(False)
         for p in self.mapping.parameters():
@@ -86,7 +90,8 @@ class StageTwoModel(torch.nn.Module):
         """(query [B, d], w [B] or None, the text-side query before fusion [B, d])."""
         from cir.model import compose
 
-        q_text, _ = compose(self.clip, self.mapping, self.placeholder, v_ref, patches, prompts, self.adapters)
+        q_text, _ = compose(self.clip, self.mapping, self.placeholder, v_ref, patches, prompts, self.adapters,
+                            image_tokens=self.image_tokens)
         if self.fusion is None:
             return q_text, None, q_text
         query, w = self.fusion(v_ref, q_text)
@@ -100,8 +105,11 @@ class Stage2(Stage):
     def __init__(self, cfg: Stage2Config):
         if not cfg.init_from:
             raise ConfigError("stage II needs init_from=<stage I export>/final")
-        if "$" not in cfg.template or "{}" not in cfg.template:
-            raise ConfigError(f"template needs '$' and '{{}}', got {cfg.template!r}")
+        if "{}" not in cfg.template:
+            raise ConfigError(f"template needs '{{}}' (the modification text), got {cfg.template!r}")
+        if cfg.train_mapping and PLACEHOLDER not in cfg.template:
+            raise ConfigError(f"train_mapping: the template {cfg.template!r} has no {PLACEHOLDER!r}, so the mapping "
+                              f"takes no part in the query")
         if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
             raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
         super().__init__()
@@ -132,7 +140,7 @@ class Stage2(Stage):
         elif self.cfg.fusion == "fixed":
             fusion = FixedFusion(self.cfg.fusion_weight)
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
-                             self.cfg.train_mapping)
+                             self.cfg.train_mapping, image_tokens=PLACEHOLDER in self.cfg.template)
 
     def setup(self, model, accelerator) -> None:
         """Encode the caption datasets the mined hard negatives come from (once; see train.negatives)."""
