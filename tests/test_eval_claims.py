@@ -153,7 +153,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     upper = json.loads((tmp_path / "out" / "cells" / "upper-seed0" / "train" / "config.json").read_text())
     assert upper["data"]["train"] == [f"shoes:{(tmp_path / 'out' / 'world' / 'bench' / 'shoes').resolve()}#train"]
     assert "## T-1" in (tmp_path / "out" / "claims.md").read_text()
-    hybrid = json.loads((tmp_path / "out" / "cells" / "hybrid-seed1" / "train" / "final" / "cir_config.json").read_text())
+    hybrid = json.loads((tmp_path / "out" / "cells" / "hybrid-seed1" / "train" / "final" / "cir_config.json")
+                        .read_text())
     assert hybrid["template"] == "{}" and hybrid["fusion"]["kind"] == "adaptive"
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {c["id"]: c["verdict"] for c in report["claims"]}
     # a held-out phrased benchmark: the same queries in other words, from a benchmarks-only world beside the world
