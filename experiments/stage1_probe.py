@@ -9,7 +9,7 @@ target), and reported:
   variants: the fine detail visual semantic injection is meant to carry);
 - `cos`: mean cos(t_i, v_i);
 - for mappings that read patches, the same with each image's patch tokens swapped for another image's of the
-  same batch (`*_swapped`): what the cross-attention adds beyond the global feature v_i.
+  same batch ("swapped"; a last batch of one keeps its own): what the cross-attention adds beyond v_i.
 
 Per row: the mean over seeds and a 95% interval over seeds and references (eval.stats). Prints JSON and a markdown
 table.
