@@ -1,7 +1,12 @@
 """Speed figures on a GPU (issue #24, item 4), printed as one JSON object. Random weights: it measures speed.
 
-    python bench/gpu.py            # one GPU: ViT-B/32, 224 px, bf16, batch 256 (about 8 minutes with the data)
-    python bench/gpu.py --tiny     # the same code on the CPU at toy sizes (the test suite runs this)
+    python bench/gpu.py --out gpu.json  # one GPU: ViT-B/32, 224 px, bf16, batch 256 (<= 8 minutes with the data)
+    python bench/gpu.py --size smoke    # the same model and precision at batch 4 on the CPU: checks the path
+    python bench/gpu.py --tiny          # the same code on the CPU at toy sizes (the test suite runs this)
+    bash bench/gpu_device.sh fetch|run  # on a lent device machine, whose image lacks Beam etc. (docs/PERFORMANCE.md)
+
+Each part (stage0, stage1, stage2, caption, topk; `--parts` picks) is measured on its own: one that fails is
+recorded as {"error": ...}, the others go on, and the exit status is 1. `--out` is rewritten after each part.
 
 1. Stage 0, I and II steps/s (each stage's own collate and loss, AdamW, Accelerate's mixed precision) fed three
    ways: our streaming loader from shards (train.data.TrainStream), the same steps on batches decoded and moved
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +40,10 @@ SIZES = {
     "full": {"clip": "ViT-B-32", "pretrained": "random", "image_size": 224, "batch": 256, "steps": 20,
              "warmup": 3, "images": 3000, "workers": 8, "precision": "bf16", "caption_images": 2000,
              "caption_batch": 64, "gallery": 1_000_000, "queries": 1000, "dim": 512, "k": 50},
+    # full's model, precision and code path at sizes a CPU runs in a minute or two (random weights, no download)
+    "smoke": {"clip": "ViT-B-32", "pretrained": "random", "image_size": 224, "batch": 4, "steps": 1,
+              "warmup": 1, "images": 48, "workers": 2, "precision": "bf16", "caption_images": 16,
+              "caption_batch": 4, "gallery": 5000, "queries": 20, "dim": 512, "k": 50},
     "tiny": {"clip": "tiny-clip-32", "pretrained": None, "image_size": 32, "batch": 8, "steps": 2,
              "warmup": 1, "images": 48, "workers": 0, "precision": "no", "caption_images": 16,
              "caption_batch": 4, "gallery": 5000, "queries": 20, "dim": 32, "k": 50},
@@ -65,18 +75,20 @@ def make_data(tmp: Path, size: dict) -> dict[str, Path]:
 
 def make_stage(n: int, size: dict, data: dict[str, Path], tmp: Path):
     """Stage n with the bench's CLIP, reading the caption (0, I) or triplet (II) shards. Stage II starts from a
-    stage I export of the same CLIP (its mapping untrained: the cost is the same)."""
+    stage I export of the same CLIP (its mapping untrained: the cost is the same). The frozen CLIP's outputs are not
+    kept (`frozen_cache_mib=0`): the pre-decoded feed repeats 4 batches and would skip the frozen tower, so every
+    feed computes the same steps."""
     from train.config import ClipConfig
 
     clip = ClipConfig(model=size["clip"], pretrained=size["pretrained"])
     if n == 0:
         from train.stage0 import Stage0, Stage0Config
 
-        cfg = Stage0Config(clip=clip, mixed_precision=size["precision"])
+        cfg = Stage0Config(clip=clip, mixed_precision=size["precision"], frozen_cache_mib=0)
         return Stage0(cfg), data["captions"]
     from train.stage1 import Stage1, Stage1Config
 
-    cfg1 = Stage1Config(clip=clip, mixed_precision=size["precision"])
+    cfg1 = Stage1Config(clip=clip, mixed_precision=size["precision"], frozen_cache_mib=0)
     if n == 1:
         return Stage1(cfg1), data["captions"]
     export = tmp / "stage1_export"
@@ -85,7 +97,8 @@ def make_stage(n: int, size: dict, data: dict[str, Path], tmp: Path):
         stage1.export(stage1.build(), export)
     from train.stage2 import Stage2, Stage2Config
 
-    return Stage2(Stage2Config(init_from=str(export), mixed_precision=size["precision"])), data["triplets"]
+    cfg2 = Stage2Config(init_from=str(export), mixed_precision=size["precision"], frozen_cache_mib=0)
+    return Stage2(cfg2), data["triplets"]
 
 
 def steps_per_s(stage, model, optimizer, accelerator, batches, size: dict) -> float:
@@ -132,7 +145,8 @@ def stage_figures(n: int, size: dict, data: dict[str, Path], tmp: Path, device: 
     stage, dataset = make_stage(n, size, data, tmp)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=stage.cfg.mixed_precision)
     model = stage.build()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as train.loop
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=True)  # as train.loop
     model, optimizer = accelerator.prepare(model, optimizer)
     stage.setup(model, accelerator)
     urls = shard_urls(str(dataset))
@@ -189,30 +203,73 @@ def topk_seconds(size: dict, device: torch.device) -> float:
     return round(time.time() - start, 3)
 
 
+PARTS = ("stage0", "stage1", "stage2", "caption", "topk")
+
+
+class Report:
+    """The JSON being built: written to `out` (when given) after every part, so that a run stopped at its time
+    limit still leaves what it measured. A part that raises is recorded as {"error": ...} and the others go on."""
+
+    def __init__(self, result: dict, out: Path | None):
+        self.result, self.out, self.failed = result, out, []
+
+    def part(self, name: str, measure) -> None:
+        started = time.time()
+        try:
+            self.result[name] = measure()
+        except Exception as err:  # one broken part must not cost the others' device time
+            traceback.print_exc()
+            self.result[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+            self.failed.append(name)
+        self.result.setdefault("part_seconds", {})[name] = round(time.time() - started, 1)
+        print(json.dumps({name: self.result[name]}), file=sys.stderr, flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.result, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
-    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="full",
+                   help="full: the figures; smoke: full's model and precision at a tiny batch, to check the path on "
+                        "a CPU before spending GPU time; tiny: toy model on the CPU (the test suite)")
+    p.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="the same as --size tiny")
+    p.add_argument("--device", default=None, help="default: cuda when there is one (full size), else cpu")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here, after every part")
     args = p.parse_args(argv)
-    size = SIZES["tiny" if args.tiny else "full"]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    parts = [name for name in args.parts.split(",") if name]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    size = SIZES[args.size]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and args.size == "full" else "cpu"))
     started = time.time()
-    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "sizes": {k: size[k] for k in ("clip", "image_size", "batch", "precision", "steps")},
-              "targets": TARGETS}
+    report = Report({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "sizes": {k: size[k] for k in ("clip", "image_size", "batch", "precision", "steps")},
+                     "targets": TARGETS}, args.out)
+    if "topk" in parts:  # first: it needs no data, so a failure in making the data cannot cost it
+        report.part(f"top{size['k']}_seconds", lambda: topk_seconds(size, device))
+        report.result["topk_shape"] = [size["queries"], size["gallery"], size["dim"]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_data(tmp, size)
-        result["data_seconds"] = round(time.time() - started, 1)
+        if set(parts) - {"topk"}:  # every other part reads the toy data
+            data_started = time.time()
+            data = make_data(tmp, size)
+            report.result["data_seconds"] = round(time.time() - data_started, 1)
+            report.save()
         for n in (0, 1, 2):
-            result[f"stage{n}"] = stage_figures(n, size, data, tmp, device)
-            print(json.dumps({f"stage{n}": result[f"stage{n}"]}), file=sys.stderr, flush=True)
-        result["caption_job_images_per_s"] = caption_images_per_s(size, data, tmp, device)
-    result[f"top{size['k']}_seconds"] = topk_seconds(size, device)
-    result["topk_shape"] = [size["queries"], size["gallery"], size["dim"]]
-    result["seconds"] = round(time.time() - started, 1)
-    print(json.dumps(result), flush=True)
-    return 0
+            if f"stage{n}" in parts:
+                report.part(f"stage{n}", lambda n=n: stage_figures(n, size, data, tmp, device))
+        if "caption" in parts:
+            report.part("caption_job_images_per_s", lambda: caption_images_per_s(size, data, tmp, device))
+    report.result["seconds"] = round(time.time() - started, 1)
+    report.save()
+    print(json.dumps(report.result), flush=True)
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
