@@ -410,3 +410,31 @@ def test_stage2_trains_the_same_with_the_cache_and_hits_it(tiny_stage1_export, l
     assert cache.hits > 0 and len(cache.rows) <= cache.misses  # those seen before were not encoded again
     # nor decoded: the stream decodes exactly the images the tower then encodes (off: all of them)
     assert decoded == {0: 8 * 8 * 2, 64: cache.encoded["ref"] + cache.encoded["tgt"]} and cache.encoded["tgt"] < 64
+
+
+def test_the_bank_finds_the_caption_dataset_after_both_folders_moved(tmp_path, monkeypatch):
+    """A triplet dataset records its input as given (relative to the cwd then); moved together with its caption
+    folder, or read from another cwd, the bank takes the folder at the same relative place; with none there, the
+    recorded path stands and the empty bank's error says how to fix it."""
+    from train.data import DataError
+    from train.negatives import HardNegativeConfig, bank_datasets, bank_samples
+
+    def dataset(root, inp):
+        (root / "data" / "captions" / "shards").mkdir(parents=True)
+        (root / "data" / "captions" / "shards" / "part-00000.tar").write_bytes(b"")
+        (root / "data" / "triplets").mkdir()
+        card = {"config": {"input": inp, "output": "runs/claims/data/triplets"}}
+        (root / "data" / "triplets" / "dataset.json").write_text(json.dumps(card))
+        return str(root / "data" / "triplets")
+
+    monkeypatch.chdir(tmp_path)  # the recorded runs/claims/... does not exist here: the folders "moved"
+    moved = dataset(tmp_path / "elsewhere", "runs/claims/data/captions")
+    assert bank_datasets(HardNegativeConfig(), [moved]) == [str(tmp_path / "elsewhere" / "data" / "captions")]
+    assert bank_datasets(HardNegativeConfig(bank=["mine"]), [moved]) == ["mine"]  # an explicit bank wins
+    (tmp_path / "runs" / "claims" / "data" / "captions" / "shards").mkdir(parents=True)
+    (tmp_path / "runs" / "claims" / "data" / "captions" / "shards" / "part-00000.tar").write_bytes(b"")
+    assert bank_datasets(HardNegativeConfig(), [moved]) == ["runs/claims/data/captions"]  # recorded, still there
+    lost = dataset(tmp_path / "lost", "runs/gone/captions")
+    assert bank_datasets(HardNegativeConfig(), [lost]) == ["runs/gone/captions"]
+    with pytest.raises(DataError, match="hard_negatives.bank"):
+        list(bank_samples(["runs/gone/captions"], show=False))

@@ -40,8 +40,8 @@ class HardNegativeConfig:
     # 0.1 measured on the toy val split (docs/CLAIMS.md): weights of 1 trade global recall for local ranking
     per_query: int = 3  # at most this many of a triplet's hard negatives (in their stored order) are used
     bank: list[str] = field(default_factory=list)  # caption dataset dirs (or FORMAT:ROOT annotated sets) the
-    # keys come from ([]: each triplet dataset's own input, as recorded in its dataset.json, and each annotated
-    # set of data.train that names hard negatives)
+    # keys come from ([]: each triplet dataset's own input, as recorded in its dataset.json (synthesized_from),
+    # and each annotated set of data.train that names hard negatives)
     batch_size: int = 256  # images per forward pass while encoding the bank
     target_neighbours: int = 0  # also the k bank images nearest to each query's target (near-copies of it, over
     # negative_max_similarity, left out) as negatives: the images a query that drifts from its target would rank first
@@ -65,10 +65,25 @@ def bank_datasets(cfg: HardNegativeConfig, train_entries: list[str]) -> list[str
         paths = [m["path"] for m in ds.load_mix(entry)] if entry.endswith((".yaml", ".yml", ".json")) else [entry]
         for path in paths:
             card = ds.read_json(ds.join(path, "dataset.json")) if os.path.isdir(path) else None
-            source = ((card or {}).get("config") or {}).get("input")
+            source = synthesized_from(path, card)
             if source and source not in found:
                 found.append(source)
     return found
+
+
+def synthesized_from(path: str, card: Optional[dict]) -> Optional[str]:
+    """The caption dataset the triplet dataset at `path` was synthesized from: its card's `config.input` while
+    that holds shards; else the folder at the same place relative to `path`. The card's input and output were
+    written from one working directory, so their relative position survives moving both folders together (a
+    claims run's output, say) or reading them from another working directory. None when the card names none."""
+    config = (card or {}).get("config") or {}
+    source, output = config.get("input"), config.get("output")
+    if not source or not output or ds.shard_urls(source):
+        return source
+    if "://" in source + output or os.path.isabs(source) != os.path.isabs(output):
+        return source  # not comparable: the recorded one stands, and an empty bank names it
+    moved = os.path.normpath(os.path.join(path, os.path.relpath(source, output)))
+    return moved if ds.shard_urls(moved) else source
 
 
 class NegativeBank:
@@ -130,7 +145,8 @@ def bank_samples(entries: list[str], show: bool) -> Iterator[dict]:
             continue
         urls = ds.shard_urls(entry)
         if not urls:
-            raise DataError(f"hard negative bank: no shards in {entry}")
+            raise DataError(f"hard negative bank: no shards in {entry}; set hard_negatives.bank=[DIR] to the caption "
+                            f"dataset the triplets were synthesized from, or hard_negatives.weight=0")
         for url in tqdm(urls, desc="negative bank", unit="shard", disable=not show, file=sys.stderr):
             yield from ds.iter_shard(url)
 
