@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             cfg = load(args.config, args.overrides)
             report = claims(cfg)
-            print(f"claims: {cfg.output_dir}/claims.md, {cfg.output_dir}/claims.json", file=sys.stderr)
+            print(f"claims: {cfg.output_dir}/{cfg.report}.md, {cfg.output_dir}/{cfg.report}.json", file=sys.stderr)
             result = {c["id"]: c["verdict"] for c in report["claims"]}
         elif args.command == "run":
             from eval.run import evaluate

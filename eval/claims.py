@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -100,6 +101,8 @@ class BenchSpec:
 @dataclass
 class ClaimsConfig:
     output_dir: str = "runs/claims"  # world/, data/, stage0/, cells/, claims.md, claims.json
+    report: str = "claims"  # the report's files in output_dir: REPORT.md, REPORT.json; configs that share an
+    # output_dir (and so its world, CLIPs and cells) need a name each, or the last run's report replaces the other's
     world_images: int = 2000  # training images of the toy world
     bench_queries: int = 1000  # queries per benchmark split (~ +-3 points at R@1 ~ 30)
     world_seed: int = 0
@@ -151,6 +154,8 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     cfg.rows, cfg.claims, cfg.benchmarks = rows, claims, benches
     if cfg.interval not in INTERVALS:
         raise PredictionError(f"interval: one of {INTERVALS}, got {cfg.interval!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.report):
+        raise PredictionError(f"report: a file name of letters, digits, '.', '_' and '-', got {cfg.report!r}")
     for name, bench in benches.items():
         if bench.benchmark not in BENCHMARKS:
             raise PredictionError(f"benchmarks.{name}.benchmark: one of {BENCHMARKS}, got {bench.benchmark!r}")
@@ -571,8 +576,8 @@ def claims(cfg: ClaimsConfig) -> dict:
         (out / "timings.json").write_text(json.dumps(
             {"seconds": report["seconds"], "workers": cells.workers(cfg.jobs, cfg.threads), "threads": cfg.threads,
              "steps_s": made}, indent=1) + "\n", encoding="utf-8")
-    (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "claims.md").write_text(markdown(report, cfg), encoding="utf-8")
+    (out / f"{cfg.report}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / f"{cfg.report}.md").write_text(markdown(report, cfg), encoding="utf-8")
     return report
 
 

@@ -74,6 +74,9 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     bad.write_text("benchmarks: {b: {benchmark: cirr, phrasing: poetic}}\n")
     with pytest.raises(PredictionError, match=r"benchmarks.b.phrasing: one of \('editor', 'held-out'\), got 'poetic'"):
         load(str(bad))
+    bad.write_text("report: ../elsewhere\n")  # a file name in output_dir, never a path out of it
+    with pytest.raises(PredictionError, match="report: a file name"):
+        load(str(bad))
     bad.write_text("interval: bootstrap\n")
     with pytest.raises(PredictionError, match=r"interval: one of \('seeds', 'queries'\), got 'bootstrap'"):
         load(str(bad))
@@ -178,6 +181,13 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                                                                                   abs=0.02)
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
     assert again.returncode == 0 and "[claims] train" not in again.stderr
+    assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
+    # a second report in the same folder (configs sharing a world and cells) gets its own files
+    other = subprocess.run([*args, "report=just-t1", "only=[T-1]"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+    assert other.returncode == 0 and "[claims] train" not in other.stderr
+    assert [c["id"] for c in json.loads((tmp_path / "out" / "just-t1.json").read_text())["claims"]] == ["T-1"]
+    assert (tmp_path / "out" / "just-t1.md").is_file()
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
 
 
