@@ -100,7 +100,7 @@ class BenchSpec:
 
 @dataclass
 class ClaimsConfig:
-    output_dir: str = "runs/claims"  # world/, data/, stage0/, cells/, claims.md, claims.json
+    output_dir: str = "runs/claims"  # world/, data/, stage0/, cells/ and the report (claims.md, claims.json)
     report: str = "claims"  # the report's files in output_dir: REPORT.md, REPORT.json; configs that share an
     # output_dir (and so its world, CLIPs and cells) need a name each, or the last run's report replaces the other's
     world_images: int = 2000  # training images of the toy world
