@@ -9,9 +9,7 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,7 +20,7 @@ from cir.config import ConfigError, add_arguments, from_args
 
 from .bench import WRITERS
 from .scene import SIZES, SLOTS
-from .world import WorldConfig, dump_json, write_training_images
+from .world import WorldConfig, dump_json, write_training_images, written_into_place
 
 MARKER = "world.json"  # a directory holding this was written by us and may be replaced with --overwrite
 SCHEMA_VERSION = 1
@@ -109,19 +107,11 @@ def run(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
     cfg = _check_args(parser, args)
     out = Path(args.output).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        start = time.time()
+    start = time.time()
+    with written_into_place(out) as tmp:
         n = write_parts(tmp, cfg, args.jobs)
         # The card carries no timing or paths: same seed -> byte-identical tree, card included.
         dump_json(world_card(cfg, n), tmp / MARKER)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"toy world: {n} training images in {out / 'images'}, benchmarks in {out / 'bench'} "
           f"({time.time() - start:.1f}s)", file=sys.stderr)
     return out

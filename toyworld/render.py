@@ -11,7 +11,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .scene import SLOTS, Scene, vocabulary_of
+from .scene import OPEN_DOMAIN, SLOTS, Scene
 
 SUPERSAMPLE = 4
 # Radii as a fraction of the image side. A slot is 1/3 of the width: with the x jitter below, two large objects
@@ -58,17 +58,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon(_polygon(cx, cy, [r * 0.95] * 6, start=0.0), fill=fill)
     elif shape == "bar":  # a wide, flat rectangle
         draw.rectangle([cx - r, cy - r * 0.4, cx + r, cy + r * 0.4], fill=fill)
+    elif shape == "pentagon":  # the open domain's extra shapes (scene.EXTRA_WORDS) from here on
+        draw.polygon(_polygon(cx, cy, [r * 0.95] * 5), fill=fill)
+    elif shape == "ring":  # a thick circle outline
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, round(r * 0.35)))
+    elif shape == "arrow":  # pointing right
+        t, head = r * 0.3, r * 0.2
+        draw.rectangle([cx - r, cy - t, cx + head, cy + t], fill=fill)
+        draw.polygon([(cx + head - r * 0.1, cy - r * 0.75), (cx + r, cy), (cx + head - r * 0.1, cy + r * 0.75)],
+                     fill=fill)
+    elif shape == "oval":  # a wide ellipse
+        draw.ellipse([cx - r, cy - r * 0.6, cx + r, cy + r * 0.6], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
 def render(scene: Scene, placed: list[dict], size: int = 64) -> Image.Image:
-    vocab = vocabulary_of(scene)
+    # every world's words mean the same colour (OPEN_DOMAIN holds them all), so a scene mixing worlds draws too
     big = size * SUPERSAMPLE
-    img = Image.new("RGB", (big, big), vocab.backgrounds[scene.background])
+    img = Image.new("RGB", (big, big), OPEN_DOMAIN.backgrounds[scene.background])
     draw = ImageDraw.Draw(img)
     for o, p in zip(scene.objects, placed):
-        _draw_shape(draw, o.shape, p["x"] * big, p["y"] * big, p["r"] * big, vocab.colours[o.colour])
+        _draw_shape(draw, o.shape, p["x"] * big, p["y"] * big, p["r"] * big, OPEN_DOMAIN.colours[o.colour])
     return img.resize((size, size), Image.Resampling.BOX)
 
 

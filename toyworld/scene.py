@@ -47,6 +47,27 @@ GEMS_WORLD = Vocabulary(
     caption_prefixes=("", "a render of ", "a drawing of ", "an illustration of "),
 )
 VOCABULARIES = {v.name: v for v in (SHAPES_WORLD, GEMS_WORLD)}
+# Words no benchmark world uses: the pretraining corpus of the toy CLIP (toyworld.pretrain) knows them too, as a
+# web-trained CLIP knows far more than any benchmark asks about.
+EXTRA_WORDS = Vocabulary(
+    name="extra",
+    shapes=("pentagon", "ring", "arrow", "oval"),
+    colours={"teal": (0, 130, 130), "gold": (190, 150, 20), "navy": (25, 35, 120), "coral": (250, 110, 90)},
+    backgrounds={"plum": (90, 40, 80), "sky": (140, 180, 230), "olive": (95, 100, 40)},
+    fashioniq={},
+    caption_prefixes=("", "a rendering of ", "a simple graphic of ", "there is "),
+)
+# The open domain: every word of every world and the extra ones. Not a benchmark world (not in VOCABULARIES,
+# and `vocabulary_of` never returns it); the renderer takes its colours from here.
+OPEN_DOMAIN = Vocabulary(
+    name="open",
+    shapes=tuple(s for v in (SHAPES_WORLD, GEMS_WORLD, EXTRA_WORDS) for s in v.shapes),
+    colours={c: rgb for v in (SHAPES_WORLD, GEMS_WORLD, EXTRA_WORDS) for c, rgb in v.colours.items()},
+    backgrounds={b: rgb for v in (SHAPES_WORLD, GEMS_WORLD, EXTRA_WORDS) for b, rgb in v.backgrounds.items()},
+    fashioniq={},
+    caption_prefixes=tuple(dict.fromkeys(p for v in (SHAPES_WORLD, GEMS_WORLD, EXTRA_WORDS)
+                                         for p in v.caption_prefixes)),
+)
 SIZES = ("small", "large")
 SLOTS = ("left", "center", "right")  # left-to-right order is the object order in captions
 SLOT_PHRASE = {"left": "on the left", "center": "in the middle", "right": "on the right"}

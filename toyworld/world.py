@@ -6,10 +6,15 @@ byte-identical files whatever order or process they are written in.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -62,6 +67,22 @@ class WorldConfig:
 
 def stream(seed: int, name: str, i: int) -> random.Random:
     return random.Random(f"{seed}:{name}:{i}")
+
+
+@contextlib.contextmanager
+def written_into_place(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write into, renamed to `out` (replacing what is there) when the block ends,
+    deleted if it raises: a killed writer never leaves a half-written folder where a whole one is expected."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def dump_json(obj, path: Path) -> None:
