@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     mix.write_text(f"datasets:\n  - {{path: {low}, weight: 1.0}}\n  - {{path: {high}, weight: 1.0}}\n")
     print(f"[demo] triplets: {low} (LQ), {high} (HQ), mix manifest {mix}")
     stage0, stage1 = out / "stage0", out / "stage1"
-    step("stage 0: train the toy CLIP from scratch", stage0 / "final" / "open_clip_model.safetensors",
+    step("stage 0: adapt the pretrained toy CLIP to the world's captions",
+         stage0 / "final" / "open_clip_model.safetensors",
          [sys.executable, "train/stage0.py", "--config", "train/configs/toy_stage0.yaml", f"output_dir={stage0}",
           f"data.train=['{captions}']", f"seed={args.seed}", *quick])
     step("stage I: image -> pseudo-word tokens", stage1 / "final" / "mapping.safetensors",
@@ -209,8 +210,14 @@ def evaluate(out: Path, evals: list[dict]) -> dict:
     grids = [f"![{name} {method}](eval/{name}-{method}/examples.png)" for name in BENCHMARKS
              for method in ("stage1", "stage2_mix") if (out / "eval" / f"{name}-{method}" / "examples.png").is_file()]
     (out / "report.md").write_text(
-        "# Toy-world demo results\n\nEach cell: the metric and its 95% bootstrap interval over the benchmark's "
-        "queries.\n" + report_table(results) + "\n\n" + significance(out) + "\n\n## Example queries\n\nReference | "
+        "# Toy-world demo results\n\nWhat was trained: stage 0 adapted the pretrained toy CLIP "
+        "(toyworld/pretrained/toy-clip-64, trained once on a broader open-domain corpus; its card says how) to this "
+        "world's captions; stage I mapped images to pseudo tokens with that CLIP frozen; stage II trained composing "
+        "adapters on the low-quality (mined), high-quality (toy editor) and mixed triplets. image_only, text_only "
+        "and sum are baselines on the stage 0 CLIP. Toy numbers: they compare methods on one procedural world, they "
+        "are not real benchmark scores.\n\nEach cell: the metric and its 95% bootstrap interval over the "
+        "benchmark's queries.\n" + report_table(results) + "\n\n" + significance(out)
+        + "\n\n## Example queries\n\nReference | "
         "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
         + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "
         "`search_example.png`; browse: `python -m search serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")

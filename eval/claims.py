@@ -23,6 +23,7 @@ reused: a report built on a stale world or row would be wrong without a sign.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -126,6 +127,9 @@ class ClaimsConfig:
     # key=value for every stage's training (e.g. max_steps=3 in tests); clip.* go to stage 0 alone, the stage that
     # builds the CLIP (stages I and II take their init_from's)
     overrides: list[str] = field(default_factory=list)
+    # key=value for stage 0 alone, after `overrides`: how each CLIP is made from the pretrained toy CLIP (the stage
+    # 0 config's init_from), or from scratch: [init_from=null, clip.model=toy-clip-64, max_steps=600, optim.lr=1e-3]
+    stage0_overrides: list[str] = field(default_factory=list)
     only: list[str] = field(default_factory=list)  # claim ids to judge, their rows alone trained and evaluated
     # ([]: every claim); e.g. `only=[CTI-IR-1]` on the command line: one claim's verdict without the whole run
     benchmarks: dict[str, BenchSpec] = field(default_factory=dict)
@@ -238,9 +242,33 @@ def clip_seed(cfg: ClaimsConfig, seed: int) -> int:
 
 
 def stage0_definition(cfg: ClaimsConfig, seed: int) -> dict:
-    """What the stage 0 CLIP behind training seed `seed` is made from."""
-    return {"world": definitions(cfg)["world"], "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
+    """What the stage 0 CLIP behind training seed `seed` is made from: with the CLIP it starts from (init_from,
+    the pretrained toy CLIP) named by its weights, so new pretrained weights retrain every step."""
+    made = {"world": definitions(cfg)["world"], "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
             "seed": clip_seed(cfg, seed), "threads": cfg.threads}
+    if cfg.stage0_overrides:  # absent when empty: CLIPs made before the field existed keep their definition
+        made["stage0_overrides"] = cfg.stage0_overrides
+    start = _stage0_start(cfg.stage0_config, (*cfg.overrides, *cfg.stage0_overrides))
+    return {**made, "init_weights": _weights_digest(start)} if start else made
+
+
+@functools.lru_cache(maxsize=None)
+def _stage0_start(config: str, overrides: tuple) -> Optional[str]:
+    """The export stage 0 starts from (its config's init_from), or None when it trains from scratch."""
+    from train.config import load_config
+    from train.stage0 import Stage0Config
+
+    return load_config(Stage0Config, config, list(overrides)).init_from
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_digest(folder: str) -> str:
+    from cir.backbone import WEIGHTS_FILE
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise PredictionError(f"stage 0 starts from {folder} (init_from), which has no {WEIGHTS_FILE}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
@@ -316,7 +344,7 @@ def clip(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
     if not clip_done(cfg, paths, seed):
         _log(f"stage 0 seed {s} (the toy CLIP of {'that seed' if cfg.clip_per_seed else 'every row and seed'})")
         _check(stage0(["--config", cfg.stage0_config, f"output_dir={out}", f"data.train=['{paths['captions']}']",
-                       f"seed={s}", *cfg.overrides]), f"stage 0 seed {s}")
+                       f"seed={s}", *cfg.overrides, *cfg.stage0_overrides]), f"stage 0 seed {s}")
         _stamp(out, stage0_definition(cfg, seed))
     return out / "final"
 

@@ -107,6 +107,7 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         "world_vocabulary": "gems",
         "seeds": [0, 1], "split": "test",
         "overrides": ["max_steps=2", "data.batch_size=8", "clip.model=tiny-clip-32"],
+        "stage0_overrides": ["init_from=null"],  # from scratch: the pretrained toy CLIP is not a tiny-clip-32
         "benchmarks": {"toy-cirr": {"benchmark": "cirr"}, "toy-circo": {"benchmark": "circo", "split": "val"},
                        "toy-coarse": {"benchmark": "circo", "folder": "circo_coarse"},
                        "toy-shoes": {"benchmark": "shoes"},
@@ -279,3 +280,29 @@ def test_steps_wait_for_what_they_start_from_and_finished_ones_are_left_out(tmp_
     cfg.threads = 2  # made with one thread per step: refused, not mixed in
     with pytest.raises(PredictionError, match=r"changed: threads"):
         steps(cfg, paths, needed)
+
+
+def test_a_clip_is_made_from_the_weights_stage_0_starts_from(tmp_path):
+    """Stage 0 starts from the pretrained toy CLIP (its config's init_from): new weights there make every CLIP
+    (and so every row) be retrained, not reused; stage0_overrides reach stage 0 alone; a start without weights
+    is named."""
+    from eval import claims
+    from eval.score import PredictionError
+
+    start = tmp_path / "pretrained"
+    start.mkdir()
+    (start / "open_clip_model.safetensors").write_bytes(b"one")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nbenchmarks: {{a: {{benchmark: cirr}}}}\n"
+                      "rows: {base: {stage: baseline, method: sum}}\n")
+    cfg = load(str(config), [f"stage0_overrides=[init_from={start}]"])
+    first = claims.stage0_definition(cfg, 0)
+    assert first["stage0_overrides"] == [f"init_from={start}"] and "init_weights" in first
+    claims._weights_digest.cache_clear()
+    (start / "open_clip_model.safetensors").write_bytes(b"two")
+    assert claims.stage0_definition(cfg, 0)["init_weights"] != first["init_weights"]
+    scratch = load(str(config), ["stage0_overrides=[init_from=null]"])
+    assert "init_weights" not in claims.stage0_definition(scratch, 0)
+    assert "init_weights" in claims.stage0_definition(load(str(config)), 0)  # the shipped config's start
+    with pytest.raises(PredictionError, match="has no open_clip_model.safetensors"):
+        claims.stage0_definition(load(str(config), [f"stage0_overrides=[init_from={tmp_path}]"]), 0)

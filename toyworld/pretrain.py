@@ -13,7 +13,7 @@ any benchmark world:
   corpus is drawn, and how many were skipped is on the card.
 
 `python -m toyworld pretrain` rebuilds it through the toolkit's own flow (this corpus -> the caption job ->
-stage 0 with `train/configs/toy_pretrain.yaml`) and writes the export with its card (`toyworld/pretrained/`).
+stage 0 with `train/configs/toy_stage0_pretrain.yaml`) and writes the export with its card (`toyworld/pretrained/`).
 The steps run as commands, so this package does not import the pipeline or the trainers.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ def clip_strength(clip_dir: str, n: int = 1000) -> dict:
 ROOT = Path(__file__).resolve().parent.parent  # the repository: beam_runner.py and train/ are run from here
 CHECK_WORLDS = ("shapes", "gems")  # the worlds (seed 0, 1,000 queries) every shipped config builds
 CHECK_QUERIES = 1000
-TRAIN_CONFIG = "train/configs/toy_pretrain.yaml"
+TRAIN_CONFIG = "train/configs/toy_stage0_pretrain.yaml"
 CARD = "README.md"  # the model card beside the weights (its numbers also in card.json)
 
 
