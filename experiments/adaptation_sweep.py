@@ -56,6 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--world-images", type=int, default=2000)
     p.add_argument("--bench-queries", type=int, default=1000)
     p.add_argument("--vocabulary", default="shapes")
+    p.add_argument("--heldout", type=int, default=1000, help="held-out scenes of the CLIP R@1 column")
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             assert stage1(["--config", "train/configs/toy_stage1.yaml", f"output_dir={folder / 'stage1'}",
                            f"data.train=['{captions}']", f"init_from={clip}", *stage1_overrides,
                            *args.overrides]) == 0
-        row = {"clip_r1": caption_retrieval(str(clip), STRENGTH_VOCABS[args.vocabulary])["r1"]}
+        row = {"clip_r1": caption_retrieval(str(clip), STRENGTH_VOCABS[args.vocabulary], args.heldout)["r1"]}
         for bench, (layout, keys) in BENCHES.items():
             for method, flag in METHODS.items():
                 target = folder / "eval" / f"{bench}-{method}"

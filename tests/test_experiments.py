@@ -104,3 +104,27 @@ def test_stage1_probe_ranks_each_pseudo_prompt_against_the_gallery_and_its_image
         model.mapping.proj_out.weight.zero_()
     blind = probe.probe(model.save(tmp_path / "blind"), refs, gallery, sets, batch_size=4)[""]
     assert len(set(blind["cos"])) > 1 and sum(blind["self@1"]) <= 100.0
+
+
+def test_adaptation_sweep_scores_each_variant_on_its_own_clip(tmp_path):
+    """experiments/adaptation_sweep.py at toy sizes: a from-scratch and a pretrained-start variant and one sharing
+    the latter's stage 0, each trained and scored on val; a rerun reuses everything; an unknown variant exits 2."""
+    import pytest
+
+    sweep = _experiment("adaptation_sweep")
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--world-images", "48", "--bench-queries", "6", "--heldout", "20", "--only",
+            "scratch-600,pretrained-200-lr1e-4,pretrained-200-lr1e-4-seed1", "max_steps=2", "data.batch_size=8"]
+    assert sweep.main(argv) == 0
+    results = json.loads((out / "sweep.json").read_text())
+    assert set(results) == {"scratch-600", "pretrained-200-lr1e-4", "pretrained-200-lr1e-4-seed1"}
+    assert not (out / "pretrained-200-lr1e-4-seed1" / "stage0").exists()  # the same stage 0 as its first row
+    shared = {k: v for k, v in results["pretrained-200-lr1e-4"].items() if "stage1" not in k}
+    assert shared == {k: v for k, v in results["pretrained-200-lr1e-4-seed1"].items() if "stage1" not in k}
+    assert results["scratch-600"]["clip_r1"] != results["pretrained-200-lr1e-4"]["clip_r1"]
+    assert "| scratch-600 |" in (out / "sweep.md").read_text()
+    stamp = (out / "scratch-600" / "stage1" / "final").stat().st_mtime_ns
+    assert sweep.main(argv) == 0 and (out / "scratch-600" / "stage1" / "final").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(["--out", str(out), "--only", "nope"])
+    assert exited.value.code == 2
