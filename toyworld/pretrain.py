@@ -9,8 +9,8 @@ any benchmark world:
 * captions of many kinds (`describe`): the world's full description, partial ones (one object, objects without
   positions, only colours or only shapes), relations ("a red circle to the left of a blue star"), counts;
   every scene drawn `captions_per_scene` times, each drawing with a caption of its own;
-* no scene that a benchmark of the configured worlds (`check_worlds`) shows: such scenes are skipped while the
-  corpus is drawn, and how many were skipped is on the card.
+* no scene that a benchmark of the checked worlds (`CHECK_WORLDS`, as the shipped configs build them) shows:
+  such draws are redrawn, and how many were is on the card.
 
 `python -m toyworld pretrain` rebuilds it through the toolkit's own flow (this corpus -> the caption job ->
 stage 0 with `train/configs/toy_stage0_pretrain.yaml`) and writes the export with its card (`toyworld/pretrained/`).
@@ -41,7 +41,7 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 class CorpusConfig:
     """The pretraining corpus; each field is also a flag of `python -m toyworld pretrain`."""
     seed: int = ranged(0, help="root of the corpus's random streams (named apart from every world's)")
-    num_scenes: int = ranged(100000, min=1, help="distinct open-domain scenes")
+    num_scenes: int = ranged(100000, min=1, help="open-domain scenes (independent draws)")
     captions_per_scene: int = ranged(2, min=1, help="drawings of each scene, each with a caption of its own")
     image_size: int = ranged(64, min=16, max=1024, help="side in pixels")
 
