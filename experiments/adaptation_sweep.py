@@ -42,6 +42,8 @@ VARIANTS = {
     "pretrained-0-seed1": (None, ["seed=1"]),  # how far stage I's own seed moves it
     "pretrained-0-seed2": (None, ["seed=2"]),
     "pretrained-200-lr1e-4-seed1": (ADAPT, ["seed=1"]),
+    "pretrained-200-lr1e-4-stage1-900": (ADAPT, ["max_steps=900"]),
+    "pretrained-200-lr1e-4-stage1-900-seed1": (ADAPT, ["max_steps=900", "seed=1"]),
     "pretrained-200-lr1e-4-pic2word": (ADAPT, PIC2WORD),
     "scratch-600-pic2word": (SCRATCH, PIC2WORD),
 }
