@@ -64,6 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     import beam_runner
     from eval.run import run as eval_run
+    from cir.backbone import create_backbone
     from toyworld.pretrain import STRENGTH_VOCABS, caption_retrieval
     from train.stage0 import main as stage0
     from train.stage1 import main as stage1
@@ -85,10 +86,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in names:
         folder = out / name
         stage0_overrides, stage1_overrides = VARIANTS[name]
+        # variants with the same stage 0 share its CLIP and baselines: those of the first such variant
+        first = out / next(n for n, v in VARIANTS.items() if v[0] == stage0_overrides)
         clip = ROOT / PRETRAINED
-        if stage0_overrides is not None:  # variants with the same stage 0 share its CLIP
-            first = next(n for n, v in VARIANTS.items() if v[0] == stage0_overrides)
-            clip = out / first / "stage0" / "final"
+        if stage0_overrides is not None:
+            clip = first / "stage0" / "final"
             if not (clip / "open_clip_model.safetensors").is_file():
                 assert stage0(["--config", "train/configs/toy_stage0.yaml", f"output_dir={clip.parent}",
                                f"data.train=['{captions}']", *stage0_overrides, *args.overrides]) == 0
@@ -97,13 +99,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             assert stage1(["--config", "train/configs/toy_stage1.yaml", f"output_dir={folder / 'stage1'}",
                            f"data.train=['{captions}']", f"init_from={clip}", *stage1_overrides,
                            *args.overrides]) == 0
-        row = {"clip_r1": caption_retrieval(str(clip), STRENGTH_VOCABS[args.vocabulary], args.heldout)["r1"]}
+        row = {"clip_r1": caption_retrieval(create_backbone(str(clip)), STRENGTH_VOCABS[args.vocabulary],
+                                            args.heldout)["r1"]}
         for bench, (layout, keys) in BENCHES.items():
             for method, flag in METHODS.items():
-                target = folder / "eval" / f"{bench}-{method}"
-                if flag != "model" and stage1_overrides:  # the baselines of a stage 0 variant's first row
-                    target = out / next(n for n, v in VARIANTS.items() if v[0] == stage0_overrides) / "eval" / \
-                        f"{bench}-{method}"
+                target = (folder if flag == "model" else first) / "eval" / f"{bench}-{method}"
                 if not (target / "metrics.json").is_file():
                     eval_run(layout, str(world / "bench" / layout), str(s1 if flag == "model" else clip), split="val",
                              method=flag, output=str(target), cache_dir=str(folder / "eval" / "cache"))

@@ -25,12 +25,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from cir.config import ranged
 
 from .scene import OPEN_DOMAIN, SLOT_PHRASE, SLOTS, VOCABULARIES, Obj, Scene, Vocabulary, caption, random_scene
 from .world import dump_json, stream, write_image, written_into_place
+
+if TYPE_CHECKING:  # torch and open_clip load only when a CLIP is scored
+    from cir.backbone import Backbone
 
 # The caption kinds of the corpus and how often each is drawn (`describe`).
 CAPTION_KINDS = {"full": 0.3, "objects": 0.2, "one": 0.15, "relation": 0.15, "count": 0.1, "attributes": 0.1}
@@ -168,15 +171,15 @@ def heldout_scenes(vocab: Vocabulary, n: int, seed: int = 0) -> list[Scene]:
     return scenes
 
 
-def caption_retrieval(clip_dir: str, vocab: Vocabulary, n: int = 1000, seed: int = 0, batch: int = 250) -> dict:
+def caption_retrieval(bb: "Backbone", vocab: Vocabulary, n: int = 1000, seed: int = 0, batch: int = 250) -> dict:
     """Caption -> image R@1 and R@5 (percent) among n held-out scenes of `vocab`, each drawn once and described by
-    its full canonical caption: how well the CLIP tells scenes of that vocabulary apart."""
+    its full canonical caption: how well the CLIP (`cir.backbone.create_backbone(DIR)`) tells scenes of that
+    vocabulary apart."""
     import torch
 
-    from cir.backbone import create_backbone, preprocess_batch
+    from cir.backbone import preprocess_batch
     from .render import layout, render
 
-    bb = create_backbone(clip_dir)
     model = bb.model.eval()
     scenes = heldout_scenes(vocab, n, seed)
     rng = random.Random(f"{seed}:clip-heldout-render:{vocab.name}")
@@ -200,8 +203,11 @@ STRENGTH_VOCABS = {"open": OPEN_DOMAIN, **VOCABULARIES}  # where a CLIP's streng
 
 
 def clip_strength(clip_dir: str, n: int = 1000) -> dict:
-    """caption_retrieval in the open domain and in each benchmark world's vocabulary."""
-    return {name: caption_retrieval(clip_dir, vocab, n) for name, vocab in STRENGTH_VOCABS.items()}
+    """caption_retrieval in the open domain and in each benchmark world's vocabulary, the CLIP loaded once."""
+    from cir.backbone import create_backbone
+
+    bb = create_backbone(clip_dir)
+    return {name: caption_retrieval(bb, vocab, n) for name, vocab in STRENGTH_VOCABS.items()}
 
 # --------------------------------------------------------------------------------- the rebuild command
 
