@@ -22,6 +22,9 @@ class MappingConfig:
     mlp_ratio: float = 4.0  # MLP hidden size / token width
     use_patches: bool = True  # visual semantic injection; False: queries see only the global feature
     dropout: float = 0.0  # on the MLP hidden layer
+    # "free": S as the output layer gives it; "words": each pseudo token rescaled to the mean L2 norm of the
+    # text encoder's word embeddings, so that S sits where real words do in the token-embedding space
+    token_norm: str = "free"
 
 
 class MappingBlock(nn.Module):
@@ -52,9 +55,12 @@ class MappingNetwork(nn.Module):
     mapping of the global feature alone, kept for ablations.
     """
 
-    def __init__(self, cfg: MappingConfig, embed_dim: int, patch_dim: int, token_dim: int):
+    def __init__(self, cfg: MappingConfig, embed_dim: int, patch_dim: int, token_dim: int, word_norm: float = 1.0):
         super().__init__()
+        if cfg.token_norm not in ("free", "words"):
+            raise ValueError(f"mapping.token_norm must be 'free' or 'words', not {cfg.token_norm!r}")
         self.cfg = cfg
+        self.word_norm = word_norm  # mean |e| of the CLIP's word embeddings (used when token_norm="words")
         self.queries = nn.Parameter(torch.randn(cfg.num_tokens, token_dim) * 0.02)
         self.global_proj = nn.Linear(embed_dim, token_dim)
         self.patch_proj = nn.Linear(patch_dim, token_dim) if cfg.use_patches else None
@@ -68,7 +74,10 @@ class MappingNetwork(nn.Module):
         kv = self.patch_proj(patches) if self.patch_proj is not None and patches is not None else None
         for block in self.blocks:
             q = block(q, kv)
-        return self.proj_out(self.ln_out(q))
+        s = self.proj_out(self.ln_out(q))  # [B, K, w_tok]
+        if self.cfg.token_norm == "words":
+            s = F.normalize(s, dim=-1) * self.word_norm
+        return s
 
 
 def placeholder_id(tokenizer) -> int:

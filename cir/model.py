@@ -42,7 +42,9 @@ def mapping_sizes(backbone: Backbone) -> dict:
 
 
 def new_mapping(backbone: Backbone, cfg: MappingConfig) -> tuple[MappingNetwork, int]:
-    return MappingNetwork(cfg, **mapping_sizes(backbone)), placeholder_id(backbone.tokenizer)
+    # the word embeddings' mean norm: stage I and II never train them, so an export recomputes the same value
+    word_norm = float(backbone.model.token_embedding.weight.detach().float().norm(dim=-1).mean())
+    return MappingNetwork(cfg, **mapping_sizes(backbone), word_norm=word_norm), placeholder_id(backbone.tokenizer)
 
 
 def _save_module(module: torch.nn.Module, path: Path) -> None:

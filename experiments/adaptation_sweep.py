@@ -42,10 +42,18 @@ VARIANTS = {
     "pretrained-0-seed1": (None, ["seed=1"]),  # how far stage I's own seed moves it
     "pretrained-0-seed2": (None, ["seed=2"]),
     "pretrained-200-lr1e-4-seed1": (ADAPT, ["seed=1"]),
+    "pretrained-200-lr1e-4-seed2": (ADAPT, ["seed=2"]),
     "pretrained-200-lr1e-4-stage1-900": (ADAPT, ["max_steps=900"]),
     "pretrained-200-lr1e-4-stage1-900-seed1": (ADAPT, ["max_steps=900", "seed=1"]),
     "pretrained-200-lr1e-4-pic2word": (ADAPT, PIC2WORD),
     "scratch-600-pic2word": (SCRATCH, PIC2WORD),
+    # pseudo tokens at the word embeddings' norm (cir/mapping.py, token_norm)
+    "pretrained-0-words": (None, ["mapping.token_norm=words"]),
+    "pretrained-0-words-seed1": (None, ["mapping.token_norm=words", "seed=1"]),
+    "pretrained-0-words-seed2": (None, ["mapping.token_norm=words", "seed=2"]),
+    "pretrained-200-lr1e-4-words": (ADAPT, ["mapping.token_norm=words"]),
+    "pretrained-200-lr1e-4-words-seed1": (ADAPT, ["mapping.token_norm=words", "seed=1"]),
+    "pretrained-200-lr1e-4-words-seed2": (ADAPT, ["mapping.token_norm=words", "seed=2"]),
 }
 BENCHES = {"toy-cirr": ("cirr", ["avg", "recall@1"]), "toy-circo": ("circo", ["map@5"])}
 METHODS = {"image_only": "image_only", "text_only": "text_only", "sum": "sum", "stage1": "model"}

@@ -128,3 +128,43 @@ def test_adaptation_sweep_scores_each_variant_on_its_own_clip(tmp_path):
     with pytest.raises(SystemExit) as exited:
         sweep.main(["--out", str(out), "--only", "nope"])
     assert exited.value.code == 2
+
+
+def test_text_ceiling_gives_eval_runs_numbers_for_the_queries_it_shares_with_it(toy_world, tiny_stage1_export,
+                                                                                 tmp_path):
+    """experiments/text_ceiling.py: image-only, sum and stage I as `eval run` scores them (CIRR R@1 with the
+    reference excluded, CIRCO mAP@5), and the caption-written queries as values of the same metric."""
+    from eval.run import run as eval_run
+
+    ceiling = _experiment("text_ceiling")
+    for layout, metric in (("cirr", "recall@1"), ("circo", "map@5")):
+        root = toy_world / "bench" / layout
+        got = ceiling.ceiling(tiny_stage1_export, root, layout)
+        assert set(got) == set(ceiling.QUERIES)
+        for kind, method in (("image_only", "image_only"), ("sum", "sum"), ("stage1", "model")):
+            checkpoint = tiny_stage1_export if method == "model" else tiny_stage1_export / "clip"
+            metrics = eval_run(layout, str(root), str(checkpoint), split="val", method=method,
+                               output=str(tmp_path / f"{layout}-{kind}"))
+            assert abs(got[kind][0] - metrics[metric]) <= 0.005, (layout, kind, got[kind], metrics[metric])
+        assert all(0.0 <= lo <= value <= hi <= 100.0 for value, lo, hi in got.values())
+
+
+def test_clip_strength_tables_and_plots_each_comparison_at_each_strength(tmp_path):
+    strength = _experiment("clip_strength")
+
+    def claim(cid, diffs):
+        comps = [{"benchmark": b, "metric": "avg", "better": "x", "other": "y", "difference": d,
+                  "ci95": [d - 1.0, d + 1.0], "verdict": "holds" if d > 1 else "does not hold"}
+                 for b, d in zip(("toy-cirr", "toy-circo"), diffs)]
+        return {"id": cid, "verdict": "holds" if min(diffs) > 1 else "does not hold", "comparisons": comps,
+                "summary": f"holds in {sum(d > 1 for d in diffs)} of 2 comparisons, does not hold in 0"}
+
+    results = {"scratch": {"clip_r1": 20.0, "claims": [claim("A", [0.5, 2.0]), claim("B", [3.0, 4.0])]},
+               "pretrained": {"clip_r1": 55.25, "claims": [claim("A", [5.0, -2.5]), claim("B", [0.0, 1.5])]}}
+    text = strength.table(results).splitlines()
+    assert "scratch (CLIP R@1 20.0)" in text[0] and "pretrained (CLIP R@1 55.3)" in text[0]
+    assert len(text) == 2 + 2 * (1 + 2)  # header, rule; per claim its verdict and its two comparisons
+    assert text[3] == ("| A | x vs y, toy-cirr avg | +0.5 [-0.5, +1.5] does not hold | +5.0 [+4.0, +6.0] holds |")
+    assert text[4].startswith("| A | x vs y, toy-circo avg | +2.0 [+1.0, +3.0] holds | -2.5 [-3.5, -1.5]")
+    strength.plot(results, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

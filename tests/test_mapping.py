@@ -51,3 +51,25 @@ def test_mapping_shapes_with_and_without_patches():
     assert with_patches(v, patches).shape == (3, 4, 48)
     pic2word = MappingNetwork(MappingConfig(num_tokens=1, use_patches=False), 32, 64, 48)
     assert pic2word(v).shape == (3, 1, 48) and pic2word.patch_proj is None
+
+
+def test_token_norm_words_puts_every_pseudo_token_at_the_word_embeddings_norm():
+    from cir.model import new_mapping
+
+    bb = create_backbone("tiny-clip-32", seed=0)
+    words = float(bb.model.token_embedding.weight.norm(dim=-1).mean())
+    v, patches = torch.randn(3, bb.embed_dim), torch.randn(3, 5, int(bb.model_cfg["vision_cfg"]["width"]))
+    free, _ = new_mapping(bb, MappingConfig(num_tokens=2, depth=1, heads=2))
+    scaled, _ = new_mapping(bb, MappingConfig(num_tokens=2, depth=1, heads=2, token_norm="words"))
+    scaled.load_state_dict(free.state_dict())  # the same weights: only the output's length differs
+    s_free, s_words = free(v, patches), scaled(v, patches)
+    assert torch.allclose(s_words.norm(dim=-1), torch.full((3, 2), words), atol=1e-5)
+    assert not torch.allclose(s_free.norm(dim=-1), torch.full((3, 2), words), atol=1e-2)
+    assert torch.allclose(torch.nn.functional.normalize(s_free, dim=-1), s_words / words, atol=1e-5)
+
+
+def test_token_norm_refuses_an_unknown_value():
+    import pytest
+
+    with pytest.raises(ValueError, match="token_norm"):
+        MappingNetwork(MappingConfig(token_norm="unit"), 32, 64, 48)
