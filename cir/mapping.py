@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ranged
+
 PLACEHOLDER = "$"
+TOKEN_NORMS = ("free", "words")
 
 
 @dataclass
@@ -24,7 +27,7 @@ class MappingConfig:
     dropout: float = 0.0  # on the MLP hidden layer
     # "free": S as the output layer gives it; "words": each pseudo token rescaled to the mean L2 norm of the
     # text encoder's word embeddings, so that S sits where real words do in the token-embedding space
-    token_norm: str = "free"
+    token_norm: str = ranged("free", choices=TOKEN_NORMS)
 
 
 class MappingBlock(nn.Module):
@@ -57,8 +60,8 @@ class MappingNetwork(nn.Module):
 
     def __init__(self, cfg: MappingConfig, embed_dim: int, patch_dim: int, token_dim: int, word_norm: float = 1.0):
         super().__init__()
-        if cfg.token_norm not in ("free", "words"):
-            raise ValueError(f"mapping.token_norm must be 'free' or 'words', not {cfg.token_norm!r}")
+        if cfg.token_norm not in TOKEN_NORMS:
+            raise ValueError(f"mapping.token_norm must be one of {TOKEN_NORMS}, not {cfg.token_norm!r}")
         self.cfg = cfg
         self.word_norm = word_norm  # mean |e| of the CLIP's word embeddings (used when token_norm="words")
         self.queries = nn.Parameter(torch.randn(cfg.num_tokens, token_dim) * 0.02)

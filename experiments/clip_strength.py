@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 CONFIG = "experiments/claims.yaml"
 MAIN = ["TSCIR-1", "TSCIR-2", "TSCIR-4b", "TSCIR-4c", "MUR-1", "CTI-IR-1"]
 PARTIAL = "runs/clips/toy-clip-64-1k"
+REPORT = "main_claims"  # the claims runs' report name (claims.json stays the full run's)
 # name -> stage 0 overrides of the claims run (None: the claims config's own, read from --full)
 STRENGTHS = {
     "scratch": ["init_from=null", "clip.model=toy-clip-64", "max_steps=600", "optim.lr=1.0e-3"],
@@ -43,12 +44,12 @@ STRENGTHS = {
 def claims_run(out: Path, stage0_overrides: Optional[list[str]]) -> dict:
     """Runs (or reuses) the main claims with this stage 0 and returns its claims.json."""
     cmd = [sys.executable, "-m", "eval", "claims", "--config", CONFIG, f"only=[{','.join(MAIN)}]",
-           f"output_dir={out}"]
+           f"output_dir={out}", f"report={REPORT}"]  # beside the full report of --full, not over it
     if stage0_overrides:
         cmd.append(f"stage0_overrides=[{','.join(stage0_overrides)}]")
     print("[clip_strength]", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, cwd=ROOT, check=True)
-    return json.loads((out / "claims.json").read_text())
+    return json.loads((out / f"{REPORT}.json").read_text())
 
 
 def strength(out: Path, seeds: list[int]) -> list[float]:

@@ -6,8 +6,9 @@ canonical keys as ground truth.
 
 The words come from a `Vocabulary`: `shapes` (the default world: circles, squares, ... on gray, black or brown)
 or `gems` (stars, diamonds, ... in other colours on other backgrounds, with other caption openings), a second
-world to check that what was tuned on the first transfers. Vocabularies share no shape, colour or background
-word, so a scene's words say which world it belongs to (`vocabulary_of`).
+world to check that what was tuned on the first transfers, and `glyphs` (pentagons, rings, ...), a third on which
+nothing was ever tuned or checked before. Vocabularies share no shape, colour or background word, so a scene's
+words say which world it belongs to (`vocabulary_of`).
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ GEMS_WORLD = Vocabulary(
     fashioniq={"dress": "diamond", "shirt": "hexagon", "toptee": "star"},
     caption_prefixes=("", "a render of ", "a drawing of ", "an illustration of "),
 )
-VOCABULARIES = {v.name: v for v in (SHAPES_WORLD, GEMS_WORLD)}
-# Words no benchmark world uses: the pretraining corpus of the toy CLIP (toyworld.pretrain) knows them too, as a
+# Words neither tuning world uses: the pretraining corpus of the toy CLIP (toyworld.pretrain) knows them too, as a
 # web-trained CLIP knows far more than any benchmark asks about.
 EXTRA_WORDS = Vocabulary(
     name="extra",
@@ -57,6 +57,11 @@ EXTRA_WORDS = Vocabulary(
     fashioniq={},
     caption_prefixes=("", "a rendering of ", "a simple graphic of ", "there is "),
 )
+# A third world made of the extra words (four colours): one no config or default was ever chosen on, to check
+# that the toy configs are general. Unlike shapes and gems, its benchmark scenes were not kept out of the
+# pretraining corpus (the corpus predates it): how many of them the corpus shows is counted where it is used.
+GLYPHS_WORLD = replace(EXTRA_WORDS, name="glyphs", fashioniq={"dress": "pentagon", "shirt": "oval", "toptee": "ring"})
+VOCABULARIES = {v.name: v for v in (SHAPES_WORLD, GEMS_WORLD, GLYPHS_WORLD)}
 # The open domain: every word of every world and the extra ones. Not a benchmark world (not in VOCABULARIES,
 # and `vocabulary_of` never returns it); the renderer takes its colours from here.
 OPEN_DOMAIN = Vocabulary(

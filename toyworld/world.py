@@ -40,8 +40,8 @@ class WorldConfig:
                                              "pair mining finds pairs")
     bench_queries: int = ranged(100, min=1, help="queries per benchmark split (per category for FashionIQ)")
     vocabulary: str = ranged("shapes", choices=tuple(sorted(VOCABULARIES)),
-                             help="the world's words: shapes (the default world) or gems (a second world for "
-                                  "transfer checks)")
+                             help="the world's words: shapes (the default world), gems (a second world for transfer "
+                                  "checks) or glyphs (a third, on which nothing was ever chosen)")
     query_phrasing: str = ranged("editor", choices=PHRASINGS,
                                  help="the benchmarks' modification texts: editor (the toy editor's phrasings, which "
                                       "the high-quality triplets carry too) or held-out (phrased as no training "
