@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from cir.backbone import weights_fingerprint
 from cir.model import (CONFIG_FILE, CIRModel, ExportError, ImageLike, encode_image, encode_text_batched,
-                       load_cir_model)
+                       load_cir_model, starts)
 
 
 def image_tower(checkpoint: str) -> str:
@@ -63,7 +63,7 @@ class Encoder:
     def images(self, images: Sequence[ImageLike], batch_size: int, progress: bool = True) -> torch.Tensor:
         """[N, d] normalised image features on the CPU, in batches."""
         feats = []
-        for start in tqdm(range(0, len(images), batch_size), desc="gallery", unit="batch", file=sys.stderr,
+        for start in tqdm(starts(len(images), batch_size), desc="gallery", unit="batch", file=sys.stderr,
                           disable=not progress):
             # CIRModel.encode_image is this same function on the export's CLIP: one path for exports and baselines
             feats.append(encode_image(self.backbone, images[start:start + batch_size], batch_size, self.device).cpu())
@@ -97,7 +97,7 @@ class Encoder:
         owner = [i for i, variants in enumerate(texts) for _ in variants]  # query of each text variant
         flat = [t for variants in texts for t in variants]
         out = torch.zeros(len(texts), ref_feats.shape[1])
-        for start in range(0, len(flat), batch_size):
+        for start in starts(len(flat), batch_size):
             idx = owner[start:start + batch_size]
             chunk = flat[start:start + batch_size]
             if method == "model":  # the pseudo tokens need the references' patch tokens: the image tower, unless kept

@@ -128,7 +128,7 @@ class CIRModel(torch.nn.Module):
         when the mapping uses them, patch tokens [N, n, w] (else None). A cache of these (eval run keeps one
         per benchmark and image tower) lets encode_query skip the image tower."""
         feats, patches = [], []
-        for start in range(0, len(images), batch_size):
+        for start in starts(len(images), batch_size):
             pixels = self.pixels(images[start:start + batch_size])
             v, p = image_features(self.clip, pixels, self.mapping.cfg.use_patches)
             feats.append(v)
@@ -147,10 +147,11 @@ class CIRModel(torch.nn.Module):
         if isinstance(texts, str) or len(texts) != len(images):
             raise ValueError(f"encode_query takes one text per image: got {len(images)} images and "
                              f"{1 if isinstance(texts, str) else len(texts)} texts")
+        check_texts(texts)
         if references is not None and len(references[0]) != len(texts):
             raise ValueError(f"references hold {len(references[0])} images, not the {len(texts)} queried")
         feats, weights = [], []
-        for start in range(0, len(texts), batch_size):
+        for start in starts(len(texts), batch_size):
             stop = start + batch_size
             if references is None:
                 v, patches = image_features(self.clip, self.pixels(images[start:stop]), self.mapping.cfg.use_patches)
@@ -251,13 +252,28 @@ def pixels(backbone: Backbone, images: Images) -> torch.Tensor:
     return preprocess_batch(backbone.preprocess, [rgb(x) for x in images])
 
 
+def starts(n: int, batch_size: int) -> range:
+    """The first index of each batch of n items (ValueError for a batch size below 1, which range() would
+    reject with a message about its step)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    return range(0, n, batch_size)
+
+
+def check_texts(texts: Sequence[str]) -> None:
+    """TypeError naming the first item that is not a string (None would be encoded as the word "None")."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__} {text!r}, not a string")
+
+
 @torch.no_grad()
 def encode_image(backbone: Backbone, images: Images, batch_size: int = 64,
                  device: str | torch.device = "cpu") -> torch.Tensor:
     """[N, d] normalised image features of a CLIP, in batches."""
     feats = [backbone.model.encode_image(pixels(backbone, images[start:start + batch_size]).to(device),
                                          normalize=True).float()
-             for start in range(0, len(images), batch_size)]
+             for start in starts(len(images), batch_size)]
     return torch.cat(feats) if feats else torch.empty(0, backbone.embed_dim, device=device)
 
 
@@ -265,8 +281,9 @@ def encode_image(backbone: Backbone, images: Images, batch_size: int = 64,
 def encode_text_batched(backbone: Backbone, texts: Sequence[str], batch_size: int = 256,
                         device: str | torch.device = "cpu") -> torch.Tensor:
     """[N, d] normalised text features of a CLIP, in batches."""
+    check_texts(texts)
     feats = [encode_text(backbone.model, backbone.tokenizer(list(texts[start:start + batch_size])).to(device)).float()
-             for start in range(0, len(texts), batch_size)]
+             for start in starts(len(texts), batch_size)]
     return torch.cat(feats) if feats else torch.empty(0, backbone.embed_dim, device=device)
 
 

@@ -22,16 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pretrained", help="with a CLIP architecture name: its open_clip tag or weights file")
     i.add_argument("--images", required=True, help="a folder, a glob, webdataset tars or a caption dataset dir")
     i.add_argument("--output", required=True, help="the index directory (created, or extended)")
-    i.add_argument("--batch-size", type=int, default=64)
+    i.add_argument("--batch-size", type=at_least_one, default=64)
     i.add_argument("--device", default="cpu")
-    i.add_argument("--thumb-size", type=int, default=256, help="longest side of the stored thumbnails")
+    i.add_argument("--thumb-size", type=at_least_one, default=256, help="longest side of the stored thumbnails")
     i.add_argument("--faiss-min", type=int, default=100_000, help="galleries this large also get a faiss index")
     q = sub.add_parser("search", help="ranked results of a composed, text-only or image-only query")
     q.add_argument("--index", required=True)
     q.add_argument("--image", help="the reference image (a file)")
     q.add_argument("--reference", help="the reference image, by its name in the index")
     q.add_argument("--text", help="the modification text")
-    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--k", type=at_least_one, default=10)
     q.add_argument("--checkpoint", help="default: the one the index was built with")
     q.add_argument("--pretrained", help="with a CLIP architecture name: its tag or weights file (default: the index's)")
     q.add_argument("--keep-reference", action="store_true", help="let the reference itself be a result")
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=port, default=7860, help="1-65535 (default 7860)")
     v.add_argument("--device", default="cpu")
     return p
+
+
+def at_least_one(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
+    return value
 
 
 def port(text: str) -> int:

@@ -106,6 +106,12 @@ def test_search_command_prints_json_and_fails_cleanly(indexed, capsys, tmp_path)
     # the checkpoint's own errors (here: an architecture without weights) are messages too, not tracebacks
     assert search_main(["search", "--index", str(out), "--text", "x", "--checkpoint", "ViT-B-32"]) == 2
     assert "randomly initialised" in capsys.readouterr().err
+    # sizes below 1 are refused by the parser, before any model loads (issue 44: --batch-size 0 was a traceback)
+    for argv in (["index", "--checkpoint", "x", "--images", "x", "--output", str(tmp_path / "i"), "--batch-size", "0"],
+                 ["search", "--index", str(out), "--text", "x", "--k", "-3"]):
+        with pytest.raises(SystemExit) as exited:
+            search_main(argv)
+        assert exited.value.code == 2 and "a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_incremental_index_equals_a_full_rebuild(toy_world, tiny_stage1_export, tmp_path):

@@ -72,6 +72,16 @@ def test_inputs_paths_pil_and_preprocessed_tensors_agree(tiny_stage1_export, toy
         model.encode_query(files, texts[:2])
     with pytest.raises(ValueError, match="one text per image"):
         model.encode_query(files[:1], "a bare string")
+    # a text that is not a string is named, never encoded as the word "None" (issue 44)
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType None, not a string"):
+        model.encode_query(files[:2], ["a", None])
+    with pytest.raises(TypeError, match=r"texts\[0\] is int"):
+        model.encode_text([3])
+    for call in (lambda: model.encode_image(files, batch_size=0), lambda: model.encode_text(texts, batch_size=-1),
+                 lambda: model.encode_query(files, texts, batch_size=0),
+                 lambda: model.encode_references(files, batch_size=1.5)):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1"):
+            call()
 
 
 def test_save_round_trip_adapters_and_fusion_weights(stage2_like, toy_world, tmp_path):
