@@ -157,6 +157,22 @@ def _weights_for(name: str, pretrained: Optional[str], allow_random: bool) -> Op
     return pretrained
 
 
+def check_device(device: str | torch.device) -> None:
+    """BackboneError for a device torch cannot parse or this machine does not have (a CUDA index past its GPUs,
+    CUDA or MPS without them), before any weights load."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise BackboneError(f"device {device!r} is not a torch device ({err}): use cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise BackboneError(f"device {device!r}: this machine has {count} CUDA device(s)"
+                                + (f" (cuda:0 to cuda:{count - 1})" if count else "; use cpu"))
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BackboneError(f"device {device!r}: MPS is not available on this machine; use cpu")
+
+
 def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str | torch.device = "cpu",
                     precision: str = "fp32", seed: Optional[int] = None, allow_random: bool = False) -> Backbone:
     """Build model + transforms + tokenizer.
@@ -175,6 +191,7 @@ def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str
         if pretrained not in tags and not os.path.isfile(pretrained):
             raise BackboneError(f"pretrained weights '{pretrained}' for {name}: no such file, and not one of "
                                 f"open_clip's tags for it ({', '.join(tags) or 'none'})")
+    check_device(device)
     if seed is not None:
         # Random init must not depend on how much randomness was drawn before this call.
         torch.manual_seed(seed)
@@ -183,6 +200,9 @@ def create_backbone(model: str, pretrained: Optional[str] = None, *, device: str
             name, pretrained=pretrained, device=device, precision=precision)
     except Exception as err:  # open_clip raises RuntimeError/OSError/HF errors for missing downloads
         where = f"{name} with pretrained='{pretrained}'" if pretrained else name
+        if name.startswith("local-dir:"):  # nothing to download: the folder's files are damaged or not a CLIP's
+            raise BackboneError(f"could not load CLIP {where}: {err}. Its {CONFIG_FILE} and {WEIGHTS_FILE} are "
+                                f"not a loadable open_clip export (damaged, edited or partly copied?)") from err
         raise BackboneError(
             f"could not load CLIP {where}: {err}. Offline, pass a local directory "
             f"({CONFIG_FILE} + {WEIGHTS_FILE}) or a weights file as pretrained") from err

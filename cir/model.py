@@ -209,26 +209,71 @@ def resolve_export(path_or_id: str | Path, **hub_kwargs) -> Path:
                           f"export's local directory, or download it once with network") from err
 
 
-def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
-    path = Path(path)
+def _export_config(path: Path) -> dict:
+    """cir_config.json as a dict with the keys every export has (ExportError naming the file otherwise)."""
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{path} is not a stage I/II export (missing file: {config_path})")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{config_path} is not valid JSON ({err}): the export is damaged; export it again") from err
+    missing = [k for k in ("stage", "prompt", "mapping", "sizes") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ExportError(f"{config_path}: missing {', '.join(missing)}: not a stage I/II export's config")
+    return config
+
+
+def _section(config_path: Path, name: str, cls, values):
+    """A dataclass section of cir_config.json (mapping, adapters), ExportError naming an unknown or bad field."""
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ExportError(f"{config_path}: field {name!r} does not fit this version's {cls.__name__} ({err})") from err
+
+
+def _load_weights(module: torch.nn.Module, file: Path, config_field: str) -> None:
+    """load_state_dict from a safetensors file, ExportError naming the file for a missing, truncated or
+    mismatched one (a config field edited after export changes the shapes it expects)."""
+    try:
+        state = load_file(str(file))
+    except FileNotFoundError as err:
+        raise ExportError(f"{file} is missing: the export is incomplete; export it again") from err
+    except Exception as err:  # safetensors raises its own error type for truncated or empty files
+        raise ExportError(f"{file} does not load ({err}): damaged or partly copied; export it again") from err
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ExportError(f"{file} does not match cir_config.json's {config_field!r} "
+                          f"({first[1].strip() if len(first) > 1 else first[0]}): was the config edited?") from err
+
+
+def load_cir_model(path: str | Path, device: str = "cpu") -> CIRModel:
+    path = Path(path)
+    config = _export_config(path)
+    config_path = path / CONFIG_FILE
     backbone = create_backbone(str(path / "clip"), device=device)
-    mapping_cfg = MappingConfig(**config["mapping"])
-    mapping, placeholder = new_mapping(backbone, mapping_cfg)
+    mapping_cfg = _section(config_path, "mapping", MappingConfig, config["mapping"])
+    try:
+        mapping, placeholder = new_mapping(backbone, mapping_cfg)
+    except ValueError as err:
+        raise ExportError(f"{config_path}: field 'mapping': {err}") from err
     if mapping_sizes(backbone) != config["sizes"]:
         raise ExportError(f"{path}: the CLIP does not match the mapping's sizes {config['sizes']}")
-    mapping.load_state_dict(load_file(str(path / MAPPING_FILE)))
+    _load_weights(mapping, path / MAPPING_FILE, "mapping")
     adapters = fusion = None
     if "adapters" in config:
         width, blocks = text_encoder_shape(backbone)
-        adapters = ComposingAdapters(AdapterConfig(**config["adapters"]), width, blocks)
-        adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
+        adapters = ComposingAdapters(_section(config_path, "adapters", AdapterConfig, config["adapters"]), width,
+                                     blocks)
+        _load_weights(adapters, path / "adapters.safetensors", "adapters")
     if "fusion" in config:
-        fusion = fusion_from_config(backbone.embed_dim, config["fusion"])
-        fusion.load_state_dict(load_file(str(path / "fusion.safetensors")))
+        try:
+            fusion = fusion_from_config(backbone.embed_dim, config["fusion"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise ExportError(f"{config_path}: field 'fusion' is not a fusion config ({err!r})") from err
+        _load_weights(fusion, path / "fusion.safetensors", "fusion")
     model = CIRModel(backbone, mapping, placeholder, config["prompt"], int(config["stage"]), adapters, fusion,
                      config.get("template", DEFAULT_TEMPLATE))
     return model.to(device)

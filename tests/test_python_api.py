@@ -109,6 +109,57 @@ def test_not_an_export_is_named(tmp_path, tiny_stage1_export):
         cir.load("hf-hub:nobody/not-cached", cache_dir=str(tmp_path / "hub"), local_files_only=True)
 
 
+def test_a_damaged_or_edited_export_is_named_with_what_to_do(tiny_stage1_export, toy_world, tmp_path):
+    """Issue 44: every damaged or mismatched export is an ExportError (or the CLIP's BackboneError) naming the
+    file and the field, through `cir.load` and through `eval run` (exit 2), never a raw library error."""
+    import shutil
+
+    from cir.backbone import BackboneError
+    from eval.__main__ import main as eval_main
+
+    def copy(name):
+        out = tmp_path / name
+        shutil.copytree(tiny_stage1_export, out)
+        return out
+
+    weights = copy("truncated") / "mapping.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    empty = copy("empty") / "mapping.safetensors"
+    empty.write_bytes(b"")
+    missing = copy("missing") / "mapping.safetensors"
+    missing.unlink()
+    for file, message in ((weights, "does not load"), (empty, "does not load"), (missing, "is missing")):
+        with pytest.raises(ExportError, match=re.escape(str(file)) + ".*" + message):
+            cir.load(file.parent)
+    broken = copy("broken") / "cir_config.json"
+    broken.write_text("{not json")
+    with pytest.raises(ExportError, match="cir_config.json is not valid JSON"):
+        cir.load(broken.parent)
+    config = json.loads((tiny_stage1_export / "cir_config.json").read_text())
+    for name, edit, message in (
+            ("unknown-field", lambda c: c["mapping"].update(colour="red"), "field 'mapping' does not fit"),
+            ("more-tokens", lambda c: c["mapping"].update(num_tokens=c["mapping"]["num_tokens"] + 1),
+             "does not match cir_config.json's 'mapping'"),
+            ("bad-norm", lambda c: c["mapping"].update(token_norm="unit"), "field 'mapping'.*token_norm"),
+            ("no-sizes", lambda c: c.pop("sizes"), "missing sizes")):
+        edited = json.loads(json.dumps(config))
+        edit(edited)
+        folder = copy(name)
+        (folder / "cir_config.json").write_text(json.dumps(edited))
+        with pytest.raises(ExportError, match=message):
+            cir.load(folder)
+    clip = copy("clip-truncated") / "clip" / "open_clip_model.safetensors"
+    clip.write_bytes(clip.read_bytes()[:64])
+    with pytest.raises(BackboneError, match="not a loadable open_clip export"):
+        cir.load(clip.parent.parent)
+    with pytest.raises(BackboneError, match="CUDA device|not a torch device"):
+        cir.load(tiny_stage1_export, device="cuda:7")
+    with pytest.raises(BackboneError, match="not a torch device"):
+        cir.load(tiny_stage1_export, device="gpu please")
+    assert eval_main(["run", "--benchmark", "cirr", "--data", str(toy_world / "bench" / "cirr"), "--checkpoint",
+                      str(weights.parent), "--split", "val", "--output", str(tmp_path / "out")]) == 2
+
+
 def test_hf_hub_id_resolves_through_the_hub_cache(tiny_stage1_export, toy_world, tmp_path):
     """An export laid out as huggingface_hub caches a downloaded repo loads by its id, offline."""
     import shutil
