@@ -73,9 +73,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             result = {"rows": len(rows), "output_dir": cfg.output_dir}
         elif args.command == "claims":
-            from eval.claims import claims, load
+            import os
+            from pathlib import Path
 
-            cfg = load(args.config, args.overrides)
+            from eval.claims import ROOT, anchored, claims, load
+
+            # the user's paths mean what they say where the command ran; the steps run from the repository
+            # (beam_runner, the stage configs' own relative paths such as init_from)
+            cfg = anchored(load(args.config, args.overrides), Path.cwd())
+            os.chdir(ROOT)
+            if str(ROOT) not in sys.path:
+                sys.path.insert(0, str(ROOT))
             report = claims(cfg)
             print(f"claims: {cfg.output_dir}/{cfg.report}.md, {cfg.output_dir}/{cfg.report}.json", file=sys.stderr)
             result = {c["id"]: c["verdict"] for c in report["claims"]}

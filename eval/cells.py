@@ -39,7 +39,21 @@ def workers(jobs: int, threads: int) -> int:
     return jobs if jobs > 0 else max(1, cores() // max(1, threads))
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A daemon thread that ends this worker once its parent is gone (a kill -9 of `eval claims` would leave it
+    training with no one to read its result): the parent's pid changes when it dies."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _start_worker(threads: int) -> None:
+    _exit_with_parent(os.getppid())
     # before torch starts its thread pools: OpenMP and MKL read these once
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)

@@ -137,6 +137,21 @@ class ClaimsConfig:
     claims: list[ClaimSpec] = field(default_factory=list)
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: beam_runner.py, train/configs/, toyworld/pretrained/
+
+
+def anchored(cfg: ClaimsConfig, cwd: Path) -> ClaimsConfig:
+    """cfg with absolute paths, for a run from the repository root whatever directory the command was started
+    in: output_dir relative to `cwd`; a stage config relative to `cwd` when it is there, else to the repository
+    (the shipped train/configs/)."""
+    cfg.output_dir = str((cwd / cfg.output_dir).resolve())
+    for name in ("stage0_config", "stage1_config", "stage2_config"):
+        path = Path(getattr(cfg, name))
+        if not path.is_absolute():
+            setattr(cfg, name, str((cwd / path) if (cwd / path).is_file() else ROOT / path))
+    return cfg
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     """The YAML file and `key=value` overrides (e.g. `world_vocabulary=gems output_dir=runs/x`, or dotted into a
     row: `rows.stage1.overrides=[max_steps=900]`) -> ClaimsConfig; unknown keys, rows and benchmarks are named."""
@@ -145,7 +160,13 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     p = Path(path)
     if not p.is_file():
         raise PredictionError(f"claims config not found: {path}")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise PredictionError(f"claims config {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not data:
+        raise PredictionError(f"claims config {path}: a mapping of fields with `rows` and `claims` "
+                              f"(experiments/claims.yaml is one), got {'an empty file' if data is None else repr(data)}")
     try:
         apply_overrides(data, overrides)
         rows = {name: from_dict(RowSpec, spec, f"rows.{name}") for name, spec in (data.pop("rows", {}) or {}).items()}
@@ -156,6 +177,15 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     except ConfigError as err:
         raise PredictionError(str(err)) from err
     cfg.rows, cfg.claims, cfg.benchmarks = rows, claims, benches
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in cfg.seeds):
+        raise PredictionError(f"seeds: distinct whole numbers >= 0, at least one, got {cfg.seeds!r} (a seed "
+                              f"counted twice would narrow every interval)")
+    if cfg.threads < 1 or cfg.jobs < 0:
+        raise PredictionError(f"threads must be at least 1 and jobs at least 0 (0: one per `threads` cores), got "
+                              f"threads={cfg.threads}, jobs={cfg.jobs}")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise PredictionError(f"output_dir {cfg.output_dir} is a file, not a folder: name another output_dir")
     if cfg.interval not in INTERVALS:
         raise PredictionError(f"interval: one of {INTERVALS}, got {cfg.interval!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.report):
@@ -575,6 +605,8 @@ def judge(claim: ClaimSpec, values: dict, min_effect: float, over: str = "seeds"
 
 
 def claims(cfg: ClaimsConfig) -> dict:
+    if not cfg.claims:
+        raise PredictionError("the config has no claims to judge: nothing to train (experiments/claims.yaml has them)")
     started = time.time()
     paths = prepare(cfg)
     needed: dict[str, list] = {}  # row -> [(benchmark, metric)], rows in the order claims first name them
@@ -597,16 +629,27 @@ def claims(cfg: ClaimsConfig) -> dict:
     report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds,
               "clip_per_seed": cfg.clip_per_seed, "interval": cfg.interval, "bench_queries": cfg.bench_queries,
               "min_effect": cfg.min_effect, "rows": rows_out,
-              "claims": [judge(c, values, cfg.min_effect, cfg.interval) for c in cfg.claims],
-              "seconds": round(time.time() - started, 1)}
+              "claims": [judge(c, values, cfg.min_effect, cfg.interval) for c in cfg.claims]}
     out = Path(cfg.output_dir)
-    if made:  # what this run made, step by step (a rerun that made nothing leaves the last one)
-        (out / "timings.json").write_text(json.dumps(
-            {"seconds": report["seconds"], "workers": cells.workers(cfg.jobs, cfg.threads), "threads": cfg.threads,
-             "steps_s": made}, indent=1) + "\n", encoding="utf-8")
+    report["seconds"] = timings(out, made, round(time.time() - started, 1), cfg).get("seconds", 0.0)
     (out / f"{cfg.report}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / f"{cfg.report}.md").write_text(markdown(report, cfg), encoding="utf-8")
     return report
+
+
+def timings(out: Path, made: dict[str, float], seconds: float, cfg: ClaimsConfig) -> dict:
+    """timings.json in output_dir, kept across runs: each step's seconds (`steps_s`; a step made again replaces
+    its entry) and the wall-clock seconds of every run that made a step (`runs_s`); `seconds`, their sum, is
+    the time the steps took, which a resumed run adds to and a run that made nothing leaves as it was."""
+    path = out / "timings.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    runs = old.get("runs_s", [old["seconds"]] if "seconds" in old else [])  # files before runs_s: one run
+    if made:
+        runs = [*runs, seconds]
+        old = {"seconds": round(sum(runs), 1), "runs_s": runs, "workers": cells.workers(cfg.jobs, cfg.threads),
+               "threads": cfg.threads, "steps_s": {**old.get("steps_s", {}), **made}}
+        path.write_text(json.dumps(old, indent=1) + "\n", encoding="utf-8")
+    return old
 
 
 def markdown(report: dict, cfg: ClaimsConfig) -> str:

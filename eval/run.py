@@ -62,7 +62,11 @@ def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
     split = benchmarks.split_name(benchmark, cfg.split)  # as the files name it (CIRR's test is test1)
     bench = benchmarks.load(benchmark, root, split, cfg.shared_concept)
     out = Path(cfg.output) if cfg.output else default_output(checkpoint) / f"{benchmark}-{split}-{method}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # the output, or a folder above it, is a file
+        raise PredictionError(f"output {out} cannot be a folder: {err.filename} is a file; name another "
+                              f"output") from err
     missing = sorted(n for n, p in bench.gallery.items() if not p.is_file())
     names = [n for n in bench.gallery if n not in set(missing)]
     if missing:

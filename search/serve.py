@@ -38,10 +38,16 @@ def _page() -> bytes:
     return resources.files("search").joinpath("web/search.html").read_bytes()
 
 
+REQUEST_KEYS = {"text", "k", "image", "reference_row"}
+
+
 def _query_from_json(body: dict) -> dict:
     """The keyword arguments of Searcher.search from a request body, validated."""
     if not isinstance(body, dict):
         raise GalleryError("the request body must be a JSON object")
+    unknown = sorted(set(body) - REQUEST_KEYS)
+    if unknown:  # {"reference": ...} would otherwise be answered as a text-only search
+        raise GalleryError(f"unknown request key(s) {unknown}: a request has {sorted(REQUEST_KEYS)}")
     text, k = body.get("text"), body.get("k", 12)
     if text is not None and not isinstance(text, str):
         raise GalleryError("'text' must be a string")

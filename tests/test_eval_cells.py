@@ -81,3 +81,41 @@ def test_a_command_step_fails_on_a_nonzero_exit(tmp_path, capsys):
     with pytest.raises(PredictionError, match="beam_runner toy .* exited with status 2"):
         run_main("beam_runner", ["toy", "--output", str(tmp_path / "v"), "--num-images", "0"])
     assert "--num-images: must be at least 1" in capsys.readouterr().err
+
+
+def _sleep_and_note(path, seconds):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """Issue 44: kill -9 of the process running the steps used to leave its workers training with no parent."""
+    import signal
+    import subprocess
+
+    note = tmp_path / "worker.pid"
+    script = (f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); "
+              f"from test_eval_cells import _sleep_and_note; from eval.cells import Step, run_steps; "
+              f"run_steps([Step('sleep', {str(tmp_path / 'log')!r}, _sleep_and_note, ({str(note)!r}, 120))], 1, 1, "
+              f"print)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        for _ in range(600):  # the worker has started its step
+            if note.is_file() and note.read_text():
+                break
+            time.sleep(0.1)
+        worker = int(note.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        for _ in range(100):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its parent by 10 s")
+    finally:
+        parent.kill()

@@ -71,6 +71,17 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
                    "rows: {stage1: {stage: stage1}, r: {stage: stage2, data: b, count: 5}}\n")
     with pytest.raises(PredictionError, match="rows.r.count: only for the synthetic datasets"):
         load(str(bad))
+    # issue 44: refused as the config loads, before any world is built
+    for text, message in (("", "got an empty file"), ("- a\n- b\n", r"got \['a', 'b'\]"),
+                          ("rows: {a: [\n", "is not valid YAML"), ("seeds: []\n", "seeds: distinct"),
+                          ("seeds: [0, 0]\n", "a seed counted twice"), ("seeds: [-1]\n", "seeds: distinct"),
+                          ("threads: 0\n", "threads must be at least 1"), (f"output_dir: {bad}\n", "is a file")):
+        bad.write_text(text)
+        with pytest.raises(PredictionError, match=message):
+            load(str(bad))
+    bad.write_text("seeds: -1\n")
+    with pytest.raises(PredictionError, match="seeds"):
+        load(str(bad))
     bad.write_text("benchmarks: {b: {benchmark: cirr, phrasing: poetic}}\n")
     with pytest.raises(PredictionError, match=r"benchmarks.b.phrasing: one of \('editor', 'held-out'\), got 'poetic'"):
         load(str(bad))
@@ -183,9 +194,15 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         lo, hi = g["ci95"]
         assert lo <= g["difference"] <= hi and g["difference"] == pytest.approx(g["editor"] - g["held_out_value"],
                                                                                   abs=0.02)
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)  # finished cells reused
-    assert again.returncode == 0 and "[claims] train" not in again.stderr
-    assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"] == report["claims"]
+    # finished cells reused, from another directory (the config's path relative to it; issue 44: beam_runner
+    # was not found outside the repository); the report keeps the seconds the steps took
+    again = subprocess.run([*args[:4], "--config", config.name], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0 and "[claims] train" not in again.stderr, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert rerun["claims"] == report["claims"] and rerun["seconds"] == report["seconds"] > 0
+    timing = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timing["seconds"] == report["seconds"] and len(timing["runs_s"]) == 1 and timing["steps_s"]
     # a second report in the same folder (configs sharing a world and cells) gets its own files
     other = subprocess.run([*args, "report=just-t1", "only=[T-1]"], cwd=ROOT, capture_output=True, text=True,
                            timeout=900)
@@ -309,3 +326,17 @@ def test_a_clip_is_made_from_the_weights_stage_0_starts_from(tmp_path):
     assert "init_weights" in claims.stage0_definition(load(str(config)), 0)  # the shipped config's start
     with pytest.raises(PredictionError, match="has no open_clip_model.safetensors"):
         claims.stage0_definition(load(str(config), [f"stage0_overrides=[init_from={tmp_path}]"]), 0)
+
+
+def test_timings_add_up_the_runs_that_made_steps(tmp_path):
+    """Issue 44: a resumed run adds its seconds to the earlier runs'; a run that made nothing changes nothing
+    (it used to write its own few seconds over the time the cells took)."""
+    from eval.claims import ClaimsConfig, timings
+
+    cfg = ClaimsConfig(jobs=1)
+    (tmp_path / "timings.json").write_text(json.dumps({"seconds": 18.0, "steps_s": {"a": 1.0, "b": 2.0}}))
+    got = timings(tmp_path, {"b": 3.0, "c": 4.0}, 5.5, cfg)  # a file written before runs_s: one run of 18 s
+    assert got["runs_s"] == [18.0, 5.5] and got["seconds"] == 23.5
+    assert got["steps_s"] == {"a": 1.0, "b": 3.0, "c": 4.0}
+    assert timings(tmp_path, {}, 2.0, cfg) == got == json.loads((tmp_path / "timings.json").read_text())
+    assert timings(tmp_path / "new", {}, 2.0, cfg) == {}  # nothing made, nothing recorded

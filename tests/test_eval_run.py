@@ -133,6 +133,16 @@ def test_cli_needs_an_export_for_the_model_method(toy_world, tiny_stage1_export)
     assert bad.returncode == 2 and "fashion200k has no split 'val'" in bad.stderr
 
 
+def test_an_output_under_a_file_is_refused(toy_world, tiny_stage1_export, tmp_path):
+    from eval.__main__ import main
+
+    (tmp_path / "file").write_text("keep me")
+    for output in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert main(["run", "--benchmark", "cirr", "--data", str(toy_world / "bench" / "cirr"), "--checkpoint",
+                     str(tiny_stage1_export), "--split", "val", "--output", str(output)]) == 2
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 def test_a_copy_of_a_gallery_elsewhere_reuses_its_cached_features(toy_world, tiny_stage1_export, tmp_path,
                                                                   monkeypatch):
     """Gallery features are keyed by the images' bytes, not their paths: a benchmark written again in another

@@ -57,6 +57,9 @@ def test_api_answers_bad_requests_and_keeps_serving(server):
     status, reply = _post(httpd, json.dumps({"image": "aGVsbG8=", "text": "red"}).encode())  # "hello"
     assert status == 400 and "not a usable image" in reply["error"]
     assert _post(httpd, json.dumps({"text": "red", "k": 0}).encode())[0] == 400
+    # an unknown key is named, not ignored ({"reference": ...} was answered as a text-only search; issue 44)
+    status, reply = _post(httpd, json.dumps({"reference": "toy_000001.png", "text": "make it red"}).encode())
+    assert status == 400 and "unknown request key(s) ['reference']" in reply["error"]
     status, reply = _post(httpd, json.dumps({"reference_row": 1, "text": "make it red", "k": 5}).encode())
     assert status == 200
     assert reply["results"] == searcher.search(reference_row=1, text="make it red", k=5)["results"]

@@ -279,6 +279,10 @@ def test_stage2_export_runs_in_eval(tiny_stage1_export, triplets, toy_world, tmp
                  *BASE]) == 0
     metrics = run("cirr", str(toy_world / "bench" / "cirr"), str(out / "final"), output=str(tmp_path / "eval"))
     assert "recall@1" in metrics
+    # a stage II export as the start would lose its adapters without a word: refused, the stage I one named
+    assert main([f"output_dir={tmp_path / 'again'}", f"init_from={out / 'final'}", f"data.train=['{triplets}']",
+                 "max_steps=1", *BASE]) == 2
+    assert not (tmp_path / "again" / "final").exists()
 
 
 def test_a_template_without_pseudo_tokens_takes_the_image_through_the_fusion_alone(tiny_stage1_export, triplets,

@@ -126,6 +126,10 @@ class Stage2(Stage):
             self.cir = load_cir_model(self.cfg.init_from)
         except (FileNotFoundError, ValueError) as err:
             raise DataError(f"init_from: {err}") from err
+        if self.cir.stage != 1:  # its adapters and fusion would be dropped without a word, new ones trained
+            raise ConfigError(f"init_from: {self.cfg.init_from} is a stage {self.cir.stage} export; stage II "
+                              f"starts from a stage I export (its mapping), with new adapters: pass the stage I "
+                              f"export it was trained from")
         # tgt.emb.npy and the bank's emb.npy are used only where this CLIP made them (train.data.emb_made_by)
         self.clip_id = clip_fingerprint(self.cir.backbone.model) if self.cfg.data.use_cached_embeddings else None
         torch.manual_seed(self.cfg.seed)
