@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir import schema
+from cir.errors import CIRError
 
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
@@ -358,9 +359,27 @@ def dataset_card(kind: str, title: str) -> str:
     return "\n".join(header + [""] + body) + "\n"
 
 
+class IncompleteDatasetError(CIRError, ValueError):
+    """A finished dataset whose index.parquet names shards its folder does not hold."""
+
+
 def shard_urls(path: str) -> list[str]:
-    """Committed shard files of a dataset directory, sorted."""
-    return [join(path, SHARD_DIR, f"{n}.tar") for n in complete_shards(path)]
+    """Committed shard files of a dataset directory, sorted. A finished dataset's index.parquet must name no
+    shard the folder lacks (IncompleteDatasetError): a deleted or partly copied shard would otherwise be read
+    around without a word, as every reader of the folder goes through here (inspect checks it too)."""
+    names = complete_shards(path)
+    index = join(path, "index.parquet")
+    fs, local = _fs(index)
+    if fs.isfile(local):
+        with fsspec.open(index, "rb") as f:
+            listed = set(pq.read_table(io.BytesIO(f.read()), columns=["shard"]).column("shard").to_pylist())
+        missing = sorted(listed - set(names))
+        if missing:
+            raise IncompleteDatasetError(
+                f"{path}: index.parquet lists samples in {len(listed)} shard(s), {len(missing)} of them missing under "
+                f"{SHARD_DIR}/ ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the dataset is damaged "
+                f"or partly copied; copy it whole or rerun the job that made it")
+    return [join(path, SHARD_DIR, f"{n}.tar") for n in names]
 
 
 def load_mix(manifest: str) -> list[dict]:

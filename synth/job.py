@@ -179,7 +179,7 @@ def _times(n: int, k: int) -> int:
 
 
 def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[list[str]] = None) -> None:
-    shard_paths = [ds.join(cfg.input, ds.SHARD_DIR, f"{n}.tar") for n in ds.complete_shards(cfg.input)]
+    shard_paths = ds.shard_urls(cfg.input)
     read = (p | "ShardPaths" >> beam.Create(shard_paths) | "Reshuffle" >> beam.Reshuffle()
             | "ReadShards" >> beam.ParDo(ReadCaptionShard(with_bytes=cfg.quality == "high"))
             .with_outputs(FAILED, main="samples"))
@@ -276,6 +276,7 @@ def check_input(cfg: SynthConfig) -> None:
         raise ValueError(f"{cfg.input} is incomplete (no stats.json): rerun its caption job")
     if index.num_rows < 2:
         raise ValueError(f"{cfg.input} has {index.num_rows} image(s); synthesis needs at least two")
+    ds.shard_urls(cfg.input)  # every shard its index names is there (IncompleteDatasetError otherwise)
     mines = cfg.quality == "low" or cfg.hard_negatives > 0  # high quality mines its hard negatives
     if mines and cfg.image_weight > 0 and not (card.get("models") or {}).get("clip"):
         what = "pairs" if cfg.quality == "low" else "hard negatives"

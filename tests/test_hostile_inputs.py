@@ -138,6 +138,31 @@ def test_of_two_identical_images_the_captioned_one_is_kept(toy_world, tmp_path):
     assert json.loads((out / "stats.json").read_text())["failed_by_reason"] == {}
 
 
+def test_a_dataset_missing_a_shard_its_index_names_is_refused_by_every_reader(toy_captions, tiny_stage1_export,
+                                                                              tmp_path, capsys):
+    """Issue 44: synth on a caption dataset with a shard deleted exited 0 and mined what was left without a word;
+    inspect refused it. Now synth, training and search index refuse it too, naming the missing shard."""
+    from search.__main__ import main as search_main
+    from synth.job import run as synth
+    from train.stage0 import main as stage0
+
+    src, _ = toy_captions
+    data = tmp_path / "captions"
+    shutil.copytree(src, data)
+    gone = sorted((data / "shards").glob("*.tar"))[1]
+    gone.unlink()
+    with pytest.raises(SystemExit) as done:
+        synth(["--input", str(data), "--output", str(tmp_path / "t"), "--quality", "low", "--image-weight", "0",
+               *BEAM])
+    assert done.value.code == 2 and f"missing under shards/ ({gone.stem})" in capsys.readouterr().err
+    assert stage0([f"output_dir={tmp_path / 's0'}", f"data.train=['{data}']", "clip.model=tiny-clip-32",
+                   "max_steps=1"]) == 2
+    assert "partly copied" in capsys.readouterr().err
+    assert search_main(["index", "--checkpoint", str(tiny_stage1_export), "--images", str(data), "--output",
+                        str(tmp_path / "index")]) == 2
+    assert gone.stem in capsys.readouterr().err
+
+
 def test_a_shard_cut_short_is_counted_not_fatal(toy_captions, tmp_path):
     """Break 5: a shard cut in half crashed stage 0 (KeyError: 'txt' in its collate); corrupt members are
     documented as skipped and counted. Cut a shard right after a sample's image, before its caption."""

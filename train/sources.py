@@ -36,7 +36,10 @@ def expand_weighted_sources(entries: list[str]) -> list[tuple[Source, float]]:
                 raise DataError(str(err)) from err
             continue
         if os.path.isdir(entry):
-            urls = ds.shard_urls(entry)
+            try:
+                urls = ds.shard_urls(entry)
+            except ds.IncompleteDatasetError as err:
+                raise DataError(f"data.train {entry!r}: {err}") from err
         else:
             urls = sorted(u for pattern in braceexpand.braceexpand(entry) for u in (glob.glob(pattern) or [pattern]))
             missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
