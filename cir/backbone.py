@@ -106,9 +106,12 @@ def _resolve_local_dir(path: Path) -> tuple[dict, dict]:
         raise BackboneError(f"model directory {path} has no {CONFIG_FILE} (missing file: {config_path})")
     if not any((path / name).is_file() for name in WEIGHT_FILE_NAMES):
         raise BackboneError(f"model directory {path} has no weights (missing file: {path / WEIGHTS_FILE})")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if "model_cfg" not in config:
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{config_path} is not valid JSON ({err}): the CLIP folder is damaged") from err
+    if not isinstance(config, dict) or "model_cfg" not in config:
         raise BackboneError(f"{config_path} has no 'model_cfg' entry")
     return config["model_cfg"], config.get("preprocess_cfg", {})
 

@@ -148,6 +148,15 @@ def test_a_damaged_or_edited_export_is_named_with_what_to_do(tiny_stage1_export,
         (folder / "cir_config.json").write_text(json.dumps(edited))
         with pytest.raises(ExportError, match=message):
             cir.load(folder)
+    clip_config = copy("clip-config") / "clip" / "open_clip_config.json"
+    clip_config.write_text("{")
+    with pytest.raises(BackboneError, match="open_clip_config.json is not valid JSON"):
+        cir.load(clip_config.parent.parent)
+    edited = json.loads((tiny_stage1_export / "clip" / "open_clip_config.json").read_text())
+    edited["model_cfg"]["vision_cfg"]["colour"] = 3  # a field open_clip's config has not
+    clip_config.write_text(json.dumps(edited))
+    with pytest.raises(BackboneError, match="not a loadable open_clip export"):
+        cir.load(clip_config.parent.parent)
     clip = copy("clip-truncated") / "clip" / "open_clip_model.safetensors"
     clip.write_bytes(clip.read_bytes()[:64])
     with pytest.raises(BackboneError, match="not a loadable open_clip export"):
