@@ -642,14 +642,14 @@ def timings(out: Path, made: dict[str, float], seconds: float, cfg: ClaimsConfig
     its entry) and the wall-clock seconds of every run that made a step (`runs_s`); `seconds`, their sum, is
     the time the steps took, which a resumed run adds to and a run that made nothing leaves as it was."""
     path = out / "timings.json"
-    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    runs = old.get("runs_s", [old["seconds"]] if "seconds" in old else [])  # files before runs_s: one run
-    if made:
-        runs = [*runs, seconds]
-        old = {"seconds": round(sum(runs), 1), "runs_s": runs, "workers": cells.workers(cfg.jobs, cfg.threads),
-               "threads": cfg.threads, "steps_s": {**old.get("steps_s", {}), **made}}
-        path.write_text(json.dumps(old, indent=1) + "\n", encoding="utf-8")
-    return old
+    kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not made:
+        return kept
+    runs = [*kept.get("runs_s", [kept["seconds"]] if "seconds" in kept else []), seconds]  # older files: one run
+    new = {"seconds": round(sum(runs), 1), "runs_s": runs, "workers": cells.workers(cfg.jobs, cfg.threads),
+           "threads": cfg.threads, "steps_s": {**kept.get("steps_s", {}), **made}}
+    path.write_text(json.dumps(new, indent=1) + "\n", encoding="utf-8")
+    return new
 
 
 def markdown(report: dict, cfg: ClaimsConfig) -> str:
