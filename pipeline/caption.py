@@ -28,7 +28,8 @@ from cir import schema
 from cir.config import add_arguments, from_args, ranged
 from pipeline import jobs
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
-from pipeline.sources import EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, input_fingerprint, list_inputs
+from pipeline.sources import (EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, check_has_sidecars,
+                              input_fingerprint, list_inputs)
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
@@ -325,6 +326,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
                 raise ValueError(str(err)) from err
         listing = list_inputs(cfg.input)
         check_has_inputs(cfg.input, listing)
+        if cfg.captioner == "sidecar":
+            check_has_sidecars(cfg.input, listing)
     except ValueError as err:
         parser.error(str(err))
     card = {"kind": KIND, "config": asdict(cfg),

@@ -99,6 +99,20 @@ def check_has_inputs(src: str, listing: dict) -> None:
         raise ValueError(f"--input {src} matches no {what}" + (f" ({len(listing)} other files)" if listing else ""))
 
 
+def check_has_sidecars(src: str, listing: dict) -> None:
+    """For `--captioner sidecar` on image files: ValueError when not one image has a sidecar caption beside it
+    (real photos rarely do), naming the flag to use instead; every input would otherwise become a failed row.
+    Images with and without sidecars mixed are left to the job (the ones without: failed rows)."""
+    if input_kind(src) != "files":  # tars carry their captions inside: the job reads them
+        return
+    groups = stem_groups(listing)
+    images = [paths for _, paths in groups if any(_split_ext(p)[1] in IMAGE_EXTS for p in paths)]
+    if images and not any(_split_ext(p)[1] in SIDECAR_EXTS for paths in images for p in paths):
+        raise ValueError(f"--captioner sidecar reads each image's own caption file (IMAGE.txt or IMAGE.json), and "
+                         f"none of the {len(images)} images under --input {src} has one: caption them with a model, "
+                         f"e.g. --captioner Salesforce/blip-image-captioning-base (docs/CAPTION.md)")
+
+
 def broken_links(src: str) -> list[dict]:
     """Failed rows for the image names under a local input whose symlink points nowhere: Beam's listing skips
     them without a word, so they are counted here."""

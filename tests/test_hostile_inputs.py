@@ -279,6 +279,11 @@ def test_weak_cases_get_clear_messages(tmp_path, toy_world, capsys):
     exits_2(capsys, ["--input", str(tmp_path / "photos*"), "--output", str(tmp_path / "out"), *BEAM],
             "photos* matches no image files")  # a glob's typo
     (empty / "broken.jpg").write_bytes(b"not a jpeg")
+    # images without a single sidecar caption: the default captioner has nothing to read (issue 42: every input
+    # became a failed row, with no hint why)
+    exits_2(capsys, ["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM],
+            "none of the 1 images under --input")
+    (empty / "broken.txt").write_text("a broken picture")
     stats = caption(["--input", str(empty), "--output", str(tmp_path / "out"), *BEAM])
     assert stats["written"] == 0 and "holds no samples" in capsys.readouterr().err
 
