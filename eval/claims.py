@@ -165,8 +165,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise PredictionError(f"claims config {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not data:
+        got = "an empty file" if data is None else repr(data)
         raise PredictionError(f"claims config {path}: a mapping of fields with `rows` and `claims` "
-                              f"(experiments/claims.yaml is one), got {'an empty file' if data is None else repr(data)}")
+                              f"(experiments/claims.yaml is one), got {got}")
     try:
         apply_overrides(data, overrides)
         rows = {name: from_dict(RowSpec, spec, f"rows.{name}") for name, spec in (data.pop("rows", {}) or {}).items()}

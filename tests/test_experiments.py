@@ -159,10 +159,13 @@ def test_clip_strength_tables_and_plots_each_comparison_at_each_strength(tmp_pat
         return {"id": cid, "verdict": "holds" if min(diffs) > 1 else "does not hold", "comparisons": comps,
                 "summary": f"holds in {sum(d > 1 for d in diffs)} of 2 comparisons, does not hold in 0"}
 
-    results = {"scratch": {"clip_r1": 20.0, "claims": [claim("A", [0.5, 2.0]), claim("B", [3.0, 4.0])]},
-               "pretrained": {"clip_r1": 55.25, "claims": [claim("A", [5.0, -2.5]), claim("B", [0.0, 1.5])]}}
+    results = {"scratch": {"clip_r1": 20.0, "open_r1": 5.0,
+                           "claims": [claim("A", [0.5, 2.0]), claim("B", [3.0, 4.0])]},
+               "pretrained": {"clip_r1": 55.25, "open_r1": 80.0,
+                              "claims": [claim("A", [5.0, -2.5]), claim("B", [0.0, 1.5])]}}
     text = strength.table(results).splitlines()
-    assert "scratch (CLIP R@1 20.0)" in text[0] and "pretrained (CLIP R@1 55.3)" in text[0]
+    assert "scratch (CLIP R@1 open 5.0, world 20.0)" in text[0]
+    assert "pretrained (CLIP R@1 open 80.0, world 55.3)" in text[0]
     assert len(text) == 2 + 2 * (1 + 2)  # header, rule; per claim its verdict and its two comparisons
     assert text[3] == ("| A | x vs y, toy-cirr avg | +0.5 [-0.5, +1.5] does not hold | +5.0 [+4.0, +6.0] holds |")
     assert text[4].startswith("| A | x vs y, toy-circo avg | +2.0 [+1.0, +3.0] holds | -2.5 [-3.5, -1.5]")
