@@ -109,8 +109,9 @@ def check_has_sidecars(src: str, listing: dict) -> None:
     images = [paths for _, paths in groups if any(_split_ext(p)[1] in IMAGE_EXTS for p in paths)]
     if images and not any(_split_ext(p)[1] in SIDECAR_EXTS for paths in images for p in paths):
         raise ValueError(f"--captioner sidecar reads each image's own caption file (IMAGE.txt or IMAGE.json), and "
-                         f"none of the {len(images)} images under --input {src} has one: caption them with a model, "
-                         f"e.g. --captioner Salesforce/blip-image-captioning-base (docs/CAPTION.md)")
+                         f"none of the {len(images)} images under --input {src} has one (a glob must match them too: "
+                         f"dir/* rather than dir/*.jpg): caption them with a model, e.g. --captioner "
+                         f"Salesforce/blip-image-captioning-base (docs/CAPTION.md)")
 
 
 def broken_links(src: str) -> list[dict]:
