@@ -50,6 +50,31 @@ def test_judge_pairs_queries_and_averages_seeds():
     assert flipped["verdict"] == "does not hold" and flipped["comparisons"][0]["ci95"][1] < 0
 
 
+def test_a_small_gain_on_the_same_queries_is_found_by_pairing_where_two_separate_intervals_overlap():
+    """Issue 41: the test above has an effect too large to tell paired from unpaired. Here a row hits the same
+    300 of 1,000 queries as its baseline plus 30 more (+3 points): the paired interval excludes 0, while each row's
+    own interval overlaps the other's, so a reading of the two intervals side by side would not decide."""
+    from eval import stats
+
+    n = 1000
+    base = [100.0 if i < 300 else 0.0 for i in range(n)]
+    better = [100.0 if i < 330 else 0.0 for i in range(n)]
+    key = ("b1", "recall@1")
+    values = {"a": {key: [{"": better}]}, "base": {key: [{"": base}]}}
+    got = judge(ClaimSpec("P-1", "a beats base", ["a"], ["base"], {"b1": "recall@1"}), values, 1.0, "queries")
+    lo, hi = got["comparisons"][0]["ci95"]
+    assert got["verdict"] == "holds" and 0 < lo < 3.0 < hi
+    a_lo, a_hi = stats.bootstrap_ci({"": better})
+    b_lo, b_hi = stats.bootstrap_ci({"": base})
+    assert a_lo < b_hi  # the unpaired intervals overlap
+    # the same gain spread over other queries (no pairing to exploit: a's hits are not base's) is undecided
+    shuffled = [100.0 if 500 <= i < 830 else 0.0 for i in range(n)]
+    apart = judge(ClaimSpec("P-2", "a beats base", ["a"], ["base"], {"b1": "recall@1"}),
+                  {"a": {key: [{"": shuffled}]}, "base": {key: [{"": base}]}}, 1.0, "queries")
+    assert apart["comparisons"][0]["difference"] == got["comparisons"][0]["difference"]
+    assert apart["comparisons"][0]["verdict"] == "inconclusive"
+
+
 def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     from eval.score import PredictionError
 

@@ -223,6 +223,20 @@ def test_uncertainty_loss_is_a_classification_loss_scaled_by_the_fluctuation():
     assert mur_gamma(0, 100, MURConfig()) == 1.0 and mur_gamma(100, 100, MURConfig()) < 0.2  # coarse first
 
 
+def test_uncertainty_loss_on_numbers_worked_out_by_hand():
+    """Issue 41: the test above recomputes the loss's own formula; these are the numbers worked out by hand. Two
+    queries on the axes, targets twice as long on the same axes, temperature 1: each CE is log(1 + e) - 1 =
+    0.31326; the batch std of [2, 0, 0, 2] (unbiased) is sqrt(4/3), each row's is sqrt(2); L = mean of
+    1/2 (exp(-sigma) CE + sigma)."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    f_hat = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert uncertainty_loss(q, f_hat, 1.0).item() == pytest.approx(0.6267127770, abs=1e-6)
+    assert uncertainty_loss(q, f_hat, 1.0, per_sample=True).item() == pytest.approx(0.7451863604, abs=1e-6)
+    # query i's target is row offset + i: one query against the second of two rows, the first a wrong answer
+    assert uncertainty_loss(q[1:], f_hat, 1.0, offset=1, per_sample=True).item() == pytest.approx(0.7451863604,
+                                                                                               abs=1e-6)
+
+
 def test_fusion_weight_starts_at_its_init_and_stays_in_0_1():
     fusion = AdaptiveFusion(8, hidden=4, init_logit=-1.0)
     q, v = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
