@@ -215,7 +215,10 @@ def evaluate(out: Path, evals: list[dict]) -> dict:
         "world's captions; stage I mapped images to pseudo tokens with that CLIP frozen; stage II trained composing "
         "adapters on the low-quality (mined), high-quality (toy editor) and mixed triplets. image_only, text_only "
         "and sum are baselines on the stage 0 CLIP. Toy numbers: they compare methods on one procedural world, they "
-        "are not real benchmark scores.\n\nEach cell: the metric and its 95% bootstrap interval over the "
+        "are not real benchmark scores. Why stage I may sit below sum here: the toy modification texts say nothing "
+        "about the target alone (text_only is near 0), and the frozen text tower does not apply an instruction to a "
+        "description, so even the reference's own caption in stage I's prompt scores below sum on toy CIRR R@1; "
+        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\nEach cell: the metric and its 95% bootstrap interval over the "
         "benchmark's queries.\n" + report_table(results) + "\n\n" + significance(out)
         + "\n\n## Example queries\n\nReference | "
         "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
