@@ -205,6 +205,8 @@ def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if inner[0] is not bool and kwargs["default"] not in (None, ""):  # bool flags say theirs already
+                kwargs["help"] = f"{kwargs['help'] or ''} (default: %(default)s)".lstrip()
         parser.add_argument(_flag(f.name), **kwargs)
 
 

@@ -101,6 +101,10 @@ def test_job_flags_are_their_config_fields(job, capsys):
     with pytest.raises(SystemExit) as exit_:
         run([*required, "--shard-size", "0"])
     assert exit_.value.code == 2 and "--shard-size: must be at least 1, got 0" in capsys.readouterr().err
+    # --help says each default (issue 42: it listed ranges but no default), once, bool flags included
+    text = " ".join(parser.format_help().split())
+    assert "(default: 1000)" in text and "(default: part)" in text
+    assert text.count("(default: False)") == sum(1 for f in fields if f.default is False)
 
 
 def test_a_config_file_missing_a_required_key_is_named(tmp_path):
