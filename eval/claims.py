@@ -155,13 +155,13 @@ def anchored(cfg: ClaimsConfig, cwd: Path) -> ClaimsConfig:
 def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
     """The YAML file and `key=value` overrides (e.g. `world_vocabulary=gems output_dir=runs/x`, or dotted into a
     row: `rows.stage1.overrides=[max_steps=900]`) -> ClaimsConfig; unknown keys, rows and benchmarks are named."""
-    from cir.config import ConfigError, apply_overrides, from_dict
+    from cir.config import ConfigError, apply_overrides, from_dict, load_yaml
 
     p = Path(path)
     if not p.is_file():
         raise PredictionError(f"claims config not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise PredictionError(f"claims config {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not data:

@@ -139,3 +139,25 @@ def test_eval_run_flags_are_its_config_fields(capsys):
     assert "--grids: must be at least 0, got -1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key.*grid_rows"):
         run("cirr", "d", "c", grid_rows=3)
+
+
+@pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2"])
+def test_stage_help_lists_every_config_key_with_a_default_that_reads_back(stage, capsys):
+    """Issue 42: `train/stageN.py --help` listed no config keys. It lists each with its default, and every line
+    given back as an override reads as that default (YAML 1.2 booleans: mixed_precision=no is the string 'no',
+    which YAML 1.1 made False and the config refused)."""
+    import dataclasses
+    import importlib
+
+    from train.loop import parse_args
+
+    module = importlib.import_module(f"train.{stage}")
+    cls = next(v for k, v in vars(module).items() if k.endswith("Config") and k.startswith("Stage"))
+    with pytest.raises(SystemExit):
+        parse_args(cls, ["--help"])
+    text = capsys.readouterr().out
+    lines = text.split("config keys (key=value) and their defaults", 1)[1].splitlines()[1:]
+    overrides = [line.strip().replace(" = ", "=", 1) for line in lines if line.startswith("  ")]
+    assert "mixed_precision=no" in overrides and "data.batch_size=64" in overrides
+    assert load_config(cls, None, overrides) == cls()
+    assert len(overrides) == len(set(o.split("=")[0] for o in overrides)) > len(dataclasses.fields(cls))

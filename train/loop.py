@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -159,7 +159,17 @@ def parse_args(cls, argv: Optional[list[str]]):
     """`--config FILE [key=value ...]` -> config dataclass (ConfigError for a bad file, key or value)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Train a stage (see train/configs/*.yaml).")
+    # every key a config file or an override may set, with its default (comments: train/config.py and the
+    # stage's own module), so --help answers "what can I set?"
+    def keys(d: dict, prefix: str = "") -> list[str]:  # "key = default" lines, nested sections dotted
+        return [line for k, v in d.items() for line in (
+            keys(v, f"{prefix}{k}.") if isinstance(v, dict) else
+            [f"  {prefix}{k} = {v if isinstance(v, str) and v else json.dumps(v)}"])]
+
+    epilog = "config keys (key=value) and their defaults, before --config's file is applied:\n" + "\n".join(
+        keys(json.loads(json.dumps(asdict(cls())))))
+    parser = argparse.ArgumentParser(description="Train a stage (see train/configs/*.yaml).", epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 data.batch_size=32")
     args = parser.parse_args(argv)
