@@ -59,6 +59,9 @@ class RowSpec:
     # train split is read through the supervised loader (a supervised upper bound, not zero-shot)
     data: str = "mix"
     count: Optional[int] = None  # stage II rows: train on a fixed subset of this many triplets
+    # stage I/II rows: train with seed + this, on the same stage 0 CLIP as the seed: the same row again with other
+    # training seeds (an A/A pair, whose comparison must not hold)
+    seed_offset: int = 0
 
 
 @dataclass
@@ -204,6 +207,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
         if row.stage == "stage2" and row.data not in SOURCES and row.data not in benches:
             raise PredictionError(f"rows.{name}.data: one of {SOURCES} or a benchmark {sorted(benches)}, "
                                   f"got {row.data!r}")
+        if row.seed_offset and (row.stage == "baseline" or row.seed_offset < 0):
+            raise PredictionError(f"rows.{name}.seed_offset: a whole number > 0 for stage1/stage2 rows, got "
+                                  f"{row.seed_offset} on a {row.stage} row")
         if row.count and row.data not in SOURCES:
             raise PredictionError(f"rows.{name}.count: only for the synthetic datasets {SOURCES}")
     for claim in claims:
@@ -392,7 +398,8 @@ def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
     if row.stage == "baseline":
         return {"baseline": stage0_definition(cfg, seed)}
     config = cfg.stage1_config if row.stage == "stage1" else cfg.stage2_config
-    made = {"row": {k: v for k, v in asdict(row).items() if k != "text"}, "config": _digest(config),
+    made = {"row": {k: v for k, v in asdict(row).items()  # seed_offset left out at 0: older steps stay valid
+                    if k != "text" and not (k == "seed_offset" and v == 0)}, "config": _digest(config),
             "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": stage0_definition(cfg, seed)}
     if row.stage == "stage2":
         made["init"] = row_definition(cfg, row.init, seed)
@@ -428,7 +435,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     made_from = row_definition(cfg, name, seed)
     if export_done(cfg, name, seed):
         return final
-    common = [f"output_dir={final.parent}", f"seed={seed}", "save_every=100000", "log_every=50",
+    common = [f"output_dir={final.parent}", f"seed={seed + row.seed_offset}", "save_every=100000", "log_every=50",
               *_later_stages(cfg.overrides)]
     _log(f"train {name} seed {seed}")
     if row.stage == "stage1":

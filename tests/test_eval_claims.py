@@ -86,6 +86,9 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     bad.write_text("output_dir: x\nseedz: [1]\n")
     with pytest.raises(PredictionError, match="unknown key.*seedz"):
         load(str(bad))
+    bad.write_text("rows: {b: {stage: baseline, method: sum, seed_offset: 3}}\n")
+    with pytest.raises(PredictionError, match="rows.b.seed_offset: a whole number > 0 for stage1/stage2 rows"):
+        load(str(bad))
     bad.write_text("rows: {r: {stage: stage2, init: r}}\n")
     with pytest.raises(PredictionError, match="is not a stage1 row"):
         load(str(bad))
@@ -153,6 +156,7 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                        "toy-cirr-ho": {"benchmark": "cirr", "phrasing": "held-out"}},
         "rows": {"image_only": {"stage": "baseline", "method": "image_only"},
                  "stage1": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"]},
+                 "again": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"], "seed_offset": 100},
                  "stage2": {"stage": "stage2", "count": 10},  # the LQ + HQ mix manifest
                  "upper": {"stage": "stage2", "data": "toy-shoes"},  # the toy Shoes train split, supervised
                  "coarse": {"stage": "stage2", "data": "coarse", "count": 10},  # HQ with one-to-many texts
@@ -165,6 +169,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                    {"id": "T-3", "text": "the same on other phrasings", "better": "stage2", "than": ["stage1"],
                     "benchmarks": {"toy-cirr-ho": "recall@1"}},
                    {"id": "T-4", "text": "hybrid", "better": "hybrid", "than": ["stage1"],
+                    "benchmarks": {"toy-cirr": "avg"}},
+                   {"id": "T-AA", "text": "stage I again", "better": "again", "than": ["stage1"],
                     "benchmarks": {"toy-cirr": "avg"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -188,6 +194,9 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     # each seed trains its own stage 0 CLIP, which that seed's stage I and baselines start from
     stage1 = json.loads((tmp_path / "out" / "cells" / "stage1-seed1" / "train" / "config.json").read_text())
     assert stage1["init_from"] == str(tmp_path / "out" / "stage0" / "seed1" / "final") and stage1["seed"] == 1
+    # an A/A row: the same CLIP as its seed, another training seed, its own cell
+    again = json.loads((tmp_path / "out" / "cells" / "again-seed1" / "train" / "config.json").read_text())
+    assert again["init_from"] == stage1["init_from"] and again["seed"] == 101
     assert len(report["rows"]["image_only"]["toy-cirr/avg"]["seeds"]) == 2 and report["clip_per_seed"]
     assert (tmp_path / "out" / "cells" / "image_only-seed1" / "eval" / "toy-cirr-test" / "per_query.json").is_file()
     # the rows of one CLIP share a negative bank per dataset (stage2 and coarse: the caption dataset)
