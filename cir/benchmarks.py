@@ -90,12 +90,25 @@ def load(benchmark: str, root: str | Path, split: Optional[str] = None, shared_c
 
 # ------------------------------------------------------------------------------------------ CIRR, CIRCO, FashionIQ
 
+def cirr_image_root(root: Path, relative: list[str]) -> Path:
+    """The folder CIRR's image_splits paths ("./dev/dev-0-0-img0.png") are relative to: the dataset root itself,
+    its img_raw/ (the official download's NLVR2 images), or the folder above (CLIP4Cir's cirr_dataset/ with the
+    annotations in cirr_dataset/cirr/). The first that holds the split's first images; the root when none does
+    (the missing images are then named as such)."""
+    sample = relative[:3]
+    for base in (root, root / "img_raw", root.parent):
+        if sample and all((base / rel).is_file() for rel in sample):
+            return base
+    return root
+
+
 def load_cirr(root: Path, split: str) -> Benchmark:
     """Queries with their image set (`subset`) and known targets: `target_hard`, then any other image the
     annotators scored above 0 in `target_soft` (none on the test split). Evaluation, and training on CIRR
     (train.supervised: the set's other members are hard negatives), read CIRR through this."""
     names = load_json(root / "image_splits" / f"split.rc2.{split}.json", "CIRR image split")
-    gallery = {n: root / rel for n, rel in names.items()}
+    images = cirr_image_root(root, list(names.values()))
+    gallery = {n: images / rel for n, rel in names.items()}
     queries = []
     for q in load_json(root / "captions" / f"cap.rc2.{split}.json", "CIRR captions"):
         try:

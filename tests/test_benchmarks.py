@@ -61,3 +61,23 @@ def test_cirr_is_read_in_one_place_for_evaluation_and_training(tmp_path):
     (tmp_path / "captions" / "cap.rc2.train.json").write_text(json.dumps([query]))
     with pytest.raises(BenchmarkError, match="query 5 lacks 'img_set'"):
         load_cirr(tmp_path, "train")
+
+
+@pytest.mark.parametrize("layout", ["root", "img_raw", "parent"])
+def test_cirr_images_are_found_in_each_layout_people_download(toy_world, tmp_path, layout):
+    """Issue 42: the official download keeps the images under img_raw/ (CLIP4Cir's layout one folder above the
+    annotations); image_splits' relative paths then named every image missing unless the user made symlinks."""
+    import shutil
+
+    from cir.benchmarks import load_cirr
+
+    src = toy_world / "bench" / "cirr"
+    root = tmp_path / "cirr_dataset" / "cirr"
+    shutil.copytree(src / "captions", root / "captions")
+    shutil.copytree(src / "image_splits", root / "image_splits")
+    images = {"root": root, "img_raw": root / "img_raw", "parent": root.parent}[layout]
+    for split in ("dev", "test1"):
+        shutil.copytree(src / split, images / split)
+    bench = load_cirr(root, "val")
+    assert bench.gallery and all(p.is_file() for p in bench.gallery.values())
+    assert all(p.parent.parent == images for p in bench.gallery.values())
