@@ -218,8 +218,8 @@ def evaluate(out: Path, evals: list[dict]) -> dict:
         "are not real benchmark scores. Why stage I may sit below sum here: the toy modification texts say nothing "
         "about the target alone (text_only is near 0), and the frozen text tower does not apply an instruction to a "
         "description, so even the reference's own caption in stage I's prompt scores below sum on toy CIRR R@1; "
-        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\nEach cell: the metric and its 95% bootstrap interval over the "
-        "benchmark's queries.\n" + report_table(results) + "\n\n" + significance(out)
+        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\nEach cell: "
+        "the metric and its 95% bootstrap interval over the benchmark's queries.\n" + report_table(results) + "\n\n" + significance(out)
         + "\n\n## Example queries\n\nReference | "
         "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
         + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "

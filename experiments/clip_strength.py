@@ -57,11 +57,16 @@ def claims_run(out: Path, stage0_overrides: Optional[list[str]]) -> dict:
 def strength(out: Path, seeds: list[int]) -> dict[str, list[float]]:
     """Held-out caption -> image R@1 of each seed's stage 0 CLIP of a claims run: {"world": in the claims world's
     vocabulary, "open": in the open domain (every world's words and more)}."""
-    from toyworld.pretrain import clip_strength
+    from cir.backbone import create_backbone
+    from toyworld.pretrain import STRENGTH_VOCABS, caption_retrieval
 
     world = json.loads((out / "world" / "world.json").read_text())["config"]["vocabulary"]
-    scores = [clip_strength(str(out / "stage0" / f"seed{s}" / "final")) for s in sorted(set(seeds))]
-    return {"world": [s[world]["r1"] for s in scores], "open": [s["open"]["r1"] for s in scores]}
+    r1: dict[str, list[float]] = {"world": [], "open": []}
+    for s in sorted(set(seeds)):  # each CLIP loaded once, scored in the two vocabularies the table shows
+        bb = create_backbone(str(out / "stage0" / f"seed{s}" / "final"))
+        for key, vocab in (("world", world), ("open", "open")):
+            r1[key].append(caption_retrieval(bb, STRENGTH_VOCABS[vocab])["r1"])
+    return r1
 
 
 def table(results: dict) -> str:

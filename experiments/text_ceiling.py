@@ -61,7 +61,8 @@ def ceiling(export: Path, root: Path, layout: str) -> dict[str, list[float]]:
     queries = bench.queries[""]
     names = sorted(bench.gallery)
     gallery = model.encode_image([bench.gallery[n] for n in names])  # [G, d]
-    v_ref = model.encode_image([bench.gallery[q.reference] for q in queries])  # [Q, d]
+    row = {n: i for i, n in enumerate(names)}
+    v_ref = gallery[[row[q.reference] for q in queries]]  # [Q, d]: the references are gallery images
     mod = [q.texts[0] for q in queries]
     t_mod = model.encode_text(mod)
     ref_words = [words[q.reference] for q in queries]
