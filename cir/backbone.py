@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import open_clip
 import torch
 
-from cir import jsonfile
+from cir.jsonfile import load_json
 from cir.errors import CIRError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -107,7 +107,7 @@ def _resolve_local_dir(path: Path) -> tuple[dict, dict]:
         raise BackboneError(f"model directory {path} has no {CONFIG_FILE} (missing file: {config_path})")
     if not any((path / name).is_file() for name in WEIGHT_FILE_NAMES):
         raise BackboneError(f"model directory {path} has no weights (missing file: {path / WEIGHTS_FILE})")
-    config = jsonfile.load_json(config_path, "the CLIP folder's config", BackboneError)
+    config = load_json(config_path, "the CLIP folder's config", BackboneError)
     if not isinstance(config, dict) or "model_cfg" not in config:
         raise BackboneError(f"{config_path} has no 'model_cfg' entry")
     return config["model_cfg"], config.get("preprocess_cfg", {})

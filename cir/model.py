@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cir import jsonfile
+from cir.jsonfile import load_json
 from cir.backbone import Backbone, create_backbone, preprocess_batch, save_backbone
 from cir.composer import AdapterConfig, ComposingAdapters, Fusion, fusion_from_config
 from cir.errors import CIRError
@@ -215,7 +215,7 @@ def _export_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{path} is not a stage I/II export (missing file: {config_path})")
-    config = jsonfile.load_json(config_path, "the export's config", ExportError)
+    config = load_json(config_path, "the export's config", ExportError)
     missing = [k for k in ("stage", "prompt", "mapping", "sizes") if not isinstance(config, dict) or k not in config]
     if missing:
         raise ExportError(f"{config_path}: missing {', '.join(missing)}: not a stage I/II export's config")
