@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     captions = out / "captions"
     step("caption job (sidecar captions)", captions / "stats.json",
          [sys.executable, "beam_runner.py", "caption", "--input", str(toy / "images"), "--output", str(captions),
-          "--shard-size", "500", "--runner", "DirectRunner"])
+          # every toy image, as the documented numbers had (docs/reports/NEAR_DUPLICATES.md)
+          "--shard-size", "500", "--no-near-duplicates", "--runner", "DirectRunner"])
     step("inspect the caption dataset", None, [sys.executable, "beam_runner.py", "inspect", str(captions)])
     print(f"[demo] caption dataset: {captions}")
     # The DirectRunner's default in_memory mode: on these small jobs as fast as multi_threading or faster

@@ -202,16 +202,19 @@ def _flag(name: str) -> str:
 def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
     """One flag per field of a flat dataclass (`shard_size` -> `--shard-size`), typed by its annotation, with
     the field's default, and `help` and `choices` from its ranged() metadata; fields without a default and those
-    in `required` are required flags; a bool field is `--name` / `--no-name`. Read the values back with
-    from_args, which checks the ranges."""
+    in `required` are required flags; a bool field is `--name` / `--no-name`, a list[str] one `--name A B`. Read
+    the values back with from_args, which checks the ranges."""
     for f in dataclasses.fields(cls):
         tp = _field_type(cls, f.name)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
             typing.Union, types.UnionType) else [tp]
-        if inner[0] not in (int, float, str, bool):
-            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float, str and bool "
-                            f"fields only")
         kwargs: dict = {"help": f.metadata.get("help")}
+        if typing.get_origin(inner[0]) is list and typing.get_args(inner[0]) == (str,):
+            kwargs["nargs"] = "+"  # `--name A B ...`
+            inner = [str]
+        if inner[0] not in (int, float, str, bool):
+            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float, str, bool and "
+                            f"list[str] fields only")
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if inner[0] is bool:
@@ -223,7 +226,7 @@ def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if inner[0] is not bool and kwargs["default"] not in (None, ""):  # bool flags say theirs already
+            if inner[0] is not bool and kwargs["default"] not in (None, "", []):  # bool flags say theirs already
                 kwargs["help"] = f"{kwargs['help'] or ''} (default: %(default)s)".lstrip()
         parser.add_argument(_flag(f.name), **kwargs)
 

@@ -85,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  "--vocabulary", args.vocabulary, "--benchmarks", "cirr,circo", "--overwrite"]) == 0
     if not (captions / "stats.json").is_file():
         assert beam_runner.main(["caption", "--input", str(world / "images"), "--output", str(captions),
-                                 "--shard-size", "500", "--runner", "DirectRunner"]) == 0
+                                 "--shard-size", "500", "--no-near-duplicates", "--runner", "DirectRunner"]) == 0
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
     if unknown:

@@ -26,10 +26,10 @@ from apache_beam.metrics import Metrics
 from cir import dataset as ds
 from cir import schema
 from cir.config import add_arguments, from_args, ranged
-from pipeline import jobs
+from pipeline import jobs, neardup
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
 from pipeline.sources import (EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, check_has_sidecars,
-                              input_fingerprint, list_inputs)
+                              input_fingerprint, is_image, list_inputs)
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
@@ -61,6 +61,14 @@ class CaptionConfig:
                              help="decompression-bomb guard (at most twice PIL's limit, past which PIL refuses)")
     path_column: str = ranged("path", help="parquet input: the column of image paths")
     caption_column: str = ranged("caption", help="parquet input: the column of captions (optional)")
+    near_duplicates: bool = ranged(True, help="drop an image when a near-duplicate of it (resized, re-encoded, "
+                                              "lightly cropped or recoloured) ranks before it (pipeline/neardup.py)")
+    exclude: list[str] = ranged([], help="folders or globs of images (a benchmark's) whose exact or near "
+                                           "duplicates are dropped from the input")
+    near_dup_bits: int = ranged(12, min=0, max=64, help="near-duplicate candidates: difference hashes within "
+                                                        "this many of 64 bits")
+    near_dup_pixels: int = ranged(2, min=0, help="near-duplicates: at most this many of a 64x64 thumbnail's "
+                                                 "pixels without a match in the other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,16 +115,18 @@ class PrepareImage(beam.DoFn):
             yield from self._sample(record, checked.result())
 
     def _check(self, data: bytes) -> tuple:
-        """(the prepared image, its bytes' sha256) or (ImageRejected, None). Runs on a pool thread: no Beam."""
+        """(the prepared image, its bytes' sha256, its near-duplicate Fingerprint or None) or (ImageRejected,
+        None, None). Runs on a pool thread: no Beam."""
         try:
             img = prepare_image(data, min_size=self.cfg.min_size, max_size=self.cfg.max_size,
                                 max_pixels=self.cfg.max_pixels)
         except ImageRejected as err:
-            return err, None
-        return img, hashlib.sha256(data).hexdigest()
+            return err, None, None
+        fp = neardup.fingerprint(img.image) if screens(self.cfg) else None
+        return img, hashlib.sha256(data).hexdigest(), fp
 
     def _sample(self, record: dict, checked: tuple) -> Iterator:
-        img, sha256 = checked
+        img, sha256, fp = checked
         if isinstance(img, ImageRejected):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(record["source"], "decode", img.reason, str(img)))
@@ -125,6 +135,8 @@ class PrepareImage(beam.DoFn):
         extra = {name: record[name] for name in ("sidecar_problem", "stamp") if name in record}
         if img.reencoded:
             extra.pop("stamp", None)
+        if fp is not None:
+            extra["fp"] = fp
         yield {"key": sha256[:ds.KEY_HEX], "sha256": sha256,  # the content key is this hash's prefix
                "source": record["source"], "caption": record["caption"], "data": img.data, "ext": img.ext,
                "width": img.width, "height": img.height, "reencoded": img.reencoded, **extra}
@@ -268,22 +280,95 @@ class Finalize(beam.DoFn):
                             {"inputs": inputs, "duplicates": duplicates}, LOG.name)
 
 
+# ------------------------------------------------------------------------------------------ near-duplicates
+
+def screens(cfg: CaptionConfig) -> bool:
+    """Whether the job compares images with each other or with --exclude folders (pipeline/neardup.py)."""
+    return cfg.near_duplicates or bool(cfg.exclude)
+
+
+class DropScreened(beam.DoFn):
+    """A sample -> itself without its fingerprint, or a failed row when the screen dropped it."""
+
+    def process(self, sample: dict, drops: dict) -> Iterator:
+        sample = {k: v for k, v in sample.items() if k != "fp"}
+        drop = drops.get(sample["key"])
+        if drop is None:
+            yield sample
+            return
+        reason, match = drop
+        message = (f"a near-duplicate of the image kept as key {match}" if reason == "near_duplicate"
+                   else f"an exact or near duplicate of the excluded image {match}")
+        yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(sample["source"], "dedup", reason, message))
+
+
+def _first_drop(drops) -> tuple:
+    """Of the reasons to drop one key: exclusion first, then the best-ranked near-duplicate it has."""
+    return min(drops, key=lambda d: (d[0] != "excluded", d[1]))
+
+
+class Screen(beam.PTransform):
+    """Prepared samples (with "fp") -> {"ok": samples (without), FAILED: rows `near_duplicate` / `excluded`}.
+
+    What is dropped depends on every input's fingerprint, never on the order of work: a rerun drops the same
+    images, and their failed rows are made again each run, like decode failures (finalize writes them once)."""
+
+    def __init__(self, cfg: CaptionConfig, excluded_files: list[str]):
+        super().__init__()
+        self.cfg, self.excluded_files = cfg, excluded_files
+
+    def expand(self, prepared):
+        cfg, pipeline = self.cfg, prepared.pipeline
+        fps = prepared | "Fingerprints" >> beam.Map(lambda s: (s["key"], s["fp"], neardup.rank(s)))
+        found = []
+        if cfg.exclude:
+            table = (pipeline | "ExcludedFiles" >> beam.Create(self.excluded_files)
+                     | "HashExcluded" >> beam.Map(neardup.file_hash) | "Readable" >> beam.Filter(bool)
+                     | "ExcludedTable" >> beam.combiners.ToList() | "Index" >> beam.Map(neardup.hash_table))
+            found.append(fps | "KeyFp" >> beam.Map(lambda e: (e[0], e[1]))
+                         | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels),
+                                                         beam.pvalue.AsSingleton(table))
+                         | "ExcludedDrop" >> beam.Map(lambda kv: (kv[0], ("excluded", kv[1]))))
+        if cfg.near_duplicates:
+            table = (fps | "KeyHashRank" >> beam.Map(lambda e: (e[0], e[1].dhash, e[2]))
+                     | "InputTable" >> beam.combiners.ToList() | "InputIndex" >> beam.Map(neardup.hash_table))
+            queries = fps | "Candidates" >> beam.ParDo(neardup.NearCandidates(cfg.near_dup_bits),
+                                                       beam.pvalue.AsSingleton(table))
+            by_key = fps | "FpByKey" >> beam.Map(lambda e: (e[0], e[1]))
+            pairs = ({"fp": by_key, "query": queries} | "JoinCandidates" >> beam.CoGroupByKey()
+                     | "Verify" >> beam.FlatMap(neardup.verify_near, cfg.near_dup_pixels))
+            ranks = fps | "RankByKey" >> beam.Map(lambda e: (e[0], e[2]))
+            # (key, kept key) -> (key, ("near_duplicate", kept key)) with the kept one's rank to choose by
+            found.append(({"pair": pairs | "ByKept" >> beam.Map(lambda kv: (kv[1], kv[0])), "rank": ranks}
+                          | "JoinRanks" >> beam.CoGroupByKey()
+                          | "Ranked" >> beam.FlatMap(lambda kv: [(key, ("near_duplicate", (kv[1]["rank"][0], kv[0])))
+                                                                 for key in kv[1]["pair"]])))
+        drops = (found | "AllDrops" >> beam.Flatten() | "OnePerKey" >> beam.CombinePerKey(_first_drop)
+                 | "Named" >> beam.Map(lambda kv: (kv[0], (kv[1][0], kv[1][1] if kv[1][0] == "excluded"
+                                                            else kv[1][1][1]))))
+        return prepared | "Drop" >> beam.ParDo(DropScreened(), beam.pvalue.AsDict(drops)).with_outputs(
+            FAILED, main="ok")
+
+
 # ------------------------------------------------------------------------------------------ pipeline
 
 def _one(_) -> int:
     return 1
 
 
-def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optional[dict] = None) -> beam.PCollection:
+def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optional[dict] = None,
+          excluded_files: Optional[list[str]] = None) -> beam.PCollection:
     """Image bytes cross one shuffle, the shard grouping: the number of shards comes from a count of the
     listing (no bytes), each image goes to shard_of(its content key), so copies of the same bytes meet in one
     shard group, where one is kept (jobs.keep_one_per_key). Only keys cross the other groupings.
-    listing: the launcher's list_inputs(cfg.input), read instead of listing a local input again."""
+    listing: the launcher's list_inputs(cfg.input), read instead of listing a local input again;
+    excluded_files: the images of the --exclude folders (excluded_images)."""
     read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column, listing,
                                     scratch=ds.join(cfg.output, ds.SHARD_DIR))  # finalize removes its temp file
     prepared = (read[RECORDS] | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=64)
                 | "Prepare" >> beam.ParDo(PrepareImage(cfg)).with_outputs(FAILED, main="ok"))
-    assigned = prepared.ok | "AssignShard" >> beam.ParDo(
+    screened = prepared.ok | "Screen" >> Screen(cfg, excluded_files) if screens(cfg) else None
+    assigned = (screened.ok if screened else prepared.ok) | "AssignShard" >> beam.ParDo(
         jobs.AssignShard(cfg.output, cfg.shard_size, cfg.shard_prefix, KIND, report_skipped=True),
         beam.pvalue.AsSingleton(read[EXPECTED])).with_outputs(jobs.AssignShard.SKIPPED, main="todo")
     written = assigned.todo | "Caption" >> Caption(cfg) | "WriteShards" >> jobs.WriteShards(
@@ -293,13 +378,26 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optiona
                           | "SkippedKeys" >> jobs.MeasuredGroupByKey()
                           | "ExtraCopies" >> beam.Map(lambda kv: sum(kv[1]) - 1)
                           | "SkippedDuplicates" >> beam.CombineGlobally(sum))
-    early_failed = (read[FAILED], prepared[FAILED]) | "EarlyFailed" >> beam.Flatten()
+    early_failed = ((read[FAILED], prepared[FAILED], *([screened[FAILED]] if screened else []))
+                    | "EarlyFailed" >> beam.Flatten())
     inputs = ((read[RECORDS] | "RecordOnes" >> beam.Map(_one), read[FAILED] | "FailedOnes" >> beam.Map(_one))
               | "AllInputs" >> beam.Flatten() | "CountInputs" >> beam.CombineGlobally(sum))
     return (p | "Once" >> beam.Create([None])
             | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                        beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),
                                        beam.pvalue.AsSingleton(skipped_duplicates)))
+
+
+def excluded_images(folders: list[str]) -> dict:
+    """path -> file metadata of every image under the --exclude folders or globs; one without images is an error
+    (a typo would silently exclude nothing)."""
+    found = {}
+    for folder in folders:
+        images = {path: meta for path, meta in list_inputs(folder).items() if is_image(path)}
+        if not images:
+            raise ValueError(f"--exclude {folder}: no image files there (jpg, png, webp, ...)")
+        found.update(images)
+    return found
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
@@ -328,19 +426,20 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         check_has_inputs(cfg.input, listing)
         if cfg.captioner == "sidecar":
             check_has_sidecars(cfg.input, listing)
+        excluded = excluded_images(cfg.exclude)
     except ValueError as err:
         parser.error(str(err))
     card = {"kind": KIND, "config": asdict(cfg),
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
             "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained},
-            "inputs": input_fingerprint(listing)}
+            "inputs": input_fingerprint(listing), "excluded": input_fingerprint(excluded)}
     try:
-        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
+        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input, *cfg.exclude])
     except ValueError as err:
         parser.error(str(err))
     except OSError as err:  # a path through a file, no permission, a full disk
         parser.error(f"--output {cfg.output} cannot be written: {err.strerror or err}")
     jobs.progress_logger(LOG.name)
     p = test_pipeline or jobs.new_pipeline(options)
-    build(p, cfg, time.time(), listing)
+    build(p, cfg, time.time(), listing, sorted(excluded))
     return jobs.run_and_read_stats(p, cfg.output)

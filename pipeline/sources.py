@@ -122,7 +122,7 @@ def broken_links(src: str) -> list[dict]:
     paths = _symlinks_under(src) if os.path.isdir(src) else glob.glob(file_pattern(src), recursive=True)
     return [failed_row(path, "read", "broken_symlink", f"{path} -> {os.readlink(path)}: the link's target does "
                        f"not exist") for path in sorted(paths)
-            if _is_image(path) and os.path.islink(path) and not os.path.exists(path)]
+            if is_image(path) and os.path.islink(path) and not os.path.exists(path)]
 
 
 def _symlinks_under(folder: str) -> list[str]:
@@ -159,7 +159,7 @@ def caption_from_json(text: bytes | str) -> Optional[str]:
     return None
 
 
-def _is_image(path: str) -> bool:
+def is_image(path: str) -> bool:
     return _split_ext(path)[1] in IMAGE_EXTS
 
 
@@ -207,7 +207,7 @@ class ReadImageGroup(beam.DoFn):
             except OSError as err:
                 problem = f"sidecar {by_ext['json']} cannot be read ({err})"
         for path in paths:
-            if not _is_image(path):
+            if not is_image(path):
                 continue
             try:
                 data, stamp = read_stamped(path)
@@ -391,12 +391,12 @@ class ReadInputs(beam.PTransform):
             path = join(self.scratch, f"listing.tmp-{uuid.uuid4().hex}.json")
             write_atomic(path, json.dumps(stem_groups(self.listing)).encode())
             groups = p | "Impulse" >> beam.Impulse() | "Listed" >> beam.ParDo(EmitListed(path))
-            expected = p | "CountListed" >> beam.Create([sum(map(_is_image, self.listing))])
+            expected = p | "CountListed" >> beam.Create([sum(map(is_image, self.listing))])
         else:
             by_stem = (p | "MatchFiles" >> fileio.MatchFiles(file_pattern(self.src))
                        | "ByStem" >> beam.ParDo(lambda meta: ByStem().process(meta.path)))
             groups = by_stem | "GroupSidecars" >> MeasuredGroupByKey()
-            expected = (by_stem | "ImagePaths" >> beam.Filter(lambda item: _is_image(item[1]))
+            expected = (by_stem | "ImagePaths" >> beam.Filter(lambda item: is_image(item[1]))
                         | "CountImages" >> beam.combiners.Count.Globally())
         read = groups | "ReadFiles" >> beam.ParDo(ReadImageGroup()).with_outputs(FAILED, main=RECORDS)
         failed = (read[FAILED], p | "BrokenLinks" >> beam.Create(broken_links(self.src))) | "ReadFailed" >> beam.Flatten()

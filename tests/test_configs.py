@@ -95,9 +95,11 @@ def test_job_flags_are_their_config_fields(job, capsys):
     assert {f.name for f in fields} | {"help", "overwrite"} == set(flags)
     args = parser.parse_args(required)
     for f in fields:
-        assert flags[f.name].option_strings == [f"--{f.name.replace('_', '-')}"] and flags[f.name].help
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flags[f.name].option_strings in ([flag], [flag, f"--no-{flag[2:]}"]) and flags[f.name].help
         if f.name not in ("input", "output", "quality"):
-            assert getattr(args, f.name) == f.default
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(args, f.name) == default
     with pytest.raises(SystemExit) as exit_:
         run([*required, "--shard-size", "0"])
     assert exit_.value.code == 2 and "--shard-size: must be at least 1, got 0" in capsys.readouterr().err

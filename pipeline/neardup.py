@@ -1,0 +1,187 @@
+"""Near-duplicates: the same picture resized, re-encoded, lightly cropped or recoloured.
+
+Two images are near-duplicates when (1) their 64-bit difference hashes (imagehash.dhash) are within `bits` of
+each other, the cheap test that finds candidates, and (2) `same_picture` confirms it on 64x64 thumbnails: after
+the better of a few centre zooms (a light crop), every pixel of each thumbnail but at most `pixels` has a pixel
+of the other within one pixel's shift whose colour is within TOLERANCE in each channel. The hash alone is not
+enough: on simple pictures (the toy world's few shapes on a plain background) distinct images share a hash.
+
+The caption job uses it twice (pipeline/caption.py):
+- among its inputs: an image is dropped (failed row `near_duplicate`, naming the kept key) when a near-duplicate
+  of it ranks before it (`rank`: the one with a caption, then more pixels, then the smaller key). Each image is
+  compared with all others' hashes (a side input: fine to a few million inputs; ~n^2/2 hash comparisons).
+- against `--exclude` folders (a benchmark's images): an input that is an exact or near duplicate of any of
+  them is dropped (failed row `excluded`, naming the file). The folders' hashes are a side input (8 bytes and a
+  path per image); their thumbnails are read again only for the candidates.
+Both decisions depend only on the whole input, never on the order of work, so a rerun drops the same images.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator, Optional
+
+import apache_beam as beam
+import numpy as np
+from PIL import Image
+
+THUMB = 64  # side of the comparison thumbnail (RGB, 12 KiB)
+ZOOMS = (1.0, 1.03, 1.06, 1.1)  # centre zooms tried: a crop of up to ~10% of each side's length
+TOLERANCE = 64  # a pixel matches when every channel is within this (of 255): JPEG noise, a light recolour
+SHIFT = 1  # and it may match a neighbour this many pixels away: resampling
+MEAN_COLOURS = 12.0  # a copy's 8x8 mean colours differ by at most ~5 on average (toy world: resized, JPEG, cropped)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What near-duplicate matching knows of one image."""
+    dhash: int  # imagehash.dhash as an unsigned 64-bit integer
+    thumb: bytes  # THUMB x THUMB x 3 uint8, row-major
+
+
+def fingerprint(rgb: Image.Image) -> Fingerprint:
+    import imagehash
+
+    bits = imagehash.dhash(rgb).hash.flatten()  # [64] bool
+    value = int("".join("1" if b else "0" for b in bits), 2)
+    thumb = np.asarray(rgb.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return Fingerprint(value, thumb.tobytes())
+
+
+def hamming(value: int, table: np.ndarray) -> np.ndarray:
+    """Bits differing between one hash and each of `table` ([n] uint64) -> [n] int."""
+    return np.bitwise_count(table ^ np.uint64(value)).astype(np.int64)
+
+
+def _pixels(thumb: bytes) -> np.ndarray:
+    return np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB, 3)
+
+
+class Picture:
+    """A thumbnail made ready to compare: its centre zooms, each with its colour envelope (per channel, the
+    least and greatest value within SHIFT pixels, widened by TOLERANCE), and its 8x8 mean colours."""
+
+    def __init__(self, thumb: bytes):
+        pixels = _pixels(thumb)
+        self.means = pixels.reshape(8, THUMB // 8, 8, THUMB // 8, 3).mean((1, 3))  # [8, 8, 3]
+        img = Image.fromarray(pixels)
+        self.zooms, self.low, self.high = [], [], []
+        for z in ZOOMS:  # z: the centre 1/z of the side, resized back to THUMB
+            lo = (THUMB - THUMB / z) / 2
+            a = np.asarray(img.resize((THUMB, THUMB), Image.Resampling.BILINEAR, box=(lo, lo, THUMB - lo, THUMB - lo)),
+                           dtype=np.int16)
+            moved = _shifted(a)
+            self.zooms.append(a)
+            self.low.append(moved.min(0) - TOLERANCE)
+            self.high.append(moved.max(0) + TOLERANCE)
+
+
+def _shifted(a: np.ndarray) -> np.ndarray:
+    """[(2*SHIFT+1)^2, THUMB, THUMB, 3]: `a` moved by every shift up to SHIFT (edges repeated)."""
+    p = np.pad(a, ((SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="edge")
+    span = range(-SHIFT, SHIFT + 1)
+    return np.stack([p[SHIFT + dy:SHIFT + dy + THUMB, SHIFT + dx:SHIFT + dx + THUMB] for dy in span for dx in span])
+
+
+def _unmatched(a: Picture, i: int, b: Picture, j: int) -> int:
+    """Pixels of zoom i of `a` outside zoom j of `b`'s envelope, and the other way; the larger count."""
+    one = ((a.zooms[i] < b.low[j]) | (a.zooms[i] > b.high[j])).any(-1).sum()
+    two = ((b.zooms[j] < a.low[i]) | (b.zooms[j] > a.high[i])).any(-1).sum()
+    return int(max(one, two))
+
+
+def picture_distance(a: Picture, b: Picture) -> int:
+    """The fewest unmatched pixels over the zooms of either picture against the other (0: the same picture)."""
+    best = _unmatched(a, 0, b, 0)
+    for i in range(1, len(ZOOMS)):
+        best = min(best, _unmatched(a, i, b, 0), _unmatched(b, i, a, 0))
+    return best
+
+
+def same_picture(a: Picture, b: Picture, pixels: int) -> bool:
+    """Near-duplicates: 8x8 mean colours within MEAN_COLOURS on average (a cheap first test), then at most
+    `pixels` unmatched (picture_distance)."""
+    if np.abs(a.means - b.means).mean() > MEAN_COLOURS:
+        return False
+    return picture_distance(a, b) <= pixels
+
+
+def rank(sample: dict) -> tuple:
+    """Which of two near-duplicates is kept: the smaller rank (a caption, then more pixels, then the key)."""
+    return (0 if (sample.get("caption") or "").strip() else 1, -sample["width"] * sample["height"], sample["key"])
+
+
+# ------------------------------------------------------------------------------------------ Beam
+
+
+def hash_table(entries: list) -> dict:
+    """[(name, dhash, ...)] -> {"names": [...], "hashes": [n] uint64, "rest": [...]}, sorted by name (stable)."""
+    entries = sorted(entries, key=lambda e: e[0])
+    return {"names": [e[0] for e in entries], "hashes": np.array([e[1] for e in entries], dtype=np.uint64),
+            "rest": [e[2:] for e in entries]}
+
+
+class NearCandidates(beam.DoFn):
+    """(key, Fingerprint, rank) -> (candidate key, (key, thumb)) for each input ranked before it whose hash is
+    within `bits` (the candidates are confirmed where their thumbnails join, VerifyNear)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def process(self, item: tuple, table: dict) -> Iterator[tuple]:
+        key, fp, own_rank = item
+        for i in np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= self.bits):
+            other, (other_rank,) = table["names"][i], table["rest"][i]
+            if other != key and other_rank < own_rank:
+                yield other, (key, fp.thumb)
+
+
+def verify_near(joined: tuple, pixels: int) -> Iterator[tuple]:
+    """(candidate key, {"fp": [its Fingerprint], "query": [(key, thumb)]}) -> (key, candidate key) for each query
+    that is the same picture as the candidate."""
+    candidate, groups = joined
+    if not groups["fp"]:
+        return
+    picture = Picture(groups["fp"][0].thumb)
+    for key, query_thumb in groups["query"]:
+        if same_picture(Picture(query_thumb), picture, pixels):
+            yield key, candidate
+
+
+class MatchExcluded(beam.DoFn):
+    """(key, Fingerprint) -> (key, path) of the first excluded file (by path) it duplicates."""
+
+    def __init__(self, bits: int, pixels: int):
+        self.bits, self.pixels = bits, pixels
+
+    def setup(self):
+        self.picture = lru_cache(maxsize=4096)(_file_picture)
+
+    def process(self, item: tuple, table: dict) -> Iterator[tuple]:
+        key, fp = item
+        picture = None
+        for i in np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= self.bits):
+            path = table["names"][i]
+            picture = picture or Picture(fp.thumb)
+            if same_picture(picture, self.picture(path), self.pixels):
+                yield key, path
+                return
+
+
+def _file_picture(path: str) -> Picture:
+    from pipeline.sources import read_stamped
+
+    return Picture(fingerprint(Image.open(io.BytesIO(read_stamped(path)[0])).convert("RGB")).thumb)
+
+
+def file_hash(path: str) -> Optional[tuple]:
+    """(path, dhash) of an excluded file; None for a file that is not a readable image (it excludes nothing)."""
+    from pipeline.sources import read_stamped
+
+    try:
+        img = Image.open(io.BytesIO(read_stamped(path)[0]))
+        img.load()
+    except Exception:  # a reference folder's non-image: it cannot match any input
+        return None
+    return path, fingerprint(img.convert("RGB")).dhash
