@@ -303,7 +303,8 @@ class DropScreened(beam.DoFn):
 
 
 def _first_drop(drops) -> tuple:
-    """Of the reasons to drop one key: exclusion first, then the best-ranked near-duplicate it has."""
+    """Of the (reason, order, match) to drop one key: an exclusion (the first file by path), else the best-ranked
+    near-duplicate it has."""
     return min(drops, key=lambda d: (d[0] != "excluded", d[1]))
 
 
@@ -328,7 +329,7 @@ class Screen(beam.PTransform):
             found.append(fps | "KeyFp" >> beam.Map(lambda e: (e[0], e[1]))
                          | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels),
                                                          beam.pvalue.AsSingleton(table))
-                         | "ExcludedDrop" >> beam.Map(lambda kv: (kv[0], ("excluded", kv[1]))))
+                         | "ExcludedDrop" >> beam.Map(lambda kv: (kv[0], ("excluded", kv[1], kv[1]))))
         if cfg.near_duplicates:
             table = (fps | "KeyHashRank" >> beam.Map(lambda e: (e[0], e[1].dhash, e[2]))
                      | "InputTable" >> beam.combiners.ToList() | "InputIndex" >> beam.Map(neardup.hash_table))
@@ -338,14 +339,13 @@ class Screen(beam.PTransform):
             pairs = ({"fp": by_key, "query": queries} | "JoinCandidates" >> beam.CoGroupByKey()
                      | "Verify" >> beam.FlatMap(neardup.verify_near, cfg.near_dup_pixels))
             ranks = fps | "RankByKey" >> beam.Map(lambda e: (e[0], e[2]))
-            # (key, kept key) -> (key, ("near_duplicate", kept key)) with the kept one's rank to choose by
+            # (key, kept key) -> (key, ("near_duplicate", the kept one's rank, kept key))
             found.append(({"pair": pairs | "ByKept" >> beam.Map(lambda kv: (kv[1], kv[0])), "rank": ranks}
                           | "JoinRanks" >> beam.CoGroupByKey()
-                          | "Ranked" >> beam.FlatMap(lambda kv: [(key, ("near_duplicate", (kv[1]["rank"][0], kv[0])))
+                          | "Ranked" >> beam.FlatMap(lambda kv: [(key, ("near_duplicate", kv[1]["rank"][0], kv[0]))
                                                                  for key in kv[1]["pair"]])))
         drops = (found | "AllDrops" >> beam.Flatten() | "OnePerKey" >> beam.CombinePerKey(_first_drop)
-                 | "Named" >> beam.Map(lambda kv: (kv[0], (kv[1][0], kv[1][1] if kv[1][0] == "excluded"
-                                                            else kv[1][1][1]))))
+                 | "Named" >> beam.Map(lambda kv: (kv[0], (kv[1][0], kv[1][2]))))  # (key, (reason, match))
         return prepared | "Drop" >> beam.ParDo(DropScreened(), beam.pvalue.AsDict(drops)).with_outputs(
             FAILED, main="ok")
 
@@ -432,7 +432,8 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     card = {"kind": KIND, "config": asdict(cfg),
             "command": ["beam_runner.py", "caption", *(argv if argv is not None else sys.argv[1:])],
             "models": {"captioner": cfg.captioner, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained},
-            "inputs": input_fingerprint(listing), "excluded": input_fingerprint(excluded)}
+            # a rerun on changed --exclude folders is refused like one on a changed input
+            "inputs": {**input_fingerprint(listing), **({"excluded": input_fingerprint(excluded)} if excluded else {})}}
     try:
         jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input, *cfg.exclude])
     except ValueError as err:

@@ -110,7 +110,7 @@ def test_near_duplicates_and_excluded_inputs_are_failed_rows_naming_what_they_ma
     assert sorted(kept) == [f"img{i}.png" for i in range(6)]
     assert stats["failed_by_reason"] == {"excluded": 2, "near_duplicate": 1} and stats["written"] == 6
     card = json.loads((root / "out" / "dataset.json").read_text())
-    assert card["config"]["exclude"] == [str(root / "bench")] and card["excluded"]["files"] == 3
+    assert card["config"]["exclude"] == [str(root / "bench")] and card["inputs"]["excluded"]["files"] == 3
 
 
 def test_a_rerun_writes_nothing_twice_and_a_second_run_drops_the_same(screened, tmp_path):
@@ -124,6 +124,17 @@ def test_a_rerun_writes_nothing_twice_and_a_second_run_drops_the_same(screened, 
         assert (pq.read_table(tmp_path / "other" / name).column("key").to_pylist()
                 == pq.read_table(root / "out" / name).column("key").to_pylist())
     assert other["written"] == 6
+
+
+def test_a_rerun_after_the_excluded_folder_changed_is_refused(screened, capsys):
+    root, args, _ = screened
+    photo(13).save(root / "bench" / "bench13.png")
+    try:
+        with pytest.raises(SystemExit) as err:
+            run([*args, "--output", str(root / "out")])
+        assert err.value.code == 2
+    finally:
+        (root / "bench" / "bench13.png").unlink()
 
 
 def test_no_near_duplicates_keeps_the_copy_and_no_exclude_keeps_the_leaks(screened, tmp_path):
