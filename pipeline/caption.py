@@ -324,14 +324,14 @@ class Screen(beam.PTransform):
         found = []
         if cfg.exclude:
             table = (pipeline | "ExcludedFiles" >> beam.Create(self.excluded_files)
-                     | "HashExcluded" >> beam.Map(neardup.file_hash) | "Readable" >> beam.Filter(bool)
+                     | "HashExcluded" >> beam.Map(neardup.file_entry) | "Readable" >> beam.Filter(bool)
                      | "ExcludedTable" >> beam.combiners.ToList() | "Index" >> beam.Map(neardup.hash_table))
             found.append(fps | "KeyFp" >> beam.Map(lambda e: (e[0], e[1]))
                          | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels),
                                                          beam.pvalue.AsSingleton(table))
                          | "ExcludedDrop" >> beam.Map(lambda kv: (kv[0], ("excluded", kv[1], kv[1]))))
         if cfg.near_duplicates:
-            table = (fps | "KeyHashRank" >> beam.Map(lambda e: (e[0], e[1].dhash, e[2]))
+            table = (fps | "Entries" >> beam.Map(lambda e: neardup.table_entry(*e))
                      | "InputTable" >> beam.combiners.ToList() | "InputIndex" >> beam.Map(neardup.hash_table))
             queries = fps | "Candidates" >> beam.ParDo(neardup.NearCandidates(cfg.near_dup_bits),
                                                        beam.pvalue.AsSingleton(table))

@@ -97,6 +97,7 @@ def _check_sample(report: Report, kind: str, where: str, key: str, fields: dict[
         elif field not in allowed:
             report.bad(f"{where}: unexpected member .{field}")
     summary["rows"].append(meta)
+    summary["keys"].append(key)
 
 
 def _read_shard(report: Report, path: Path) -> dict[str, dict[str, bytes]]:
@@ -127,7 +128,7 @@ def inspect(root: Path) -> tuple[Report, dict]:
         report.bad(f"dataset.json: kind must be 'caption' or 'triplet', got {kind!r}")
     if card and card.get("schema_version") != SCHEMA_VERSION:
         report.bad(f"dataset.json: schema_version {card.get('schema_version')} (this reader: {SCHEMA_VERSION})")
-    summary: dict = {"caption_words": [], "sizes": [], "rows": []}
+    summary: dict = {"caption_words": [], "sizes": [], "rows": [], "keys": []}
     shard_keys: dict[str, set[str]] = {}
     seen: Counter = Counter()
     tars = sorted((root / SHARD_DIR).glob("*.tar"))
@@ -161,7 +162,7 @@ def inspect(root: Path) -> tuple[Report, dict]:
             report.bad("stats.json: inputs != written + failed + duplicates")
     summary.update(kind=kind, shards=len(tars), samples=written,
                    failed_by_reason=dict(Counter(r.get("reason") for r in failed_rows)),
-                   duplicates=(stats or {}).get("duplicates"))
+                   duplicates=(stats or {}).get("duplicates"), stats=stats)
     return report, summary
 
 
@@ -210,12 +211,22 @@ def format_summary(summary: dict) -> str:
 def run(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="beam_runner.py inspect", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="a caption or triplet dataset directory")
+    parser.add_argument("--report", metavar="OUT", help="also write a page with plots and sample grids: "
+                                                        "OUT/index.html (pipeline/report.py)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     if not root.is_dir():
         parser.error(f"{root} is not a directory")
+    if args.report and Path(args.report).resolve().is_relative_to(root.resolve()):
+        parser.error(f"--report {args.report} is inside the dataset {root}: write it elsewhere")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        parser.error(f"--report {args.report} is a file, not a folder")
     report, summary = inspect(root)
     print(format_summary(summary))
+    if args.report:
+        from pipeline.report import write_report
+
+        print(f"report: {write_report(root, Path(args.report), summary)}")
     if report.violations:
         print(f"\n{len(report.violations)} violation(s) of SPEC.md:", file=sys.stderr)
         for line in report.violations[:MAX_REPORTED]:

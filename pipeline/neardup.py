@@ -1,18 +1,20 @@
 """Near-duplicates: the same picture resized, re-encoded, lightly cropped or recoloured.
 
 Two images are near-duplicates when (1) their 64-bit difference hashes (imagehash.dhash) are within `bits` of
-each other, the cheap test that finds candidates, and (2) `same_picture` confirms it on 64x64 thumbnails: after
-the better of a few centre zooms (a light crop), every pixel of each thumbnail but at most `pixels` has a pixel
-of the other within one pixel's shift whose colour is within TOLERANCE in each channel. The hash alone is not
-enough: on simple pictures (the toy world's few shapes on a plain background) distinct images share a hash.
+each other and their 8x8 mean colours within MEAN_COLOURS on average, the cheap tests that find candidates, and
+(2) `same_picture` confirms it on 64x64 thumbnails: after the better of a few centre zooms (a light crop), every
+pixel of each thumbnail but at most `pixels` has a pixel of the other within one pixel's shift whose colour is
+within TOLERANCE in each channel. The hash alone is not enough: on simple pictures (the toy world's few shapes on
+a plain background) distinct images share a hash, and a grayscale hash ignores colour.
 
 The caption job uses it twice (pipeline/caption.py):
 - among its inputs: an image is dropped (failed row `near_duplicate`, naming the kept key) when a near-duplicate
   of it ranks before it (`rank`: the one with a caption, then more pixels, then the smaller key). Each image is
-  compared with all others' hashes (a side input: fine to a few million inputs; ~n^2/2 hash comparisons).
+  compared with all others' hashes and mean colours (a side input of ~200 bytes and a key per image: fine to a
+  few million inputs; n^2 hash comparisons); only candidates' thumbnails meet, in a join.
 - against `--exclude` folders (a benchmark's images): an input that is an exact or near duplicate of any of
-  them is dropped (failed row `excluded`, naming the file). The folders' hashes are a side input (8 bytes and a
-  path per image); their thumbnails are read again only for the candidates.
+  them is dropped (failed row `excluded`, naming the file). The folders' hashes and mean colours are a side
+  input (~200 bytes and a path per image); an excluded file's thumbnail is read again for its candidates only.
 Both decisions depend only on the whole input, never on the order of work, so a rerun drops the same images.
 """
 from __future__ import annotations
@@ -58,13 +60,26 @@ def _pixels(thumb: bytes) -> np.ndarray:
     return np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB, 3)
 
 
+def coarse(thumb: bytes) -> np.ndarray:
+    """[192] float32: the thumbnail's 8x8 mean colours, the cheap first test (MEAN_COLOURS)."""
+    return _pixels(thumb).reshape(8, THUMB // 8, 8, THUMB // 8, 3).mean((1, 3), dtype=np.float32).reshape(-1)
+
+
+def near_rows(fp: "Fingerprint", table: dict, bits: int) -> np.ndarray:
+    """Rows of a hash_table that may be the same picture as `fp`: hash within `bits`, mean colours close."""
+    rows = np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= bits)
+    if len(rows):
+        rows = rows[np.abs(table["coarse"][rows] - coarse(fp.thumb)[None]).mean(1) <= MEAN_COLOURS]
+    return rows
+
+
 class Picture:
     """A thumbnail made ready to compare: its centre zooms, each with its colour envelope (per channel, the
     least and greatest value within SHIFT pixels, widened by TOLERANCE), and its 8x8 mean colours."""
 
     def __init__(self, thumb: bytes):
         pixels = _pixels(thumb)
-        self.means = pixels.reshape(8, THUMB // 8, 8, THUMB // 8, 3).mean((1, 3))  # [8, 8, 3]
+        self.means = coarse(thumb)
         img = Image.fromarray(pixels)
         self.zooms, self.low, self.high = [], [], []
         for z in ZOOMS:  # z: the centre 1/z of the side, resized back to THUMB
@@ -115,11 +130,20 @@ def rank(sample: dict) -> tuple:
 # ------------------------------------------------------------------------------------------ Beam
 
 
+def table_entry(name: str, fp: Fingerprint, *rest) -> tuple:
+    """What a side-input table holds of one image: (name, dhash, 8x8 mean colours as 192 bytes, *rest); 200
+    bytes and a name, where the thumbnail is 12 KiB."""
+    return (name, fp.dhash, np.round(coarse(fp.thumb)).astype(np.uint8).tobytes(), *rest)
+
+
 def hash_table(entries: list) -> dict:
-    """[(name, dhash, ...)] -> {"names": [...], "hashes": [n] uint64, "rest": [...]}, sorted by name (stable)."""
+    """[table_entry] -> {"names": [n], "hashes": [n] uint64, "coarse": [n, 192] float32, "rest": [n] tuples},
+    sorted by name (the same table whatever order the entries came in)."""
     entries = sorted(entries, key=lambda e: e[0])
+    means = [np.frombuffer(e[2], dtype=np.uint8) for e in entries]
     return {"names": [e[0] for e in entries], "hashes": np.array([e[1] for e in entries], dtype=np.uint64),
-            "rest": [e[2:] for e in entries]}
+            "coarse": np.stack(means).astype(np.float32) if means else np.zeros((0, 192), np.float32),
+            "rest": [e[3:] for e in entries]}
 
 
 class NearCandidates(beam.DoFn):
@@ -131,7 +155,7 @@ class NearCandidates(beam.DoFn):
 
     def process(self, item: tuple, table: dict) -> Iterator[tuple]:
         key, fp, own_rank = item
-        for i in np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= self.bits):
+        for i in near_rows(fp, table, self.bits):
             other, (other_rank,) = table["names"][i], table["rest"][i]
             if other != key and other_rank < own_rank:
                 yield other, (key, fp.thumb)
@@ -161,7 +185,7 @@ class MatchExcluded(beam.DoFn):
     def process(self, item: tuple, table: dict) -> Iterator[tuple]:
         key, fp = item
         picture = None
-        for i in np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= self.bits):
+        for i in near_rows(fp, table, self.bits):
             path = table["names"][i]
             picture = picture or Picture(fp.thumb)
             if same_picture(picture, self.picture(path), self.pixels):
@@ -175,8 +199,9 @@ def _file_picture(path: str) -> Picture:
     return Picture(fingerprint(Image.open(io.BytesIO(read_stamped(path)[0])).convert("RGB")).thumb)
 
 
-def file_hash(path: str) -> Optional[tuple]:
-    """(path, dhash) of an excluded file; None for a file that is not a readable image (it excludes nothing)."""
+def file_entry(path: str) -> Optional[tuple]:
+    """The table_entry of an excluded file; None for a file that is not a readable image (it excludes
+    nothing; excluded_images lists only image names)."""
     from pipeline.sources import read_stamped
 
     try:
@@ -184,4 +209,4 @@ def file_hash(path: str) -> Optional[tuple]:
         img.load()
     except Exception:  # a reference folder's non-image: it cannot match any input
         return None
-    return path, fingerprint(img.convert("RGB")).dhash
+    return table_entry(path, fingerprint(img.convert("RGB")))
