@@ -336,15 +336,16 @@ class Screen(beam.PTransform):
             queries = fps | "Candidates" >> beam.ParDo(neardup.NearCandidates(cfg.near_dup_bits),
                                                        beam.pvalue.AsSingleton(table))
             by_key = fps | "FpByKey" >> beam.Map(lambda e: (e[0], e[1]))
-            pairs = ({"fp": by_key, "query": queries} | "JoinCandidates" >> beam.CoGroupByKey()
+            pairs = ({"fp": by_key, "query": queries} | "JoinCandidates" >> jobs.MeasuredCoGroupByKey()
                      | "Verify" >> beam.FlatMap(neardup.verify_near, cfg.near_dup_pixels))
             ranks = fps | "RankByKey" >> beam.Map(lambda e: (e[0], e[2]))
             # (key, kept key) -> (key, ("near_duplicate", the kept one's rank, kept key))
             found.append(({"pair": pairs | "ByKept" >> beam.Map(lambda kv: (kv[1], kv[0])), "rank": ranks}
-                          | "JoinRanks" >> beam.CoGroupByKey()
+                          | "JoinRanks" >> jobs.MeasuredCoGroupByKey()
                           | "Ranked" >> beam.FlatMap(lambda kv: [(key, ("near_duplicate", kv[1]["rank"][0], kv[0]))
                                                                  for key in kv[1]["pair"]])))
-        drops = (found | "AllDrops" >> beam.Flatten() | "OnePerKey" >> beam.CombinePerKey(_first_drop)
+        drops = (found | "AllDrops" >> beam.Flatten() | "DropsByKey" >> jobs.MeasuredGroupByKey()
+                 | "OnePerKey" >> beam.Map(lambda kv: (kv[0], _first_drop(kv[1])))
                  | "Named" >> beam.Map(lambda kv: (kv[0], (kv[1][0], kv[1][2]))))  # (key, (reason, match))
         return prepared | "Drop" >> beam.ParDo(DropScreened(), beam.pvalue.AsDict(drops)).with_outputs(
             FAILED, main="ok")

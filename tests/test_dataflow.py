@@ -40,10 +40,13 @@ def test_remote_directory_with_trailing_slash_is_listed_recursively():
 
 def test_every_grouping_of_the_caption_job_is_measured_and_only_the_shard_grouping_carries_images():
     """The graph's GroupByKeys: combiners (counts) shuffle accumulators; every other grouping is measured
-    (stats.json's shuffle_bytes), and of those only the shard grouping follows the image read."""
+    (stats.json's shuffle_bytes), and of those only the shard grouping follows the image read (the near-duplicate
+    screen's joins carry keys and, for candidates only, 64x64 thumbnails)."""
     p = beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"]))
     build(p, CaptionConfig(input="gs://my-bucket/images/", output="gs://my-bucket/captions"), started=0.0)
     transforms = p.to_runner_api().components.transforms.values()
     groupings = {t.unique_name for t in transforms if t.spec.urn == "beam:transform:group_by_key:v1"}
     combiners = {g for g in groupings if "/CombinePerKey/" in g}
-    assert groupings - combiners == {"Read/GroupSidecars/Group", "WriteShards/GroupByShard/Group", "SkippedKeys/Group"}
+    assert groupings - combiners == {"Read/GroupSidecars/Group", "WriteShards/GroupByShard/Group", "SkippedKeys/Group",
+                                     "Screen/JoinCandidates/Group/CoGroupByKeyImpl/GroupByKey",
+                                     "Screen/JoinRanks/Group/CoGroupByKeyImpl/GroupByKey", "Screen/DropsByKey/Group"}
