@@ -4,7 +4,8 @@
    start-up included, against a plain single-process loop doing the same work (read, decode and validate,
    sha256, sidecar caption, tar shards, parquet index), each a fresh process, with wall time and peak memory
    (RSS); one line per image set, ratio = loop seconds / job seconds (targets: >= 0.7 at 256-512 px, >= 0.67
-   at 64-96 px).
+   at 64-96 px). The job runs with --no-near-duplicates, as the loop screens nothing; the default job (the
+   near-duplicate screen on) is timed beside it (`screened_seconds`, and how many it dropped).
 2. Images/s of the job with a tiny BLIP captioner + tiny CLIP embeddings at several RunInference batch
    sizes, to show that batching works.
 
@@ -120,24 +121,31 @@ def job_against_loop(tmp: Path, n: int, lo: int, hi: int, shard_size: int, noise
     images = make_images(tmp / f"toy-{n}-{lo}-{hi}", n, lo, hi, noise)
     files = [f for f in images.iterdir() if f.suffix in (".jpg", ".png")]
     mean_kib = sum(f.stat().st_size for f in files) / len(files) / 1024
-    loops, jobs = [], []
+    loops, jobs, screened = [], [], []
+    caption = [sys.executable, str(ROOT / "beam_runner.py"), "caption", "--input", str(images),
+               "--shard-size", str(shard_size)]
     for run in range(repeats):  # alternating, each into a fresh folder: this shared machine's speed drifts
         loop_out, job_out = tmp / f"loop-{n}-{lo}-{run}", tmp / f"job-{n}-{lo}-{run}"
         loops.append(timed([sys.executable, str(Path(__file__).resolve()), "--loop", str(images), str(loop_out),
                             "--shard-size", str(shard_size)]))
-        jobs.append(timed([sys.executable, str(ROOT / "beam_runner.py"), "caption", "--input", str(images), "--output",
-                           str(job_out), "--shard-size", str(shard_size)]))
+        # the same work as the loop: no near-duplicate screen (the loop has none); the default job apart
+        jobs.append(timed([*caption, "--output", str(job_out), "--no-near-duplicates"]))
+        screened.append(timed([*caption, "--output", str(tmp / f"screened-{n}-{lo}-{run}")]))
         written = json.loads((job_out / "stats.json").read_text())["written"]
         looped = len(pq_rows(loop_out / "index.parquet"))
         assert written == looped, f"job wrote {written}, loop {looped}"
-    loop_s, job_s = (statistics.median(r["seconds"] for r in runs) for runs in (loops, jobs))
+    loop_s, job_s, screened_s = (statistics.median(r["seconds"] for r in runs) for runs in (loops, jobs, screened))
     sizes = f"{lo}-{hi}"
     return {"images": written, "sizes": sizes, "noise": noise, "mean_kib": round(mean_kib, 1),
             "loop_seconds": round(loop_s, 2), "job_seconds": round(job_s, 2),
             "loop_runs": [round(r["seconds"], 2) for r in loops], "job_runs": [round(r["seconds"], 2) for r in jobs],
             "loop_peak_mib": round(max(r["peak_mib"] for r in loops)),
             "job_peak_mib": round(max(r["peak_mib"] for r in jobs)), "ratio_job_over_loop": round(loop_s / job_s, 3),
-            "target_ratio": TARGETS.get(sizes, 0.7)}, images
+            "target_ratio": TARGETS.get(sizes, 0.7),
+            # the default job (near-duplicate screen on): its seconds, and what it dropped
+            "screened_seconds": round(screened_s, 2), "screened_runs": [round(r["seconds"], 2) for r in screened],
+            "screened_dropped": json.loads((tmp / f"screened-{n}-{lo}-0" / "stats.json").read_text())[
+                "failed_by_reason"].get("near_duplicate", 0)}, images
 
 
 def pq_rows(path: Path) -> list:

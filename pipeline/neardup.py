@@ -1,7 +1,7 @@
 """Near-duplicates: the same picture resized, re-encoded, lightly cropped or recoloured.
 
 Two images are near-duplicates when (1) their 64-bit difference hashes (imagehash.dhash) are within `bits` of
-each other and their 8x8 mean colours within MEAN_COLOURS on average, the cheap tests that find candidates, and
+each other and their 8x8 mean colours close (close_colours), the cheap tests that find candidates, and
 (2) `same_picture` confirms it on 64x64 thumbnails: after the better of a few centre zooms (a light crop), every
 pixel of each thumbnail but at most `pixels` has a pixel of the other within one pixel's shift whose colour is
 within TOLERANCE in each channel. The hash alone is not enough: on simple pictures (the toy world's few shapes on
@@ -32,7 +32,11 @@ THUMB = 64  # side of the comparison thumbnail (RGB, 12 KiB)
 ZOOMS = (1.0, 1.03, 1.06, 1.1)  # centre zooms tried: a crop of up to ~10% of each side's length
 TOLERANCE = 64  # a pixel matches when every channel is within this (of 255): JPEG noise, a light recolour
 SHIFT = 1  # and it may match a neighbour this many pixels away: resampling
-MEAN_COLOURS = 12.0  # a copy's 8x8 mean colours differ by at most ~5 on average (toy world: resized, JPEG, cropped)
+# The cheap first tests, on the 8x8 mean colours (192 values). Toy world copies (resized 90%, JPEG q75, cropped 5%)
+# differ by at most ~5 on average and 75 in any one value; two different toy scenes, mostly plain background,
+# often differ little on average but much where an object differs.
+MEAN_COLOURS = 12.0  # the average difference, at most
+MAX_CELL = 80.0  # the largest difference, at most
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def _pixels(thumb: bytes) -> np.ndarray:
 
 
 def coarse(thumb: bytes) -> np.ndarray:
-    """[192] float32: the thumbnail's 8x8 mean colours, the cheap first test (MEAN_COLOURS)."""
+    """[192] float32: the thumbnail's 8x8 mean colours, for the cheap first test (close_colours)."""
     return _pixels(thumb).reshape(8, THUMB // 8, 8, THUMB // 8, 3).mean((1, 3), dtype=np.float32).reshape(-1)
 
 
@@ -69,8 +73,14 @@ def near_rows(fp: "Fingerprint", table: dict, bits: int) -> np.ndarray:
     """Rows of a hash_table that may be the same picture as `fp`: hash within `bits`, mean colours close."""
     rows = np.flatnonzero(hamming(fp.dhash, table["hashes"]) <= bits)
     if len(rows):
-        rows = rows[np.abs(table["coarse"][rows] - coarse(fp.thumb)[None]).mean(1) <= MEAN_COLOURS]
+        rows = rows[close_colours(table["coarse"][rows], coarse(fp.thumb))]
     return rows
+
+
+def close_colours(many: np.ndarray, one: np.ndarray) -> np.ndarray:
+    """[n, 192] and [192] mean colours -> [n] bool: within MEAN_COLOURS on average and MAX_CELL everywhere."""
+    diff = np.abs(many - one[None])
+    return (diff.mean(1) <= MEAN_COLOURS) & (diff.max(1) <= MAX_CELL)
 
 
 class Picture:
@@ -115,9 +125,9 @@ def picture_distance(a: Picture, b: Picture) -> int:
 
 
 def same_picture(a: Picture, b: Picture, pixels: int) -> bool:
-    """Near-duplicates: 8x8 mean colours within MEAN_COLOURS on average (a cheap first test), then at most
-    `pixels` unmatched (picture_distance)."""
-    if np.abs(a.means - b.means).mean() > MEAN_COLOURS:
+    """Near-duplicates: 8x8 mean colours close (close_colours, a cheap first test), then at most `pixels`
+    unmatched (picture_distance)."""
+    if not close_colours(a.means[None], b.means)[0]:
         return False
     return picture_distance(a, b) <= pixels
 
@@ -147,8 +157,8 @@ def hash_table(entries: list) -> dict:
 
 
 class NearCandidates(beam.DoFn):
-    """(key, Fingerprint, rank) -> (candidate key, (key, thumb)) for each input ranked before it whose hash is
-    within `bits` (the candidates are confirmed where their thumbnails join, VerifyNear)."""
+    """(key, Fingerprint, rank) -> (candidate key, (key, thumb)) for each input ranked before it that near_rows
+    finds (the candidates are confirmed where their thumbnails join: verify_near)."""
 
     def __init__(self, bits: int):
         self.bits = bits

@@ -167,3 +167,19 @@ def test_toy_world_copies_in_a_benchmark_are_found(toy_world, tmp_path):
     excluded = {name for name, row in failed_rows(tmp_path / "out").items() if row["reason"] == "excluded"}
     assert {img.name for img in images[:4]} <= excluded
     assert len(excluded) <= 6 and stats["written"] == len(images) - len(excluded)
+
+
+def test_the_planted_copies_experiment_counts_what_the_job_dropped(toy_world, tmp_path):
+    """experiments/near_duplicates.py at toy size: every planted copy is counted once, by its kind."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("near_duplicates", Path(__file__).parents[1] / "experiments" /
+                                                  "near_duplicates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--world", str(toy_world), "--out", str(tmp_path / "nd"), "--planted", "6"])
+    assert result["planted"] == 6 and set(result["recall"]) == {"resize90", "jpeg75", "crop5"}
+    assert result["recall_all"] >= 0.8  # two copies of each kind; the full run finds 97%
+    excluded = result["stats"]["failed_by_reason"].get("excluded", 0)
+    assert excluded == round(result["recall_all"] * 6) + sum(result["excluded_training"].values())
+    assert (tmp_path / "nd" / "near_duplicates.md").read_text().startswith("# Planted benchmark copies")
