@@ -260,6 +260,23 @@ def caption_fingerprint(path: str) -> dict:
             "sha256": hashlib.sha256(index).hexdigest()[:16]}
 
 
+TOY_CHECK = 50  # captions looked at by check_toy_captions
+
+
+def check_toy_captions(src: str, captions: list) -> None:
+    """`--editor toy` (the default) re-renders the toy world's scenes from their captions: on any other images
+    every input would become a failed row, so a dataset none of whose first TOY_CHECK captions the toy grammar
+    wrote is refused before the job, naming the editor to use instead."""
+    from toyworld.parse import parse_caption  # the toy editor's own parser (the labelled exception)
+
+    looked = [c for c in captions[:TOY_CHECK] if isinstance(c, str)]
+    if looked and not any(parse_caption(c) for c in looked):
+        raise ValueError(f"--editor toy (the default) edits the toy world's images only, and none of the first "
+                         f"{len(looked)} captions of {src} is a toy-world caption (e.g. {looked[0][:60]!r}): pass "
+                         f"--editor MODEL, an InstructPix2Pix model (timbrooks/instruct-pix2pix) with --clip MODEL, "
+                         f"or mine real pairs with --quality low")
+
+
 def check_input(cfg: SynthConfig) -> None:
     """Bad input is a clear error before the job starts."""
     card = ds.read_json(ds.join(cfg.input, "dataset.json"))
@@ -285,6 +302,8 @@ def check_input(cfg: SynthConfig) -> None:
                          + ("" if cfg.quality == "low" else " (or --hard-negatives 0)"))
     if mines and cfg.knn == "sharded" and importlib.util.find_spec("faiss") is None:
         raise ValueError("--knn sharded trains its lists with faiss's k-means: pip install -e '.[faiss]'")
+    if cfg.quality == "high" and cfg.editor == "toy":
+        check_toy_captions(cfg.input, index.column("caption").to_pylist())
     if cfg.toy_coarse_fraction and not (cfg.quality == "high" and cfg.editor == "toy"):
         raise ValueError("--toy-coarse-fraction describes the toy editor's edits: it needs --quality high --editor toy")
     if not cfg.band_low <= cfg.band_high:

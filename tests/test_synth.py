@@ -336,6 +336,22 @@ def test_toy_editor_rejects_captions_it_did_not_write(tmp_path):
     assert stats["written"] == 1 and stats["failed_by_reason"] == {"not_a_toy_caption": 1}
 
 
+def test_the_default_toy_editor_on_real_captions_is_refused_before_the_job(tmp_path, capsys):
+    from pipeline.caption import run as caption
+
+    (tmp_path / "imgs").mkdir()
+    for i, text in enumerate(["a dog on a beach", "two people riding bikes"]):
+        Image.new("RGB", (32, 32), (i * 100, 50, 50)).save(tmp_path / "imgs" / f"{i}.png")
+        (tmp_path / "imgs" / f"{i}.txt").write_text(text)
+    caption(["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "cap"), *BEAM])
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(tmp_path / "cap"), "--output", str(tmp_path / "high"), "--quality", "high",
+             "--image-weight", "0", *BEAM])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--editor MODEL" in err and ("'a dog on a beach'" in err or "'two people" in err)
+    assert not (tmp_path / "high").exists()
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_inputs_are_clear_errors(toy_captions, tmp_path, capsys):
