@@ -28,6 +28,7 @@ from cir.errors import CIRError
 
 SCHEMA_VERSION = 1
 SHARD_DIR = "shards"
+SCORES_FILE = "filter_scores.parquet"  # a synth job's CLIP filter scores of every candidate (merge_sidecars)
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes equal samples give byte-identical tars
 KEY_HEX = 32  # hex digits of sha256 kept in a key (128 bits)
 KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
@@ -113,8 +114,11 @@ def read_table(path: str) -> pa.Table:
 
 
 def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], index_rows: list[dict],
-                failed_rows: list[dict]) -> str:
+                failed_rows: list[dict], score_rows: Optional[list[dict]] = None) -> str:
     """Write one shard: sidecars first, then the tar under a temp name, renamed into place (the commit).
+
+    score_rows (synth's CLIP filter: every scored candidate, kept or not) become a third sidecar,
+    `{name}.scores.parquet`, merged into `filter_scores.parquet` (SCORES_FILE) by merge_sidecars.
 
     samples: webdataset dicts ({"__key__": ..., "jpg": bytes, "txt": str, "json": dict, ...}), sorted here
     by key so a retried bundle or a rerun writes the same bytes. A retried bundle writes its own temp file and
@@ -127,6 +131,9 @@ def write_shard(out_dir: str, prefix: str, index: int, samples: list[dict], inde
     write_atomic(join(shard_dir, f"{name}.failed.parquet"),
                   table_bytes(pa.Table.from_pylist(sorted(failed_rows, key=lambda r: r["source"]),
                                                    schema=FAILED_SCHEMA)))
+    if score_rows:
+        write_atomic(join(shard_dir, f"{name}.scores.parquet"),
+                     table_bytes(pa.Table.from_pylist(sorted(score_rows, key=lambda r: json.dumps(r, sort_keys=True)))))
     write_atomic(join(shard_dir, f"{name}.tar"), tar_bytes(sorted(samples, key=lambda s: s["__key__"])))
     return name
 
@@ -183,6 +190,10 @@ def merge_sidecars(out_dir: str, extra_failed: Iterable[dict] = ()) -> tuple[pa.
     write_atomic(join(out_dir, "index.parquet"), table_bytes(index))
     failed_table = pa.Table.from_pylist(rows, schema=FAILED_SCHEMA)
     write_atomic(join(out_dir, "failed.parquet"), table_bytes(failed_table))
+    names_there = set(_names(shard_dir))
+    scores = [read_table(join(shard_dir, f"{n}.scores.parquet")) for n in names if f"{n}.scores.parquet" in names_there]
+    if scores:
+        write_atomic(join(out_dir, SCORES_FILE), table_bytes(pa.concat_tables(scores, promote_options="default")))
     return index, failed_table
 
 

@@ -70,7 +70,8 @@ def progress_logger(name: str) -> logging.Logger:
 
 
 # What a dataset job writes in its output directory: `--overwrite` deletes these and nothing else.
-OWN_ENTRIES = (ds.SHARD_DIR, "index.parquet", "failed.parquet", "stats.json", "README.md", "dataset.json")
+OWN_ENTRIES = (ds.SHARD_DIR, "index.parquet", "failed.parquet", ds.SCORES_FILE, "stats.json", "README.md",
+               "dataset.json")
 
 
 def _local_root(spec: str) -> Optional[tuple[str, bool]]:
@@ -195,7 +196,7 @@ def keep_one_per_key(items: list[dict]) -> tuple[list[dict], int]:
 
 
 class WriteShard(beam.DoFn):
-    """(shard, [{"sample": ...} | {"failed": ...}]) -> one committed shard; yields {"shard": name,
+    """(shard, [{"sample": ...} | {"failed": ...} | {"scores": ...}]) -> one committed shard; yields {"shard": name,
     "duplicates": copies dropped} (with `dedup`: identical samples meet here, as their key fixes the shard).
 
     to_webdataset(sample) -> webdataset dict and index_row(sample, shard_name) -> index row are
@@ -215,11 +216,12 @@ class WriteShard(beam.DoFn):
         items, duplicates = keep_one_per_key(list(items)) if self.dedup else (list(items), 0)
         samples = [i["sample"] for i in items if "sample" in i]
         failed = [i["failed"] for i in items if "failed" in i]
+        scores = [i["scores"] for i in items if "scores" in i]
         if self.load is not None:
             samples = list(self._loaded(samples, failed))
         name = ds.shard_name(self.prefix, shard)
         ds.write_shard(self.output, self.prefix, shard, [self.to_webdataset(s) for s in samples],
-                       [self.index_row(s, name) for s in samples], failed)
+                       [self.index_row(s, name) for s in samples], failed, scores)
         self.written.inc(len(samples))
         logging.getLogger(self.log_name).info("wrote shard %s: %d samples, %d failed", name, len(samples),
                                               len(failed))

@@ -1,8 +1,9 @@
 """`python beam_runner.py inspect DIR --report OUT`: a page to look at a caption or triplet dataset.
 
 OUT/index.html with PNG plots beside it: text lengths, edit kinds (triplets), the filter scores of the kept
-triplets with the thresholds that kept them drawn, rejected candidates and failed inputs by reason (near-duplicates
-and excluded benchmark images among them), a grid of random samples and one of the lowest-scoring kept triplets.
+triplets and of the rejected candidates (filter_scores.parquet, when synth's CLIP filter wrote one) with the
+thresholds drawn, rejected candidates and failed inputs by reason (near-duplicates and excluded benchmark images
+among them), a grid of random samples and one of the lowest-scoring kept triplets.
 Built from what inspect read (pipeline/inspect.py) and the shards again for the pictures; nothing is unpickled.
 """
 from __future__ import annotations
@@ -14,10 +15,12 @@ import random
 import tarfile
 from collections import Counter
 from pathlib import Path
+
+import pyarrow.parquet as pq
 from PIL import Image
 
 from cir import schema
-from cir.dataset import SHARD_DIR
+from cir.dataset import SCORES_FILE, SHARD_DIR
 from cir.grids import GridRow, render_grid
 
 GRID_ROWS = 8  # samples per grid
@@ -130,18 +133,25 @@ def write_report(root: Path, out: Path, summary: dict, seed: int = 0) -> Path:
         _bar(ax, dict(Counter(edit_kind(r) for r in rows)), "edit kinds")
         sections.append(("Edit kinds", _save(fig, out / "edit_kinds.png"), ""))
         names = sorted({n for r in rows for n, v in (r.get("scores") or {}).items() if isinstance(v, (int, float))})
+        # synth's CLIP filter records every candidate it scored, kept or not (cir.dataset.SCORES_FILE)
+        scored = pq.read_table(root / SCORES_FILE).to_pylist() if (root / SCORES_FILE).is_file() else []
         if names:
             fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
             for ax, name in zip(axes[0], names):
-                ax.hist([r["scores"][name] for r in rows if name in (r.get("scores") or {})], bins=30,
-                        color="#4a7bb7", label="kept")
+                kept = [r["scores"][name] for r in rows if name in (r.get("scores") or {})]
+                dropped = [r[name] for r in scored if not r["kept"] and r.get(name) is not None]
+                ax.hist([kept, dropped] if dropped else [kept], bins=30, stacked=True,
+                        color=["#4a7bb7", "#bbbbbb"][:2 if dropped else 1],
+                        label=["kept", "rejected"][:2 if dropped else 1])
                 for line in sorted({t for r in rows for t in thresholds(r).get(name, [])}):
                     ax.axvline(line, color="#c0392b", linestyle="--", label=f"threshold {line:g}")
                 ax.set_title(name)
                 ax.legend(fontsize=7)
-            sections.append(("Filter scores of the kept triplets", _save(fig, out / "scores.png"),
-                             "Each score of each kept triplet, the thresholds that kept them dashed. Rejected "
-                             "candidates are counted by reason above; their scores are not recorded yet."))
+            note = ("Each score of each kept triplet and of each candidate the filter rejected (grey, from "
+                    f"{SCORES_FILE}), the thresholds dashed." if scored else
+                    "Each score of each kept triplet, the thresholds that kept them dashed (this dataset records "
+                    "no rejected candidates' scores: only synth's CLIP filter does).")
+            sections.append(("Filter scores", _save(fig, out / "scores.png"), note))
 
     rng = random.Random(seed)
     sample = rng.sample(rows, min(GRID_ROWS, len(rows)))

@@ -10,7 +10,7 @@ import apache_beam as beam
 
 from cir import dataset as ds
 from pipeline import jobs
-from synth.specs import FAILED, REJECTED, PickOrder, image_fields, triplet_key
+from synth.specs import FAILED, REJECTED, SCORED, PickOrder, image_fields, triplet_key
 
 if TYPE_CHECKING:
     from synth.config import SynthConfig
@@ -95,7 +95,8 @@ def _by_source(candidate: dict) -> tuple[str, dict]:
 
 
 class EditSources(beam.PTransform):
-    """Chosen sources (with their shard) -> high-quality specs, plus rejected reasons and failed rows."""
+    """Chosen sources (with their shard) -> (high-quality specs, failed rows, rejected reasons, (shard, filter
+    scores) of every scored candidate: none for the toy editor)."""
 
     def __init__(self, cfg: SynthConfig, vocab: list[str]):
         super().__init__()
@@ -107,7 +108,8 @@ class EditSources(beam.PTransform):
         if cfg.editor == "toy":
             edited = keyed | "ToyEdit" >> beam.ParDo(ToyEditor(cfg.seed, cfg.toy_coarse_fraction)).with_outputs(
                 FAILED, main="specs")
-            return edited.specs, edited[FAILED], keyed.pipeline | "NoRejections" >> beam.Create([])
+            empty = keyed.pipeline | "NoRejections" >> beam.Create([])
+            return edited.specs, edited[FAILED], empty, empty
         from apache_beam.ml.inference.base import RunInference
 
         from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
@@ -138,6 +140,6 @@ class EditSources(beam.PTransform):
                     | "GroupBySource" >> jobs.MeasuredGroupByKey()
                     | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
                                                             cfg.keep_per_source, cfg.seed, cfg.editor))
-                    .with_outputs(REJECTED, main="specs"))
+                    .with_outputs(REJECTED, SCORED, main="specs"))
         rejected = (candidates[REJECTED], filtered[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected
+        return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected, filtered[SCORED]

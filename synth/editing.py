@@ -25,7 +25,7 @@ from PIL import Image
 
 from cir import dataset as ds
 from synth.modtext import modification_text
-from synth.specs import REJECTED, image_fields
+from synth.specs import REJECTED, SCORED, image_fields
 
 STOPWORDS = set("""a an the of on in at to and or with without for from by is are was were be been it its this that
 these those there here some any two three four five one very photo picture image close up top front side back
@@ -169,10 +169,14 @@ class ClipFilter(beam.DoFn):
             failing = [name for name, low in self.thresholds.items() if scores[name] < low]
             if failing:
                 yield beam.pvalue.TaggedOutput(REJECTED, f"below_{failing[0]}")
+                yield self._scored(source_key, c, scores, f"below_{failing[0]}")
                 continue
             passed.append((scores, c))
         passed.sort(key=lambda sc: -sc[0]["directional"])
+        for scores, c in passed[self.keep:]:
+            yield self._scored(source_key, c, scores, "beyond_keep_per_source")
         for scores, c in passed[: self.keep]:
+            yield self._scored(source_key, c, scores, "")
             tgt_key = ds.content_key(c["tgt_image"])
             yield {"key": ds.content_key(f"{source_key}|{c['candidate']}|ip2p|{self.seed}".encode()),
                    "ref_key": source_key, "tgt_key": tgt_key, "ref_caption": c["caption"],
@@ -186,3 +190,10 @@ class ClipFilter(beam.DoFn):
                                   "image_guidance": c["image_guidance"]}}
         for _ in passed[self.keep:]:
             yield beam.pvalue.TaggedOutput(REJECTED, "beyond_keep_per_source")
+
+    @staticmethod
+    def _scored(source_key: str, c: dict, scores: dict, rejected: str):
+        """A candidate's scores for filter_scores.parquet, keyed by its source's shard; `rejected` "" if kept."""
+        return beam.pvalue.TaggedOutput(SCORED, (c["sample"]["shard"], {
+            "ref_key": source_key, "candidate": c["candidate"], "kept": not rejected, "rejected": rejected,
+            **{k: round(v, 4) for k, v in scores.items()}}))

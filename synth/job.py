@@ -132,17 +132,18 @@ def _assemble(spec: dict, parts: dict[str, dict]) -> dict:
 
 
 def _assemble_shard(element, cfg: SynthConfig) -> tuple[int, list[dict]]:
-    """(shard, {"spec": specs, "part": (triplet key, role, image or neighbours)}) -> (shard, its triplets as shard
-    items), the input jobs.WriteShard takes. Edited triplets get their hard negatives here."""
+    """(shard, {"spec": specs, "part": (triplet key, role, image or neighbours), "scored": filter score rows}) ->
+    (shard, its triplets and score rows as shard items), the input jobs.WriteShard takes. Edited triplets get their
+    hard negatives here."""
     shard, grouped = element
     parts: dict[str, dict] = {}
     for triplet, role, part in grouped.get("part", ()):
         parts.setdefault(triplet, {})[role] = dict(part) if role in ("ref", "tgt") else part
     read_images([p[role] for p in parts.values() for role in ("ref", "tgt") if role in p])
-    triplets = [_assemble(spec, parts.get(spec["key"], {})) for spec in grouped["spec"]]
+    triplets = [_assemble(spec, parts.get(spec["key"], {})) for spec in grouped.get("spec", ())]
     if cfg.quality == "high" and cfg.hard_negatives > 0:
         triplets = [with_negatives(t, parts.get(t["key"], {}).get("neighbours"), cfg) for t in triplets]
-    return shard, [{"sample": t} for t in triplets]
+    return shard, [{"sample": t} for t in triplets] + [{"scores": row} for row in grouped.get("scored", ())]
 
 
 def to_webdataset(t: dict) -> dict:
@@ -186,6 +187,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
     samples = read.samples
     shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
     neighbours = None  # high quality with hard negatives: (image key, its nearest real images)
+    scored = None  # the diffusers editor: (shard, filter scores) of every candidate
     if cfg.quality == "low":
         hoods, edit_failed = samples | "Summaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
         mined = hoods | "Mine" >> beam.ParDo(MinePairs(cfg)).with_outputs(REJECTED, main="specs")
@@ -202,7 +204,7 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
         expected = (chosen | "CountSources" >> beam.combiners.Count.Globally()
                     | "TimesKeep" >> beam.Map(_times, cfg.keep_per_source if cfg.editor != "toy" else 1))
         sources = chosen | "AssignShard" >> beam.ParDo(jobs.AssignShard(*shard_args), beam.pvalue.AsSingleton(expected))
-        candidates, edit_failed, rejected = sources | "Edit" >> EditSources(cfg, vocab or [])
+        candidates, edit_failed, rejected, scored = sources | "Edit" >> EditSources(cfg, vocab or [])
         if cfg.hard_negatives > 0:  # each reference's nearest real images, attached where triplets are assembled
             hoods, _ = samples | "NeighbourSummaries" >> beam.Map(_summary) | "Neighbours" >> NeighbourGraph(cfg)
             neighbours = hoods | "NeighbourKeys" >> beam.Map(neighbour_keys)
@@ -222,7 +224,8 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
     needs = assigned | "Needs" >> beam.FlatMap(_needs, neighbours is not None)
     by_key = {"need": needs, **({"image": samples} if cfg.quality == "low" else {}),
               **({"neighbours": neighbours} if neighbours is not None else {})}
-    by_shard = {"spec": assigned | "SpecByShard" >> beam.Map(_by_shard)}
+    by_shard = {"spec": assigned | "SpecByShard" >> beam.Map(_by_shard),
+                **({"scored": scored} if scored is not None else {})}
     if len(by_key) > 1:
         join = "JoinImages" if "image" in by_key else "JoinNeighbours"
         by_shard["part"] = by_key | join >> jobs.MeasuredCoGroupByKey() | "Route" >> beam.FlatMap(_route)

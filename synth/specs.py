@@ -8,6 +8,7 @@ from cir import dataset as ds
 
 FAILED = "failed"  # tag of failed.parquet rows
 REJECTED = "rejected"  # tag of rejected candidates' reasons (counted in stats.json)
+SCORED = "scored"  # tag of (shard, row): the CLIP filter's scores of each candidate, kept or not (filter_scores)
 
 
 def triplet_key(*parts: str) -> str:

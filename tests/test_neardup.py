@@ -109,6 +109,9 @@ def test_near_duplicates_and_excluded_inputs_are_failed_rows_naming_what_they_ma
     assert failed["leak10.jpg"]["error"].endswith(str(root / "bench" / "bench10.png"))
     assert sorted(kept) == [f"img{i}.png" for i in range(6)]
     assert stats["failed_by_reason"] == {"excluded": 2, "near_duplicate": 1} and stats["written"] == 6
+    # the screen's joins carry keys and ranks, and 64x64 thumbnails (12 KiB) only for candidate pairs
+    moved = stats["shuffle_bytes"]
+    assert 0 < moved["JoinCandidates"] < 12 * 1024 * 9 * 4 and moved["DropsByKey"] < 2000
     card = json.loads((root / "out" / "dataset.json").read_text())
     assert card["config"]["exclude"] == [str(root / "bench")] and card["inputs"]["excluded"]["files"] == 3
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import webdataset as wds
 
 from synth.job import run
@@ -52,6 +54,17 @@ def test_instruct_pix2pix_with_clip_filters(toy_captions, tiny_ip2p, tiny_clip_d
     # same seed, same edits: the targets are byte-identical to the unfiltered run's
     all_targets = {t["tgt.png"] for t in rows}
     assert all(t["tgt.png"] in all_targets for t in kept)
+    # filter_scores.parquet: every scored candidate once, kept or with the reason it was not, the kept ones'
+    # scores those of the written triplets
+    scored = pq.read_table(filtered / "filter_scores.parquet").to_pylist()
+    assert len(scored) == 18 and sum(r["kept"] for r in scored) == len(kept)
+    rejected = Counter(r["rejected"] for r in scored if not r["kept"])
+    assert dict(rejected) == {k: v for k, v in stats["rejected_by_reason"].items()
+                              if k in ("below_image_image", "below_caption_image", "below_directional",
+                                       "beyond_keep_per_source")}
+    assert all((r["image_image"] >= threshold) == (r["rejected"] != "below_image_image") for r in scored)
+    assert sorted(r["image_image"] for r in scored if r["kept"]) == sorted(
+        json.loads(t["json"])["scores"]["image_image"] for t in kept)
 
 
 def test_diffusers_editor_needs_clip(toy_captions, tiny_ip2p, tmp_path, capsys):
@@ -114,3 +127,15 @@ def test_caption_edit_llm_needs_the_diffusers_editor_and_a_model(toy_captions, t
         run(["--input", str(toy_captions[0]), "--output", str(tmp_path / "o"), "--quality", "high",
              "--image-weight", "0", "--editor", str(tiny_ip2p), "--clip", "ViT-B-32", *BEAM])
     assert exc.value.code == 2 and "randomly initialised" in capsys.readouterr().err
+
+
+def test_the_report_draws_the_rejected_candidates_scores(toy_captions, tiny_ip2p, tiny_clip_dir, tmp_path):
+    from pipeline.inspect import run as inspect
+
+    out = tmp_path / "filtered"
+    run(["--output", str(out), "--input", str(toy_captions[0]), "--editor", str(tiny_ip2p), "--clip",
+         str(tiny_clip_dir), *COMMON, *BEAM, "--min-image-image", "0.5"])
+    assert any(not r["kept"] for r in pq.read_table(out / "filter_scores.parquet").to_pylist())
+    assert inspect([str(out), "--report", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "src='scores.png'" in page and "rejected (grey, from filter_scores.parquet)" in page
