@@ -142,5 +142,5 @@ def test_supervised_loader_writes_triplet_samples_that_inspect_accepts(tmp_path)
     assert sample.to_webdataset() == raw
     report = Report()
     _check_sample(report, "triplet", "s", "0" * 32, {k: v for k, v in raw.items() if k != "__key__"},
-                  {"caption_words": [], "rows": [], "sizes": []})
+                  {"caption_words": [], "rows": [], "sizes": [], "keys": []})
     assert report.violations == []
