@@ -1,15 +1,12 @@
 """`inspect DIR --report OUT`: the data report page (pipeline/report.py), opened in headless Chromium."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 from pipeline.inspect import run
 from pipeline.report import edit_kind, thresholds
-from tests.test_serve import CHROMIUM, REQUIRE_BROWSER, _launch
+from tests.test_serve import _launch, playwright_api
 
 BEAM = ["--runner", "DirectRunner"]
 
@@ -55,11 +52,7 @@ def test_a_report_inside_the_dataset_or_onto_a_file_is_refused(triplets, tmp_pat
 
 
 def test_the_caption_report_opens_in_headless_chromium(toy_captions, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        if REQUIRE_BROWSER:
-            pytest.fail(f"chromium is required here (CIR_REQUIRE_BROWSER=1) and {CHROMIUM} is missing")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); `make test` installs it as root")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = playwright_api()
     assert run([str(toy_captions[0]), "--report", str(tmp_path / "rep")]) == 0
     with sync_api.sync_playwright() as p:
         browser = _launch(p)

@@ -103,12 +103,17 @@ def _launch(playwright):
               "--disable-sync", "--no-first-run"])
 
 
-def test_page_in_headless_chromium(server, toy_world):
+def playwright_api():
+    """Playwright's sync API with Debian's chromium there; else a skip (a failure where CI requires the browser)."""
     if not os.path.exists(CHROMIUM):
         if REQUIRE_BROWSER:
             pytest.fail(f"chromium is required here (CIR_REQUIRE_BROWSER=1) and {CHROMIUM} is missing")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium); `make test` installs it as root")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    return pytest.importorskip("playwright.sync_api")
+
+
+def test_page_in_headless_chromium(server, toy_world):
+    sync_api = playwright_api()
     httpd, searcher = server
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
