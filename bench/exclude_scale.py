@@ -48,8 +48,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         candidates = sum(len(neardup.near_rows(fp, t, 12)) for fp in fps)
         per_query = (time.perf_counter() - start) / args.queries
-        result["tables"][n] = {"lookup_ms": round(per_query * 1e3, 4), "candidates_per_query": candidates / args.queries,
-                               "table_mib": round(mib, 1)}
+        result["tables"][n] = {"lookup_ms": round(per_query * 1e3, 4), "table_mib": round(mib, 1),
+                               "candidates_per_query": candidates / args.queries}
         print(f"table of {n:>9,}: {per_query * 1e3:.3f} ms per input, {candidates / args.queries:.4f} candidates, "
               f"~{mib:.0f} MiB", flush=True)
     per_100k, per_1m = (result["tables"][n]["lookup_ms"] / 1e3 for n in (100_000, 1_000_000))
