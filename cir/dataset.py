@@ -353,10 +353,12 @@ def read_spans(path: str, stamp: str, spans: list[tuple[int, int]]) -> list[byte
     return out
 
 
-def dataset_card(kind: str, title: str) -> str:
+def dataset_card(kind: str, title: str, dropped: Optional[dict] = None) -> str:
     """README.md in the Hugging Face dataset-card format: its YAML header names the shards and declares every
     member's type, so `datasets.load_dataset(DIR)` reads the dataset as it is (without the declaration, its
-    webdataset loader refuses shards whose samples carry different image formats)."""
+    webdataset loader refuses shards whose samples carry different image formats). `dropped`: inputs dropped by
+    reason (stats.json's failed_by_reason), said in the body, where near-duplicates and excluded benchmark
+    images are what a reader of the card wants to know."""
     features = []
     for name, kind_of in [*schema.KINDS[kind].members().items(), ("__key__", "string"), ("__url__", "string")]:
         features += [f"  - name: {name}",
@@ -368,6 +370,12 @@ def dataset_card(kind: str, title: str) -> str:
             "`index.parquet`, dropped inputs in `failed.parquet`, the command that made it in `dataset.json`.",
             "Members are described in the toolkit's docs/SPEC.md. Any WebDataset reader reads the shards;",
             "`datasets.load_dataset(\"path/to/this/folder\")` reads them with the types declared above."]
+    if dropped:
+        body += ["", "Inputs dropped, by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) + "."]
+        if dropped.get("excluded"):
+            body.append("`excluded`: copies of images in the folders given to `--exclude` (a benchmark's), removed so "
+                        "that it does not score its own images (the folders are named in `dataset.json`, each match "
+                        "in `failed.parquet`).")
     return "\n".join(header + [""] + body) + "\n"
 
 

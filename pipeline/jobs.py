@@ -330,7 +330,8 @@ def finalize(output: str, started: float, written_now: list, early_failed: list,
              "shards": len(ds.complete_shards(output)), "shards_written_this_run": len(written_now),
              "seconds": round(time.time() - started, 2), "versions": ds.versions()}
     kind = ds.read_json(ds.join(output, "dataset.json"))["kind"]  # written by prepare_output before the job
-    ds.write_atomic(ds.join(output, "README.md"), ds.dataset_card(kind, f"{kind.capitalize()} dataset").encode())
+    ds.write_atomic(ds.join(output, "README.md"),
+                    ds.dataset_card(kind, f"{kind.capitalize()} dataset", stats["failed_by_reason"]).encode())
     ds.write_json(ds.join(output, "stats.json"), stats)
     logging.getLogger(log_name).info("%s: %s", log_name, {k: v for k, v in stats.items() if k != "versions"})
     return stats

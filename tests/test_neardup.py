@@ -112,6 +112,8 @@ def test_near_duplicates_and_excluded_inputs_are_failed_rows_naming_what_they_ma
     # the screen's joins carry keys and ranks, and 64x64 thumbnails (12 KiB) only for candidate pairs
     moved = stats["shuffle_bytes"]
     assert 0 < moved["JoinCandidates"] < 12 * 1024 * 9 * 4 and moved["DropsByKey"] < 2000
+    readme = (root / "out" / "README.md").read_text()  # the Hugging Face card says what was dropped and why
+    assert "Inputs dropped, by reason: excluded 2, near_duplicate 1." in readme and "`--exclude`" in readme
     card = json.loads((root / "out" / "dataset.json").read_text())
     assert card["config"]["exclude"] == [str(root / "bench")] and card["inputs"]["excluded"]["files"] == 3
 
