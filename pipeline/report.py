@@ -53,12 +53,18 @@ def _bar(ax, counts: dict, title: str) -> None:
         ax.text(counts[n], i, f" {counts[n]}", va="center", fontsize=8)
 
 
+def _figure(columns: int = 1, width: float = 6, height: float = 3):
+    """A matplotlib Figure and its row of axes, without pyplot: no global backend or figure state is touched
+    (the report may be written from a notebook)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * columns, height))
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
+
+
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return path.name
 
 
@@ -97,18 +103,13 @@ def _grid(root: Path, rows: list[dict], kind: schema.Kind, label) -> Image.Image
 
 def write_report(root: Path, out: Path, summary: dict, seed: int = 0) -> Path:
     """The page and its plots under `out` from inspect()'s summary; returns the page's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     kind = schema.KINDS.get(summary["kind"] or "caption", schema.CAPTION)
     rows = [{**meta, "_key": key} for meta, key in zip(summary["rows"], summary["keys"])]
     stats = summary.get("stats") or {}
     sections = []
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, (ax,) = _figure()
     ax.hist(summary["caption_words"] or [0], bins=30, color="#4a7bb7")
     what = "modification text" if kind is schema.TRIPLET else "caption"
     ax.set_title(f"{what} length (words)")
@@ -121,23 +122,23 @@ def write_report(root: Path, out: Path, summary: dict, seed: int = 0) -> Path:
     panels = [(counts, title) for counts, title in ((dropped, "inputs dropped, by reason"),
                                                      (rejected, "candidates rejected, by reason")) if counts]
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, (counts, title) in zip(axes[0], panels):
+        fig, axes = _figure(len(panels), width=5, height=3.5)
+        for ax, (counts, title) in zip(axes, panels):
             _bar(ax, counts, title)
         sections.append(("Dropped and rejected", _save(fig, out / "dropped.png"),
                          "near_duplicate: the same picture as a kept input; excluded: a copy of an image of an "
                          "--exclude folder (a benchmark's)."))
 
     if kind is schema.TRIPLET and rows:
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, (ax,) = _figure()
         _bar(ax, dict(Counter(edit_kind(r) for r in rows)), "edit kinds")
         sections.append(("Edit kinds", _save(fig, out / "edit_kinds.png"), ""))
         names = sorted({n for r in rows for n, v in (r.get("scores") or {}).items() if isinstance(v, (int, float))})
         # synth's CLIP filter records every candidate it scored, kept or not (cir.dataset.SCORES_FILE)
         scored = pq.read_table(root / SCORES_FILE).to_pylist() if (root / SCORES_FILE).is_file() else []
         if names:
-            fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
-            for ax, name in zip(axes[0], names):
+            fig, axes = _figure(len(names), width=4)
+            for ax, name in zip(axes, names):
                 kept = [r["scores"][name] for r in rows if name in (r.get("scores") or {})]
                 dropped = [r[name] for r in scored if not r["kept"] and r.get(name) is not None]
                 ax.hist([kept, dropped] if dropped else [kept], bins=30, stacked=True,
