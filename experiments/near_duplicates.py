@@ -47,13 +47,6 @@ def copy_of(img: Image.Image, kind: str) -> Image.Image:
     return img.crop((dx, dy, w - dx, h - dy))
 
 
-def scene_key(meta: dict) -> str:
-    """The world's identity of a scene: background and objects (layouts differ between renderings)."""
-    objects = ";".join(f"{o['slot']}:{o['size']}:{o['colour']}:{o['shape']}".replace("center", "middle")
-                       for o in meta["objects"])
-    return f"{meta['background']}|{objects}"
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", required=True, help="a toy world folder (images/, bench/cirr/)")
@@ -71,7 +64,7 @@ def main(argv=None) -> dict:
     for img in sorted(p for p in (world / "images").iterdir() if p.suffix in (".jpg", ".png")):
         shutil.copy(img, inputs / img.name)
         shutil.copy(img.with_suffix(".txt"), inputs / f"{img.stem}.txt")
-        truth[img.name] = scene_key(json.loads(img.with_suffix(".json").read_text()))
+        truth[img.name] = json.loads(img.with_suffix(".json").read_text())["key"]  # toyworld's Scene.key
     test = sorted(p for p in (bench / "test1").iterdir() if p.suffix in (".jpg", ".png"))
     step = max(1, len(test) // args.planted)
     planted = {}  # planted file name -> (kind, source file)
@@ -96,7 +89,7 @@ def main(argv=None) -> dict:
                 found[planted[name][0]] += 1
             else:
                 matched = Path(row["error"].rsplit(" ", 1)[-1]).stem
-                same = scenes[matched]["key"].replace("center", "middle") == truth[name]
+                same = scenes[matched]["key"] == truth[name]
                 excluded_train["same_scene" if same else "other_scene"] += 1
         elif row["reason"] == "near_duplicate":
             kept = source_of_key.get(row["error"].rsplit(" ", 1)[-1])

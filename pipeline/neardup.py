@@ -19,7 +19,6 @@ Both decisions depend only on the whole input, never on the order of work, so a 
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Optional
@@ -49,8 +48,8 @@ class Fingerprint:
 def fingerprint(rgb: Image.Image) -> Fingerprint:
     import imagehash
 
-    bits = imagehash.dhash(rgb).hash.flatten()  # [64] bool
-    value = int("".join("1" if b else "0" for b in bits), 2)
+    bits = imagehash.dhash(rgb).hash.flatten()  # [64] bool, most significant first
+    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
     thumb = np.asarray(rgb.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
     return Fingerprint(value, thumb.tobytes())
 
@@ -203,20 +202,25 @@ class MatchExcluded(beam.DoFn):
                 return
 
 
-def _file_picture(path: str) -> Picture:
+def _file_fingerprint(path: str) -> Fingerprint:
+    """An excluded file's fingerprint, its bytes decoded as the inputs' are (pipeline/images.py: EXIF
+    orientation, modes, the decompression-bomb guard); ImageRejected or OSError for a file that is not one."""
+    from pipeline.images import prepare_image
     from pipeline.sources import read_stamped
 
-    return Picture(fingerprint(Image.open(io.BytesIO(read_stamped(path)[0])).convert("RGB")).thumb)
+    return fingerprint(prepare_image(read_stamped(path)[0]).image)
+
+
+def _file_picture(path: str) -> Picture:
+    return Picture(_file_fingerprint(path).thumb)
 
 
 def file_entry(path: str) -> Optional[tuple]:
     """The table_entry of an excluded file; None for a file that is not a readable image (it excludes
     nothing; excluded_images lists only image names)."""
-    from pipeline.sources import read_stamped
+    from pipeline.images import ImageRejected
 
     try:
-        img = Image.open(io.BytesIO(read_stamped(path)[0]))
-        img.load()
-    except Exception:  # a reference folder's non-image: it cannot match any input
+        return table_entry(path, _file_fingerprint(path))
+    except (ImageRejected, OSError):  # a reference folder's non-image: it cannot match any input
         return None
-    return table_entry(path, fingerprint(img.convert("RGB")))

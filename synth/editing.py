@@ -173,8 +173,6 @@ class ClipFilter(beam.DoFn):
                 continue
             passed.append((scores, c))
         passed.sort(key=lambda sc: -sc[0]["directional"])
-        for scores, c in passed[self.keep:]:
-            yield self._scored(source_key, c, scores, "beyond_keep_per_source")
         for scores, c in passed[: self.keep]:
             yield self._scored(source_key, c, scores, "")
             tgt_key = ds.content_key(c["tgt_image"])
@@ -188,8 +186,9 @@ class ClipFilter(beam.DoFn):
                                   **{k: c[k] for k in ("swap", "llm_edit") if k in c},  # how the caption changed
                                   "edit_seed": c["edit_seed"], "guidance": c["guidance"],
                                   "image_guidance": c["image_guidance"]}}
-        for _ in passed[self.keep:]:
+        for scores, c in passed[self.keep:]:
             yield beam.pvalue.TaggedOutput(REJECTED, "beyond_keep_per_source")
+            yield self._scored(source_key, c, scores, "beyond_keep_per_source")
 
     @staticmethod
     def _scored(source_key: str, c: dict, scores: dict, rejected: str):
