@@ -86,7 +86,7 @@ class SynthConfig:
     min_caption_image: float = ranged(0.2, help="filter: CLIP similarity of the edited caption and the edit")
     min_directional: float = ranged(0.2, help="filter: CLIP directional similarity")
     steps: int = ranged(20, min=1, help="diffusion steps")
-    device: str = ranged("cpu", help="torch device for the editor and the language model")
+    device: str = ranged("cpu", help="torch device for the editor, its CLIP and the language model")
     batch_size: int = ranged(4, min=1, help="editor / LLM batch size (RunInference)")
     # both: modification text by a language model instead of templates (synth.llm)
     llm: Optional[str] = ranged(None, help="write modification texts with this Hugging Face language model (hub "

@@ -132,14 +132,15 @@ class EditSources(beam.PTransform):
         else:
             candidates = keyed | "CaptionEdit" >> beam.ParDo(
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                            cfg.samples_per_source, cfg.seed, mod_span=cfg.mod_span)
+                            cfg.samples_per_source, cfg.seed, mod_span=cfg.mod_span, device=cfg.device)
             ).with_outputs(REJECTED, main="candidates")
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
         filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
                     | "GroupBySource" >> jobs.MeasuredGroupByKey()
                     | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,
-                                                            cfg.keep_per_source, cfg.seed, cfg.editor))
+                                                            cfg.keep_per_source, cfg.seed, cfg.editor,
+                                                            cfg.device))
                     .with_outputs(REJECTED, SCORED, main="specs"))
         rejected = (candidates[REJECTED], filtered[REJECTED]) | "AllRejected" >> beam.Flatten()
         return filtered.specs, keyed.pipeline | "NoFailures" >> beam.Create([]), rejected, filtered[SCORED]

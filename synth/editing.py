@@ -41,30 +41,31 @@ def vocabulary(captions: Iterable[str], size: int = 2000, min_count: int = 2) ->
     return sorted(w for w, n in counts.most_common(size) if n >= min_count)
 
 
-def _encode_texts(backbone, texts: list[str]):
+def _encode_texts(backbone, texts: list[str], device: str = "cpu"):
     import torch
 
     from cir.mapping import encode_text
 
     with torch.no_grad():
-        return encode_text(backbone.model, backbone.tokenizer(texts)).float().cpu().numpy()
+        return encode_text(backbone.model, backbone.tokenizer(texts).to(device)).float().cpu().numpy()
 
 
 class CaptionEdit(beam.DoFn):
     """(key, source sample) -> candidate edits {key, source, caption, edited_caption, instruction, seed, ...}."""
 
     def __init__(self, vocab: list[str], clip: str, clip_pretrained: Optional[str], band: tuple[float, float],
-                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "words"):
-        self.vocab, self.clip, self.clip_pretrained = vocab, clip, clip_pretrained
+                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "words",
+                 device: str = "cpu"):
+        self.vocab, self.clip, self.clip_pretrained, self.device = vocab, clip, clip_pretrained, device
         self.band, self.samples, self.seed, self.max_tries = band, samples_per_source, seed, max_tries
         self.mod_span = mod_span  # synth.modtext: what the instruction names
 
     def setup(self):
         from cir.backbone import create_backbone
 
-        backbone = create_backbone(self.clip, self.clip_pretrained)
+        backbone = create_backbone(self.clip, self.clip_pretrained, device=self.device)
         backbone.model.eval()
-        self.word_emb = dict(zip(self.vocab, _encode_texts(backbone, self.vocab)))  # word -> [d]
+        self.word_emb = dict(zip(self.vocab, _encode_texts(backbone, self.vocab, self.device)))  # word -> [d]
 
     def process(self, item: tuple[str, dict]) -> Iterator:
         key, sample = item
@@ -93,8 +94,27 @@ class CaptionEdit(beam.DoFn):
                    "image_guidance": rng.choice(IMAGE_GUIDANCE)}
 
 
+def model_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is the model's native `side` (Stable Diffusion 1.5: 512), both
+    multiples of 8 (the VAE's downsampling): a diffusion model edits well near the size it was trained at, and a
+    1024 px photo costs it 4x the UNet work and 16x the attention memory of 512."""
+    scale = side / max(size)
+    return tuple(max(8, round(n * scale / 8) * 8) for n in size)
+
+
+def editor_dtype(device: str):
+    """The editor's weights: fp16 on an accelerator (Stable Diffusion's usual inference precision, half the
+    memory), fp32 on the CPU (whose fp16 kernels are slow)."""
+    import torch
+
+    return torch.float32 if str(device).startswith("cpu") else torch.float16
+
+
 class InstructPix2PixHandler(ModelHandler[dict, bytes, object]):
-    """diffusers' InstructPix2Pix (hub id or local directory) -> edited image as PNG bytes per candidate."""
+    """diffusers' InstructPix2Pix (hub id or local directory) -> edited image as PNG bytes per candidate.
+
+    The reference is edited at the model's native size (`model_size`) and the edit resized back to the
+    reference's size, so the triplet's two images match."""
 
     def __init__(self, model: str, *, steps: int = 20, device: str = "cpu", batch_size: int = 4):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
@@ -104,7 +124,8 @@ class InstructPix2PixHandler(ModelHandler[dict, bytes, object]):
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(self.model, safety_checker=None,
-                                                                      requires_safety_checker=False)
+                                                                      requires_safety_checker=False,
+                                                                      torch_dtype=editor_dtype(self.device))
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device)
 
@@ -112,16 +133,18 @@ class InstructPix2PixHandler(ModelHandler[dict, bytes, object]):
                       ) -> Iterable[PredictionResult]:
         import torch
 
+        side = model.unet.config.sample_size * model.vae_scale_factor
         # One pipeline call per candidate: RunInference's batches depend on bundle timing, and the same
         # candidate denoised inside a different batch comes out with different low bits. The same seed must
         # give the same target bytes, so batching here is only the model's load and the data transfer.
         for c in batch:
             ref = Image.open(io.BytesIO(c["sample"]["image"])).convert("RGB")
-            out = model(prompt=c["instruction"], image=ref, num_inference_steps=self.steps,
-                        guidance_scale=c["guidance"], image_guidance_scale=c["image_guidance"],
+            out = model(prompt=c["instruction"], image=ref.resize(model_size(ref.size, side), Image.BICUBIC),
+                        num_inference_steps=self.steps, guidance_scale=c["guidance"],
+                        image_guidance_scale=c["image_guidance"],
                         generator=torch.Generator().manual_seed(c["edit_seed"]), output_type="pil")
             buf = io.BytesIO()
-            out.images[0].resize(ref.size).save(buf, format="PNG")
+            out.images[0].resize(ref.size, Image.BICUBIC).save(buf, format="PNG")
             yield PredictionResult(c, buf.getvalue(), self.model)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
@@ -136,14 +159,14 @@ class ClipFilter(beam.DoFn):
     """(source key, [edited candidates]) -> at most `keep` specs that pass every threshold."""
 
     def __init__(self, clip: str, clip_pretrained: Optional[str], thresholds: dict, keep: int, seed: int,
-                 editor: str):
+                 editor: str, device: str = "cpu"):
         self.clip, self.clip_pretrained, self.thresholds = clip, clip_pretrained, thresholds
-        self.keep, self.seed, self.editor = keep, seed, editor
+        self.keep, self.seed, self.editor, self.device = keep, seed, editor, device
 
     def setup(self):
         from cir.backbone import create_backbone
 
-        self.backbone = create_backbone(self.clip, self.clip_pretrained)
+        self.backbone = create_backbone(self.clip, self.clip_pretrained, device=self.device)
         self.backbone.model.eval()
 
     def _images(self, blobs: list[bytes]) -> np.ndarray:
@@ -153,14 +176,15 @@ class ClipFilter(beam.DoFn):
 
         pixels = preprocess_batch(self.backbone.preprocess, [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs])
         with torch.no_grad():
-            return self.backbone.model.encode_image(pixels, normalize=True).float().numpy()
+            return self.backbone.model.encode_image(pixels.to(self.device), normalize=True).float().cpu().numpy()
 
     def process(self, element) -> Iterator:
         source_key, candidates = element
         candidates = sorted(candidates, key=lambda c: c["candidate"])
         ref = self._images([candidates[0]["sample"]["image"]])[0]
         tgts = self._images([c["tgt_image"] for c in candidates])
-        texts = _encode_texts(self.backbone, [candidates[0]["caption"]] + [c["edited_caption"] for c in candidates])
+        texts = _encode_texts(self.backbone, [candidates[0]["caption"]] + [c["edited_caption"] for c in candidates],
+                              self.device)
         passed = []
         for c, tgt, edited in zip(candidates, tgts, texts[1:]):
             d_img, d_txt = tgt - ref, edited - texts[0]

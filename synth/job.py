@@ -340,6 +340,22 @@ def _check_clip(clip: str, pretrained: Optional[str]) -> None:
         raise ValueError(str(err)) from err
 
 
+def swap_vocabulary(cfg: SynthConfig) -> Optional[list[str]]:
+    """The diffusers editor's keyword swaps draw from the captions' content words (synth.editing.vocabulary);
+    captions without one that occurs twice (a captioner that writes one word) leave nothing to swap: an error
+    before the job, naming the other way to edit captions, not a crash of its first worker."""
+    if not (cfg.quality == "high" and cfg.editor != "toy" and cfg.caption_edit == "swap"):
+        return None
+    from synth.editing import vocabulary
+
+    vocab = vocabulary(ds.read_table(ds.join(cfg.input, "index.parquet")).column("caption").to_pylist())
+    if not vocab:
+        raise ValueError(f"no content word occurs twice in {cfg.input}'s captions (longer than 2 letters, not a "
+                         "stopword): keyword swaps have nothing to draw from. Caption with a model that writes "
+                         "descriptions, or let a language model edit the captions (--caption-edit llm --llm MODEL)")
+    return vocab
+
+
 def rewrites_mod_text(cfg: SynthConfig) -> bool:
     """--llm rewrites the modification texts, unless it already wrote them as caption edits."""
     return bool(cfg.llm) and cfg.caption_edit != "llm"
@@ -357,6 +373,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
             from synth.llm import resolve_chat
 
             cfg = replace(cfg, llm_chat="on" if resolve_chat(cfg.llm, cfg.llm_chat) else "off")
+        vocab = swap_vocabulary(cfg)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
@@ -374,11 +391,6 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
     except OSError as err:  # a path through a file, no permission, a full disk
         parser.error(f"--output {cfg.output} cannot be written: {err.strerror or err}")
     jobs.progress_logger(LOG.name)
-    vocab = None
-    if cfg.quality == "high" and cfg.editor != "toy" and cfg.caption_edit == "swap":
-        from synth.editing import vocabulary
-
-        vocab = vocabulary(ds.read_table(ds.join(cfg.input, "index.parquet")).column("caption").to_pylist())
     p = test_pipeline or jobs.new_pipeline(options)
     build(p, cfg, time.time(), vocab)
     return jobs.run_and_read_stats(p, cfg.output)

@@ -76,6 +76,28 @@ def test_diffusers_editor_needs_clip(toy_captions, tiny_ip2p, tmp_path, capsys):
     assert exc.value.code == 2 and "needs --clip" in capsys.readouterr().err
 
 
+def test_captions_without_words_to_swap_are_refused_before_the_job(tiny_ip2p, tiny_clip_dir, tmp_path, capsys):
+    """A captioner that writes one word leaves keyword swaps nothing to draw from: exit 2 naming the way out
+    (an LLM's caption edits), not a crash in the job's first worker; no output is made."""
+    import pytest
+    from PIL import Image
+
+    from pipeline.caption import run as caption
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("the")
+    caption(["--input", str(images), "--output", str(tmp_path / "captions"), *BEAM])
+    with pytest.raises(SystemExit) as exc:
+        run(["--input", str(tmp_path / "captions"), "--output", str(tmp_path / "o"), "--editor", str(tiny_ip2p),
+             "--clip", str(tiny_clip_dir), *COMMON, *BEAM])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "keyword swaps have nothing to draw from" in err and "--caption-edit llm" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_llm_caption_edits_feed_the_editor(toy_captions, tiny_ip2p, tiny_clip_dir, tiny_causal_lm, tmp_path,
                                            monkeypatch):
     """--caption-edit llm: the model's 'instruction | edited caption' replaces the keyword swap."""
@@ -139,3 +161,33 @@ def test_the_report_draws_the_rejected_candidates_scores(toy_captions, tiny_ip2p
     assert inspect([str(out), "--report", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "src='scores.png'" in page and "rejected (grey, from filter_scores.parquet)" in page
+
+
+def test_the_editor_works_at_its_models_size_and_returns_the_references():
+    """A 1024 px photo is edited at Stable Diffusion 1.5's 512 (multiples of 8, aspect kept), not at its own size
+    (4x the UNet's work); the edit comes back at the reference's size."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from synth.editing import InstructPix2PixHandler, model_size
+
+    assert model_size((1024, 768), 512) == (512, 384)
+    assert model_size((300, 200), 512) == (512, 344)  # 341.3 -> the nearest multiple of 8
+    assert model_size((64, 48), 32) == (32, 24)
+    seen = []
+
+    def pipeline(image, **kwargs):  # stands in for diffusers' pipeline: records what it was given
+        seen.append(image.size)
+        return SimpleNamespace(images=[image.copy()])
+
+    pipeline.unet = SimpleNamespace(config=SimpleNamespace(sample_size=64))
+    pipeline.vae_scale_factor = 8
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 640), "red").save(buf, format="JPEG")
+    candidate = {"sample": {"image": buf.getvalue()}, "instruction": "make it blue", "guidance": 7.5,
+                 "image_guidance": 1.5, "edit_seed": 1}
+    [result] = InstructPix2PixHandler("m", steps=2).run_inference([candidate], pipeline)
+    assert seen == [(512, 328)]
+    assert Image.open(io.BytesIO(result.inference)).size == (1000, 640)
