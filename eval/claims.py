@@ -4,12 +4,14 @@ One command builds what the claims need (a toy world with large benchmarks, its 
 stage 0 CLIP per seed), trains every row (a stage I or II variant, or a baseline) for every seed, evaluates each
 on the report split, and decides each claim from paired bootstrap intervals:
 
-- a row's number is its metric on the per-query values averaged over seeds; its interval is a bootstrap over
-  seeds and queries (`interval: seeds`) or over the queries of the seed-averaged values (`queries`), and the
-  seeds' spread is reported too;
-- a comparison "A beats B" is the per-query difference A - B, seed i against seed i, bootstrapped the same
-  way: it **holds** when the 95% interval lies above 0, **does not hold** when it lies below `min_effect` (the
-  data rule out a gain that matters), and is **inconclusive** otherwise;
+- a row's number is its metric on the per-query values averaged over seeds; its 95% interval takes the seeds as
+  the sample (`interval: seed-level`, the default: a t interval over the seeds' metrics widened by the queries'
+  bootstrap), or is a bootstrap over seeds and queries (`seeds`) or over the queries of the seed-averaged
+  values (`queries`); the seeds' spread is reported too;
+- a comparison "A beats B" is the per-query difference A - B, seed i against seed i, its interval made the same
+  way: it **holds** when the interval lies above 0 and the difference is at least `min_effect` (per metric:
+  `min_effect_by_metric`), **does not hold** when the interval lies below `min_effect` (the data rule out a gain
+  that matters), and is **inconclusive** otherwise (`verdict`, on unrounded numbers);
 - a claim holds when every comparison in it holds, does not hold when any comparison does not hold, and is
   inconclusive otherwise.
 
@@ -44,7 +46,7 @@ from toyworld.edits import PHRASINGS
 
 STAGES = ("baseline", "stage1", "stage2")
 SOURCES = ("low", "high", "mix", "coarse")
-INTERVALS = ("seeds", "queries")  # ClaimsConfig.interval
+INTERVALS = ("seed-level", "seeds", "queries")  # ClaimsConfig.interval
 
 
 @dataclass
@@ -121,9 +123,12 @@ class ClaimsConfig:
     threads: int = 1  # torch threads of each step; part of what each step is made from (float sums in another
     # order change a training's last bits), so a change makes the finished steps be refused, not mixed in
     split: str = "test"  # the split reported (configs and defaults are tuned on val; CIRR's "test" is test1)
-    min_effect: float = 1.0  # points: a gain smaller than this does not count as the claim holding
-    interval: str = "seeds"  # the intervals' bootstrap: "seeds" resamples seeds and queries (another training run
-    # is part of the uncertainty); "queries" resamples the queries of the seed-averaged values (seeds held fixed)
+    min_effect: float = 1.0  # points: the smallest gain that counts (`verdict`), for every metric not named below
+    min_effect_by_metric: dict[str, float] = field(default_factory=dict)  # metric -> its own min_effect (points)
+    # "seed-level": the seeds are the sample (a t interval over their metrics, widened by the queries' bootstrap:
+    # eval.stats.seed_level_ci; calibrated, see verdict); "seeds": a bootstrap resampling seeds and queries;
+    # "queries": a bootstrap of the queries of the seed-averaged values (seeds held fixed)
+    interval: str = "seed-level"
     stage0_config: str = "train/configs/toy_stage0.yaml"
     stage1_config: str = "train/configs/toy_stage1.yaml"
     stage2_config: str = "train/configs/toy_stage2.yaml"
@@ -192,6 +197,11 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
         raise PredictionError(f"output_dir {cfg.output_dir} is a file, not a folder: name another output_dir")
     if cfg.interval not in INTERVALS:
         raise PredictionError(f"interval: one of {INTERVALS}, got {cfg.interval!r}")
+    effects = {"min_effect": cfg.min_effect, **{f"min_effect_by_metric.{k}": v
+                                                for k, v in (cfg.min_effect_by_metric or {}).items()}}
+    if not isinstance(cfg.min_effect_by_metric, dict) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in effects.values()):
+        raise PredictionError(f"min_effect and min_effect_by_metric (metric: points) take numbers >= 0, got {effects}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.report):
         raise PredictionError(f"report: a file name of letters, digits, '.', '_' and '-', got {cfg.report!r}")
     for name, bench in benches.items():
@@ -545,13 +555,21 @@ def row_seeds(cfg: ClaimsConfig, name: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ judging
 
-def verdict(lo: float, hi: float, min_effect: float) -> str:
-    """From the 95% interval of a difference (better - other), in metric points."""
-    if lo > 0:
+def verdict(difference: float, lo: float, hi: float, min_effect: float) -> str:
+    """The one rule, from a difference (better - other, metric points) and its 95% interval, unrounded:
+    holds when the interval lies above 0 and the difference is at least `min_effect` (a gain that matters,
+    measured as more than noise); does not hold when the interval lies below `min_effect` (the data rule out a
+    gain that matters); inconclusive otherwise. With the seed-level interval a null comparison holds at most
+    ~2.5% of the time (tests/test_eval_claims.py simulates it)."""
+    if lo > 0 and difference >= min_effect:
         return "holds"
     if hi < min_effect:
         return "does not hold"
     return "inconclusive"
+
+
+def min_effect_of(cfg: "ClaimsConfig", metric: str) -> float:
+    return float(cfg.min_effect_by_metric.get(metric, cfg.min_effect))
 
 
 SATURATED = 99.0  # both rows at or above this (percent): the benchmark cannot tell them apart
@@ -567,15 +585,19 @@ def combine(verdicts: list[str]) -> str:
 
 
 def interval(runs: list[dict], over: str) -> tuple[float, float]:
-    """The 95% interval of the mean of per-seed metric groups: over seeds and queries, or queries alone."""
-    return stats.bootstrap_ci_over_seeds(runs) if over == "seeds" else stats.bootstrap_ci(stats.mean_over(runs))
+    """The 95% interval (unrounded) of the mean of per-seed metric groups, as ClaimsConfig.interval says."""
+    if over == "seed-level":
+        return stats.seed_level_ci(runs, digits=None)
+    if over == "seeds":
+        return stats.bootstrap_ci_over_seeds(runs, digits=None)
+    return stats.bootstrap_ci(stats.mean_over(runs), digits=None)
 
 
 def row_summary(per_seed: list[dict], over: str = "seeds") -> dict:
     """A row on one metric: mean over seeds, its interval (`interval`), the seeds' spread."""
     averaged = stats.mean_over(per_seed)
     by_seed = [stats.metric_of(g) for g in per_seed]
-    return {"mean": round(stats.metric_of(averaged), 2), "ci95": list(interval(per_seed, over)),
+    return {"mean": round(stats.metric_of(averaged), 2), "ci95": [round(b, 2) for b in interval(per_seed, over)],
             "seeds": [round(v, 2) for v in by_seed],
             "seed_std": round(statistics.stdev(by_seed), 2) if len(by_seed) > 1 else 0.0}
 
@@ -589,9 +611,11 @@ def paired_runs(better: list[dict], worse: list[dict]) -> list[dict]:
     return [stats.paired_difference(better[i % len(better)], worse[i % len(worse)]) for i in range(n)]
 
 
-def judge(claim: ClaimSpec, values: dict, min_effect: float, over: str = "seeds") -> dict:
+def judge(claim: ClaimSpec, values: dict, min_effect: float, over: str = "seed-level",
+          by_metric: Optional[dict[str, float]] = None) -> dict:
     """values: row -> (benchmark, metric) -> metric groups per seed. The claim's comparisons and its verdict,
-    each from the interval of the paired per-query difference, seed i against seed i (`interval`)."""
+    each from the interval of the paired per-query difference, seed i against seed i (`interval`), by `verdict`
+    with the metric's min_effect (`by_metric`, else `min_effect`). Stored numbers are rounded after deciding."""
     comparisons = []
     for bench, metric in claim.benchmarks.items():
         for name in claim.better:
@@ -600,11 +624,14 @@ def judge(claim: ClaimSpec, values: dict, min_effect: float, over: str = "seeds"
                 worse = values[other][(bench, metric)]
                 diffs = paired_runs(better, worse)
                 lo, hi = interval(diffs, over)
+                difference = stats.metric_of(stats.mean_over(diffs))
+                effect = (by_metric or {}).get(metric, min_effect)
                 saturated = min(stats.metric_of(stats.mean_over(better)),
                                 stats.metric_of(stats.mean_over(worse))) >= SATURATED
                 comparisons.append({"benchmark": bench, "metric": metric, "better": name, "other": other,
-                                    "difference": round(stats.metric_of(stats.mean_over(diffs)), 2), "ci95": [lo, hi],
-                                    "verdict": "inconclusive" if saturated else verdict(lo, hi, min_effect),
+                                    "difference": round(difference, 2), "ci95": [round(lo, 2), round(hi, 2)],
+                                    "min_effect": effect,
+                                    "verdict": "inconclusive" if saturated else verdict(difference, lo, hi, effect),
                                     "saturated": saturated})
     held = sum(c["verdict"] == "holds" for c in comparisons)
     failed = sum(c["verdict"] == "does not hold" for c in comparisons)
@@ -638,8 +665,13 @@ def claims(cfg: ClaimsConfig) -> dict:
     report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds,
               "clip_per_seed": cfg.clip_per_seed, "interval": cfg.interval, "bench_queries": cfg.bench_queries,
               "min_effect": cfg.min_effect, "rows": rows_out,
-              "claims": [judge(c, values, cfg.min_effect, cfg.interval) for c in cfg.claims]}
+              "min_effect_by_metric": cfg.min_effect_by_metric,
+              "claims": [judge(c, values, cfg.min_effect, cfg.interval, cfg.min_effect_by_metric)
+                         for c in cfg.claims]}
     out = Path(cfg.output_dir)
+    previous = out / f"{cfg.report}.json"
+    report["changes"] = verdict_changes(json.loads(previous.read_text(encoding="utf-8")) if previous.is_file()
+                                        else None, report)
     report["seconds"] = timings(out, made, round(time.time() - started, 1), cfg).get("seconds", 0.0)
     (out / f"{cfg.report}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / f"{cfg.report}.md").write_text(markdown(report, cfg), encoding="utf-8")
@@ -661,20 +693,50 @@ def timings(out: Path, made: dict[str, float], seconds: float, cfg: ClaimsConfig
     return new
 
 
+INTERVAL_TEXT = {  # ClaimsConfig.interval -> how the report says it
+    "seed-level": "the seeds as the sample (mean ± a t interval over the seeds' metrics, widened by the "
+                  "queries' bootstrap)",
+    "seeds": "a bootstrap over seeds and queries (both resampled)",
+    "queries": "a bootstrap over the queries of the seed-averaged values"}
+
+
+def verdict_changes(old: Optional[dict], new: dict) -> list[dict]:
+    """The claims whose verdict differs from the previous report in the same output_dir, with both rules."""
+    if not old:
+        return []
+    before = {c["id"]: c["verdict"] for c in old.get("claims", [])}
+    rule = {k: old.get(k) for k in ("interval", "min_effect", "min_effect_by_metric")}
+    return [{"id": c["id"], "before": before[c["id"]], "after": c["verdict"], "rule_before": rule}
+            for c in new["claims"] if c["id"] in before and before[c["id"]] != c["verdict"]]
+
+
+def changes_markdown(changes: list[dict]) -> list[str]:
+    if not changes:
+        return []
+    rule = changes[0]["rule_before"]
+    by_metric = f", by metric {rule['min_effect_by_metric']}" if rule.get("min_effect_by_metric") else ""
+    lines = [f"Verdicts changed since the previous report in this folder (its rule: interval {rule['interval']}, "
+             f"min_effect {rule['min_effect']}{by_metric}; the new numbers are below):", "",
+             "| claim | before | now |", "|---|---|---|"]
+    return lines + [f"| {c['id']} | {c['before']} | {c['after']} |" for c in changes] + [""]
+
+
 def markdown(report: dict, cfg: ClaimsConfig) -> str:
     show = stats.shown  # the stored values, rounded as a reader of claims.json rounds them
+    effects = ", ".join(f"{m} {v}" for m, v in sorted(report.get("min_effect_by_metric", {}).items()))
     lines = ["# Claims of the seed papers, measured on the toy world", "",
              f"Splits {report['splits']}, {report['bench_queries']} queries per benchmark split, seeds "
              f"{report['seeds']} (each seed trains {'its own stage 0 CLIP and ' if report['clip_per_seed'] else ''}"
              f"stage I and II{'' if report['clip_per_seed'] else ' on one shared stage 0 CLIP'}). "
-             "A row's number is the mean over seeds of its metric; [lo, hi] is its 95% interval from a bootstrap "
-             + ("over seeds and queries (both resampled: the interval covers another training run as well as other "
-                "queries)" if report["interval"] == "seeds" else "over the queries of the seed-averaged values")
-             + "; ± is the seeds' standard deviation. A comparison holds when the 95% interval of the paired "
-             "per-query difference (seed i against seed i, resampled the same way) lies above 0, does not hold "
-             "when it lies below "
-             f"{report['min_effect']} point(s), and is inconclusive otherwise (also when both rows are at the "
-             "metric's ceiling). A claim is the conjunction of its comparisons.", "",
+             "A row's number is the mean over seeds of its metric; [lo, hi] is its 95% interval, "
+             f"{INTERVAL_TEXT[report['interval']]}; "
+             "± is the seeds' standard deviation. A comparison (the paired per-query difference, seed i against "
+             "seed i, its interval made the same way) **holds** when its interval lies above 0 and the difference "
+             "is at least min_effect, **does not hold** when its interval lies below min_effect, and is "
+             "**inconclusive** otherwise (also when both rows are at the metric's ceiling); min_effect is "
+             f"{report['min_effect']} point(s){f' ({effects})' if effects else ''}. A claim is the conjunction of "
+             "its comparisons.", "",
+             *changes_markdown(report.get("changes", [])),
              "| claim | verdict | comparisons | what |", "|---|---|---|---|"]
     lines += [f"| {c['id']} | **{c['verdict']}** | {c['summary'].replace(' comparisons,', ';')} | {c['text']} |"
               for c in report["claims"]]

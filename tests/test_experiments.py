@@ -173,10 +173,10 @@ def test_clip_strength_tables_and_plots_each_comparison_at_each_strength(tmp_pat
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_verdict_calibration_simulates_nulls_and_its_seed_level_interval_reduces_to_the_queries_bootstrap():
+def test_verdict_calibration_simulates_nulls_and_the_seed_level_interval_reduces_to_the_queries_bootstrap():
     """experiments/verdict_calibration.py: the null runs share their per-query part across seeds; with identical
-    seeds the seed-level interval is the queries' bootstrap interval of their mean (no seed spread to add), and
-    it widens with the seeds' spread."""
+    seeds the seed-level interval (eval.stats.seed_level_ci, the claims report's) is the queries' bootstrap
+    interval of their mean (no seed spread to add), and it widens with the seeds' spread."""
     import numpy as np
 
     from eval import stats
@@ -184,11 +184,11 @@ def test_verdict_calibration_simulates_nulls_and_its_seed_level_interval_reduces
     calib = _experiment("verdict_calibration")
     runs = calib.null_runs(np.random.default_rng(0), 3, 0.0, 10.0, 0.0)
     assert len(runs) == 3 and runs[0][""] == runs[1][""] and len(runs[0][""]) == calib.QUERIES
-    lo, hi = calib.seed_level_interval(runs)
-    q_lo, q_hi = stats.bootstrap_ci(stats.mean_over(runs))
+    lo, hi = stats.seed_level_ci(runs, digits=None)
+    q_lo, q_hi = stats.bootstrap_ci(stats.mean_over(runs), digits=None)
     mean = stats.metric_of(runs[0])
     assert abs((hi - lo) - (q_hi - q_lo)) < 1e-9 and abs((lo + hi) / 2 - mean) < 1e-9
     spread = [{"": [x + shift for x in runs[0][""]]} for shift in (-2.0, 0.0, 2.0)]
-    s_lo, s_hi = calib.seed_level_interval(spread)
+    s_lo, s_hi = stats.seed_level_ci(spread, digits=None)
     # the seeds' means are -2, 0, +2 around the same queries: sd 2, t(2 df) = 4.303; the queries' half-width as before
     assert abs((s_hi - s_lo) / 2 - np.hypot(4.303 * 2.0 / np.sqrt(3), (q_hi - q_lo) / 2)) < 1e-6
