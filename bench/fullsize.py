@@ -70,7 +70,8 @@ SIZES = {
              "px": (256, 1024), "queries": 8, "batch": 4, "edits": 2, "denoise_steps": 2, "train_steps": 2,
              "precision": "bf16"},
     # the tiny BLIP with a real-sized vocabulary: over 40 words a random decoder soon draws its end token
-    "tiny": {"clip": "tiny-clip-32", "blip": {**TINY_BLIP, "vocab_size": 2000}, "ip2p": None, "llm": None, "images": 12, "px": (48, 96),
+    "tiny": {"clip": "tiny-clip-32", "blip": {**TINY_BLIP, "vocab_size": 2000}, "ip2p": None, "llm": None,
+             "images": 12, "px": (48, 96),
              "queries": 4, "batch": 4, "edits": 2, "denoise_steps": 2, "train_steps": 2, "precision": "bf16"},
 }
 # the models each step loads (its "params")
@@ -175,27 +176,28 @@ def write_images(out: Path, bench: Path, size: dict, seed: int = 0) -> None:
     (bench / "captions" / "cap.rc2.val.json").write_text(json.dumps(queries), encoding="utf-8")
 
 
-def commands(work: Path, models: dict, size: dict) -> dict[str, list[str]]:
-    """Each step's command line, as a user types it (with the dry run's paths, steps and batch)."""
+def commands(work: Path, models: dict, size: dict, device: str = "cpu") -> dict[str, list[str]]:
+    """Each step's command line, as a user types it (with the dry run's paths, steps, batch and device; the
+    trainers take Accelerate's device, a GPU when there is one)."""
     py, m = sys.executable, {name: info["path"] for name, info in models.items()}
     images, captions = work / "images", work / "captions"
-    batch, steps = str(size["batch"]), str(size["train_steps"])
-    train = [f"max_steps={steps}", f"data.batch_size={batch}", "data.workers=0", "log_with=[]", "save_every=1000",
-             f"mixed_precision={size['precision']}", "grad_accum=1"]
+    batch = [str(size["batch"]), "--device", device]  # after --batch-size: every other command's batch and device
+    train = [f"max_steps={size['train_steps']}", f"data.batch_size={size['batch']}", "data.workers=0", "log_with=[]",
+             "save_every=1000", f"mixed_precision={size['precision']}", "grad_accum=1"]
     recipe = ROOT / "recipes" / "one_gpu"
     return {
         "caption": [py, "beam_runner.py", "caption", "--input", str(images), "--output", str(work / "captions_model"),
-                    "--captioner", m["blip"], "--clip", m["clip"], "--batch-size", batch, "--max-size", "1024"],
+                    "--captioner", m["blip"], "--clip", m["clip"], "--batch-size", *batch, "--max-size", "1024"],
         "caption_sidecar": [py, "beam_runner.py", "caption", "--input", str(images), "--output", str(captions),
-                            "--clip", m["clip"], "--batch-size", batch, "--max-size", "1024"],
+                            "--clip", m["clip"], "--batch-size", *batch, "--max-size", "1024"],
         "synth_low": [py, "beam_runner.py", "synth", "--input", str(captions), "--output", str(work / "low"),
-                      "--quality", "low", "--llm", m["llm"], "--batch-size", batch, "--band-low", "-1",
+                      "--quality", "low", "--llm", m["llm"], "--batch-size", *batch, "--band-low", "-1",
                       "--band-high", "1"],
         "synth_high": [py, "beam_runner.py", "synth", "--input", str(work / "captions_model"), "--output",
                        str(work / "high"),
                        "--quality", "high", "--editor", m["ip2p"], "--clip", m["clip"], "--num-triplets",
                        str(size["edits"]), "--samples-per-source", "1", "--steps", str(size["denoise_steps"]),
-                       "--batch-size", batch, "--swap-low", "-1", "--swap-high", "1", "--min-image-image", "-1",
+                       "--batch-size", *batch, "--swap-low", "-1", "--swap-high", "1", "--min-image-image", "-1",
                        "--min-caption-image", "-1", "--min-directional", "-1"],
         "stage0": [py, "train/stage0.py", "--config", str(recipe / "stage0.yaml"), f"output_dir={work / 'stage0'}",
                    f"clip.model={m['clip']}", "clip.pretrained=null", f"data.train=['{captions}']", *train],
@@ -205,12 +207,18 @@ def commands(work: Path, models: dict, size: dict) -> dict[str, list[str]]:
                    f"init_from={work / 'stage1' / 'final'}", f"data.train=['{work / 'low'}','{work / 'high'}']",
                    *train],
         "eval": [py, "-m", "eval", "run", "--benchmark", "cirr", "--data", str(work / "bench"), "--checkpoint",
-                 str(work / "stage2" / "final"), "--output", str(work / "eval"), "--batch-size", batch],
+                 str(work / "stage2" / "final"), "--output", str(work / "eval"), "--batch-size", *batch],
         "search": [py, "-m", "search", "index", "--checkpoint", str(work / "stage2" / "final"), "--images",
-                   str(images), "--output", str(work / "index"), "--batch-size", batch],
+                   str(images), "--output", str(work / "index"), "--batch-size", *batch],
         "search_query": [py, "-m", "search", "search", "--index", str(work / "index"), "--reference", "img000.jpg",
-                         "--text", "make the shape blue", "--k", "5", "--json"],
+                         "--text", "make the shape blue", "--k", "5", "--json", "--device", device],
     }
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_step(cmd: list[str], log: Path) -> dict:
@@ -233,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="the same as --size tiny")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here, after every step")
+    p.add_argument("--device", default=None, help="the data jobs', eval's and search's device (default: cuda when "
+                                                  "there is one, else cpu); GPU memory is not measured (RSS only)")
     p.add_argument("--work", type=Path, default=None, help="keep the models, data and outputs here (default: a "
                                                            "temporary folder, deleted)")
     p.add_argument("--steps", default=None, help="comma-separated subset of the steps (their inputs must be in "
@@ -245,7 +255,7 @@ def main(argv=None) -> int:
         (args.build_models / "models.json").write_text(json.dumps(models), encoding="utf-8")
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="fullsize-"))
-    result = {"size": args.size, "models": {}, "steps": {}}
+    result = {"size": args.size, "device": args.device or default_device(), "models": {}, "steps": {}}
 
     def save() -> None:
         if args.out:
@@ -262,7 +272,7 @@ def main(argv=None) -> int:
         result["models"] = json.loads(models_json.read_text())
         if not (work / "images").exists():
             write_images(work / "images", work / "bench", size)
-        todo = commands(work, result["models"], size)
+        todo = commands(work, result["models"], size, args.device or default_device())
         wanted = args.steps.split(",") if args.steps else list(todo)
         for name in wanted:
             step = run_step(todo[name], work / f"{name}.log")
