@@ -219,12 +219,15 @@ def evaluate(out: Path, evals: list[dict]) -> dict:
         "are not real benchmark scores. Why stage I may sit below sum here: the toy modification texts say nothing "
         "about the target alone (text_only is near 0), and the frozen text tower does not apply an instruction to a "
         "description, so even the reference's own caption in stage I's prompt scores below sum on toy CIRR R@1; "
-        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\nEach cell: "
-        "the metric and its 95% bootstrap interval over the benchmark's queries.\n" + report_table(results) + "\n\n" + significance(out)
+        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\n" + LEGEND
+        + "\n\nEach cell: the metric and its 95% bootstrap interval over the benchmark's queries.\n"
+        + report_table(results) + "\n\n" + significance(out)
         + "\n\n## Example queries\n\nReference | "
-        "modification | top 5, the target outlined in green (the same sampled queries for every method).\n\n"
+        "modification | top 5, the target outlined in green; a target below the top 5 has its rank under the text "
+        "(the same sampled queries for every method).\n\n"
         + "\n\n".join(grids) + "\n\n## Search by hand\n\nOne query against the toy CIRR gallery: "
-        "`search_example.png`; browse: `python -m search serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
+        "`search_example.png` (its target outlined, or its rank written under the text); browse: "
+        "`python -m search serve --index runs/demo/index` (http://127.0.0.1:7860/).\n")
     return results
 
 
@@ -239,11 +242,21 @@ def search_example(out: Path, cirr: Path, checkpoint: Path) -> None:
     print(f"[demo] search: {query['reference']} + \"{query['caption']}\" (target {query['target_hard']})")
     step("search the index", None,
          [sys.executable, "-m", "search", "search", "--index", str(index), "--reference", f"{query['reference']}.png",
-          "--text", query["caption"], "--k", "5", "--grid", str(out / "search_example.png")])
+          "--text", query["caption"], "--k", "5", "--target", f"{query['target_hard']}.png",
+          "--grid", str(out / "search_example.png")])
     print(f"[demo] browse the gallery: python -m search serve --index {index}  (http://127.0.0.1:7860/)")
 
 
 HEADLINE = {"toy-cirr": ["recall@1", "recall@5", "recall_subset@1", "avg"], "toy-circo": ["map@5", "map@25"]}
+
+
+LEGEND = """Methods: **image_only** ranks by the reference image's CLIP feature alone; **text_only** by the
+modification text's; **sum** by the normalised sum of the two; **stage1**: the reference mapped to pseudo-word
+tokens in the prompt "a photo of $ that {text}" (zero-shot: trained on captions only); **stage2_low / high / mix**:
+stage I plus composing adapters trained on mined, toy-edited or both kinds of triplets. Metrics (percent):
+**recall@K**, the share of queries whose target is among the first K results; **recall_subset@K** (CIRR), the same
+within the query's own set of six similar images; **avg** (CIRR), the mean of recall@5 and recall_subset@1;
+**map@K** (CIRCO), mean average precision over the first K results against every correct target."""
 
 
 def report_table(results: dict) -> str:

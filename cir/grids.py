@@ -1,5 +1,6 @@
 """Retrieval example grids as PNG: one row per query, `reference | modification text | top-k results`, each
-result labelled with its rank, score and name, the known target(s) outlined in green."""
+result labelled with its rank, score and name, the known target(s) outlined in green; a target the row does not
+show has its rank written under the text panel (`GridRow.note`)."""
 from __future__ import annotations
 
 import textwrap
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 GAP = 8
 LABEL = 36  # two lines of label under each panel
 TARGET_COLOUR = (0, 170, 0)
+NOTE_COLOUR = (170, 0, 0)  # GridRow.note: where a target not shown ranked
 BACKGROUND = (255, 255, 255)
 TEXT_PANEL = (238, 238, 245)
 OUTLINE = 4
@@ -22,6 +24,7 @@ class GridRow:
     text: str  # the modification text ("" for an image-only query)
     results: list[tuple[Image.Image, str, float]]  # (image, name, score), best first
     targets: set[str] = field(default_factory=set)  # names to outline (CIRCO has several)
+    note: str = ""  # a second line under the text panel: where a target missing from `results` ranked
 
 
 def _font(size: int):
@@ -69,6 +72,8 @@ def render_grid(rows: list[GridRow], panel: int = 160) -> Image.Image:
         lines = textwrap.wrap(row.text or "(image only)", chars)[: panel // 18]
         draw.multiline_text((tx + 6, ty + 6), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=4)
         draw.text((tx, ty1 + 4), "modification", fill=(0, 0, 0), font=small)
+        if row.note:
+            draw.text((tx, ty1 + 4 + LABEL // 2), row.note, fill=NOTE_COLOUR, font=small)
         for c, (img, name, score) in enumerate(row.results):
             box = panel_box(r, c + 2, panel)
             sheet.paste(_fit(img, panel), box[:2])

@@ -94,7 +94,8 @@ def evaluate(cfg: RunConfig, cache_dir: Optional[str] = None) -> dict:
         top_scores, ranked = top_k(feats, gallery_feats[rows], TOP, exclude)
         ranked_names = {q.qid: [bench.ids(names[rows[i]]) for i in r.tolist()] for q, r in zip(queries, ranked)}
         examples += [(shown[(group, q.qid)], q, [(names[rows[i]], s) for i, s in zip(r[:5].tolist(),
-                                                                                      top_s[:5].tolist())])
+                                                                                      top_s[:5].tolist())],
+                      target_rank([names[rows[i]] for i in r.tolist()], q.targets))
                      for q, r, top_s in zip(queries, ranked, top_scores) if (group, q.qid) in shown]
         (predictions.setdefault(group, {}) if group else predictions).update(ranked_names)
         for q, f in zip(queries, feats):
@@ -115,14 +116,27 @@ def _grid_sample(bench: Benchmark, n: int) -> dict[tuple[str, str], int]:
     return {key: i for i, key in enumerate(keys[:max(0, n)])}
 
 
+def target_rank(ranked: list[str], targets) -> Optional[int]:
+    """1-based rank of the best-ranked known target in `ranked` (the top TOP), None when none is there."""
+    wanted = set(targets)
+    return next((i + 1 for i, name in enumerate(ranked) if name in wanted), None)
+
+
 def _write_grid(bench: Benchmark, examples: list, path: Path) -> None:
-    """reference | text | top 5 for the sampled queries, the known targets outlined."""
+    """reference | text | top 5 for the sampled queries, the known targets outlined; a target below the top 5 has
+    its rank under the text (or 'not in the top 50')."""
     from cir.model import rgb
     from cir.grids import GridRow, render_grid
 
+    def note(q, rank: Optional[int], shown: int) -> str:
+        if not q.targets or (rank is not None and rank <= shown):
+            return ""
+        return f"target at #{rank}" if rank is not None else f"target not in the top {TOP}"
+
     rows = [GridRow(rgb(bench.gallery[q.reference]), q.texts[0],
-                    [(rgb(bench.gallery[name]), name, score) for name, score in top], set(q.targets))
-            for q, top in examples]
+                    [(rgb(bench.gallery[name]), name, score) for name, score in top], set(q.targets),
+                    note(q, rank, len(top)))
+            for q, top, rank in examples]
     render_grid(rows).save(path)
 
 

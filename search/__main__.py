@@ -13,6 +13,8 @@ from cir.errors import CIRError
 from search.index import GalleryError, GalleryIndex, IndexConfig, build_index
 from search.search import Searcher
 
+TARGET_DEPTH = 1000  # search --target: how deep its rank is looked for
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search", description=__doc__.splitlines()[0])
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-reference", action="store_true", help="let the reference itself be a result")
     q.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     q.add_argument("--grid", help="also write the results as a PNG grid here")
+    q.add_argument("--target", help="the image you expect (a name in the index): outlined in --grid, its rank "
+                                    f"reported (searched to the top {TARGET_DEPTH})")
     q.add_argument("--device", default="cpu")
     v = sub.add_parser("serve", help="a local web page for searching an index")
     v.add_argument("--index", required=True)
@@ -83,7 +87,13 @@ def search(args: argparse.Namespace) -> int:
     gallery = GalleryIndex(args.index)
     searcher = Searcher(gallery, args.checkpoint, args.device, args.pretrained)
     row = _reference_row(gallery, args.reference) if args.reference else None
-    found = searcher.search(args.image, args.text, args.k, row, args.keep_reference)
+    if args.target:
+        _reference_row(gallery, args.target)  # a name in the index, or exit 2 naming it
+        deep = searcher.search(args.image, args.text, max(args.k, TARGET_DEPTH), row, args.keep_reference)
+        rank = next((r["rank"] for r in deep["results"] if r["name"] == args.target), None)
+        found = {**deep, "results": deep["results"][:args.k], "target": {"name": args.target, "rank": rank}}
+    else:
+        found = searcher.search(args.image, args.text, args.k, row, args.keep_reference)
     if args.grid:
         _write_grid(searcher, args, found, row)
     if args.json:
@@ -93,7 +103,16 @@ def search(args: argparse.Namespace) -> int:
           + (f"; left out the reference {found['excluded']}" if found["excluded"] else ""))
     for r in found["results"]:
         print(f"{r['rank']:>4}  {r['score']:.4f}  {r['name']}")
+    if args.target:
+        print(f"# target {_target_note(found['target']) or 'shown above'}")
     return 0
+
+
+def _target_note(target: dict, shown: int = 0) -> str:
+    """Where the --target ranked, when below the `shown` results ("" when among them)."""
+    if target["rank"] is None:
+        return f"{target['name']} not in the top {TARGET_DEPTH}"
+    return f"{target['name']} at #{target['rank']}" if target["rank"] > shown else ""
 
 
 def _write_grid(searcher: Searcher, args: argparse.Namespace, found: dict, row) -> None:
@@ -107,7 +126,9 @@ def _write_grid(searcher: Searcher, args: argparse.Namespace, found: dict, row) 
         ref = searcher.query_image(args.image if args.image else gallery.image_bytes(row))[0]
     results = [(Image.open(io.BytesIO(gallery.thumb(r["row"]))), r["name"], r["score"]) for r in found["results"]]
     Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-    render_grid([GridRow(ref, args.text or "", results)]).save(args.grid)
+    target = found.get("target")
+    note = _target_note(target, len(results)) if target else ""
+    render_grid([GridRow(ref, args.text or "", results, {target["name"]} if target else set(), note)]).save(args.grid)
     print(f"search search: wrote {args.grid}", file=sys.stderr)
 
 

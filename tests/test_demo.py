@@ -24,6 +24,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert all({"recall@1", "avg"} <= set(m["ci95"]) for m in results["toy-cirr"].values())  # with intervals
     report = (out / "report.md").read_text()
     assert "stage2_mix" in report and "## Against stage I (paired over queries)" in report
+    assert "Methods: **image_only**" in report and "**map@K** (CIRCO)" in report  # the legend
     assert "| toy-circo | map@5 | stage2_mix |" in report
     for grid in ("eval/toy-cirr-stage2_mix/examples.png", "eval/toy-circo-stage1/examples.png"):
         assert f"]({grid})" in report and (out / grid).is_file()

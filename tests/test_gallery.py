@@ -101,6 +101,19 @@ def test_search_command_prints_json_and_fails_cleanly(indexed, capsys, tmp_path)
     assert Image.open(grid).size == grid_size(1, 4, 160)
     assert search_main(["search", "--index", str(out), "--reference", "nope.png", "--text", "x"]) == 2
     assert "no image named 'nope.png'" in capsys.readouterr().err
+    # --target: the image the user expects, ranked however deep (the first 4 of a deeper search are the same)
+    assert search_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
+                        "--k", "20", "--json"]) == 0
+    deep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    target = deep[9]["name"]  # ranked 10th: below the 4 shown
+    assert search_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
+                        "--k", "4", "--json", "--target", target, "--grid", str(grid)]) == 0
+    searcher_results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert searcher_results["target"] == {"name": target, "rank": 10}
+    assert searcher_results["results"] == found["results"]
+    assert search_main(["search", "--index", str(out), "--reference", index.names[2], "--text", "make it blue",
+                        "--target", "nope.png"]) == 2
+    assert "no image named 'nope.png'" in capsys.readouterr().err
     assert search_main(["search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
     assert "is not a gallery index" in capsys.readouterr().err
     # the checkpoint's own errors (here: an architecture without weights) are messages too, not tracebacks
@@ -208,6 +221,25 @@ def test_grid_has_the_expected_size_panels_and_target_outline():
     assert sheet.getpixel((a0 + OUTLINE // 2, (b0 + 100 // 2))) != TARGET_COLOUR  # not a target
     cx0, cy0, cx1, cy1 = panel_box(0, 0, 100)
     assert sheet.getpixel(((cx0 + cx1) // 2, (cy0 + cy1) // 2)) == (255, 0, 0)  # reference panel
+
+
+def test_a_target_the_grid_does_not_show_has_its_rank_under_the_text():
+    """Issue 42: an example grid whose target ranked below the shown results says where it ranked."""
+    from PIL import Image
+
+    from cir.grids import LABEL
+    from eval.run import target_rank
+
+    assert target_rank(["a", "b", "c"], ("z", "c")) == 3 and target_rank(["a", "b"], ("z",)) is None
+    red, blue = Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (30, 30), (0, 0, 255))
+
+    def label_pixels(note: str) -> set:
+        sheet = render_grid([GridRow(red, "make it blue", [(blue, "a", 0.9)], {"z"}, note)], panel=100)
+        x0, _, x1, y1 = panel_box(0, 1, 100)
+        return set(sheet.crop((x0, y1, x1, y1 + LABEL)).getdata())
+
+    assert any(r > 100 and g < 60 and b < 60 for r, g, b in label_pixels("target at #12"))  # written in red
+    assert not any(r > 100 and g < 60 and b < 60 for r, g, b in label_pixels(""))
 
 
 def test_the_old_eval_commands_say_where_search_went(capsys):
