@@ -219,7 +219,7 @@ def evaluate(out: Path, evals: list[dict]) -> dict:
         "are not real benchmark scores. Why stage I may sit below sum here: the toy modification texts say nothing "
         "about the target alone (text_only is near 0), and the frozen text tower does not apply an instruction to a "
         "description, so even the reference's own caption in stage I's prompt scores below sum on toy CIRR R@1; "
-        "stage II's adapters learn that step (docs/CLAIMS.md, \"Why stage I stays below sum\").\n\n" + LEGEND
+        "stage II's adapters learn that step (docs/reports/CLAIMS.md, \"Why stage I stays below sum\").\n\n" + LEGEND
         + "\n\nEach cell: the metric and its 95% bootstrap interval over the benchmark's queries.\n"
         + report_table(results) + "\n\n" + significance(out)
         + "\n\n## Example queries\n\nReference | "

@@ -55,7 +55,7 @@ class SynthConfig:
     mod_span: str = ranged("words", choices=SPANS,
                            help="what a modification text's clause names: words: the changed words alone "
                                 "('replace red with blue'); phrase: the phrase around them ('replace the red car "
-                                "with a blue car'); measured alike on the toy CIRR and CIRCO (docs/CLAIMS.md)")
+                                "with a blue car'); measured alike on the toy CIRR and CIRCO (docs/reports/CLAIMS.md)")
     text_dim: int = ranged(1024, min=1, help="hashed TF-IDF size")
     exact_max: int = ranged(50_000, min=1, help="--knn global: exact k-NN (quadratic) up to this many images, "
                                                 "faiss IVF (near-linear) above")

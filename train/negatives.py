@@ -37,7 +37,7 @@ BANK_VERSION = 2  # 2: cached emb.npy taken only from the same CLIP (train.data.
 @dataclass
 class HardNegativeConfig:
     weight: float = 0.1  # w of each mined hard negative in the InfoNCE denominator (0: unused, no bank built);
-    # 0.1 measured on the toy val split (docs/CLAIMS.md): weights of 1 trade global recall for local ranking
+    # 0.1 measured on the toy val split (docs/reports/CLAIMS.md): weights of 1 trade global recall for local ranking
     per_query: int = 3  # at most this many of a triplet's hard negatives (in their stored order) are used
     bank: list[str] = field(default_factory=list)  # caption dataset dirs (or FORMAT:ROOT annotated sets) the
     # keys come from ([]: each triplet dataset's own input, as recorded in its dataset.json (synthesized_from),

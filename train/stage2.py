@@ -56,7 +56,7 @@ class Stage2Config(TrainConfig):
     # ("{}"), the text side is the modification text alone and the image enters through `fusion`: CTI-IR's query
     temperature: float = ranged(0.07, gt=0)  # InfoNCE temperature
     ref_negative_weight: float = ranged(0.1, min=0)  # w of the reference as an extra negative (0: not a negative); 0.1 measured
-    # on the toy val split (docs/CLAIMS.md): at 1 the queries drift from the target's neighbourhood (R@50 falls)
+    # on the toy val split (docs/reports/CLAIMS.md): at 1 the queries drift from the target's neighbourhood (R@50 falls)
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)  # the triplets' mined ones
     negative_max_similarity: float = 1.0  # a hard negative (reference or mined) whose image feature has cosine
     # above this with the query's target is left out (1.0: never): a negative the image tower cannot tell from
