@@ -216,7 +216,7 @@ def commands(work: Path, models: dict, size: dict, device: str = "cpu") -> dict[
 
 
 def default_device() -> str:
-    import torch
+    import torch  # only torch: this process stays small (run_step)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -255,7 +255,8 @@ def main(argv=None) -> int:
         (args.build_models / "models.json").write_text(json.dumps(models), encoding="utf-8")
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="fullsize-"))
-    result = {"size": args.size, "device": args.device or default_device(), "models": {}, "steps": {}}
+    device = args.device or default_device()
+    result = {"size": args.size, "device": device, "models": {}, "steps": {}}
 
     def save() -> None:
         if args.out:
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         result["models"] = json.loads(models_json.read_text())
         if not (work / "images").exists():
             write_images(work / "images", work / "bench", size)
-        todo = commands(work, result["models"], size, args.device or default_device())
+        todo = commands(work, result["models"], size, device)
         wanted = args.steps.split(",") if args.steps else list(todo)
         for name in wanted:
             step = run_step(todo[name], work / f"{name}.log")

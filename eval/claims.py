@@ -568,10 +568,6 @@ def verdict(difference: float, lo: float, hi: float, min_effect: float) -> str:
     return "inconclusive"
 
 
-def min_effect_of(cfg: "ClaimsConfig", metric: str) -> float:
-    return float(cfg.min_effect_by_metric.get(metric, cfg.min_effect))
-
-
 SATURATED = 99.0  # both rows at or above this (percent): the benchmark cannot tell them apart
 
 
@@ -593,7 +589,7 @@ def interval(runs: list[dict], over: str) -> tuple[float, float]:
     return stats.bootstrap_ci(stats.mean_over(runs), digits=None)
 
 
-def row_summary(per_seed: list[dict], over: str = "seeds") -> dict:
+def row_summary(per_seed: list[dict], over: str = "seed-level") -> dict:
     """A row on one metric: mean over seeds, its interval (`interval`), the seeds' spread."""
     averaged = stats.mean_over(per_seed)
     by_seed = [stats.metric_of(g) for g in per_seed]
