@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cir.config import ranged
+
 
 @dataclass
 class AdapterConfig:
@@ -131,17 +133,35 @@ class MURConfig:
     gamma_scale: float = 2.0  # gamma(t) = exp(-gamma_scale * t / max_steps) weighs the coarse term (ours: the
     # released code's epochs become steps; 2.0 puts the crossover gamma = 0.5 at 35% of training)
     sigma_per_sample: bool = False  # sigma of each sample's augmented feature (False: one sigma per batch, as released)
+    # [lo, hi]: each target's noise std drawn uniformly from this range, in units of its instance-normalised
+    # feature, instead of its own std s (null: the released code's s). Our targets are unit-norm: s = 1/sqrt(d)
+    # (0.088 at d = 128) leaves cos(f_hat, f) ~ 0.99 and sigma ~ 1.0 for every sample, a near no-op; cos(f_hat, f)
+    # ~ 1/sqrt(1 + 2 noise^2), so [0.23, 0.72] spans cos 0.95 -> 0.7 (docs/METHODS.md)
+    noise: Optional[list[float]] = ranged(None, item_gt=0)
 
 
 def augment_targets(f: torch.Tensor, cfg: MURConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """MUR's augmenter: each target feature f [B, d] is instance-normalised with its own mean m and std s over
-    its d dimensions, then f_hat = alpha * (f - m) / s + beta with alpha_j ~ N(1, s) and beta_j ~ N(m, s) drawn
-    per dimension: fluctuations that follow the feature's own distribution. Returns f_hat [B, d]."""
+    its d dimensions, then f_hat = alpha * (f - m) / s + beta with alpha_j ~ N(1, n) and beta_j ~ N(m, n) drawn
+    per dimension, n = s (as released: fluctuations that follow the feature's own distribution) or, with
+    `cfg.noise = [lo, hi]`, n ~ U(lo, hi) per feature. Returns f_hat [B, d]."""
     m = f.mean(dim=-1, keepdim=True)  # [B, 1]
     s = f.std(dim=-1, keepdim=True).clamp_min(1e-6)  # [B, 1]
-    alpha = 1 + cfg.alpha_scale * s * torch.randn(f.shape, generator=generator, device=f.device)
-    beta = m + cfg.beta_scale * s * torch.randn(f.shape, generator=generator, device=f.device)
+    n = s
+    if cfg.noise is not None:
+        lo, hi = cfg.noise
+        n = lo + (hi - lo) * torch.rand((f.shape[0], 1), generator=generator, device=f.device)  # [B, 1]
+    alpha = 1 + cfg.alpha_scale * n * torch.randn(f.shape, generator=generator, device=f.device)
+    beta = m + cfg.beta_scale * n * torch.randn(f.shape, generator=generator, device=f.device)
     return alpha * (f - m) / s + beta
+
+
+def fluctuation_stats(f: torch.Tensor, f_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What makes MUR work, to log: how far the augmented targets moved (cos(f_hat, f) over the batch: mean and
+    min) and how much sigma, the std of each augmented feature, varies across samples (its mean and spread)."""
+    cos = F.cosine_similarity(f_hat, f, dim=-1)  # [B]
+    sigma = f_hat.std(dim=-1)  # [B]
+    return {"target_cos": cos.mean(), "target_cos_min": cos.min(), "sigma": sigma.mean(), "sigma_spread": sigma.std()}
 
 
 def uncertainty_loss(q: torch.Tensor, f_hat: torch.Tensor, temperature: float, offset: int = 0,

@@ -3,6 +3,7 @@ option trains on toy triplets, the export composes queries in eval."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -209,6 +210,30 @@ def test_augmenter_follows_each_features_own_distribution():
     assert torch.allclose(quiet, (draws[:5] - m[:1]) / s[:1] + m[:1])  # no noise: the normalised feature + m
 
 
+def test_mur_fluctuations_are_measured_and_their_strength_can_be_set():
+    """Issue 41: on unit-norm features the released augmenter (noise std s = 1/sqrt(d)) barely moves a target
+    (cos ~ 0.99) and sigma is ~1 for every sample; `noise: [lo, hi]` draws each target's noise std from a range
+    in units of the normalised feature: cos(f_hat, f) ~ 1/sqrt(1 + 2 n^2), so [0.23, 0.72] spans ~0.95 -> 0.7,
+    and sigma ~ sqrt(1 + 2 n^2) follows each target's draw."""
+    from cir.composer import fluctuation_stats
+
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(512, 128), dim=-1)
+    released = fluctuation_stats(f, augment_targets(f, MURConfig(), torch.Generator().manual_seed(1)))
+    assert released["target_cos"] > 0.985 and abs(released["sigma"] - 1.0) < 0.02 and released["sigma_spread"] < 0.1
+    for n in (0.23, 0.72):
+        fixed = fluctuation_stats(f, augment_targets(f, MURConfig(noise=[n, n]), torch.Generator().manual_seed(1)))
+        assert abs(fixed["target_cos"] - 1 / math.sqrt(1 + 2 * n * n)) < 0.01
+        assert abs(fixed["sigma"] - math.sqrt(1 + 2 * n * n)) < 0.02
+    spread = fluctuation_stats(f, augment_targets(f, MURConfig(noise=[0.23, 0.72]), torch.Generator().manual_seed(1)))
+    assert 0.75 < spread["target_cos"] < 0.92 and spread["target_cos_min"] < 0.75 and spread["sigma_spread"] > 0.08
+    with pytest.raises(Exception, match="mur.noise"):  # refused before anything trains
+        from train.config import load_config
+        from train.stage2 import Stage2, Stage2Config
+
+        Stage2(load_config(Stage2Config, None, ["init_from=x", "mur.noise=[0.7, 0.2]"]))
+
+
 def test_uncertainty_loss_is_a_classification_loss_scaled_by_the_fluctuation():
     torch.manual_seed(0)
     q, f = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
@@ -281,7 +306,7 @@ def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tm
         assert all(abs(r["fusion_w_mean"] - 0.3) < 1e-6 for r in log)
         assert isinstance(model.fusion, FixedFusion) and model.fusion.fixed == 0.3  # the export keeps it
     if option == ["loss=mur"]:
-        assert {"coarse", "gamma", "fine_grad_norm", "coarse_grad_norm"} <= set(log[-1])
+        assert {"coarse", "gamma", "fine_grad_norm", "coarse_grad_norm", "target_cos", "sigma_spread"} <= set(log[-1])
         assert log[-1]["gamma"] < log[0]["gamma"]  # the coarse term's weight falls as fine matching takes over
 
 

@@ -112,6 +112,10 @@ class Stage2(Stage):
                               f"takes no part in the query")
         if cfg.hard_negatives.weight < 0 or cfg.hard_negatives.per_query < 0:
             raise ConfigError("hard_negatives.weight and hard_negatives.per_query must be >= 0")
+        noise = cfg.mur.noise
+        if noise is not None and (len(noise) != 2 or noise[0] > noise[1]):
+            raise ConfigError(f"mur.noise: [lo, hi] with 0 < lo <= hi (each target's noise std is drawn from it), "
+                              f"got {noise}")
         super().__init__()
         self.cfg = cfg
         self.bank = None  # NegativeBank when hard_negatives.weight > 0 (built in setup)
@@ -244,7 +248,8 @@ class Stage2(Stage):
         return self.loss_on_features(self.features(model, batch, accelerator), accelerator)
 
     def loss_on_features(self, features: dict, accelerator) -> tuple[torch.Tensor, dict]:
-        from cir.composer import augment_targets, fusion_target, hard_negative_infonce, mur_gamma, uncertainty_loss
+        from cir.composer import (augment_targets, fluctuation_stats, fusion_target, hard_negative_infonce, mur_gamma,
+                                  uncertainty_loss)
 
         q, v_ref, v_tgt, mask = features["q"], features["v_ref"], features["v_tgt"], features.get("mask")
         # the queries' rows among the targets (all rows, unless a micro-batch of an accumulated step)
@@ -264,7 +269,8 @@ class Stage2(Stage):
             coarse = uncertainty_loss(q, f_hat, self.cfg.temperature, offset, self.cfg.mur.sigma_per_sample)
             gamma = mur_gamma(self.step, self.cfg.max_steps, self.cfg.mur)
             loss = gamma * coarse + (1 - gamma) * fine
-            scalars.update(coarse=coarse.detach(), gamma=torch.tensor(gamma))
+            scalars.update(coarse=coarse.detach(), gamma=torch.tensor(gamma),
+                           **fluctuation_stats(targets.detach(), f_hat.detach()))  # is the augmenter doing anything?
             if q.requires_grad:  # how hard each term pulls on the queries (they must be of one order)
                 for name, term in (("fine", fine), ("coarse", coarse)):
                     grad, = torch.autograd.grad(term, q, retain_graph=True)
