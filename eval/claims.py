@@ -424,6 +424,26 @@ def _check(code: int, what: str) -> None:
         raise PredictionError(f"{what} failed (exit {code}; its error is printed above)")
 
 
+def fluctuation_summary(cfg: ClaimsConfig, name: str) -> dict:
+    """A loss=mur row's measured fluctuations, from its seeds' train_log.jsonl (train/stage2.py logs them):
+    target_cos (mean of the logged batches' cos(f_hat, f)) and its minimum, sigma's mean, its spread across each
+    batch's samples (mean of the logged sigma_spread) and across batches (the logged means' std). {} for a row
+    trained before these were logged."""
+    logged = []
+    for seed in row_seeds(cfg, name):
+        path = export_dir(cfg, name, seed).parent / "train_log.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        logged += [r for r in map(json.loads, lines) if "target_cos" in r]
+    if not logged:
+        return {}
+    sigmas = [r["sigma"] for r in logged]
+    return {"target_cos": round(statistics.fmean(r["target_cos"] for r in logged), 3),
+            "target_cos_min": round(min(r["target_cos_min"] for r in logged), 3),
+            "sigma": round(statistics.fmean(sigmas), 3),
+            "sigma_spread": round(statistics.fmean(r["sigma_spread"] for r in logged), 3),
+            "sigma_across_batches": round(statistics.pstdev(sigmas), 3), "logged_steps": len(logged)}
+
+
 def export_dir(cfg: ClaimsConfig, name: str, seed: int) -> Path:
     """Where a (stage I or II) row's export for one seed is written."""
     return Path(cfg.output_dir) / "cells" / f"{name}-seed{seed}" / "train" / "final"
@@ -658,6 +678,8 @@ def claims(cfg: ClaimsConfig) -> dict:
             values.setdefault(name, {})[(bench, metric)] = [p[metric] for p in per_seed]
             rows_out.setdefault(name, {"text": cfg.rows[name].text, "stage": cfg.rows[name].stage})[
                 f"{bench}/{metric}"] = row_summary([p[metric] for p in per_seed], cfg.interval)
+        if "loss=mur" in cfg.rows[name].overrides:
+            rows_out[name]["fluctuation"] = fluctuation_summary(cfg, name)
     report = {"splits": {n: b.split or cfg.split for n, b in cfg.benchmarks.items()}, "seeds": cfg.seeds,
               "clip_per_seed": cfg.clip_per_seed, "interval": cfg.interval, "bench_queries": cfg.bench_queries,
               "min_effect": cfg.min_effect, "rows": rows_out,
@@ -717,6 +739,16 @@ def changes_markdown(changes: list[dict]) -> list[str]:
     return lines + [f"| {c['id']} | {c['before']} | {c['after']} |" for c in changes] + [""]
 
 
+def fluctuation_text(f: Optional[dict]) -> str:
+    """A loss=mur row's measured fluctuations for the Rows table ("" for other rows)."""
+    if f is None:
+        return ""
+    if not f:
+        return " (fluctuations not logged: trained before train/stage2.py logged them)"
+    return (f" (measured: cos(f̂, f) {f['target_cos']}, min {f['target_cos_min']}; σ {f['sigma']}, spread "
+            f"{f['sigma_spread']} across samples, {f['sigma_across_batches']} across batches)")
+
+
 def markdown(report: dict, cfg: ClaimsConfig) -> str:
     show = stats.shown  # the stored values, rounded as a reader of claims.json rounds them
     effects = ", ".join(f"{m} {v}" for m, v in sorted(report.get("min_effect_by_metric", {}).items()))
@@ -755,5 +787,6 @@ def markdown(report: dict, cfg: ClaimsConfig) -> str:
                   f"| [{show(x['ci95'][0], True)}, {show(x['ci95'][1], True)}] | {x['verdict']}"
                   f"{' (saturated)' if x['saturated'] else ''} |" for x in c["comparisons"]]
     lines += ["", "## Rows", "", "| row | stage | what |", "|---|---|---|"]
-    lines += [f"| {n} | {r['stage']} | {r['text']} |" for n, r in report["rows"].items()]
+    lines += [f"| {n} | {r['stage']} | {r['text']}{fluctuation_text(r.get('fluctuation'))} |"
+              for n, r in report["rows"].items()]
     return "\n".join(lines) + "\n"
