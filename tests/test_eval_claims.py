@@ -122,6 +122,24 @@ def test_the_verdict_rule_is_calibrated_on_500_null_comparisons():
             assert held["seeds"] / 500 > 0.05, held  # why the default changed
 
 
+def test_a_mur_rows_measured_fluctuations_are_summarised_from_its_training_logs(tmp_path):
+    """Issue 41: claims.json carries each loss=mur row's target_cos and sigma spread, read from its seeds' logs."""
+    from eval.claims import ClaimsConfig, RowSpec, export_dir, fluctuation_summary, fluctuation_text
+
+    cfg = ClaimsConfig(output_dir=str(tmp_path), seeds=[0, 1])
+    cfg.rows = {"mur": RowSpec("stage2", overrides=["loss=mur"]), "old": RowSpec("stage2", overrides=["loss=mur"])}
+    for seed, (cos, low, sigma, spread) in enumerate(((0.8, 0.5, 1.2, 0.1), (0.9, 0.6, 1.4, 0.2))):
+        log = export_dir(cfg, "mur", seed).parent / "train_log.jsonl"
+        log.parent.mkdir(parents=True)
+        log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n" + json.dumps(
+            {"step": 2, "target_cos": cos, "target_cos_min": low, "sigma": sigma, "sigma_spread": spread}) + "\n")
+    got = fluctuation_summary(cfg, "mur")
+    assert got == {"target_cos": 0.85, "target_cos_min": 0.5, "sigma": 1.3, "sigma_spread": 0.15,
+                   "sigma_across_batches": 0.1, "logged_steps": 2}
+    assert fluctuation_summary(cfg, "old") == {} and "not logged" in fluctuation_text({})
+    assert "cos(f̂, f) 0.85, min 0.5" in fluctuation_text(got) and fluctuation_text(None) == ""
+
+
 def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     from eval.score import PredictionError
 
