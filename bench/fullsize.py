@@ -21,6 +21,9 @@ step cost? It measures path and cost, not quality.
    CLIPs score every edit alike, so the mining band's, the keyword swaps' and the filters' thresholds are opened
    (flags, not code): every step then has data to work on.
 
+Disk: ~25 GB while the full size runs (the checkpoints 8.3 GB, each stage's checkpoint with its AdamW state 3-5
+GB); a temporary --work is deleted at the end.
+
 JSON: {"size": ..., "models": {name: {"params": N, "seconds": s}}, "steps": {"caption": {"ok": true, "params": N,
 "seconds": s, "peak_rss_mib": m, "command": [...]}, ...}}. A failed step records the end of its stderr and the
 run goes on (later steps that need its output fail too); the exit status is then 1.
