@@ -9,17 +9,16 @@ step cost? It measures path and cost, not quality.
    (`tests/tiny_models.py` builds them; here with real sizes): open_clip ViT-L-14 (a cir.backbone directory),
    BLIP-base (transformers), InstructPix2Pix with Stable Diffusion 1.5's UNet (8 input channels), VAE and CLIP
    text encoder (diffusers), a Qwen2-0.5B-shaped decoder with a chat template. Tokenizers are built offline.
-2. Images: photo-like JPEGs of 256-1024 px (smooth colour fields, blobs, grain) with sidecar captions, and a
+2. Images: photo-like JPEGs of 256-1024 px (smooth colour fields, blobs, grain), no sidecar captions, and a
    CIRR-layout benchmark over them (val split: queries over the same images).
 3. The real commands, unchanged, each in its own process (seconds and the process's peak RSS):
    caption (the BLIP captioner + CLIP embeddings) -> synth low (the LLM writes the texts) and high (InstructPix2Pix,
    2 denoising steps) -> stage 0, I, II (recipes/one_gpu/*.yaml, a few steps at a small batch, bf16 autocast) ->
    `eval run` -> `search index` and a query.
-   synth high edits the model's captions (a keyword of each swapped). A random captioner writes the same word
-   soup for every image, so no caption pair could be mined from it: synth low and the trainers read a second
-   caption dataset of the same images with their sidecar captions and the same CLIP (`caption_sidecar`). Random
-   CLIPs score every edit alike, so the mining band's, the keyword swaps' and the filters' thresholds are opened
-   (flags, not code): every step then has data to work on.
+   Every step reads the model's captions, as a user's run does (docs/OWN_DATA.md). The random captioner is built
+   to hear its image (tests/tiny_models.make_tiny_blip), so its word soups differ from image to image and pairs
+   can be mined from them. Random CLIPs score every edit alike, so the mining band's, the keyword swaps' and the
+   filters' thresholds are opened (flags, not code): every step then has data to work on.
 
 Disk: ~25 GB while the full size runs (the checkpoints 8.3 GB, each stage's checkpoint with its AdamW state 3-5
 GB); a temporary --work is deleted at the end.
@@ -50,10 +49,10 @@ from tests.tiny_models import TINY_BLIP  # noqa: E402  (configs only: the builde
 # The real architectures' configs (the tiny ones are tests/tiny_models.py's defaults).
 BLIP_BASE = {  # Salesforce/blip-image-captioning-base
     "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "image_size": 384, "patch_size": 16},
+               "image_size": 384, "patch_size": 16, "initializer_range": 0.02},
     "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "encoder_hidden_size": 768, "max_position_embeddings": 512},
-    "projection_dim": 512, "vocab_size": 30524}
+    "projection_dim": 512, "vocab_size": 30524, "image_gain": TINY_BLIP["image_gain"]}
 SD15_IP2P = {  # timbrooks/instruct-pix2pix (Stable Diffusion 1.5 with an 8-channel UNet input)
     "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
     "vae": {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -78,7 +77,7 @@ SIZES = {
              "queries": 4, "batch": 4, "edits": 2, "denoise_steps": 2, "train_steps": 2, "precision": "bf16"},
 }
 # the models each step loads (its "params")
-STEP_MODELS = {"caption": ("blip", "clip"), "caption_sidecar": ("clip",), "synth_low": ("llm",),
+STEP_MODELS = {"caption": ("blip", "clip"), "synth_low": ("llm",),
                "synth_high": ("ip2p", "clip"), "stage0": ("clip",), "stage1": ("clip",), "stage2": ("clip",),
                "eval": ("clip",), "search": ("clip",)}
 COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
@@ -133,7 +132,7 @@ def build_models(out: Path, size: dict) -> dict[str, dict]:
 
 
 def photo(rng: random.Random, width: int, height: int):
-    """A photo-like picture: a smooth two-colour background, a shape of a named colour, grain. -> (image, caption)"""
+    """A photo-like picture: a smooth two-colour background, a shape of a named colour, grain."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -151,11 +150,11 @@ def photo(rng: random.Random, width: int, height: int):
     img = img.filter(ImageFilter.GaussianBlur(1.5))
     grain = np.random.default_rng(rng.randrange(2**31)).normal(0, 6, (height, width, 3))
     img = Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8))
-    return img, f"a photo of a {colour} {shape} on a {ground} background"
+    return img
 
 
 def write_images(out: Path, bench: Path, size: dict, seed: int = 0) -> None:
-    """size["images"] JPEGs with .txt captions in `out`; the same pictures as PNGs in a CIRR-layout benchmark
+    """size["images"] JPEGs in `out` (no captions: the captioner writes them); the same pictures as PNGs in a CIRR-layout benchmark
     (val; its images in dev/ as in the official layout), each query's target another image, its members a few others."""
     rng = random.Random(seed)
     (bench / "dev").mkdir(parents=True)
@@ -164,9 +163,8 @@ def write_images(out: Path, bench: Path, size: dict, seed: int = 0) -> None:
     out.mkdir(parents=True)
     names = []
     for i in range(size["images"]):
-        img, caption = photo(rng, rng.randint(*size["px"]), rng.randint(*size["px"]))
+        img = photo(rng, rng.randint(*size["px"]), rng.randint(*size["px"]))
         img.save(out / f"img{i:03d}.jpg", quality=90)
-        (out / f"img{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
         names.append(f"dev-{i}-0-img{i}")
         img.save(bench / "dev" / f"{names[-1]}.png")
     (bench / "image_splits" / "split.rc2.val.json").write_text(
@@ -189,15 +187,12 @@ def commands(work: Path, models: dict, size: dict, device: str = "cpu") -> dict[
              "save_every=1000", f"mixed_precision={size['precision']}", "grad_accum=1"]
     recipe = ROOT / "recipes" / "one_gpu"
     return {
-        "caption": [py, "beam_runner.py", "caption", "--input", str(images), "--output", str(work / "captions_model"),
+        "caption": [py, "beam_runner.py", "caption", "--input", str(images), "--output", str(captions),
                     "--captioner", m["blip"], "--clip", m["clip"], "--batch-size", *batch, "--max-size", "1024"],
-        "caption_sidecar": [py, "beam_runner.py", "caption", "--input", str(images), "--output", str(captions),
-                            "--clip", m["clip"], "--batch-size", *batch, "--max-size", "1024"],
         "synth_low": [py, "beam_runner.py", "synth", "--input", str(captions), "--output", str(work / "low"),
                       "--quality", "low", "--llm", m["llm"], "--batch-size", *batch, "--band-low", "-1",
                       "--band-high", "1"],
-        "synth_high": [py, "beam_runner.py", "synth", "--input", str(work / "captions_model"), "--output",
-                       str(work / "high"),
+        "synth_high": [py, "beam_runner.py", "synth", "--input", str(captions), "--output", str(work / "high"),
                        "--quality", "high", "--editor", m["ip2p"], "--clip", m["clip"], "--num-triplets",
                        str(size["edits"]), "--samples-per-source", "1", "--steps", str(size["denoise_steps"]),
                        "--batch-size", *batch, "--swap-low", "-1", "--swap-high", "1", "--min-image-image", "-1",

@@ -112,7 +112,8 @@ class EditSources(beam.PTransform):
             return edited.specs, edited[FAILED], empty, empty
         from apache_beam.ml.inference.base import RunInference
 
-        from synth.editing import CaptionEdit, ClipFilter, InstructPix2PixHandler, with_target
+        from synth.editing import (CaptionEdit, ClipFilter, InstructPix2PixHandler, batch_group, edit_batches,
+                                   with_target)
 
         thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
                       "directional": cfg.min_directional}
@@ -134,8 +135,12 @@ class EditSources(beam.PTransform):
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
                             cfg.samples_per_source, cfg.seed, mod_span=cfg.mod_span, device=cfg.device)
             ).with_outputs(REJECTED, main="candidates")
-        handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device, batch_size=cfg.batch_size)
-        filtered = (candidates.candidates | "InstructPix2Pix" >> RunInference(handler)
+        handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device)
+        # candidates sharing guidance scales, grouped per shard, in batches fixed by the data (edit_batches)
+        batches = (candidates.candidates | "ByGuidance" >> beam.Map(batch_group)
+                   | "GroupByGuidance" >> jobs.MeasuredGroupByKey()
+                   | "EditBatches" >> beam.FlatMap(edit_batches, cfg.batch_size))
+        filtered = (batches | "InstructPix2Pix" >> RunInference(handler)
                     | "WithTarget" >> beam.Map(with_target) | "BySource" >> beam.Map(_by_source)
                     | "GroupBySource" >> jobs.MeasuredGroupByKey()
                     | "ClipFilter" >> beam.ParDo(ClipFilter(cfg.clip, cfg.clip_pretrained, thresholds,

@@ -5,7 +5,8 @@
    written from the caption diff by `synth.modtext`. (Or `--caption-edit llm`: a language model writes the
    instruction and the edited caption, `synth.llm.LLMCaptionEdit`.) `samples_per_source` candidates per source, each with
    its own seed and guidance scales drawn from small grids.
-2. `InstructPix2PixHandler`: diffusers' StableDiffusionInstructPix2PixPipeline, through RunInference.
+2. `InstructPix2PixHandler`: diffusers' StableDiffusionInstructPix2PixPipeline, through RunInference, on
+   batches of candidates that share guidance scales (`batch_group` -> GroupByKey -> `edit_batches`).
 3. `ClipFilter`: InstructPix2Pix / CompoDiff filters: image-image cos >= 0.70, edited caption-image cos >= 0.2,
    directional cos(E_I(tgt) - E_I(ref), E_T(edited) - E_T(caption)) >= 0.2; the best `keep_per_source`
    (by directional similarity) of each source survive. Every score goes into the triplet's json.
@@ -110,14 +111,39 @@ def editor_dtype(device: str):
     return torch.float32 if str(device).startswith("cpu") else torch.float16
 
 
-class InstructPix2PixHandler(ModelHandler[dict, bytes, object]):
-    """diffusers' InstructPix2Pix (hub id or local directory) -> edited image as PNG bytes per candidate.
+def batch_group(candidate: dict) -> tuple[tuple[int, float, float], dict]:
+    """A candidate keyed by what its pipeline call must share with its batch neighbours: the guidance scales
+    (one pair per diffusers call) and, so that batches are fixed by the data alone, its source's shard."""
+    return (candidate["sample"]["shard"], candidate["guidance"], candidate["image_guidance"]), candidate
 
-    The reference is edited at the model's native size (`model_size`) and the edit resized back to the
-    reference's size, so the triplet's two images match."""
 
-    def __init__(self, model: str, *, steps: int = 20, device: str = "cpu", batch_size: int = 4):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+def _pixel_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size  # the header only: PIL decodes pixels on first access
+
+
+def edit_batches(element, batch_size: int) -> Iterator[list[dict]]:
+    """(group, its candidates) -> lists of at most `batch_size` candidates, each one editor call.
+
+    The order (reference size, source key, candidate number) depends only on the group's contents, so a
+    candidate is denoised beside the same neighbours on every run and every runner (a batched UNet's low bits
+    depend on the batch), and references of one size lie together (one call edits one size)."""
+    _, group = element
+    ordered = sorted(group, key=lambda c: (_pixel_size(c["sample"]["image"]), c["source_key"], c["candidate"]))
+    for i in range(0, len(ordered), batch_size):
+        yield ordered[i:i + batch_size]
+
+
+class InstructPix2PixHandler(ModelHandler[list, bytes, object]):
+    """diffusers' InstructPix2Pix (hub id or local directory): a batch from `edit_batches` (candidates sharing
+    guidance scales) -> edited image as PNG bytes per candidate.
+
+    Each candidate keeps its own seed (a generator per row draws its initial and ancestral noise). The
+    references are edited at the model's native size (`model_size`), those of one size in one pipeline call,
+    and each edit is resized back to its reference's size, so the triplet's two images match."""
+
+    def __init__(self, model: str, *, steps: int = 20, device: str = "cpu"):
+        # RunInference hands over one batch from edit_batches at a time: its own batching depends on bundle timing
+        super().__init__(min_batch_size=1, max_batch_size=1)
         self.model, self.steps, self.device = model, steps, device
 
     def load_model(self):
@@ -129,26 +155,34 @@ class InstructPix2PixHandler(ModelHandler[dict, bytes, object]):
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device)
 
-    def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
+    def run_inference(self, batch: Sequence[list], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
+        side = model.unet.config.sample_size * model.vae_scale_factor
+        for candidates in batch:
+            refs = [Image.open(io.BytesIO(c["sample"]["image"])).convert("RGB") for c in candidates]
+            by_size: dict[tuple[int, int], list[int]] = {}  # model size -> rows, in the batch's order
+            for i, ref in enumerate(refs):
+                by_size.setdefault(model_size(ref.size, side), []).append(i)
+            edited: dict[int, Image.Image] = {}
+            for size, rows in by_size.items():
+                edited.update(zip(rows, self._edit(model, [candidates[i] for i in rows],
+                                                   [refs[i].resize(size, Image.BICUBIC) for i in rows])))
+            for i, (c, ref) in enumerate(zip(candidates, refs)):
+                buf = io.BytesIO()
+                edited[i].resize(ref.size, Image.BICUBIC).save(buf, format="PNG")
+                yield PredictionResult(c, buf.getvalue(), self.model)
+
+    def _edit(self, model, candidates: list[dict], images: list[Image.Image]) -> list[Image.Image]:
+        """One pipeline call: candidates with the same guidance scales, images of the same size."""
         import torch
 
-        side = model.unet.config.sample_size * model.vae_scale_factor
-        # One pipeline call per candidate: RunInference's batches depend on bundle timing, and the same
-        # candidate denoised inside a different batch comes out with different low bits. The same seed must
-        # give the same target bytes, so batching here is only the model's load and the data transfer.
-        for c in batch:
-            ref = Image.open(io.BytesIO(c["sample"]["image"])).convert("RGB")
-            out = model(prompt=c["instruction"], image=ref.resize(model_size(ref.size, side), Image.BICUBIC),
-                        num_inference_steps=self.steps, guidance_scale=c["guidance"],
-                        image_guidance_scale=c["image_guidance"],
-                        generator=torch.Generator().manual_seed(c["edit_seed"]), output_type="pil")
-            buf = io.BytesIO()
-            out.images[0].resize(ref.size, Image.BICUBIC).save(buf, format="PNG")
-            yield PredictionResult(c, buf.getvalue(), self.model)
+        return model(prompt=[c["instruction"] for c in candidates], image=images, num_inference_steps=self.steps,
+                     guidance_scale=candidates[0]["guidance"], image_guidance_scale=candidates[0]["image_guidance"],
+                     generator=[torch.Generator().manual_seed(c["edit_seed"]) for c in candidates],
+                     output_type="pil").images
 
-    def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(c["sample"]["image"]) for c in batch)
+    def get_num_bytes(self, batch: Sequence[list]) -> int:
+        return sum(len(c["sample"]["image"]) for candidates in batch for c in candidates)
 
 
 def with_target(result) -> dict:

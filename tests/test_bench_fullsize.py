@@ -1,5 +1,5 @@
-"""bench/fullsize.py --tiny: the full-size dry run's own code path (every command of the flow on models built
-from configs and photo-like images without usable captions for a model) end to end at tiny size."""
+"""bench/fullsize.py --tiny: the full-size dry run's own code path (every command of docs/OWN_DATA.md's flow on
+models built from configs and a folder of photo-like images without sidecar captions) end to end at tiny size."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"caption", "caption_sidecar", "synth_low", "synth_high", "stage0", "stage1", "stage2", "eval", "search",
+STEPS = {"caption", "synth_low", "synth_high", "stage0", "stage1", "stage2", "eval", "search",
          "search_query"}
 
 
@@ -28,8 +30,11 @@ def test_fullsize_dry_run_passes_every_step_at_tiny_size(tmp_path):
     assert steps["caption"]["params"] == models["blip"]["params"] + models["clip"]["params"]
     assert steps["synth_high"]["params"] == models["ip2p"]["params"] + models["clip"]["params"]
     # each step made what the next one reads: the model's captions, LLM-written texts, edits, exports, metrics
-    model_captions = json.loads((work / "captions_model" / "dataset.json").read_text())
+    assert not list((work / "images").glob("*.txt"))  # no sidecar captions: every step reads the model's
+    model_captions = json.loads((work / "captions" / "dataset.json").read_text())
     assert model_captions["config"]["captioner"] == models["blip"]["path"]
+    captions = pq.read_table(work / "captions" / "index.parquet").column("caption").to_pylist()
+    assert len(set(captions)) > len(captions) // 2  # the captioner's words follow its image: pairs to mine
     for kind in ("low", "high"):
         assert json.loads((work / kind / "stats.json").read_text())["written"] > 0
     low_card = json.loads((work / "low" / "dataset.json").read_text())

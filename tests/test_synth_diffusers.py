@@ -178,16 +178,84 @@ def test_the_editor_works_at_its_models_size_and_returns_the_references():
     assert model_size((64, 48), 32) == (32, 24)
     seen = []
 
-    def pipeline(image, **kwargs):  # stands in for diffusers' pipeline: records what it was given
-        seen.append(image.size)
-        return SimpleNamespace(images=[image.copy()])
+    def pipeline(image, prompt, generator, **kwargs):  # stands in for diffusers' pipeline: records its inputs
+        assert len(image) == len(prompt) == len(generator)
+        seen.append([im.size for im in image])
+        return SimpleNamespace(images=[im.copy() for im in image])
 
     pipeline.unet = SimpleNamespace(config=SimpleNamespace(sample_size=64))
     pipeline.vae_scale_factor = 8
-    buf = io.BytesIO()
-    Image.new("RGB", (1000, 640), "red").save(buf, format="JPEG")
-    candidate = {"sample": {"image": buf.getvalue()}, "instruction": "make it blue", "guidance": 7.5,
-                 "image_guidance": 1.5, "edit_seed": 1}
-    [result] = InstructPix2PixHandler("m", steps=2).run_inference([candidate], pipeline)
-    assert seen == [(512, 328)]
-    assert Image.open(io.BytesIO(result.inference)).size == (1000, 640)
+
+    def candidate(size, seed):
+        buf = io.BytesIO()
+        Image.new("RGB", size, "red").save(buf, format="JPEG")
+        return {"sample": {"image": buf.getvalue()}, "instruction": "make it blue", "guidance": 7.5,
+                "image_guidance": 1.5, "edit_seed": seed}
+
+    # one batch: two references of one model size edited in one call, the third in its own
+    results = list(InstructPix2PixHandler("m", steps=2).run_inference(
+        [[candidate((1000, 640), 1), candidate((500, 320), 2), candidate((640, 640), 3)]], pipeline))
+    assert seen == [[(512, 328), (512, 328)], [(512, 512)]]
+    assert [Image.open(io.BytesIO(r.inference)).size for r in results] == [(1000, 640), (500, 320), (640, 640)]
+    assert [r.example["edit_seed"] for r in results] == [1, 2, 3]
+
+
+def test_edit_batches_are_fixed_by_the_data():
+    """Candidates sharing guidance scales in a shard are cut into batches of at most --batch-size in an order of
+    their own (reference size, source, candidate number): whatever order they arrive in, the same batches."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from synth.editing import batch_group, edit_batches
+
+    def png(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size).save(buf, format="PNG")
+        return buf.getvalue()
+
+    images = {"a": png((32, 24)), "b": png((24, 32)), "c": png((32, 24)), "d": png((32, 24))}
+    candidates = [{"source_key": k, "candidate": i, "sample": {"image": images[k], "shard": 0}, "guidance": 7.5,
+                   "image_guidance": 1.5} for k in images for i in range(2)]
+    key = batch_group(candidates[0])[0]
+    assert key == (0, 7.5, 1.5) and {batch_group(c)[0] for c in candidates} == {key}
+    batches = list(edit_batches((key, candidates), 3))
+    assert [[(c["source_key"], c["candidate"]) for c in b] for b in batches] == [
+        [("b", 0), ("b", 1), ("a", 0)], [("a", 1), ("c", 0), ("c", 1)], [("d", 0), ("d", 1)]]
+    for seed in range(5):
+        shuffled = random.Random(seed).sample(candidates, len(candidates))
+        assert list(edit_batches((key, shuffled), 3)) == batches
+
+
+def test_a_batched_edit_is_each_candidates_own(tiny_ip2p):
+    """Each row of a batched call draws its noise from its own seed: a candidate edited beside others comes out
+    as when edited alone (up to the batched kernels' rounding), and two seeds give two different edits."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from synth.editing import InstructPix2PixHandler
+
+    handler = InstructPix2PixHandler(str(tiny_ip2p), steps=2)
+    model = handler.load_model()
+    rng = np.random.default_rng(0)
+
+    def candidate(seed, text):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return {"sample": {"image": buf.getvalue()}, "instruction": text, "guidance": 7.5, "image_guidance": 1.5,
+                "edit_seed": seed}
+
+    batch = [candidate(1, "make it blue"), candidate(2, "add a dog"), candidate(3, "make it night")]
+
+    def pixels(results):
+        return [np.asarray(Image.open(io.BytesIO(r.inference)), dtype=np.int16) for r in results]
+
+    together = pixels(handler.run_inference([batch], model))
+    alone = [pixels(handler.run_inference([[c]], model))[0] for c in batch]
+    for t, a in zip(together, alone):
+        assert t.shape == (48, 64, 3) and np.abs(t - a).max() <= 2
+    again = pixels(handler.run_inference([[{**batch[0], "edit_seed": 9}]], model))[0]
+    assert np.abs(again - alone[0]).mean() > 5

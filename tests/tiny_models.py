@@ -35,15 +35,18 @@ def _word_tokenizer(out: Path, size: int = 0, **kwargs):
 # Model configs as data: the tiny defaults below; bench/fullsize.py passes the real architectures' (BLIP-base,
 # Stable Diffusion 1.5's UNet/VAE/text encoder, Qwen2-0.5B) to the same builders.
 TINY_BLIP = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "image_size": 32, "patch_size": 8, "projection_dim": 32},
+                        "image_size": 32, "patch_size": 8, "projection_dim": 32, "initializer_range": 0.02},
              "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                       "encoder_hidden_size": 32, "max_position_embeddings": 64},
-             "projection_dim": 32, "vocab_size": 0}  # 0: the tiny words only
+             "projection_dim": 32, "vocab_size": 0,  # 0: the tiny words only
+             # BLIP's vision initializer_range (1e-10) makes a random tower's output the same for every image;
+             # image_gain scales the decoder's cross-attention, so that a random captioner's words depend on the image
+             "image_gain": 5.0}
 
 
 def make_tiny_blip(out: Path, seed: int = 0, config: dict = TINY_BLIP) -> Path:
-    """A random BLIP captioner (1 layer, 40 words by default), loadable by transformers' image-text-to-text
-    pipeline."""
+    """A random BLIP captioner (1 layer, 40 words by default) whose captions differ with the image (config's
+    comments), loadable by transformers' image-text-to-text pipeline."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
     from transformers.models.blip.configuration_blip import BlipTextConfig, BlipVisionConfig
@@ -56,6 +59,10 @@ def make_tiny_blip(out: Path, seed: int = 0, config: dict = TINY_BLIP) -> Path:
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                                     projection_dim=config["projection_dim"]))
+    with torch.no_grad():  # a random decoder hardly hears its cross-attention: amplified, captions follow the image
+        for layer in model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.value.weight.mul_(config.get("image_gain", 1.0))
+            layer.crossattention.output.dense.weight.mul_(config.get("image_gain", 1.0))
     model.save_pretrained(out)
     side = vision.image_size
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": side, "width": side}),
