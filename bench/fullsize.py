@@ -193,8 +193,10 @@ def commands(work: Path, models: dict, size: dict, device: str = "cpu") -> dict[
                       "--quality", "low", "--llm", m["llm"], "--batch-size", *batch, "--band-low", "-1",
                       "--band-high", "1"],
         "synth_high": [py, "beam_runner.py", "synth", "--input", str(captions), "--output", str(work / "high"),
-                       "--quality", "high", "--editor", m["ip2p"], "--clip", m["clip"], "--num-triplets",
-                       str(size["edits"]), "--samples-per-source", "1", "--steps", str(size["denoise_steps"]),
+                       # one source's edits share their guidance scales: one batched call edits them all
+                       "--quality", "high", "--editor", m["ip2p"], "--clip", m["clip"], "--num-triplets", "1",
+                       "--samples-per-source", str(size["edits"]), "--keep-per-source", str(size["edits"]),
+                       "--text-guidance", "7.5", "--image-guidance", "1.5", "--steps", str(size["denoise_steps"]),
                        "--batch-size", *batch, "--swap-low", "-1", "--swap-high", "1", "--min-image-image", "-1",
                        "--min-caption-image", "-1", "--min-directional", "-1"],
         "stage0": [py, "train/stage0.py", "--config", str(recipe / "stage0.yaml"), f"output_dir={work / 'stage0'}",

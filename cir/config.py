@@ -202,19 +202,20 @@ def _flag(name: str) -> str:
 def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
     """One flag per field of a flat dataclass (`shard_size` -> `--shard-size`), typed by its annotation, with
     the field's default, and `help` and `choices` from its ranged() metadata; fields without a default and those
-    in `required` are required flags; a bool field is `--name` / `--no-name`, a list[str] one `--name A B`. Read
+    in `required` are required flags; a bool field is `--name` / `--no-name`, a list[str] or list[float] one `--name A B`. Read
     the values back with from_args, which checks the ranges."""
-    for f in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})  # a config's own flags first, then those of its bases
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         tp = _field_type(cls, f.name)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
             typing.Union, types.UnionType) else [tp]
         kwargs: dict = {"help": f.metadata.get("help")}
-        if typing.get_origin(inner[0]) is list and typing.get_args(inner[0]) == (str,):
+        if typing.get_origin(inner[0]) is list and typing.get_args(inner[0]) in ((str,), (float,)):
             kwargs["nargs"] = "+"  # `--name A B ...`
-            inner = [str]
+            inner = list(typing.get_args(inner[0]))
         if inner[0] not in (int, float, str, bool):
-            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float, str, bool and "
-                            f"list[str] fields only")
+            raise TypeError(f"{cls.__name__}.{f.name}: add_arguments makes flags of int, float, str, bool, "
+                            f"list[str] and list[float] fields only")
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if inner[0] is bool:

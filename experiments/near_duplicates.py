@@ -1,10 +1,12 @@
 """Does the caption job find benchmark images planted among its inputs, and what else does it drop?
 
     python experiments/near_duplicates.py --world runs/demo/toy --out runs/near_duplicates [--planted 300]
+        [--split test1|dev] [caption flags: --near-dup-tolerance 48 ...]
 
-Copies of --planted images of the world's toy CIRR test1 split (a third each resized to 90%, re-encoded as JPEG
+Copies of --planted images of the world's toy CIRR --split (test1; dev to choose thresholds on) (a third each resized to 90%, re-encoded as JPEG
 quality 75, cropped by 5% of the side: 2.5% off each edge) are put among the world's training images (the
-demo's world has 2,000), and `beam_runner.py caption --exclude {cirr/test1}` runs on them with its defaults.
+demo's world has 2,000), and `beam_runner.py caption --exclude {cirr/SPLIT}` runs on them with its defaults (or
+the caption flags given after the experiment's own).
 From failed.parquet and the world's scenes (toy ground truth) it counts:
 
 - recall: planted copies dropped as `excluded` (by kind of copy);
@@ -52,7 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--world", required=True, help="a toy world folder (images/, bench/cirr/)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--planted", type=int, default=300)
-    args = ap.parse_args(argv)
+    ap.add_argument("--split", default="test1", choices=("test1", "dev"), help="the CIRR split copied and excluded")
+    args, caption_flags = ap.parse_known_args(argv)
     world, out = Path(args.world), Path(args.out)
     bench = world / "bench" / "cirr"
     scenes = json.loads((bench / "toy_scenes.json").read_text())
@@ -65,7 +68,7 @@ def main(argv=None) -> dict:
         shutil.copy(img, inputs / img.name)
         shutil.copy(img.with_suffix(".txt"), inputs / f"{img.stem}.txt")
         truth[img.name] = json.loads(img.with_suffix(".json").read_text())["key"]  # toyworld's Scene.key
-    test = sorted(p for p in (bench / "test1").iterdir() if p.suffix in (".jpg", ".png"))
+    test = sorted(p for p in (bench / args.split).iterdir() if p.suffix in (".jpg", ".png"))
     step = max(1, len(test) // args.planted)
     planted = {}  # planted file name -> (kind, source file)
     for i, src in enumerate(test[::step][:args.planted]):
@@ -74,8 +77,8 @@ def main(argv=None) -> dict:
         copy_of(Image.open(src).convert("RGB"), kind).save(inputs / name, quality=95)
         (inputs / f"planted_{i:04d}_{kind}.txt").write_text("a planted copy\n")
         planted[name] = (kind, str(src))
-    stats = caption.run(["--input", str(inputs), "--output", str(out / "captions"), "--exclude", str(bench / "test1")],
-                        save_main_session=False)
+    stats = caption.run(["--input", str(inputs), "--output", str(out / "captions"), "--exclude", str(bench / args.split),
+                         *caption_flags], save_main_session=False)
     failed = pq.read_table(out / "captions" / "failed.parquet").to_pylist()
     index = pq.read_table(out / "captions" / "index.parquet").to_pylist()
     source_of_key = {row["key"]: Path(row["source"]).name for row in index}
@@ -98,7 +101,8 @@ def main(argv=None) -> dict:
             elif kept is not None:
                 near["same_scene" if truth[kept] == truth[name] else "other_scene"] += 1
     per_kind = len(planted) // len(KINDS)
-    result = {"training_images": len(truth), "planted": len(planted), "excluded_folder_images": len(test),
+    result = {"split": args.split, "caption_flags": caption_flags,
+              "training_images": len(truth), "planted": len(planted), "excluded_folder_images": len(test),
               "recall": {k: round(found[k] / per_kind, 4) for k in KINDS},
               "recall_all": round(sum(found.values()) / len(planted), 4),
               "excluded_training": excluded_train,
@@ -108,8 +112,8 @@ def main(argv=None) -> dict:
               "stats": {k: stats[k] for k in ("written", "failed", "failed_by_reason", "seconds")}}
     (out / "near_duplicates.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# Planted benchmark copies among {len(truth)} toy training images", "",
-          f"{len(planted)} copies of toy CIRR test1 images ({per_kind} per kind), `caption --exclude` its "
-          f"{len(test)} images, defaults otherwise.", "",
+          f"{len(planted)} copies of toy CIRR {args.split} images ({per_kind} per kind), `caption --exclude` its "
+          f"{len(test)} images, {' '.join(caption_flags) or 'defaults'}.", "",
           "| | resized 90% | JPEG q75 | cropped 5% | all |", "|---|---|---|---|---|",
           "| recall | " + " | ".join(f"{result['recall'][k]:.3f}" for k in KINDS) + f" | {result['recall_all']:.3f} |",
           "", f"Training images excluded: {excluded_train['same_scene']} of the matched file's scene, "

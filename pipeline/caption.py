@@ -29,15 +29,16 @@ from cir.config import add_arguments, from_args, ranged
 from pipeline import jobs, neardup
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, prepare_image
 from pipeline.sources import (EXPECTED, FAILED, RECORDS, ReadInputs, check_has_inputs, check_has_sidecars,
-                              input_fingerprint, is_image, list_inputs)
+                              input_fingerprint, list_inputs)
 
 LOG = logging.getLogger("pipeline.caption")
 KIND = "caption"
 
 
 @dataclass
-class CaptionConfig:
-    """The caption job's settings; each field is also its flag (cir.config.add_arguments: `--max-new-tokens`)."""
+class CaptionConfig(neardup.ExcludeConfig):
+    """The caption job's settings; each field is also its flag (cir.config.add_arguments: `--max-new-tokens`);
+    --exclude and the near-duplicate thresholds come from neardup.ExcludeConfig."""
     input: str = ranged("", help="directory, glob, *.tar shards or a parquet of paths")
     output: str = ranged("", help="dataset directory (local path or gs://...)")
     captioner: str = ranged("sidecar", help="'sidecar' (the images' own .txt/.json captions) or a Hugging Face "
@@ -63,12 +64,6 @@ class CaptionConfig:
     caption_column: str = ranged("caption", help="parquet input: the column of captions (optional)")
     near_duplicates: bool = ranged(True, help="drop an image when a near-duplicate of it (resized, re-encoded, "
                                               "lightly cropped or recoloured) ranks before it (pipeline/neardup.py)")
-    exclude: list[str] = ranged([], help="folders or globs of images (a benchmark's) whose exact or near "
-                                           "duplicates are dropped from the input")
-    near_dup_bits: int = ranged(12, min=0, max=64, help="near-duplicate candidates: difference hashes within "
-                                                        "this many of 64 bits")
-    near_dup_pixels: int = ranged(2, min=0, help="near-duplicates: at most this many of a 64x64 thumbnail's "
-                                                 "pixels without a match in the other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,9 +318,7 @@ class Screen(beam.PTransform):
         fps = prepared | "Fingerprints" >> beam.Map(lambda s: (s["key"], s["fp"], neardup.rank(s)))
         found = []
         if cfg.exclude:
-            table = (pipeline | "ExcludedFiles" >> beam.Create(self.excluded_files)
-                     | "HashExcluded" >> beam.Map(neardup.file_entry) | "Readable" >> beam.Filter(bool)
-                     | "ExcludedTable" >> beam.combiners.ToList() | "Index" >> beam.Map(neardup.hash_table))
+            table = pipeline | "ExcludedFiles" >> beam.Create(self.excluded_files) | neardup.ExcludedTable()
             found.append(fps | "KeyFp" >> beam.Map(lambda e: (e[0], e[1]))
                          | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels),
                                                          beam.pvalue.AsSingleton(table))
@@ -363,7 +356,7 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optiona
     listing (no bytes), each image goes to shard_of(its content key), so copies of the same bytes meet in one
     shard group, where one is kept (jobs.keep_one_per_key). Only keys cross the other groupings.
     listing: the launcher's list_inputs(cfg.input), read instead of listing a local input again;
-    excluded_files: the images of the --exclude folders (excluded_images)."""
+    excluded_files: the images of the --exclude folders (neardup.excluded_images)."""
     read = p | "Read" >> ReadInputs(cfg.input, cfg.path_column, cfg.caption_column, listing,
                                     scratch=ds.join(cfg.output, ds.SHARD_DIR))  # finalize removes its temp file
     prepared = (read[RECORDS] | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=64)
@@ -387,18 +380,6 @@ def build(p: beam.Pipeline, cfg: CaptionConfig, started: float, listing: Optiona
             | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
                                        beam.pvalue.AsList(early_failed), beam.pvalue.AsSingleton(inputs),
                                        beam.pvalue.AsSingleton(skipped_duplicates)))
-
-
-def excluded_images(folders: list[str]) -> dict:
-    """path -> file metadata of every image under the --exclude folders or globs; one without images is an error
-    (a typo would silently exclude nothing)."""
-    found = {}
-    for folder in folders:
-        images = {path: meta for path, meta in list_inputs(folder).items() if is_image(path)}
-        if not images:
-            raise ValueError(f"--exclude {folder}: no image files there (jpg, png, webp, ...)")
-        found.update(images)
-    return found
 
 
 def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_pipeline=None) -> dict:
@@ -427,7 +408,7 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
         check_has_inputs(cfg.input, listing)
         if cfg.captioner == "sidecar":
             check_has_sidecars(cfg.input, listing)
-        excluded = excluded_images(cfg.exclude)
+        excluded = neardup.excluded_images(cfg.exclude)
     except ValueError as err:
         parser.error(str(err))
     card = {"kind": KIND, "config": asdict(cfg),

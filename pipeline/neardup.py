@@ -27,6 +27,9 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image
 
+from cir.config import ranged
+from pipeline import sources
+
 THUMB = 64  # side of the comparison thumbnail (RGB, 12 KiB)
 ZOOMS = (1.0, 1.03, 1.06, 1.1)  # centre zooms tried: a crop of up to ~10% of each side's length
 TOLERANCE = 64  # a pixel matches when every channel is within this (of 255): JPEG noise, a light recolour
@@ -36,6 +39,18 @@ SHIFT = 1  # and it may match a neighbour this many pixels away: resampling
 # often differ little on average but much where an object differs.
 MEAN_COLOURS = 12.0  # the average difference, at most
 MAX_CELL = 80.0  # the largest difference, at most
+
+
+@dataclass
+class ExcludeConfig:
+    """The settings of --exclude and of near-duplicate matching, shared by the caption and synth jobs (their
+    configs extend it)."""
+    exclude: list[str] = ranged([], help="folders or globs of images (a benchmark's) whose exact or near "
+                                         "duplicates are dropped from the input")
+    near_dup_bits: int = ranged(12, min=0, max=64, help="near-duplicate candidates: difference hashes within "
+                                                        "this many of 64 bits")
+    near_dup_pixels: int = ranged(2, min=0, help="near-duplicates: at most this many of a 64x64 thumbnail's "
+                                                 "pixels without a match in the other")
 
 
 @dataclass(frozen=True)
@@ -191,15 +206,30 @@ class MatchExcluded(beam.DoFn):
     def setup(self):
         self.picture = lru_cache(maxsize=4096)(_file_picture)
 
-    def process(self, item: tuple, table: dict) -> Iterator[tuple]:
-        key, fp = item
+    def match(self, fp: Fingerprint, table: dict) -> Optional[str]:
+        """The first excluded file (by path) that `fp` duplicates, or None."""
         picture = None
         for i in near_rows(fp, table, self.bits):
             path = table["names"][i]
             picture = picture or Picture(fp.thumb)
             if same_picture(picture, self.picture(path), self.pixels):
-                yield key, path
-                return
+                return path
+        return None
+
+    def process(self, item: tuple, table: dict) -> Iterator[tuple]:
+        key, fp = item
+        path = self.match(fp, table)
+        if path is not None:
+            yield key, path
+
+
+class ExcludedTable(beam.PTransform):
+    """The images of the --exclude folders (paths) -> a one-element PCollection: their hash_table, the side
+    input MatchExcluded reads. Files that are not readable images are left out (they cannot match)."""
+
+    def expand(self, paths):
+        return (paths | "HashExcluded" >> beam.Map(file_entry) | "Readable" >> beam.Filter(bool)
+                | "AsList" >> beam.combiners.ToList() | "Index" >> beam.Map(hash_table))
 
 
 def _file_fingerprint(path: str) -> Fingerprint:
@@ -224,3 +254,15 @@ def file_entry(path: str) -> Optional[tuple]:
         return table_entry(path, _file_fingerprint(path))
     except (ImageRejected, OSError):  # a reference folder's non-image: it cannot match any input
         return None
+
+
+def excluded_images(folders: list[str]) -> dict:
+    """path -> file metadata of every image under the --exclude folders or globs; one without images is an error
+    (a typo would silently exclude nothing)."""
+    found = {}
+    for folder in folders:
+        images = {path: meta for path, meta in sources.list_inputs(folder).items() if sources.is_image(path)}
+        if not images:
+            raise ValueError(f"--exclude {folder}: no image files there (jpg, png, webp, ...)")
+        found.update(images)
+    return found

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cir.config import ranged
+from pipeline.neardup import ExcludeConfig
 from synth.modtext import SPANS
 
 KNN_MODES = ("auto", "global", "sharded")  # auto: resolved by synth.job.resolve_knn before the job
@@ -33,7 +34,9 @@ def check_prompt(prompt: str, fields: dict[str, str], flag: str = "--llm-prompt"
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(ExcludeConfig):
+    """--exclude and the near-duplicate thresholds (pipeline.neardup.ExcludeConfig): caption samples whose image
+    duplicates an excluded one are dropped before anything is mined or edited."""
     input: str = ranged("", help="caption dataset directory")
     output: str = ranged("", help="triplet dataset directory")
     quality: str = ranged("low", choices=("low", "high"),
@@ -78,6 +81,11 @@ class SynthConfig:
     clip_pretrained: Optional[str] = ranged(None, help="open_clip tag or weights file for --clip")
     samples_per_source: int = ranged(2, min=1, help="edited candidates per source image (seeds and guidance "
                                                     "scales differ)")
+    text_guidance: list[float] = ranged([5.0, 7.5, 10.0], item_gt=0,
+                                        help="InstructPix2Pix text guidance scales each candidate draws one of "
+                                             "(its usual range); candidates that share both scales are edited in "
+                                             "one batch, so one value of each batches every candidate")
+    image_guidance: list[float] = ranged([1.2, 1.5, 1.8], item_gt=0, help="image guidance scales: see --text-guidance")
     keep_per_source: int = ranged(1, min=1, help="best candidates kept per source (by directional similarity)")
     swap_low: float = ranged(0.5, help="keyword swaps need CLIP text similarity in [swap_low, swap_high]")
     swap_high: float = ranged(0.7, help="see --swap-low")

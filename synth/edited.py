@@ -117,8 +117,8 @@ class EditSources(beam.PTransform):
 
         thresholds = {"image_image": cfg.min_image_image, "caption_image": cfg.min_caption_image,
                       "directional": cfg.min_directional}
+        guidance = (cfg.text_guidance, cfg.image_guidance)
         if cfg.caption_edit == "llm":
-            from synth.editing import IMAGE_GUIDANCE, TEXT_GUIDANCE
             from synth.llm import LLMCaptionEdit, LLMHandler, edit_request, provenance
 
             chat = cfg.llm_chat == "on"  # resolved before the job (run)
@@ -128,12 +128,12 @@ class EditSources(beam.PTransform):
             written = provenance(cfg.llm, cfg.llm_edit_prompt, cfg.llm_max_new_tokens, chat)
             candidates = (keyed | "EditRequests" >> beam.Map(edit_request) | "LLMEdit" >> RunInference(writer)
                           | "LLMCaptionEdit" >> beam.ParDo(LLMCaptionEdit(
-                              written, cfg.samples_per_source, cfg.seed, TEXT_GUIDANCE, IMAGE_GUIDANCE))
+                              written, cfg.samples_per_source, cfg.seed, *guidance))
                           .with_outputs(REJECTED, main="candidates"))
         else:
             candidates = keyed | "CaptionEdit" >> beam.ParDo(
                 CaptionEdit(self.vocab, cfg.clip, cfg.clip_pretrained, (cfg.swap_low, cfg.swap_high),
-                            cfg.samples_per_source, cfg.seed, mod_span=cfg.mod_span, device=cfg.device)
+                            cfg.samples_per_source, cfg.seed, guidance, mod_span=cfg.mod_span, device=cfg.device)
             ).with_outputs(REJECTED, main="candidates")
         handler = InstructPix2PixHandler(cfg.editor, steps=cfg.steps, device=cfg.device)
         # candidates sharing guidance scales, grouped per shard, in batches fixed by the data (edit_batches)

@@ -4,7 +4,7 @@
    CLIP text similarity to it lies in a band (default 0.5-0.7: related, not the same); the instruction is
    written from the caption diff by `synth.modtext`. (Or `--caption-edit llm`: a language model writes the
    instruction and the edited caption, `synth.llm.LLMCaptionEdit`.) `samples_per_source` candidates per source, each with
-   its own seed and guidance scales drawn from small grids.
+   its own seed and guidance scales drawn from `--text-guidance` and `--image-guidance`.
 2. `InstructPix2PixHandler`: diffusers' StableDiffusionInstructPix2PixPipeline, through RunInference, on
    batches of candidates that share guidance scales (`batch_group` -> GroupByKey -> `edit_batches`).
 3. `ClipFilter`: InstructPix2Pix / CompoDiff filters: image-image cos >= 0.70, edited caption-image cos >= 0.2,
@@ -32,8 +32,6 @@ STOPWORDS = set("""a an the of on in at to and or with without for from by is ar
 these those there here some any two three four five one very photo picture image close up top front side back
 next near over under into onto while his her their our your my""".split())
 WORD_RE = re.compile(r"[a-z]+")
-TEXT_GUIDANCE = (5.0, 7.5, 10.0)  # InstructPix2Pix's usual range (a grid: few distinct settings to compare)
-IMAGE_GUIDANCE = (1.2, 1.5, 1.8)
 
 
 def vocabulary(captions: Iterable[str], size: int = 2000, min_count: int = 2) -> list[str]:
@@ -55,11 +53,12 @@ class CaptionEdit(beam.DoFn):
     """(key, source sample) -> candidate edits {key, source, caption, edited_caption, instruction, seed, ...}."""
 
     def __init__(self, vocab: list[str], clip: str, clip_pretrained: Optional[str], band: tuple[float, float],
-                 samples_per_source: int, seed: int, max_tries: int = 8, mod_span: str = "words",
-                 device: str = "cpu"):
+                 samples_per_source: int, seed: int, guidance: tuple[list, list], max_tries: int = 8,
+                 mod_span: str = "words", device: str = "cpu"):
         self.vocab, self.clip, self.clip_pretrained, self.device = vocab, clip, clip_pretrained, device
         self.band, self.samples, self.seed, self.max_tries = band, samples_per_source, seed, max_tries
         self.mod_span = mod_span  # synth.modtext: what the instruction names
+        self.guidance = guidance  # (text scales, image scales): each candidate draws one of each
 
     def setup(self):
         from cir.backbone import create_backbone
@@ -91,8 +90,8 @@ class CaptionEdit(beam.DoFn):
         for i in range(self.samples):
             yield {"source_key": key, "sample": sample, "caption": sample["caption"], "edited_caption": edited,
                    "instruction": instruction, "swap": {"from": word, "to": new, "text_similarity": round(sims[new], 4)},
-                   "candidate": i, "edit_seed": rng.randrange(2**31), "guidance": rng.choice(TEXT_GUIDANCE),
-                   "image_guidance": rng.choice(IMAGE_GUIDANCE)}
+                   "candidate": i, "edit_seed": rng.randrange(2**31), "guidance": rng.choice(self.guidance[0]),
+                   "image_guidance": rng.choice(self.guidance[1])}
 
 
 def model_size(size: tuple[int, int], side: int) -> tuple[int, int]:

@@ -29,7 +29,9 @@ import numpy as np
 from cir import dataset as ds
 from cir import schema
 from cir.config import add_arguments, from_args
-from pipeline import jobs
+from pipeline import jobs, neardup
+from pipeline.images import ImageRejected, prepare_image
+from pipeline.sources import input_fingerprint
 from synth.config import EDIT_FIELDS, MODTEXT_FIELDS, SynthConfig, check_prompt
 from synth.edited import EditSources, PickSources
 from synth.knn import NeighbourGraph
@@ -52,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 class ReadCaptionShard(beam.DoFn):
     """A caption shard -> (key, sample): caption, embedding (if any), where the image lies in the shard
-    (`where`: path, stamp, offset, size) and, when the job edits images (`with_bytes`), the image's bytes. A
-    mined triplet's images are read again from `where` where its shard is written (read_images): they cross no
-    grouping."""
+    (`where`: path, stamp, offset, size), when the job edits images (`with_bytes`) the image's bytes, and with
+    `fingerprints` its near-duplicate fingerprint ("fp", for --exclude). A mined triplet's images are read again
+    from `where` where its shard is written (read_images): they cross no grouping."""
 
-    def __init__(self, with_bytes: bool):
-        self.with_bytes = with_bytes
+    def __init__(self, with_bytes: bool, fingerprints: bool = False):
+        self.with_bytes, self.fingerprints = with_bytes, fingerprints
 
     def process(self, path: str) -> Iterator[tuple[str, dict]]:
         stamp = ds.shard_stamp(path)
@@ -69,9 +71,33 @@ class ReadCaptionShard(beam.DoFn):
                                                                      "incomplete_sample", str(err)))
                 continue
             image = sample.image  # with emb and emb_clip (which CLIP made it), carried into the triplets
-            yield sample.key, {"key": sample.key, "image": image.data if self.with_bytes else None,
-                               "where": (path, stamp, *spans[image.ext]), "ext": image.ext,
-                               "caption": sample.caption, "emb": image.emb, "emb_clip": image.emb_clip}
+            fields = {"key": sample.key, "image": image.data if self.with_bytes else None,
+                      "where": (path, stamp, *spans[image.ext]), "ext": image.ext,
+                      "caption": sample.caption, "emb": image.emb, "emb_clip": image.emb_clip}
+            if self.fingerprints:
+                try:
+                    fields["fp"] = neardup.fingerprint(prepare_image(image.data).image)
+                except ImageRejected as err:
+                    yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(f"{path}::{raw['__key__']}", "read",
+                                                                         err.reason, str(err)))
+                    continue
+            yield sample.key, fields
+
+
+class DropExcluded(neardup.MatchExcluded):
+    """(key, sample with "fp") -> (key, sample without it), or a failed row `excluded` naming the file of the
+    --exclude folders its image duplicates: an excluded image is no reference, target or hard negative."""
+
+    def process(self, item: tuple[str, dict], table: dict) -> Iterator:
+        key, sample = item
+        sample = dict(sample)
+        match = self.match(sample.pop("fp"), table)
+        if match is None:
+            yield key, sample
+        else:
+            yield beam.pvalue.TaggedOutput(FAILED, ds.failed_row(key, "exclude", "excluded",
+                                                                 f"an exact or near duplicate of the excluded "
+                                                                 f"image {match}"))
 
 
 def _summary(item: tuple[str, dict]) -> tuple[str, str, Optional[np.ndarray]]:
@@ -179,12 +205,22 @@ def _times(n: int, k: int) -> int:
     return n * k
 
 
-def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[list[str]] = None) -> None:
+def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[list[str]] = None,
+          excluded_files: Optional[list[str]] = None) -> None:
+    """excluded_files: the images of the --exclude folders (pipeline.neardup.excluded_images)."""
     shard_paths = ds.shard_urls(cfg.input)
     read = (p | "ShardPaths" >> beam.Create(shard_paths) | "Reshuffle" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(ReadCaptionShard(with_bytes=cfg.quality == "high"))
+            | "ReadShards" >> beam.ParDo(ReadCaptionShard(with_bytes=cfg.quality == "high",
+                                                          fingerprints=bool(cfg.exclude)))
             .with_outputs(FAILED, main="samples"))
-    samples = read.samples
+    samples, early_failed = read.samples, [read[FAILED]]
+    if cfg.exclude:  # the excluded folders' hashes as a side input (pipeline.neardup)
+        table = p | "ExcludedFiles" >> beam.Create(excluded_files or []) | neardup.ExcludedTable()
+        kept = samples | "DropExcluded" >> beam.ParDo(
+            DropExcluded(cfg.near_dup_bits, cfg.near_dup_pixels), beam.pvalue.AsSingleton(table)).with_outputs(
+            FAILED, main="samples")
+        samples = kept.samples
+        early_failed.append(kept[FAILED])
     shard_args = (cfg.output, cfg.shard_size, cfg.shard_prefix, KIND)
     neighbours = None  # high quality with hard negatives: (image key, its nearest real images)
     scored = None  # the diffusers editor: (shard, filter scores) of every candidate
@@ -232,8 +268,8 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
     written = (by_shard | "GroupByShard" >> jobs.MeasuredCoGroupByKey() | "Assemble" >> beam.Map(_assemble_shard, cfg)
                | "Write" >> beam.ParDo(jobs.WriteShard(cfg.output, cfg.shard_prefix, to_webdataset, index_row,
                                                        LOG.name)))
-    failed = (read[FAILED], edit_failed) | "AllFailed" >> beam.Flatten()
-    n_sources = samples | "CountInputs" >> beam.combiners.Count.Globally()
+    failed = (*early_failed, edit_failed) | "AllFailed" >> beam.Flatten()
+    n_sources = read.samples | "CountInputs" >> beam.combiners.Count.Globally()  # excluded ones included
     n_candidates = candidates | "CountCandidates" >> beam.combiners.Count.Globally()
     _ = (p | "Once" >> beam.Create([None])
          | "Finalize" >> beam.ParDo(Finalize(cfg.output, started), beam.pvalue.AsList(written),
@@ -374,23 +410,26 @@ def run(argv: Optional[list[str]] = None, save_main_session: bool = True, test_p
 
             cfg = replace(cfg, llm_chat="on" if resolve_chat(cfg.llm, cfg.llm_chat) else "off")
         vocab = swap_vocabulary(cfg)
+        excluded = neardup.excluded_images(cfg.exclude)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     options = jobs.pipeline_options(parser, pipeline_args, save_main_session)
     card = {"kind": KIND, "config": asdict(cfg), "quality": cfg.quality, "seed": cfg.seed,
             "command": ["beam_runner.py", "synth", *(argv if argv is not None else sys.argv[1:])],
             "source": ds.read_json(ds.join(cfg.input, "dataset.json")),
-            "inputs": caption_fingerprint(cfg.input),
+            # a rerun on changed --exclude folders is refused like one on a changed input
+            "inputs": {**caption_fingerprint(cfg.input),
+                       **({"excluded": input_fingerprint(excluded)} if excluded else {})},
             "models": {**({"editor": cfg.editor, "clip": cfg.clip, "clip_pretrained": cfg.clip_pretrained}
                           if cfg.quality == "high" else {"mining": "hashed-tfidf + emb.npy"}),
                        **({"llm": cfg.llm} if cfg.llm else {})}}
     try:
-        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input])
+        jobs.prepare_output(cfg.output, card, known.overwrite, [cfg.input, *cfg.exclude])
     except ValueError as err:
         parser.error(str(err))
     except OSError as err:  # a path through a file, no permission, a full disk
         parser.error(f"--output {cfg.output} cannot be written: {err.strerror or err}")
     jobs.progress_logger(LOG.name)
     p = test_pipeline or jobs.new_pipeline(options)
-    build(p, cfg, time.time(), vocab)
+    build(p, cfg, time.time(), vocab, sorted(excluded))
     return jobs.run_and_read_stats(p, cfg.output)

@@ -107,6 +107,12 @@ def test_job_flags_are_their_config_fields(job, capsys):
     text = " ".join(parser.format_help().split())
     assert "(default: 1000)" in text and "(default: part)" in text
     assert text.count("(default: False)") == sum(1 for f in fields if f.default is False)
+    if job == "synth":  # a list[float] field: `--name A B`, each item a number in range
+        assert parser.parse_args([*required, "--text-guidance", "7.5", "5"]).text_guidance == [7.5, 5.0]
+        with pytest.raises(SystemExit) as exit_:
+            run([*required, "--image-guidance", "1.5", "0"])
+        assert exit_.value.code == 2 and "--image-guidance: every item must be greater than 0" in \
+            capsys.readouterr().err
 
 
 def test_a_config_file_missing_a_required_key_is_named(tmp_path):

@@ -131,6 +131,47 @@ def test_rerun_writes_nothing_twice(low, toy_captions):
     assert stats["shards_written_this_run"] == 0 and stats["written"] == first["written"]
 
 
+def test_exclude_drops_copies_of_benchmark_images_before_mining(low, toy_world, toy_captions, tmp_path, capsys):
+    """synth --exclude (a caption dataset made without it): a sample whose image is a copy of an image under the
+    folders (resized 90%, JPEG q85) is a failed row `excluded` naming the file, and is no triplet's reference,
+    target or hard negative; the rest is mined as before; a rerun writes nothing twice."""
+    from PIL import Image
+
+    src = toy_captions[0]
+    key_of = {Path(r["source"]).name: r["key"] for r in pq.read_table(src / "index.parquet").to_pylist()}
+    used = {k for t in triplets(low[0]) for k in (json.loads(t["json"])["ref_key"], json.loads(t["json"])["tgt_key"])}
+    names = sorted(n for n, k in key_of.items() if k in used)[:3]  # images the unscreened run mined
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in names:
+        img = Image.open(toy_world / "images" / name).convert("RGB")
+        img.resize((img.width * 9 // 10, img.height * 9 // 10), Image.Resampling.BICUBIC).save(
+            bench / f"copy-{Path(name).stem}.jpg", quality=85)
+    mine = ["--input", str(src), "--quality", "low", "--image-weight", "0", "--band-low", "0.3", "--seed", "1", *BEAM]
+    args = [*mine, "--exclude", str(bench)]
+    out = tmp_path / "low"
+    stats = run(["--output", str(out), *args])
+    excluded = {key_of[n] for n in names}
+    assert stats["failed_by_reason"] == {"excluded": 3} and stats["inputs"] == 48 and stats["written"] > 10
+    failed = pq.read_table(out / "failed.parquet").to_pylist()
+    assert {r["source"] for r in failed} == excluded and {r["reason"] for r in failed} == {"excluded"}
+    for row in failed:
+        name = next(n for n in names if key_of[n] == row["source"])
+        assert str(bench / f"copy-{Path(name).stem}.jpg") in row["error"]
+    for t in triplets(out):
+        meta = json.loads(t["json"])
+        assert not {meta["ref_key"], meta["tgt_key"], *meta["hard_negatives"]} & excluded
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["inputs"]["excluded"]["files"] == 3 and "excluded 3" in (out / "README.md").read_text()
+    again = run(["--output", str(out), *args])
+    assert again["shards_written_this_run"] == 0 and again["written"] == stats["written"]
+    assert len(pq.read_table(out / "failed.parquet")) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run(["--output", str(tmp_path / "o"), *mine, "--exclude", str(tmp_path / "empty")])
+    assert exit_.value.code == 2 and "no image files there" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def embedded_captions(toy_world, tiny_clip_dir, tmp_path_factory) -> Path:
     from pipeline.caption import run as caption

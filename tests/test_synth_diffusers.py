@@ -33,6 +33,7 @@ def test_instruct_pix2pix_with_clip_filters(toy_captions, tiny_ip2p, tiny_clip_d
     threshold = float(np.median(scores))
     for t in rows:
         meta = json.loads(t["json"])
+        assert meta["provenance"]["guidance"] in (5, 7.5, 10) and meta["provenance"]["image_guidance"] in (1.2, 1.5, 1.8)
         swap = meta["provenance"]["swap"]
         assert meta["ref_caption"] != meta["tgt_caption"]
         assert re.sub(rf"\b{swap['from']}\b", swap["to"], meta["ref_caption"], count=1, flags=re.I) == meta["tgt_caption"]
@@ -116,11 +117,14 @@ def test_llm_caption_edits_feed_the_editor(toy_captions, tiny_ip2p, tiny_clip_di
 
     monkeypatch.setattr(llm.CausalGenerator, "__call__", answer)
     out = tmp_path / "edited"
-    stats = run(["--output", str(out), *model])
+    stats = run(["--output", str(out), *model, "--text-guidance", "6", "--image-guidance", "1.3"])
     rows = triplets(out)
     assert stats["written"] == len(rows) == 6
+    # one pair of scales: every candidate of a shard is edited in a batch of --batch-size (4 by default)
+    assert stats["shuffle_bytes"]["GroupByGuidance"] > 0
     for t in rows:
         meta = json.loads(t["json"])
+        assert (meta["provenance"]["guidance"], meta["provenance"]["image_guidance"]) == (6.0, 1.3)
         assert meta["tgt_caption"] == meta["ref_caption"] + " on a red background"
         assert t["mod.txt"].decode() == "put it on a red background" and "mod_template" not in meta
         assert meta["provenance"]["llm_edit"]["model"] == str(tiny_causal_lm) and "swap" not in meta["provenance"]
