@@ -46,6 +46,10 @@ from toyworld.edits import PHRASINGS
 
 STAGES = ("baseline", "stage1", "stage2")
 SOURCES = ("low", "high", "mix", "coarse")
+# the caption data a row's stage 0 CLIP and stage I mapping learn from: the world's training images, the same with
+# copies of the `leak` benchmarks' report-split images among them, or those through `caption --exclude`
+CAPTIONS = ("world", "leaked", "leaked-excluded")
+LEAK_KINDS = ("resize90", "jpeg75", "crop5")  # how a leaked copy differs from the benchmark's file, in turn
 INTERVALS = ("seed-level", "seeds", "queries")  # ClaimsConfig.interval
 
 
@@ -64,6 +68,9 @@ class RowSpec:
     # stage I/II rows: train with seed + this, on the same stage 0 CLIP as the seed: the same row again with other
     # training seeds (an A/A pair, whose comparison must not hold)
     seed_offset: int = 0
+    # baseline and stage I rows: the caption data (CAPTIONS) of their stage 0 CLIP and of stage I (issue 43: what
+    # training on a benchmark's own images does, and whether --exclude undoes it); stage II rows take their init's
+    captions: str = "world"
 
 
 @dataclass
@@ -140,6 +147,10 @@ class ClaimsConfig:
     stage0_overrides: list[str] = field(default_factory=list)
     only: list[str] = field(default_factory=list)  # claim ids to judge, their rows alone trained and evaluated
     # ([]: every claim); e.g. `only=[CTI-IR-1]` on the command line: one claim's verdict without the whole run
+    # benchmarks (of `benchmarks`) whose report-split gallery is copied among the training images of the rows with
+    # captions: leaked or leaked-excluded (each file once: resized 90%, JPEG q75 or cropped 5%, with its scene's
+    # caption, as a web crawl holds a benchmark's images)
+    leak: list[str] = field(default_factory=list)
     benchmarks: dict[str, BenchSpec] = field(default_factory=dict)
     rows: dict[str, RowSpec] = field(default_factory=dict)
     claims: list[ClaimSpec] = field(default_factory=list)
@@ -222,6 +233,12 @@ def load(path: str, overrides: Sequence[str] = ()) -> ClaimsConfig:
                                   f"{row.seed_offset} on a {row.stage} row")
         if row.count and row.data not in SOURCES:
             raise PredictionError(f"rows.{name}.count: only for the synthetic datasets {SOURCES}")
+        if row.captions not in CAPTIONS or (row.captions != "world" and (row.stage == "stage2" or not cfg.leak)):
+            raise PredictionError(f"rows.{name}.captions: one of {CAPTIONS} on baseline and stage1 rows (stage2 "
+                                  f"rows take their init's), the leaked ones with `leak` set; got {row.captions!r}")
+    for name in cfg.leak:
+        if name not in benches:
+            raise PredictionError(f"leak: no benchmark named {name!r} (have {sorted(benches)})")
     for claim in claims:
         for name in [*claim.better, *claim.than]:
             if name not in rows:
@@ -279,8 +296,22 @@ def definitions(cfg: ClaimsConfig) -> dict[str, dict]:
     low = {"world": world, "seed": cfg.world_seed}
     high = {"world": world, "seed": cfg.world_seed, "triplets": cfg.hq_triplets}
     coarse = {**high, "coarse_fraction": cfg.coarse_fraction}
+    leak = {name: {**cfg.benchmarks[name].definition(), "split": cfg.benchmarks[name].split or cfg.split}
+            for name in cfg.leak}
     return {"world": world, "captions": {"world": world}, "low": low, "high": high, "mix": {"low": low, "high": high},
-            "coarse": coarse}
+            "coarse": coarse, "captions-leaked": {"world": world, "leak": leak, "kinds": list(LEAK_KINDS)},
+            "captions-leaked-excluded": {"world": world, "leak": leak, "kinds": list(LEAK_KINDS), "exclude": True}}
+
+
+def captions_key(variant: str) -> str:
+    """prepare's paths (and definitions) key of a caption data variant (CAPTIONS)."""
+    return "captions" if variant == "world" else f"captions-{variant}"
+
+
+def row_captions(cfg: ClaimsConfig, name: str) -> str:
+    """The caption data behind a row's CLIP and stage I: its own, or its stage I init's for a stage II row."""
+    row = cfg.rows[name]
+    return row_captions(cfg, row.init) if row.stage == "stage2" else row.captions
 
 
 def clip_seed(cfg: ClaimsConfig, seed: int) -> int:
@@ -288,11 +319,14 @@ def clip_seed(cfg: ClaimsConfig, seed: int) -> int:
     return seed if cfg.clip_per_seed else cfg.world_seed
 
 
-def stage0_definition(cfg: ClaimsConfig, seed: int) -> dict:
-    """What the stage 0 CLIP behind training seed `seed` is made from: with the CLIP it starts from (init_from,
-    the pretrained toy CLIP) named by its weights, so new pretrained weights retrain every step."""
+def stage0_definition(cfg: ClaimsConfig, seed: int, captions: str = "world") -> dict:
+    """What the stage 0 CLIP behind training seed `seed` (trained on the `captions` variant) is made from: with
+    the CLIP it starts from (init_from, the pretrained toy CLIP) named by its weights, so new pretrained weights
+    retrain every step."""
     made = {"world": definitions(cfg)["world"], "config": _digest(cfg.stage0_config), "overrides": cfg.overrides,
             "seed": clip_seed(cfg, seed), "threads": cfg.threads}
+    if captions != "world":  # absent for the world's own: CLIPs made before the field existed stay valid
+        made["captions"] = definitions(cfg)[captions_key(captions)]
     if cfg.stage0_overrides:  # absent when empty: CLIPs made before the field existed keep their definition
         made["stage0_overrides"] = cfg.stage0_overrides
     start = _stage0_start(cfg.stage0_config, (*cfg.overrides, *cfg.stage0_overrides))
@@ -357,6 +391,16 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
                                  str(paths["captions"]), "--shard-size", "500", "--no-near-duplicates", *beam]),
                "caption job")  # every toy image, as the documented verdicts had (docs/reports/NEAR_DUPLICATES.md)
         _stamp(paths["captions"], made_from["captions"])
+    for variant in sorted({row.captions for row in cfg.rows.values()} - {"world"}):
+        key = captions_key(variant)
+        paths[key] = out / "data" / key
+        if not _reusable(paths[key], (paths[key] / "stats.json").is_file(), made_from[key]):
+            _log(f"caption job on the world's images and copies of {', '.join(cfg.leak)}'s ({variant})")
+            inputs, folders = leaked_inputs(cfg, paths, out / "data" / "leaked_inputs")
+            exclude = ["--exclude", *map(str, folders)] if variant == "leaked-excluded" else []
+            _check(beam_runner.main(["caption", "--input", str(inputs), "--output", str(paths[key]), "--shard-size",
+                                     "500", "--no-near-duplicates", *exclude, *beam]), f"{key} caption job")
+            _stamp(paths[key], made_from[key])
     datasets = [("low", "low", []), ("high", "high", ["--num-triplets", str(cfg.hq_triplets)])]
     if any(row.data == "coarse" for row in cfg.rows.values()):  # made only when a row reads it
         datasets.append(("coarse", "high", ["--num-triplets", str(cfg.hq_triplets),
@@ -374,26 +418,76 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
     return paths
 
 
-def _clip_dir(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
-    return paths["stage0"] / f"seed{clip_seed(cfg, seed)}"
+def leaked_inputs(cfg: ClaimsConfig, paths: dict[str, Path], out: Path) -> tuple[Path, list[Path]]:
+    """A folder (made again each time) of the world's training images with their captions and a copy of every
+    report-split gallery image of the `leak` benchmarks (in turn resized to 90%, JPEG q75, cropped 5%: LEAK_KINDS),
+    captioned from its toy scene -> (the folder, the folders those gallery images lie in, for --exclude).
+    Made once (a marker says it is whole): the files a caption job resumes on must not change."""
+    import random
+    import shutil
+
+    from PIL import Image
+
+    from cir.benchmarks import load as load_benchmark
+    from toyworld.scene import Scene, caption
+
+    folders = set()
+    if (out / ".complete").is_file():  # made before (the same every time): a caption job's rerun sees one input
+        for name in cfg.leak:
+            spec = cfg.benchmarks[name]
+            gallery = load_benchmark(spec.benchmark, spec.root(paths), spec.split or cfg.split).gallery
+            folders |= {path.parent for path in gallery.values()}
+        return out, sorted(folders)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for path in (paths["world"] / "images").iterdir():
+        if path.suffix in (".jpg", ".png", ".txt"):
+            shutil.copyfile(path, out / path.name)
+    for name in cfg.leak:
+        spec = cfg.benchmarks[name]
+        root = spec.root(paths)
+        gallery = load_benchmark(spec.benchmark, root, spec.split or cfg.split).gallery
+        scenes = json.loads((root / "toy_scenes.json").read_text(encoding="utf-8"))
+        for i, (image, path) in enumerate(sorted(gallery.items())):
+            kind, stem = LEAK_KINDS[i % len(LEAK_KINDS)], f"leak-{name}-{i:05d}"
+            img = Image.open(path).convert("RGB")
+            w, h = img.size
+            if kind == "resize90":
+                img = img.resize((round(w * 0.9), round(h * 0.9)), Image.Resampling.BICUBIC)
+            elif kind == "crop5":
+                img = img.crop((round(w * 0.025), round(h * 0.025), w - round(w * 0.025), h - round(h * 0.025)))
+            img.save(out / f"{stem}.jpg", quality=75 if kind == "jpeg75" else 95)
+            text = caption(Scene.from_json(scenes[image]), random.Random(f"{cfg.world_seed}:leak:{stem}"))
+            (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+            folders.add(path.parent)
+    (out / ".complete").write_text("")
+    return out, sorted(folders)
 
 
-def clip_done(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> bool:
-    out = _clip_dir(cfg, paths, seed)
-    return _reusable(out, (out / "final" / "open_clip_model.safetensors").is_file(), stage0_definition(cfg, seed))
+def _clip_dir(cfg: ClaimsConfig, paths: dict[str, Path], seed: int, captions: str = "world") -> Path:
+    return paths["stage0"] / f"{'' if captions == 'world' else captions + '-'}seed{clip_seed(cfg, seed)}"
 
 
-def clip(cfg: ClaimsConfig, paths: dict[str, Path], seed: int) -> Path:
-    """The stage 0 CLIP export behind training seed `seed`, trained unless it is there already."""
+def clip_done(cfg: ClaimsConfig, paths: dict[str, Path], seed: int, captions: str = "world") -> bool:
+    out = _clip_dir(cfg, paths, seed, captions)
+    return _reusable(out, (out / "final" / "open_clip_model.safetensors").is_file(),
+                     stage0_definition(cfg, seed, captions))
+
+
+def clip(cfg: ClaimsConfig, paths: dict[str, Path], seed: int, captions: str = "world") -> Path:
+    """The stage 0 CLIP export behind training seed `seed` on the `captions` data, trained unless it is there."""
     from train.stage0 import main as stage0
 
     s = clip_seed(cfg, seed)
-    out = _clip_dir(cfg, paths, seed)
-    if not clip_done(cfg, paths, seed):
-        _log(f"stage 0 seed {s} (the toy CLIP of {'that seed' if cfg.clip_per_seed else 'every row and seed'})")
-        _check(stage0(["--config", cfg.stage0_config, f"output_dir={out}", f"data.train=['{paths['captions']}']",
-                       f"seed={s}", *cfg.overrides, *cfg.stage0_overrides]), f"stage 0 seed {s}")
-        _stamp(out, stage0_definition(cfg, seed))
+    out = _clip_dir(cfg, paths, seed, captions)
+    if not clip_done(cfg, paths, seed, captions):
+        _log(f"stage 0 seed {s} (the toy CLIP of {'that seed' if cfg.clip_per_seed else 'every row and seed'}"
+             f"{'' if captions == 'world' else ', on the ' + captions + ' captions'})")
+        _check(stage0(["--config", cfg.stage0_config, f"output_dir={out}",
+                       f"data.train=['{paths[captions_key(captions)]}']", f"seed={s}", *cfg.overrides,
+                       *cfg.stage0_overrides]), f"stage 0 seed {s}")
+        _stamp(out, stage0_definition(cfg, seed, captions))
     return out / "final"
 
 
@@ -406,12 +500,14 @@ def row_definition(cfg: ClaimsConfig, name: str, seed: int) -> dict:
     """What a row's export for this seed is made from: the row, its training config's contents, the common
     overrides, the seed, and what it starts from and reads (nested definitions)."""
     row, shared = cfg.rows[name], definitions(cfg)
+    captions = row_captions(cfg, name)
     if row.stage == "baseline":
-        return {"baseline": stage0_definition(cfg, seed)}
+        return {"baseline": stage0_definition(cfg, seed, captions)}
     config = cfg.stage1_config if row.stage == "stage1" else cfg.stage2_config
-    made = {"row": {k: v for k, v in asdict(row).items()  # seed_offset left out at 0: older steps stay valid
-                    if k != "text" and not (k == "seed_offset" and v == 0)}, "config": _digest(config),
-            "overrides": _later_stages(cfg.overrides), "seed": seed, "stage0": stage0_definition(cfg, seed)}
+    made = {"row": {k: v for k, v in asdict(row).items()  # defaults left out: older steps stay valid
+                    if k != "text" and not (k == "seed_offset" and v == 0) and not (k == "captions" and v == "world")},
+            "config": _digest(config), "overrides": _later_stages(cfg.overrides), "seed": seed,
+            "stage0": stage0_definition(cfg, seed, captions)}
     if row.stage == "stage2":
         made["init"] = row_definition(cfg, row.init, seed)
         made["data"] = shared[row.data] if row.data in SOURCES else {
@@ -461,7 +557,7 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
 
     row = cfg.rows[name]
     if row.stage == "baseline":
-        return clip(cfg, paths, seed)
+        return clip(cfg, paths, seed, row.captions)
     final = export_dir(cfg, name, seed)
     made_from = row_definition(cfg, name, seed)
     if export_done(cfg, name, seed):
@@ -472,8 +568,8 @@ def export(cfg: ClaimsConfig, paths: dict[str, Path], name: str, seed: int) -> P
     if row.stage == "stage1":
         from train.stage1 import main as stage1
 
-        _check(stage1(["--config", cfg.stage1_config, *common, f"data.train=['{paths['captions']}']",
-                       f"init_from={clip(cfg, paths, seed)}", *row.overrides]), f"{name} seed {seed}")
+        _check(stage1(["--config", cfg.stage1_config, *common, f"data.train=['{paths[captions_key(row.captions)]}']",
+                       f"init_from={clip(cfg, paths, seed, row.captions)}", *row.overrides]), f"{name} seed {seed}")
     else:
         from train.stage2 import main as stage2
 
@@ -541,19 +637,20 @@ def steps(cfg: ClaimsConfig, paths: dict[str, Path], needed: dict[str, list]) ->
     first, then stage I, stage II, evaluations: everything waits on the CLIPs, stage II on stage I."""
     out: dict[str, Step] = {}
 
-    def clip_step(seed: int) -> list[str]:  # [the step that trains the CLIP of this seed], or [] when it is there
-        step = f"stage 0 seed {clip_seed(cfg, seed)}"
-        if step not in out and not clip_done(cfg, paths, seed):
-            out[step] = Step(step, str(_clip_dir(cfg, paths, seed)) + ".log", clip, (cfg, paths, seed), rank=0)
+    def clip_step(seed: int, captions: str) -> list[str]:  # [the step training that CLIP], or [] when it is there
+        step = f"stage 0 seed {clip_seed(cfg, seed)}" + ("" if captions == "world" else f" on {captions}")
+        if step not in out and not clip_done(cfg, paths, seed, captions):
+            out[step] = Step(step, str(_clip_dir(cfg, paths, seed, captions)) + ".log", clip,
+                             (cfg, paths, seed, captions), rank=0)
         return [step] if step in out else []
 
     def train_step(name: str, seed: int) -> list[str]:  # the same for a row's export
         row = cfg.rows[name]
         if row.stage == "baseline":
-            return clip_step(seed)
+            return clip_step(seed, row.captions)
         step = f"train {name} seed {seed}"
         if step not in out and not export_done(cfg, name, seed):
-            after = clip_step(seed) if row.stage == "stage1" else train_step(row.init, seed)
+            after = clip_step(seed, row.captions) if row.stage == "stage1" else train_step(row.init, seed)
             out[step] = Step(step, str(export_dir(cfg, name, seed).parent.parent / "train.log"), export,
                              (cfg, paths, name, seed), tuple(after), rank=1 if row.stage == "stage1" else 2)
         return [step] if step in out else []

@@ -320,7 +320,8 @@ class Screen(beam.PTransform):
         if cfg.exclude:
             table = pipeline | "ExcludedFiles" >> beam.Create(self.excluded_files) | neardup.ExcludedTable()
             found.append(fps | "KeyFp" >> beam.Map(lambda e: (e[0], e[1]))
-                         | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels),
+                         | "MatchExcluded" >> beam.ParDo(neardup.MatchExcluded(cfg.near_dup_bits, cfg.near_dup_pixels,
+                                                                               cfg.near_dup_tolerance),
                                                          beam.pvalue.AsSingleton(table))
                          | "ExcludedDrop" >> beam.Map(lambda kv: (kv[0], ("excluded", kv[1], kv[1]))))
         if cfg.near_duplicates:
@@ -330,7 +331,7 @@ class Screen(beam.PTransform):
                                                        beam.pvalue.AsSingleton(table))
             by_key = fps | "FpByKey" >> beam.Map(lambda e: (e[0], e[1]))
             pairs = ({"fp": by_key, "query": queries} | "JoinCandidates" >> jobs.MeasuredCoGroupByKey()
-                     | "Verify" >> beam.FlatMap(neardup.verify_near, cfg.near_dup_pixels))
+                     | "Verify" >> beam.FlatMap(neardup.verify_near, cfg.near_dup_pixels, cfg.near_dup_tolerance))
             ranks = fps | "RankByKey" >> beam.Map(lambda e: (e[0], e[2]))
             # (key, kept key) -> (key, ("near_duplicate", the kept one's rank, kept key))
             found.append(({"pair": pairs | "ByKept" >> beam.Map(lambda kv: (kv[1], kv[0])), "rank": ranks}

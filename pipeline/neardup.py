@@ -3,8 +3,8 @@
 Two images are near-duplicates when (1) their 64-bit difference hashes (imagehash.dhash) are within `bits` of
 each other and their 8x8 mean colours close (close_colours), the cheap tests that find candidates, and
 (2) `same_picture` confirms it on 64x64 thumbnails: after the better of a few centre zooms (a light crop), every
-pixel of each thumbnail but at most `pixels` has a pixel of the other within one pixel's shift whose colour is
-within TOLERANCE in each channel. The hash alone is not enough: on simple pictures (the toy world's few shapes on
+pixel of each thumbnail but at most `pixels` lies within `tolerance` (TOLERANCE, summed over R, G and B) of the
+colours the other has within one pixel's shift (per channel, their least to their greatest). The hash alone is not enough: on simple pictures (the toy world's few shapes on
 a plain background) distinct images share a hash, and a grayscale hash ignores colour.
 
 The caption job uses it twice (pipeline/caption.py):
@@ -32,7 +32,10 @@ from pipeline import sources
 
 THUMB = 64  # side of the comparison thumbnail (RGB, 12 KiB)
 ZOOMS = (1.0, 1.03, 1.06, 1.1)  # centre zooms tried: a crop of up to ~10% of each side's length
-TOLERANCE = 64  # a pixel matches when every channel is within this (of 255): JPEG noise, a light recolour
+# a pixel matches when its colour is within this of the other's envelope, summed over the three channels (of
+# 3 x 255): JPEG noise, a light recolour. Chosen on toy CIRR dev copies (docs/reports/NEAR_DUPLICATES.md): a sum
+# tells a purple object from a gray ground (10 + 70 + 40 apart) where a per-channel bound of 64 did not.
+TOLERANCE = 96
 SHIFT = 1  # and it may match a neighbour this many pixels away: resampling
 # The cheap first tests, on the 8x8 mean colours (192 values). Toy world copies (resized 90%, JPEG q75, cropped 5%)
 # differ by at most ~5 on average and 75 in any one value; two different toy scenes, mostly plain background,
@@ -51,6 +54,9 @@ class ExcludeConfig:
                                                         "this many of 64 bits")
     near_dup_pixels: int = ranged(2, min=0, help="near-duplicates: at most this many of a 64x64 thumbnail's "
                                                  "pixels without a match in the other")
+    near_dup_tolerance: int = ranged(TOLERANCE, min=0, max=765, help="near-duplicates: a pixel matches one of "
+                                                                     "the other's when their colours are within "
+                                                                     "this, summed over R, G and B")
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,10 @@ def close_colours(many: np.ndarray, one: np.ndarray) -> np.ndarray:
 
 class Picture:
     """A thumbnail made ready to compare: its centre zooms, each with its colour envelope (per channel, the
-    least and greatest value within SHIFT pixels, widened by TOLERANCE), and its 8x8 mean colours."""
+    least and greatest value within SHIFT pixels), the distance from it that still matches (`tolerance`, summed
+    over the channels: _outside), and its 8x8 mean colours."""
 
-    def __init__(self, thumb: bytes):
+    def __init__(self, thumb: bytes, tolerance: int = TOLERANCE):
         pixels = _pixels(thumb)
         self.means = coarse(thumb)
         img = Image.fromarray(pixels)
@@ -112,8 +119,9 @@ class Picture:
                            dtype=np.int16)
             moved = _shifted(a)
             self.zooms.append(a)
-            self.low.append(moved.min(0) - TOLERANCE)
-            self.high.append(moved.max(0) + TOLERANCE)
+            self.low.append(moved.min(0))
+            self.high.append(moved.max(0))
+        self.tolerance = tolerance
 
 
 def _shifted(a: np.ndarray) -> np.ndarray:
@@ -125,9 +133,15 @@ def _shifted(a: np.ndarray) -> np.ndarray:
 
 def _unmatched(a: Picture, i: int, b: Picture, j: int) -> int:
     """Pixels of zoom i of `a` outside zoom j of `b`'s envelope, and the other way; the larger count."""
-    one = ((a.zooms[i] < b.low[j]) | (a.zooms[i] > b.high[j])).any(-1).sum()
-    two = ((b.zooms[j] < a.low[i]) | (b.zooms[j] > a.high[i])).any(-1).sum()
+    one = (_outside(a.zooms[i], b.low[j], b.high[j]) > b.tolerance).sum()
+    two = (_outside(b.zooms[j], a.low[i], a.high[i]) > a.tolerance).sum()
     return int(max(one, two))
+
+
+def _outside(pixels: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[THUMB, THUMB, 3] pixels and an envelope -> [THUMB, THUMB]: how far each pixel's colour lies outside it,
+    summed over the channels (0 inside)."""
+    return (np.maximum(low - pixels, 0) + np.maximum(pixels - high, 0)).sum(-1)
 
 
 def picture_distance(a: Picture, b: Picture) -> int:
@@ -185,33 +199,36 @@ class NearCandidates(beam.DoFn):
                 yield other, (key, fp.thumb)
 
 
-def verify_near(joined: tuple, pixels: int) -> Iterator[tuple]:
+def verify_near(joined: tuple, pixels: int, tolerance: int = TOLERANCE) -> Iterator[tuple]:
     """(candidate key, {"fp": [its Fingerprint], "query": [(key, thumb)]}) -> (key, candidate key) for each query
     that is the same picture as the candidate."""
     candidate, groups = joined
     if not groups["fp"]:
         return
-    picture = Picture(groups["fp"][0].thumb)
+    picture = Picture(groups["fp"][0].thumb, tolerance)
     for key, query_thumb in groups["query"]:
-        if same_picture(Picture(query_thumb), picture, pixels):
+        if same_picture(Picture(query_thumb, tolerance), picture, pixels):
             yield key, candidate
 
 
 class MatchExcluded(beam.DoFn):
     """(key, Fingerprint) -> (key, path) of the first excluded file (by path) it duplicates."""
 
-    def __init__(self, bits: int, pixels: int):
-        self.bits, self.pixels = bits, pixels
+    def __init__(self, bits: int, pixels: int, tolerance: int = TOLERANCE):
+        self.bits, self.pixels, self.tolerance = bits, pixels, tolerance
 
     def setup(self):
-        self.picture = lru_cache(maxsize=4096)(_file_picture)
+        self.picture = lru_cache(maxsize=4096)(self._file_picture)
+
+    def _file_picture(self, path: str) -> Picture:
+        return Picture(_file_fingerprint(path).thumb, self.tolerance)
 
     def match(self, fp: Fingerprint, table: dict) -> Optional[str]:
         """The first excluded file (by path) that `fp` duplicates, or None."""
         picture = None
         for i in near_rows(fp, table, self.bits):
             path = table["names"][i]
-            picture = picture or Picture(fp.thumb)
+            picture = picture or Picture(fp.thumb, self.tolerance)
             if same_picture(picture, self.picture(path), self.pixels):
                 return path
         return None
@@ -239,10 +256,6 @@ def _file_fingerprint(path: str) -> Fingerprint:
     from pipeline.sources import read_stamped
 
     return fingerprint(prepare_image(read_stamped(path)[0]).image)
-
-
-def _file_picture(path: str) -> Picture:
-    return Picture(_file_fingerprint(path).thumb)
 
 
 def file_entry(path: str) -> Optional[tuple]:

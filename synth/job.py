@@ -216,8 +216,8 @@ def build(p: beam.Pipeline, cfg: SynthConfig, started: float, vocab: Optional[li
     samples, early_failed = read.samples, [read[FAILED]]
     if cfg.exclude:  # the excluded folders' hashes as a side input (pipeline.neardup)
         table = p | "ExcludedFiles" >> beam.Create(excluded_files or []) | neardup.ExcludedTable()
-        kept = samples | "DropExcluded" >> beam.ParDo(
-            DropExcluded(cfg.near_dup_bits, cfg.near_dup_pixels), beam.pvalue.AsSingleton(table)).with_outputs(
+        drop = DropExcluded(cfg.near_dup_bits, cfg.near_dup_pixels, cfg.near_dup_tolerance)
+        kept = samples | "DropExcluded" >> beam.ParDo(drop, beam.pvalue.AsSingleton(table)).with_outputs(
             FAILED, main="samples")
         samples = kept.samples
         early_failed.append(kept[FAILED])

@@ -178,6 +178,12 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     bad.write_text("benchmarks: {b: {benchmark: cirr, phrasing: poetic}}\n")
     with pytest.raises(PredictionError, match=r"benchmarks.b.phrasing: one of \('editor', 'held-out'\), got 'poetic'"):
         load(str(bad))
+    bad.write_text("rows: {s: {stage: stage1, captions: leaked}}\n")  # leaked captions need `leak`
+    with pytest.raises(PredictionError, match="rows.s.captions: one of"):
+        load(str(bad))
+    bad.write_text("leak: [nope]\n")
+    with pytest.raises(PredictionError, match="leak: no benchmark named 'nope'"):
+        load(str(bad))
     bad.write_text("report: ../elsewhere\n")  # a file name in output_dir, never a path out of it
     with pytest.raises(PredictionError, match="report: a file name"):
         load(str(bad))
@@ -188,7 +194,7 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
     with pytest.raises(PredictionError, match="numbers >= 0"):
         load(str(bad))
     assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
-    for shipped in ("claims_gems", "claims_glyphs", "mur_diagnosis"):  # and the others (every claim's rows defined)
+    for shipped in ("claims_gems", "claims_glyphs", "claims_leak", "mur_diagnosis"):  # and the others (every claim's rows defined)
         cfg = load(str(ROOT / "experiments" / f"{shipped}.yaml"))
         assert cfg.claims and all(r in cfg.rows for c in cfg.claims for r in (*c.better, *c.than)), shipped
     # key=value overrides of the command line: top-level fields, or dotted into a row; checked as the file is
@@ -229,7 +235,12 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                  "upper": {"stage": "stage2", "data": "toy-shoes"},  # the toy Shoes train split, supervised
                  "coarse": {"stage": "stage2", "data": "coarse", "count": 10},  # HQ with one-to-many texts
                  # CTI-IR's hybrid query: a quoted template through the row's overrides
-                 "hybrid": {"stage": "stage2", "count": 10, "overrides": ["fusion=adaptive", "template='{}'"]}},
+                 "hybrid": {"stage": "stage2", "count": 10, "overrides": ["fusion=adaptive", "template='{}'"]},
+                 # issue 43: copies of toy CIRR's test images among the training images, and the same screened
+                 "leaked": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"], "captions": "leaked"},
+                 "screened": {"stage": "stage1", "overrides": ["mapping.num_tokens=1"],
+                              "captions": "leaked-excluded"}},
+        "leak": ["toy-cirr"],
         "claims": [{"id": "T-1", "text": "stage II beats stage I and image only", "better": "stage2",
                     "than": ["stage1", "image_only"], "benchmarks": {"toy-cirr": "avg", "toy-circo": "map@5"}},
                    {"id": "T-2", "text": "supervised beats zero-shot", "better": "upper", "than": ["stage2", "coarse"],
@@ -238,6 +249,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
                     "benchmarks": {"toy-cirr-ho": "recall@1"}},
                    {"id": "T-4", "text": "hybrid", "better": "hybrid", "than": ["stage1"],
                     "benchmarks": {"toy-cirr": "avg"}},
+                   {"id": "T-LEAK", "text": "leaked test images help", "better": "leaked",
+                    "than": ["stage1", "screened"], "benchmarks": {"toy-cirr": "avg"}},
                    {"id": "T-AA", "text": "stage I again", "better": "again", "than": ["stage1"],
                     "benchmarks": {"toy-cirr": "avg"}}]}))
     args = [sys.executable, "-m", "eval", "claims", "--config", str(config)]
@@ -278,6 +291,20 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
     assert hybrid["template"] == "{}" and hybrid["fusion"]["kind"] == "adaptive"
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {c["id"]: c["verdict"] for c in report["claims"]}
     assert report["claims"][-1]["id"] == "T-AA" and report["claims"][-1]["verdict"] != "holds"  # A/A
+    # leaked rows: a caption dataset of the world's images and a copy of each toy CIRR test1 image, and the same
+    # through caption --exclude; each with its own stage 0 CLIP per seed, which its stage I starts from
+    data = tmp_path / "out" / "data"
+    world_images = len(list((tmp_path / "out" / "world" / "images").glob("*.txt")))
+    gallery = len(list((tmp_path / "out" / "world" / "bench" / "cirr" / "test1").iterdir()))
+    leaked = json.loads((data / "captions-leaked" / "stats.json").read_text())
+    assert leaked["written"] == world_images + gallery and gallery > 10
+    screened = json.loads((data / "captions-leaked-excluded" / "stats.json").read_text())
+    assert screened["failed_by_reason"]["excluded"] >= 0.9 * gallery
+    assert screened["written"] == world_images + gallery - screened["failed_by_reason"]["excluded"]
+    for row, variant in (("leaked", "leaked"), ("screened", "leaked-excluded")):
+        cell = json.loads((tmp_path / "out" / "cells" / f"{row}-seed1" / "train" / "config.json").read_text())
+        assert cell["init_from"] == str(tmp_path / "out" / "stage0" / f"{variant}-seed1" / "final")
+        assert cell["data"]["train"] == [str(data / f"captions-{variant}")]
     # a held-out phrased benchmark: the same queries in other words, from a benchmarks-only world beside the world
     held_out = tmp_path / "out" / "world-held-out"
     assert json.loads((held_out / "world.json").read_text())["config"]["query_phrasing"] == "held-out"

@@ -62,6 +62,13 @@ def test_other_pictures_are_not_the_same_even_when_only_a_small_part_differs():
     assert neardup.picture_distance(picture(base)[1], picture(base)[1]) == 0
 
 
+def test_the_colour_tolerance_decides_what_a_pixel_matches():
+    """--near-dup-tolerance: a copy 12 levels brighter matches at the default (64), not within 8."""
+    fp, copy_fp = neardup.fingerprint(photo(1)), neardup.fingerprint(copies(photo(1))["brighter"])
+    assert neardup.same_picture(neardup.Picture(fp.thumb), neardup.Picture(copy_fp.thumb), pixels=2)
+    assert not neardup.same_picture(neardup.Picture(fp.thumb, 8), neardup.Picture(copy_fp.thumb, 8), pixels=2)
+
+
 def test_hash_and_rank_by_hand():
     table = neardup.np.array([0, 0b1011, 2**64 - 1], dtype="uint64")
     assert neardup.hamming(0b0001, table).tolist() == [1, 2, 63]
@@ -129,6 +136,14 @@ def test_a_rerun_writes_nothing_twice_and_a_second_run_drops_the_same(screened, 
         assert (pq.read_table(tmp_path / "other" / name).column("key").to_pylist()
                 == pq.read_table(root / "out" / name).column("key").to_pylist())
     assert other["written"] == 6
+
+
+def test_the_jobs_tolerance_flag_reaches_the_comparison(screened, tmp_path):
+    """At --near-dup-tolerance 4 the JPEG q75 copy of a benchmark picture is no longer the same picture."""
+    _, args, _ = screened
+    run([*args, "--output", str(tmp_path / "strict"), "--near-dup-tolerance", "4"])
+    excluded = {n for n, r in failed_rows(tmp_path / "strict").items() if r["reason"] == "excluded"}
+    assert "leak10.jpg" not in excluded
 
 
 def test_a_rerun_after_the_excluded_folder_changed_is_refused(screened, capsys):
