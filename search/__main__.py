@@ -104,7 +104,7 @@ def search(args: argparse.Namespace) -> int:
     for r in found["results"]:
         print(f"{r['rank']:>4}  {r['score']:.4f}  {r['name']}")
     if args.target:
-        print(f"# target {_target_note(found['target']) or 'shown above'}")
+        print(f"# target {_target_note(found['target'])}")
     return 0
 
 

@@ -305,6 +305,15 @@ def test_a_tiny_claims_run_end_to_end(tmp_path):
         cell = json.loads((tmp_path / "out" / "cells" / f"{row}-seed1" / "train" / "config.json").read_text())
         assert cell["init_from"] == str(tmp_path / "out" / "stage0" / f"{variant}-seed1" / "final")
         assert cell["data"]["train"] == [str(data / f"captions-{variant}")]
+    memo = subprocess.run([sys.executable, "experiments/leak_memorization.py", "--claims", str(tmp_path / "out"),
+                           "--rows", "stage1,leaked,screened", "--seeds", "0,1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # caption -> image R@1 on the leaked and the training images
+    assert memo.returncode == 0, memo.stderr[-2000:]
+    recalls = json.loads((tmp_path / "out" / "leak_memorization.json").read_text())
+    assert sorted(recalls) == ["leaked", "screened", "stage1"]
+    for row in recalls.values():
+        for r in row.values():
+            assert len(r["seeds"]) == 2 and r["ci95"][0] <= r["recall@1"] <= r["ci95"][1] <= 100
     # a held-out phrased benchmark: the same queries in other words, from a benchmarks-only world beside the world
     held_out = tmp_path / "out" / "world-held-out"
     assert json.loads((held_out / "world.json").read_text())["config"]["query_phrasing"] == "held-out"
