@@ -154,8 +154,9 @@ def photo(rng: random.Random, width: int, height: int):
 
 
 def write_images(out: Path, bench: Path, size: dict, seed: int = 0) -> None:
-    """size["images"] JPEGs in `out` (no captions: the captioner writes them); the same pictures as PNGs in a CIRR-layout benchmark
-    (val; its images in dev/ as in the official layout), each query's target another image, its members a few others."""
+    """size["images"] JPEGs in `out` (no captions: the captioner writes them); the same pictures as PNGs in a
+    CIRR-layout benchmark (val; its images in dev/ as in the official layout), each query's target another image,
+    its members a few others."""
     rng = random.Random(seed)
     (bench / "dev").mkdir(parents=True)
     (bench / "captions").mkdir()

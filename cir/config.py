@@ -202,9 +202,10 @@ def _flag(name: str) -> str:
 def add_arguments(parser, cls, required: tuple[str, ...] = ()) -> None:
     """One flag per field of a flat dataclass (`shard_size` -> `--shard-size`), typed by its annotation, with
     the field's default, and `help` and `choices` from its ranged() metadata; fields without a default and those
-    in `required` are required flags; a bool field is `--name` / `--no-name`, a list[str] or list[float] one `--name A B`. Read
-    the values back with from_args, which checks the ranges."""
-    own = cls.__dict__.get("__annotations__", {})  # a config's own flags first, then those of its bases
+    in `required` are required flags; a bool field is `--name` / `--no-name`, a list[str] or list[float] one
+    `--name A B`; a config's own fields come before those of its bases. Read the values back with from_args,
+    which checks the ranges."""
+    own = cls.__dict__.get("__annotations__", {})
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         tp = _field_type(cls, f.name)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (

@@ -1,12 +1,12 @@
 """Does the caption job find benchmark images planted among its inputs, and what else does it drop?
 
     python experiments/near_duplicates.py --world runs/demo/toy --out runs/near_duplicates [--planted 300]
-        [--split test1|dev] [caption flags: --near-dup-tolerance 48 ...]
+        [--split test1|dev] [caption flags: --near-dup-tolerance 80 ...]
 
-Copies of --planted images of the world's toy CIRR --split (test1; dev to choose thresholds on) (a third each resized to 90%, re-encoded as JPEG
-quality 75, cropped by 5% of the side: 2.5% off each edge) are put among the world's training images (the
-demo's world has 2,000), and `beam_runner.py caption --exclude {cirr/SPLIT}` runs on them with its defaults (or
-the caption flags given after the experiment's own).
+Copies of --planted images of the world's toy CIRR --split (test1; dev to choose thresholds on), a third each
+resized to 90%, re-encoded as JPEG quality 75, cropped by 5% of the side (2.5% off each edge), are put among the
+world's training images (the demo's world has 2,000), and `beam_runner.py caption --exclude {cirr/SPLIT}` runs
+on them with its defaults (or the caption flags given after the experiment's own).
 From failed.parquet and the world's scenes (toy ground truth) it counts:
 
 - recall: planted copies dropped as `excluded` (by kind of copy);
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
         copy_of(Image.open(src).convert("RGB"), kind).save(inputs / name, quality=95)
         (inputs / f"planted_{i:04d}_{kind}.txt").write_text("a planted copy\n")
         planted[name] = (kind, str(src))
-    stats = caption.run(["--input", str(inputs), "--output", str(out / "captions"), "--exclude", str(bench / args.split),
-                         *caption_flags], save_main_session=False)
+    stats = caption.run(["--input", str(inputs), "--output", str(out / "captions"), "--exclude",
+                         str(bench / args.split), *caption_flags], save_main_session=False)
     failed = pq.read_table(out / "captions" / "failed.parquet").to_pylist()
     index = pq.read_table(out / "captions" / "index.parquet").to_pylist()
     source_of_key = {row["key"]: Path(row["source"]).name for row in index}

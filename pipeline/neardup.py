@@ -4,8 +4,9 @@ Two images are near-duplicates when (1) their 64-bit difference hashes (imagehas
 each other and their 8x8 mean colours close (close_colours), the cheap tests that find candidates, and
 (2) `same_picture` confirms it on 64x64 thumbnails: after the better of a few centre zooms (a light crop), every
 pixel of each thumbnail but at most `pixels` lies within `tolerance` (TOLERANCE, summed over R, G and B) of the
-colours the other has within one pixel's shift (per channel, their least to their greatest). The hash alone is not enough: on simple pictures (the toy world's few shapes on
-a plain background) distinct images share a hash, and a grayscale hash ignores colour.
+colours the other has within one pixel's shift (per channel, their least to their greatest). The hash alone is not
+enough: on simple pictures (the toy world's few shapes on a plain background) distinct images share a hash, and a
+grayscale hash ignores colour.
 
 The caption job uses it twice (pipeline/caption.py):
 - among its inputs: an image is dropped (failed row `near_duplicate`, naming the kept key) when a near-duplicate

@@ -33,7 +33,8 @@ def test_instruct_pix2pix_with_clip_filters(toy_captions, tiny_ip2p, tiny_clip_d
     threshold = float(np.median(scores))
     for t in rows:
         meta = json.loads(t["json"])
-        assert meta["provenance"]["guidance"] in (5, 7.5, 10) and meta["provenance"]["image_guidance"] in (1.2, 1.5, 1.8)
+        scales = meta["provenance"]["guidance"], meta["provenance"]["image_guidance"]
+        assert scales[0] in (5, 7.5, 10) and scales[1] in (1.2, 1.5, 1.8)  # the default grids
         swap = meta["provenance"]["swap"]
         assert meta["ref_caption"] != meta["tgt_caption"]
         assert re.sub(rf"\b{swap['from']}\b", swap["to"], meta["ref_caption"], count=1, flags=re.I) == meta["tgt_caption"]
