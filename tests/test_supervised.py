@@ -119,6 +119,16 @@ def test_fashioniq_joins_both_caption_orders(layouts):
     assert s["ref.png"].getpixel((0, 0)) == COLOURS["red"] and s["tgt.png"].getpixel((0, 0)) == COLOURS["blue"]
 
 
+def test_the_toy_fashioniq_train_split_is_read_as_triplets(toy_world):
+    """The toy world's FashionIQ train split (issue 41: MUR's and CTI-IR's supervised setting): 12 queries per
+    category, each a reference and target of its category's gallery with both captions joined."""
+    root = toy_world / "bench" / "fashioniq"
+    source = TripletSource("fashioniq", root, "train")
+    assert len(source) == 3 * 12
+    s = decode_sample(source.sample(0, random.Random(0)))
+    assert s["json"]["ref_key"] != s["json"]["tgt_key"] and " and " in s["mod.txt"]
+
+
 def test_cirr_triplets_and_set_members_as_hard_negatives(layouts):
     source = TripletSource("cirr", layouts["cirr"], "train")
     first, second = (decode_sample(source.sample(i, random.Random(0))) for i in range(2))

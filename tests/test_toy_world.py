@@ -67,8 +67,9 @@ def test_layout(toy_world):
                          "circo": ["annotations/val.json", "annotations/test.json",
                                    "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"],
                          "circo_coarse": ["annotations/val.json", "annotations/test.json"],
-                         "fashioniq": [f"{kind}/{pre}.{cat}.val.json" for cat in ("dress", "shirt", "toptee")
-                                       for kind, pre in (("captions", "cap"), ("image_splits", "split"))],
+                         "fashioniq": [f"{kind}/{pre}.{cat}.{split}.json" for cat in ("dress", "shirt", "toptee")
+                                       for kind, pre in (("captions", "cap"), ("image_splits", "split"))
+                                       for split in ("val", "train")],
                          "shoes": ["relative_captions_shoes.json", "train_im_names.txt", "eval_im_names.txt"],
                          "fashion200k": ["test_queries.txt", "labels/circle_train_detect_all.txt",
                                          "labels/circle_test_detect_all.txt"]}.items():
@@ -169,16 +170,20 @@ def test_circo_ground_truth_is_complete(toy_world):
     assert multi > 0, "some queries have several correct images"
 
 
-def test_fashioniq_queries_are_consistent(toy_world):
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_fashioniq_queries_are_consistent(toy_world, split):
+    """Both splits (train: what a supervised upper bound trains on, its own queries over the same gallery)."""
     root = toy_world / "bench" / "fashioniq"
     scenes = load(root / "toy_scenes.json")
     for cat in ("dress", "shirt", "toptee"):
-        names = load(root / "image_splits" / f"split.{cat}.val.json")
+        names = load(root / "image_splits" / f"split.{cat}.{split}.json")
         for name in names:
             assert (root / "images" / f"{name}.png").is_file()
         shapes = {Scene.from_json(scenes[n]).objects[0].shape for n in names}
         assert len(shapes) == 1  # one category, one kind of object
-        for q in load(root / "captions" / f"cap.{cat}.val.json"):
+        if split == "train":
+            assert load(root / "captions" / f"cap.{cat}.train.json") != load(root / "captions" / f"cap.{cat}.val.json")
+        for q in load(root / "captions" / f"cap.{cat}.{split}.json"):
             assert set(q) == {"candidate", "target", "captions"}
             assert q["candidate"] in names and q["target"] in names
             assert len(q["captions"]) == 2 and q["captions"][0] != q["captions"][1]
@@ -332,8 +337,8 @@ def test_a_held_out_phrased_world_differs_only_in_its_query_texts(toy_world, tmp
             for f in fields:
                 assert a[f] != b[f], (rel, a[f])
                 differ += 1
-    assert differ == 12 * (3 + 2 + 2 + 3 + 2)  # queries per split: CIRR's 3 splits, CIRCO's and coarse CIRCO's 2,
-    # FashionIQ's 3 categories, Shoes' 2 splits
+    assert differ == 12 * (3 + 2 + 2 + 3 * 2 + 2)  # queries per split: CIRR's 3 splits, CIRCO's and coarse
+    # CIRCO's 2, FashionIQ's 3 categories of 2 splits, Shoes' 2 splits
     scenes = load(out / "bench" / "cirr" / "toy_scenes.json")
     for q in load(out / "bench" / "cirr" / "captions" / "cap.rc2.test1.json"):
         assert_text_describes(Scene.from_json(scenes[q["reference"]]), q["caption"],

@@ -180,28 +180,32 @@ def single_object_scenes(vocab: Vocabulary, shape: str) -> list[Scene]:
 
 
 def write_fashioniq(out: Path, cfg: WorldConfig) -> None:
-    """fashionIQ layout: captions/cap.{cat}.val.json, image_splits/split.{cat}.val.json, images/."""
+    """fashionIQ layout: captions/cap.{cat}.{val,train}.json, image_splits/split.{cat}.{val,train}.json, images/.
+    The train split (annotated triplets drawn like the val queries, over the same gallery: a category's gallery is
+    every single-object scene of its shape) is what a supervised upper bound trains on (train.supervised); it
+    draws from its own random stream, so adding it left val as it was."""
     for sub in ("images", "captions", "image_splits"):
         (out / sub).mkdir(parents=True)
     scenes = {}
     for cat, shape in cfg.vocab.fashioniq.items():
-        rng = stream(cfg.seed, f"fashioniq-{cat}", 0)
         gallery = single_object_scenes(cfg.vocab, shape)
         names = [f"toy{cat}{i:04d}" for i in range(len(gallery))]
         name_of = {scene.key: name for scene, name in zip(gallery, names)}
         for i, (scene, name) in enumerate(zip(gallery, names)):
             img_rng = stream(cfg.seed, f"fashioniq-{cat}-image", i)
             scenes[name] = write_image(out / "images" / name, scene, img_rng, "png", cfg.image_size)
-        rows = []
-        for _ in range(cfg.bench_queries):
-            i = rng.randrange(len(gallery))
-            edit = random_edit(gallery[i], rng, FASHIONIQ_EDIT_KINDS)
-            target = apply_edit(gallery[i], edit)
-            # Two annotators, two wordings: FashionIQ queries carry two captions of the same change.
-            rows.append({"candidate": names[i], "target": name_of[target.key],
-                         "captions": rng.sample(mod_texts(gallery[i], edit, cfg.query_phrasing), 2)})
-        dump_json(rows, out / "captions" / f"cap.{cat}.val.json")
-        dump_json(names, out / "image_splits" / f"split.{cat}.val.json")
+        for split, rng in (("val", stream(cfg.seed, f"fashioniq-{cat}", 0)),
+                           ("train", stream(cfg.seed, f"fashioniq-{cat}-train", 0))):
+            rows = []
+            for _ in range(cfg.bench_queries):
+                i = rng.randrange(len(gallery))
+                edit = random_edit(gallery[i], rng, FASHIONIQ_EDIT_KINDS)
+                target = apply_edit(gallery[i], edit)
+                # Two annotators, two wordings: FashionIQ queries carry two captions of the same change.
+                rows.append({"candidate": names[i], "target": name_of[target.key],
+                             "captions": rng.sample(mod_texts(gallery[i], edit, cfg.query_phrasing), 2)})
+            dump_json(rows, out / "captions" / f"cap.{cat}.{split}.json")
+            dump_json(names, out / "image_splits" / f"split.{cat}.{split}.json")
     dump_json(scenes, out / "toy_scenes.json")
 
 
