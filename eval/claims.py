@@ -419,7 +419,7 @@ def prepare(cfg: ClaimsConfig) -> dict[str, Path]:
 
 
 def leaked_inputs(cfg: ClaimsConfig, paths: dict[str, Path], out: Path) -> tuple[Path, list[Path]]:
-    """A folder (made again each time) of the world's training images with their captions and a copy of every
+    """A folder of the world's training images with their captions and a copy of every
     report-split gallery image of the `leak` benchmarks (in turn resized to 90%, JPEG q75, cropped 5%: LEAK_KINDS),
     captioned from its toy scene -> (the folder, the folders those gallery images lie in, for --exclude).
     Made once (a marker says it is whole): the files a caption job resumes on must not change."""

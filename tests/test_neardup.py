@@ -63,7 +63,8 @@ def test_other_pictures_are_not_the_same_even_when_only_a_small_part_differs():
 
 
 def test_the_colour_tolerance_decides_what_a_pixel_matches():
-    """--near-dup-tolerance: a copy 12 levels brighter matches at the default (64), not within 8."""
+    """--near-dup-tolerance: a copy 12 levels brighter in each channel (36 summed) matches at the default (96),
+    not within 8."""
     fp, copy_fp = neardup.fingerprint(photo(1)), neardup.fingerprint(copies(photo(1))["brighter"])
     assert neardup.same_picture(neardup.Picture(fp.thumb), neardup.Picture(copy_fp.thumb), pixels=2)
     assert not neardup.same_picture(neardup.Picture(fp.thumb, 8), neardup.Picture(copy_fp.thumb, 8), pixels=2)
