@@ -66,7 +66,8 @@ class ComposingAdapters(nn.Module):
 
 class Fusion(nn.Module):
     """query = normalize(w * v_ref + (1 - w) * q): the image/text weighting of a composed query (CTI-IR).
-    Subclasses say how w [B] is chosen (`weight`) and how cir_config.json records them (`describe`)."""
+    Subclasses say how w [B] is chosen (`weight`) and how cir_config.json records them (`describe`); a
+    compositor that does more than weigh (CombinerFusion) overrides `forward` too."""
 
     def weight(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -113,9 +114,50 @@ class FixedFusion(Fusion):
         return {"kind": "fixed", "weight": self.fixed}
 
 
+class CombinerFusion(Fusion):
+    """CLIP4Cir's Combiner (Baldrati et al., 2022), the compositor of the supervised CIR papers' kind: the image
+    feature v_ref [B, d] and the text-side query q [B, d] are each projected (Linear, ReLU, dropout) to
+    `projection`, concatenated, and
+        query = normalize(Linear(dropout(ReLU(Linear(concat)))) + λ q + (1 − λ) v_ref),
+    λ = sigmoid(MLP(concat)) [B] a learned per-query scalar. CLIP4Cir's sizes relative to the feature:
+    projection 4d, hidden 8d, dropout 0.5. w = 1 − λ is reported as the image's share."""
+
+    def __init__(self, dim: int, projection: int, hidden: int, dropout: float = 0.5):
+        super().__init__()
+        self.sizes = {"projection": projection, "hidden": hidden, "dropout": dropout}
+        self.text_projection = nn.Sequential(nn.Linear(dim, projection), nn.ReLU(), nn.Dropout(dropout))
+        self.image_projection = nn.Sequential(nn.Linear(dim, projection), nn.ReLU(), nn.Dropout(dropout))
+        self.combiner = nn.Sequential(nn.Linear(2 * projection, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                      nn.Linear(hidden, dim))
+        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * projection, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                            nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def _joint(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.text_projection(q), self.image_projection(v_ref)], dim=-1)  # [B, 2 * projection]
+
+    def weight(self, v_ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return 1 - self.dynamic_scalar(self._joint(v_ref, q)).squeeze(-1)
+
+    def describe(self) -> dict:
+        return {"kind": "combiner", **self.sizes}
+
+    def forward(self, v_ref: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joint = self._joint(v_ref, q)
+        lam = self.dynamic_scalar(joint)  # [B, 1]
+        return F.normalize(self.combiner(joint) + lam * q + (1 - lam) * v_ref, dim=-1), 1 - lam.squeeze(-1)
+
+
+def combiner_for(dim: int) -> CombinerFusion:
+    """A Combiner with CLIP4Cir's sizes for features of width `dim` (640 -> 2,560 and 5,120 there)."""
+    return CombinerFusion(dim, projection=4 * dim, hidden=8 * dim)
+
+
 def fusion_from_config(dim: int, cfg: dict) -> Fusion:
-    if cfg.get("kind", "adaptive") == "fixed":
+    kind = cfg.get("kind", "adaptive")
+    if kind == "fixed":
         return FixedFusion(cfg["weight"])
+    if kind == "combiner":
+        return CombinerFusion(dim, cfg["projection"], cfg["hidden"], cfg["dropout"])
     return AdaptiveFusion(dim, hidden=cfg["hidden"])
 
 

@@ -283,8 +283,29 @@ def test_fusion_target_leans_on_the_image_when_the_target_looks_like_the_referen
         FixedFusion(1.5)
 
 
+def test_the_combiner_composes_both_features_and_mixes_them_per_query():
+    """CLIP4Cir's Combiner: a unit query from an MLP of both projected features plus lam * q + (1 - lam) * v_ref,
+    lam in (0, 1) per query (w = 1 - lam reported); no dropout in eval (the same query twice); its config
+    rebuilds it."""
+    from cir.composer import CombinerFusion, combiner_for, fusion_from_config
+
+    torch.manual_seed(0)
+    comb = combiner_for(8)
+    assert comb.describe() == {"kind": "combiner", "projection": 32, "hidden": 64, "dropout": 0.5}
+    ref, q = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    comb.eval()
+    out, w = comb(ref, q)
+    assert out.shape == (3, 8) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert ((0 < w) & (w < 1)).all() and torch.allclose(w, comb.weight(ref, q))
+    assert torch.equal(comb(ref, q)[0], out)
+    lam = 1 - w[:, None]
+    assert torch.allclose(out, F.normalize(comb.combiner(comb._joint(ref, q)) + lam * q + (1 - lam) * ref, dim=-1))
+    again = fusion_from_config(8, comb.describe())
+    assert isinstance(again, CombinerFusion) and again.describe() == comb.describe()
+
+
 @pytest.mark.parametrize("option", [[], ["loss=mur"], ["fusion=adaptive"], ["fusion=fixed", "fusion_weight=0.3"],
-                                    ["fusion=adaptive", "template='{}'"]])
+                                    ["fusion=adaptive", "template='{}'"], ["fusion=combiner", "template='{}'"]])
 def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tmp_path, option):
     out = tmp_path / "s2"
     assert main([f"output_dir={out}", f"init_from={tiny_stage1_export}", f"data.train=['{triplets}']", "max_steps=30",
@@ -305,6 +326,8 @@ def test_each_option_trains_and_lowers_its_loss(tiny_stage1_export, triplets, tm
     if option[:1] == ["fusion=fixed"]:
         assert all(abs(r["fusion_w_mean"] - 0.3) < 1e-6 for r in log)
         assert isinstance(model.fusion, FixedFusion) and model.fusion.fixed == 0.3  # the export keeps it
+    if option[:1] == ["fusion=combiner"]:  # CLIP4Cir's compositor, kept by the export
+        assert type(model.fusion).__name__ == "CombinerFusion" and all(0 < r["fusion_w_mean"] < 1 for r in log)
     if option == ["loss=mur"]:
         assert {"coarse", "gamma", "fine_grad_norm", "coarse_grad_norm", "target_cos", "sigma_spread"} <= set(log[-1])
         assert log[-1]["gamma"] < log[0]["gamma"]  # the coarse term's weight falls as fine matching takes over

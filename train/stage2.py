@@ -19,6 +19,8 @@ fusion=adaptive: query = normalize(w * v_ref + (1 - w) * q), w = sigmoid(MLP([v_
     triplet without labels: w* = sigmoid((cos(v_t, v_ref) - cos(v_t, q)) / fusion_aux_temperature), how much
     more the target looks like the reference image than like the text-side query (cir.composer.fusion_target).
     Mean and std of w and w* are logged. fusion=fixed: one constant w = fusion_weight (CTI-IR's baseline).
+fusion=combiner: CLIP4Cir's Combiner composes v_ref and the text-side query (an MLP of both plus a learned mix of
+    the two; cir.composer.CombinerFusion), trained by the retrieval loss: the supervised papers' compositor.
 grad_accum > 1 (with accum_features): every micro-batch's queries meet the targets of the whole accumulated
     batch, as one batch of grad_accum x batch_size would (train.loop.feature_cached_step); only the targets are
     computed ahead, so the text tower runs once per micro-batch.
@@ -46,7 +48,7 @@ from train.negatives import HardNegativeConfig
 from train.stage import Stage
 
 LOSSES = ("infonce", "mur")
-FUSIONS = ("text", "adaptive", "fixed")
+FUSIONS = ("text", "adaptive", "fixed", "combiner")
 
 
 @dataclass
@@ -63,7 +65,9 @@ class Stage2Config(TrainConfig):
     # the target is a false negative in feature space
     loss: str = ranged("infonce", choices=LOSSES)  # infonce | mur (multi-grained uncertainty regularization)
     mur: MURConfig = field(default_factory=MURConfig)
-    fusion: str = ranged("text", choices=FUSIONS)  # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight)
+    # text | adaptive (learned image/text weighting of the query) | fixed (w = fusion_weight) | combiner (CLIP4Cir's
+    # Combiner on the image feature and the text-side query: cir.composer.CombinerFusion, its sizes CLIP4Cir's)
+    fusion: str = ranged("text", choices=FUSIONS)
     fusion_hidden: int = ranged(128, min=1)  # hidden size of the adaptive fusion MLP
     fusion_aux_weight: float = ranged(1.0, min=0)  # adaptive: weight of the self-supervised BCE(w, w*) (0: retrieval loss only)
     fusion_aux_temperature: float = ranged(0.05, gt=0)  # adaptive: temperature of the target w* (cir.composer.fusion_target)
@@ -123,7 +127,7 @@ class Stage2(Stage):
 
     def build(self) -> torch.nn.Module:
         from cir.backbone import clip_fingerprint
-        from cir.composer import AdaptiveFusion, ComposingAdapters, FixedFusion
+        from cir.composer import AdaptiveFusion, ComposingAdapters, FixedFusion, combiner_for
         from cir.model import load_cir_model, text_encoder_shape
 
         try:
@@ -147,6 +151,8 @@ class Stage2(Stage):
             fusion = AdaptiveFusion(self.cir.backbone.embed_dim, self.cfg.fusion_hidden)
         elif self.cfg.fusion == "fixed":
             fusion = FixedFusion(self.cfg.fusion_weight)
+        elif self.cfg.fusion == "combiner":
+            fusion = combiner_for(self.cir.backbone.embed_dim)
         return StageTwoModel(self.cir.backbone.model, self.cir.mapping, adapters, fusion, self.cir.placeholder,
                              self.cfg.train_mapping, image_tokens=PLACEHOLDER in self.cfg.template)
 
