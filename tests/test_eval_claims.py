@@ -195,7 +195,7 @@ def test_config_names_unknown_keys_rows_and_benchmarks(tmp_path):
         load(str(bad))
     assert len(load(str(ROOT / "experiments" / "claims.yaml")).claims) >= 6  # the shipped config loads
     # and the others (every claim's rows defined)
-    for shipped in ("claims_gems", "claims_glyphs", "claims_leak", "mur_diagnosis"):
+    for shipped in ("claims_gems", "claims_glyphs", "claims_leak", "cti_diagnosis", "mur_diagnosis"):
         cfg = load(str(ROOT / "experiments" / f"{shipped}.yaml"))
         assert cfg.claims and all(r in cfg.rows for c in cfg.claims for r in (*c.better, *c.than)), shipped
     # key=value overrides of the command line: top-level fields, or dotted into a row; checked as the file is
