@@ -431,24 +431,21 @@ def leaked_inputs(cfg: ClaimsConfig, paths: dict[str, Path], out: Path) -> tuple
     from cir.benchmarks import load as load_benchmark
     from toyworld.scene import Scene, caption
 
-    folders = set()
+    galleries = {}  # leaked benchmark -> its report split's gallery (name -> file)
+    for name in cfg.leak:
+        spec = cfg.benchmarks[name]
+        galleries[name] = load_benchmark(spec.benchmark, spec.root(paths), spec.split or cfg.split).gallery
+    folders = sorted({path.parent for gallery in galleries.values() for path in gallery.values()})
     if (out / ".complete").is_file():  # made before (the same every time): a caption job's rerun sees one input
-        for name in cfg.leak:
-            spec = cfg.benchmarks[name]
-            gallery = load_benchmark(spec.benchmark, spec.root(paths), spec.split or cfg.split).gallery
-            folders |= {path.parent for path in gallery.values()}
-        return out, sorted(folders)
+        return out, folders
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for path in (paths["world"] / "images").iterdir():
         if path.suffix in (".jpg", ".png", ".txt"):
             shutil.copyfile(path, out / path.name)
-    for name in cfg.leak:
-        spec = cfg.benchmarks[name]
-        root = spec.root(paths)
-        gallery = load_benchmark(spec.benchmark, root, spec.split or cfg.split).gallery
-        scenes = json.loads((root / "toy_scenes.json").read_text(encoding="utf-8"))
+    for name, gallery in galleries.items():
+        scenes = json.loads((cfg.benchmarks[name].root(paths) / "toy_scenes.json").read_text(encoding="utf-8"))
         for i, (image, path) in enumerate(sorted(gallery.items())):
             kind, stem = LEAK_KINDS[i % len(LEAK_KINDS)], f"leak-{name}-{i:05d}"
             img = Image.open(path).convert("RGB")
@@ -460,9 +457,8 @@ def leaked_inputs(cfg: ClaimsConfig, paths: dict[str, Path], out: Path) -> tuple
             img.save(out / f"{stem}.jpg", quality=75 if kind == "jpeg75" else 95)
             text = caption(Scene.from_json(scenes[image]), random.Random(f"{cfg.world_seed}:leak:{stem}"))
             (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
-            folders.add(path.parent)
     (out / ".complete").write_text("")
-    return out, sorted(folders)
+    return out, folders
 
 
 def _clip_dir(cfg: ClaimsConfig, paths: dict[str, Path], seed: int, captions: str = "world") -> Path:

@@ -45,9 +45,8 @@ def image_sets(claims: Path) -> dict[str, tuple[list[Path], list[str]]]:
 
 
 @torch.no_grad()
-def recall_at_1(export: Path, images: list[Path], texts: list[str]) -> list[float]:
+def recall_at_1(model, images: list[Path], texts: list[str]) -> list[float]:
     """Per caption: 100 if its own image ranks first among `images`, else 0."""
-    model = load_cir_model(str(export))
     scores = model.encode_text(texts) @ model.encode_image(images).T  # [N, N]
     return (100.0 * (scores.argmax(1) == torch.arange(len(texts)))).tolist()
 
@@ -62,14 +61,17 @@ def main(argv=None) -> int:
     sets = image_sets(claims)
     result = {}
     for row in args.rows.split(","):
-        for name, (images, texts) in sets.items():
-            per_seed = [recall_at_1(claims / "cells" / f"{row}-seed{s}" / "train" / "final", images, texts)
-                        for s in map(int, args.seeds.split(","))]
-            mean = [sum(v) / len(v) for v in zip(*per_seed)]  # per caption, over seeds
+        per_seed: dict[str, list] = {name: [] for name in sets}  # set -> per seed, per caption
+        for s in map(int, args.seeds.split(",")):
+            model = load_cir_model(str(claims / "cells" / f"{row}-seed{s}" / "train" / "final"))  # once per seed
+            for name, (images, texts) in sets.items():
+                per_seed[name].append(recall_at_1(model, images, texts))
+        for name, runs in per_seed.items():
+            mean = [sum(v) / len(v) for v in zip(*runs)]  # per caption, over seeds
             lo, hi = stats.bootstrap_ci({"": mean})
             result.setdefault(row, {})[name] = {"recall@1": round(sum(mean) / len(mean), 2),
                                                 "ci95": [round(lo, 2), round(hi, 2)],
-                                                "seeds": [round(sum(v) / len(v), 2) for v in per_seed]}
+                                                "seeds": [round(sum(v) / len(v), 2) for v in runs]}
     (claims / "leak_memorization.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| row | leaked images, caption -> image R@1 | training images, caption -> image R@1 |",
              "|---|---|---|"]
